@@ -1,0 +1,687 @@
+"""Finding dropout sites, their owners and their consumers.
+
+Discovery traces the model with ``torch.fx`` (dropout modules, ``nn.MultiheadAttention`` and recurrent
+layers are leaves; everything else is traced through) and reads the graph:
+
+* ``call_module`` of an ``nn.Dropout*``: a *module* site (one per call; a module called twice gives two
+  applications of one learned rate);
+* ``call_function`` of ``F.dropout``, ``F.dropout1d/2d/3d``, ``torch.dropout``, ``torch.feature_dropout``
+  (and their in-place forms): a *functional* site, identified by the code location of the call;
+* ``F.scaled_dot_product_attention(dropout_p=...)``, ``nn.MultiheadAttention(dropout=...)``: *fused* sites;
+* ``nn.LSTM/GRU/RNN(dropout=...)``: reported as unsupported (the dropout is inside the fused kernel).
+
+The consumer of a site is the weight layer that reads its output, followed through ops that only move
+data (:data:`TRANSPARENT_METHODS`, :data:`TRANSPARENT_FUNCTIONS`, ``nn.Flatten``, ``nn.Unflatten``,
+``nn.Identity``). A site whose output reaches anything else (a residual add, a matmul with activations)
+has no single consumer.
+
+Modules that cannot be traced through (data-dependent control flow, or leaves such as
+``nn.TransformerEncoderLayer``) are searched module by module instead, and an optional dry run on
+``example_inputs`` confirms which sites run and which layer consumes each (by tensor identity).
+"""
+from __future__ import annotations
+
+import math
+import operator
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Type
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import ConcreteDropout, ConcreteDropout1d, ConcreteDropout2d, ConcreteDropout3d, ConcreteDropoutBase
+from .targets import DROPOUT_TYPES, is_dropout_module
+
+CallKey = Tuple[str, int, str, int]
+
+#: Functional dropouts: function -> (parameter names, site type).
+FUNCTIONAL_DROPOUTS: Dict[Callable, Tuple[Tuple[str, ...], Type[ConcreteDropoutBase]]] = {
+    F.dropout: (("input", "p", "training", "inplace"), ConcreteDropout),
+    F.dropout1d: (("input", "p", "training", "inplace"), ConcreteDropout1d),
+    F.dropout2d: (("input", "p", "training", "inplace"), ConcreteDropout2d),
+    F.dropout3d: (("input", "p", "training", "inplace"), ConcreteDropout3d),
+    torch.dropout: (("input", "p", "train"), ConcreteDropout),
+    torch.dropout_: (("input", "p", "train"), ConcreteDropout),
+    torch.feature_dropout: (("input", "p", "train"), ConcreteDropout2d),
+    torch.feature_dropout_: (("input", "p", "train"), ConcreteDropout2d),
+}
+_FUNCTIONAL_DEFAULTS = {"p": 0.5, "training": True, "train": True, "inplace": False}
+
+#: Module type -> concrete site type.
+MODULE_SITE_TYPES: Dict[Type[nn.Module], Type[ConcreteDropoutBase]] = {
+    nn.Dropout: ConcreteDropout,
+    nn.Dropout1d: ConcreteDropout1d,
+    nn.Dropout2d: ConcreteDropout2d,
+    nn.Dropout3d: ConcreteDropout3d,
+}
+
+#: Tensor methods and functions that only move data: a site's consumer is looked for through them.
+TRANSPARENT_METHODS = frozenset(
+    {"flatten", "reshape", "view", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "t",
+     "view_as", "reshape_as", "to", "type", "float", "double", "half", "bfloat16", "type_as"}
+)
+TRANSPARENT_FUNCTIONS = frozenset(
+    {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.t}
+)
+TRANSPARENT_MODULES: Tuple[type, ...] = (nn.Flatten, nn.Unflatten, nn.Identity)
+
+#: Regularisation-free noise layers: left alone, listed in the report.
+NON_SITE_NAMES = ("DropPath", "StochasticDepth", "DropBlock", "AlphaDropout", "FeatureAlphaDropout", "DropConnect")
+NON_SITE_FUNCTIONS = {F.alpha_dropout: "F.alpha_dropout", F.feature_alpha_dropout: "F.feature_alpha_dropout"}
+
+_SKIP_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+
+
+def _is_library_frame(frame) -> bool:
+    return frame.f_code.co_filename.startswith(_SKIP_DIRS)
+
+
+def caller_frame(start) -> Any:
+    """The first frame above ``start`` that is neither torch's nor cd_convert's own code."""
+    frame = start
+    while frame is not None and _is_library_frame(frame):
+        frame = frame.f_back
+    return frame
+
+
+def call_key(frame) -> CallKey:
+    """A stable identity for one call instruction in user code (same at trace time and at run time)."""
+    code = frame.f_code
+    return (code.co_filename, code.co_firstlineno, code.co_name, frame.f_lasti)
+
+
+def function_name(func: Callable) -> str:
+    """Readable name of a dropout function (``F.dropout``, ``torch.dropout``)."""
+    module = "F" if getattr(func, "__module__", "") == "torch.nn.functional" else "torch"
+    return f"{module}.{func.__name__}"
+
+
+def bind_functional(func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Bind a functional-dropout call's arguments to their names (defaults filled in)."""
+    names = FUNCTIONAL_DROPOUTS[func][0]
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    for name in names[1:]:
+        bound.setdefault(name, _FUNCTIONAL_DEFAULTS[name])
+    if "train" in bound:
+        bound["training"] = bound.pop("train")
+    return bound
+
+
+@dataclass
+class ConsumerInfo:
+    """The weights that read a site's output.
+
+    Attributes:
+        modules: qualified names of the consuming modules (for the report).
+        weights: qualified names of their weight parameters.
+        units: K, the consumer's input features (Linear) or channels (ConvNd).
+    """
+
+    modules: Tuple[str, ...]
+    weights: Tuple[str, ...]
+    units: int
+
+
+@dataclass
+class FoundSite:
+    """A dropout application found in the model.
+
+    Attributes:
+        kind: "module", "functional" or "fused".
+        owner: qualified name of the module whose code applies it ("" for the root).
+        module_name: for module sites, the ``nn.Dropout*`` module's name; for fused sites, the dropout module
+            whose rate the fused op uses (if any).
+        site_type: the concrete class to use.
+        p: the original rate (None if not a constant).
+        found_by: "fx", "module search" or "dry run".
+        consumer: the consuming weights, or None.
+        consumer_note: why there is no consumer, when there is none.
+        called: True if seen in the trace/dry run, None if unknown.
+        function: for functional sites, e.g. "F.dropout".
+        key: for functional sites, the call location.
+        method: for functional/fused sites, the owner's method that contains the call.
+        fused_op: for fused sites, e.g. "scaled_dot_product_attention" or "MultiheadAttention".
+        units_hint: size of the dropped feature dim, if known (for consumer-less sites).
+        notes: free-form notes for the report.
+    """
+
+    kind: str
+    owner: str
+    site_type: Type[ConcreteDropoutBase]
+    p: Optional[float]
+    found_by: str
+    module_name: Optional[str] = None
+    consumer: Optional[ConsumerInfo] = None
+    consumer_note: str = ""
+    called: Optional[bool] = True
+    function: Optional[str] = None
+    key: Optional[CallKey] = None
+    method: Optional[str] = None
+    fused_op: Optional[str] = None
+    units_hint: Optional[int] = None
+    notes: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Finding:
+    """Something noteworthy that is not converted (unsupported fused dropout, drop-path, unused dropout)."""
+
+    name: str
+    status: str
+    detail: str
+
+
+@dataclass
+class Discovery:
+    """Everything discovery learned about a model.
+
+    Attributes:
+        sites: dropout applications found.
+        findings: what is left alone, and why.
+        called_modules: qualified names of modules seen called (trace or dry run).
+        method: "fx", "fx + module search", "module search", "dry run".
+        trace_error: why torch.fx failed, if it did.
+        leaves: qualified names of modules treated as leaves (not traced through).
+    """
+
+    sites: List[FoundSite] = field(default_factory=list)
+    findings: List[Finding] = field(default_factory=list)
+    called_modules: Set[str] = field(default_factory=set)
+    method: str = "fx"
+    trace_error: Optional[str] = None
+    leaves: Set[str] = field(default_factory=set)
+
+
+class SiteTracer(fx.Tracer):
+    """An fx tracer that keeps dropout modules, attention and RNNs as leaves and records call locations.
+
+    Args:
+        leaf_modules: extra module types to keep as leaves (e.g. timm's notrace modules).
+        autowrap_functions: functions to record as single nodes instead of tracing into them.
+    """
+
+    def __init__(self, leaf_modules: Sequence[type] = (), autowrap_functions: Sequence[Callable] = ()) -> None:
+        super().__init__(autowrap_modules=(math,), autowrap_functions=tuple(autowrap_functions))
+        self.extra_leaves = tuple(leaf_modules)
+        self.leaf_names: Set[str] = set()
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, ConcreteDropoutBase) or isinstance(m, DROPOUT_TYPES):
+            leaf = True
+        elif isinstance(m, (nn.MultiheadAttention, nn.RNNBase)) or isinstance(m, self.extra_leaves):
+            leaf = True
+        else:
+            leaf = super().is_leaf_module(m, module_qualified_name)
+        if leaf and any(True for _ in m.children()):
+            self.leaf_names.add(module_qualified_name)
+        return leaf
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, *rest, **extra):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, *rest, **extra)
+        if kind == "call_function" and (target in FUNCTIONAL_DROPOUTS or target is F.scaled_dot_product_attention):
+            frame = caller_frame(sys._getframe(1))
+            if frame is not None:
+                owner = self._current_owner()
+                proxy.node.meta["cd_call_key"] = call_key(frame)
+                proxy.node.meta["cd_method"] = _owner_method(frame, owner)
+        return proxy
+
+    def _current_owner(self) -> Optional[nn.Module]:
+        stack = getattr(self, "module_stack", None)
+        if not stack:
+            return self.root
+        path = list(stack.values())[-1][0]
+        try:
+            return self.root.get_submodule(path) if path else self.root
+        except AttributeError:
+            return None
+
+
+def _owner_method(frame, owner: Optional[nn.Module]) -> Optional[str]:
+    """Name of the owner's own method that is (or contains) the calling frame.
+
+    Walks outward from the call to the first frame that runs a method of ``type(owner)`` (not one of
+    ``nn.Module``'s own, such as ``_call_impl``) with ``owner`` as its first argument.
+    """
+    if owner is None:
+        return None
+    while frame is not None:
+        code = frame.f_code
+        if code.co_argcount and frame.f_locals.get(code.co_varnames[0]) is owner:
+            name = code.co_name
+            func = getattr(type(owner), name, None)
+            if getattr(func, "__code__", None) is code and name not in vars(nn.Module):
+                return name
+        frame = frame.f_back
+    return None
+
+
+def _node_owner(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    return list(stack.values())[-1][0]
+
+
+def _module_units(module: nn.Module) -> Optional[int]:
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.in_channels
+    return None
+
+
+def _weight_consumer(user: fx.Node, source: fx.Node, modules: Dict[str, nn.Module], root: nn.Module) -> Optional[ConsumerInfo]:
+    if user.op == "call_module":
+        module = modules.get(user.target)
+        if module is None:
+            return None
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and user.args and user.args[0] is source:
+            units = _module_units(module)
+            if units is not None and isinstance(getattr(module, "weight", None), torch.Tensor):
+                return ConsumerInfo((user.target,), (f"{user.target}.weight",), units)
+        if isinstance(module, nn.MultiheadAttention):
+            positions = [i for i, a in enumerate(user.args[:3]) if a is source]
+            positions += [("query", "key", "value").index(k) for k, v in user.kwargs.items() if v is source and k in ("query", "key", "value")]
+            if positions:
+                if module.in_proj_weight is not None:
+                    return ConsumerInfo((user.target,), (f"{user.target}.in_proj_weight",), module.embed_dim)
+                names = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+                weights = tuple(f"{user.target}.{names[i]}" for i in sorted(set(positions)))
+                units = getattr(module, names[positions[0]]).shape[1]
+                return ConsumerInfo((user.target,), weights, units)
+        return None
+    if user.op == "call_function" and user.target in (F.linear, F.conv1d, F.conv2d, F.conv3d):
+        weight = user.args[1] if len(user.args) > 1 else user.kwargs.get("weight")
+        if user.args and user.args[0] is source and isinstance(weight, fx.Node) and weight.op == "get_attr":
+            try:
+                tensor = root.get_parameter(weight.target)
+            except AttributeError:
+                return None
+            units = tensor.shape[1]
+            if user.target is not F.linear:
+                groups = user.args[6] if len(user.args) > 6 else user.kwargs.get("groups", 1)
+                units *= int(groups)
+            owner = weight.target.rpartition(".")[0]
+            return ConsumerInfo((owner,), (weight.target,), units)
+    return None
+
+
+def _is_transparent(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    if node.op == "call_method":
+        return node.target in TRANSPARENT_METHODS
+    if node.op == "call_function":
+        return node.target in TRANSPARENT_FUNCTIONS
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), TRANSPARENT_MODULES)
+    return False
+
+
+def _describe(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"module {node.target!r}"
+    if node.op == "call_function":
+        return f"{getattr(node.target, '__name__', node.target)}()"
+    if node.op == "call_method":
+        return f".{node.target}()"
+    return node.op
+
+
+def find_consumer(node: fx.Node, modules: Dict[str, nn.Module], root: nn.Module) -> Tuple[Optional[ConsumerInfo], str]:
+    """Follow a site's output through data-moving ops to the weight layers that read it.
+
+    Args:
+        node: the site's graph node.
+        modules: ``dict(root.named_modules())``.
+        root: the traced model.
+
+    Returns:
+        ``(consumer, note)``: the consumer (several weights when several layers read the same dropped
+        tensor, e.g. separate q/k/v projections), or None with the reason.
+    """
+    found: List[ConsumerInfo] = []
+    frontier = [node]
+    while frontier:
+        current = frontier.pop()
+        users = list(current.users)
+        if not users:
+            continue
+        for user in users:
+            if _is_transparent(user, modules) and user.args and user.args[0] is current:
+                frontier.append(user)
+                continue
+            consumer = _weight_consumer(user, current, modules, root)
+            if consumer is None:
+                return None, f"output also goes to {_describe(user)}, not only to weight layers"
+            found.append(consumer)
+    if not found:
+        return None, "output is not used by any layer"
+    units = {c.units for c in found}
+    if len(units) != 1:
+        return None, "output is read by layers of different input widths"
+    modules_ = tuple(dict.fromkeys(m for c in found for m in c.modules))
+    weights = tuple(dict.fromkeys(w for c in found for w in c.weights))
+    return ConsumerInfo(modules_, weights, units.pop()), ""
+
+
+def _const_float(value: Any) -> Optional[float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def is_non_site_module(module: nn.Module) -> bool:
+    """Noise layers that are not dropout sites (drop-path, stochastic depth, alpha dropout)."""
+    return any(part in type(module).__name__ for part in NON_SITE_NAMES)
+
+
+def trace_graph(model: nn.Module, leaf_modules: Sequence[type], autowrap_functions: Sequence[Callable]) -> Tuple[fx.Graph, SiteTracer]:
+    """Trace ``model`` in training mode (so ``training=self.training`` branches are taken), restoring modes.
+
+    Args:
+        model: the model.
+        leaf_modules: extra leaf module types.
+        autowrap_functions: functions to keep as single nodes.
+
+    Returns:
+        The graph and the tracer (which knows the leaf modules that have children).
+    """
+    modes = {m: m.training for m in model.modules()}
+    tracer = SiteTracer(leaf_modules, autowrap_functions)
+    try:
+        model.train()
+        graph = tracer.trace(model)
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    return graph, tracer
+
+
+def discover(
+    model: nn.Module,
+    *,
+    leaf_modules: Sequence[type] = (),
+    autowrap_functions: Sequence[Callable] = (),
+    example_inputs: Optional[Sequence[Any]] = None,
+) -> Discovery:
+    """Find every dropout application in ``model``.
+
+    Args:
+        model: the model (not changed; its train/eval modes are restored).
+        leaf_modules: module types not to trace into (their inner dropouts are found by module search).
+        autowrap_functions: functions the tracer should not trace into.
+        example_inputs: optional positional inputs for a dry run that confirms called-ness and consumers.
+
+    Returns:
+        A :class:`Discovery`.
+    """
+    discovery = Discovery()
+    try:
+        graph, tracer = trace_graph(model, leaf_modules, autowrap_functions)
+    except Exception as err:  # torch.fx raises many types; any failure means "fall back"
+        discovery.method = "module search"
+        discovery.trace_error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        _module_search(model, discovery, within=None)
+    else:
+        discovery.leaves = set(tracer.leaf_names)
+        _read_graph(model, graph, discovery)
+        inner = [name for name in discovery.leaves if _has_dropout_inside(model.get_submodule(name))]
+        if inner:
+            discovery.method = "fx + module search"
+            for name in sorted(inner):
+                _module_search(model, discovery, within=name)
+    if example_inputs is not None:
+        from .dry_run import confirm_with_dry_run
+
+        confirm_with_dry_run(model, discovery, example_inputs)
+    return discovery
+
+
+def _has_dropout_inside(module: nn.Module) -> bool:
+    return any(
+        is_dropout_module(m) or isinstance(m, (nn.MultiheadAttention, nn.RNNBase))
+        for m in module.modules()
+        if m is not module
+    ) or isinstance(module, (nn.MultiheadAttention, nn.RNNBase)) and False
+
+
+def _read_graph(model: nn.Module, graph: fx.Graph, discovery: Discovery) -> None:
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for node in graph.nodes:
+        if node.op == "call_module":
+            discovery.called_modules.add(node.target)
+            module = modules.get(node.target)
+            if module is None:
+                continue
+            if isinstance(module, ConcreteDropoutBase) or is_dropout_module(module):
+                _add_module_site(discovery, node, module, modules, model)
+            elif isinstance(module, nn.MultiheadAttention):
+                _add_mha(discovery, node.target, module, "fx")
+            elif isinstance(module, nn.RNNBase):
+                _add_rnn(discovery, node.target, module)
+            elif is_non_site_module(module):
+                discovery.findings.append(Finding(node.target, "not a dropout site", f"{type(module).__name__} is left as it is"))
+        elif node.op == "call_function":
+            if node.target in FUNCTIONAL_DROPOUTS:
+                _add_functional_site(discovery, node, modules, model)
+            elif node.target is F.scaled_dot_product_attention:
+                _add_sdpa(discovery, node, modules, model)
+            elif node.target in NON_SITE_FUNCTIONS:
+                discovery.findings.append(
+                    Finding(_node_owner(node) or "<root>", "not a dropout site", f"{NON_SITE_FUNCTIONS[node.target]} is left as it is")
+                )
+    # Non-site noise modules that are traced through (e.g. timm DropPath) never appear as call_module.
+    for name, module in model.named_modules():
+        if is_non_site_module(module) and not any(f.name == name for f in discovery.findings):
+            discovery.findings.append(Finding(name, "not a dropout site", f"{type(module).__name__} is left as it is"))
+
+
+def _add_module_site(discovery: Discovery, node: fx.Node, module: nn.Module, modules: Dict[str, nn.Module], root: nn.Module) -> None:
+    consumer, note = find_consumer(node, modules, root)
+    site_type = type(module) if isinstance(module, ConcreteDropoutBase) else _site_type_for(module)
+    p = float(module.p.detach()) if isinstance(module, ConcreteDropoutBase) else float(module.p)
+    discovery.sites.append(
+        FoundSite(
+            kind="module",
+            owner=node.target.rpartition(".")[0],
+            module_name=node.target,
+            site_type=site_type,
+            p=p,
+            found_by="fx",
+            consumer=consumer,
+            consumer_note=note,
+        )
+    )
+
+
+def _site_type_for(module: nn.Module) -> Type[ConcreteDropoutBase]:
+    for klass in type(module).__mro__:
+        if klass in MODULE_SITE_TYPES:
+            return MODULE_SITE_TYPES[klass]
+    return ConcreteDropout
+
+
+def _add_functional_site(discovery: Discovery, node: fx.Node, modules: Dict[str, nn.Module], root: nn.Module) -> None:
+    bound = bind_functional(node.target, node.args, node.kwargs)
+    owner = _node_owner(node)
+    name = function_name(node.target)
+    training = bound.get("training")
+    p = _const_float(bound.get("p"))
+    if training is False:
+        discovery.findings.append(Finding(owner or "<root>", "not applied", f"{name}(training=False) never drops"))
+        return
+    key = node.meta.get("cd_call_key")
+    method = node.meta.get("cd_method")
+    consumer, note = find_consumer(node, modules, root)
+    site = FoundSite(
+        kind="functional",
+        owner=owner,
+        site_type=FUNCTIONAL_DROPOUTS[node.target][1],
+        p=p,
+        found_by="fx",
+        consumer=consumer,
+        consumer_note=note,
+        function=name,
+        key=key,
+        method=method,
+    )
+    if bound.get("inplace") and not node.users:
+        site.notes.append("in-place call whose result is unused: the concrete site returns a new tensor")
+    if key is None or method is None:
+        site.notes.append("call location could not be attributed to a method of its owner")
+    discovery.sites.append(site)
+
+
+def _add_sdpa(discovery: Discovery, node: fx.Node, modules: Dict[str, nn.Module], root: nn.Module) -> None:
+    dropout_p = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
+    owner_name = _node_owner(node)
+    owner = modules.get(owner_name, root if owner_name == "" else None)
+    p = _const_float(dropout_p)
+    if isinstance(dropout_p, fx.Node):
+        p = None
+    attn_drop = _matching_dropout_child(owner, p) if owner is not None else None
+    if owner is not None and hasattr(owner, "fused_attn") and attn_drop is not None:
+        # timm-style attention: the module has an explicit path that calls its dropout module.
+        child_name, child = attn_drop
+        full = f"{owner_name}.{child_name}" if owner_name else child_name
+        discovery.sites.append(
+            FoundSite(
+                kind="fused",
+                owner=owner_name,
+                module_name=full,
+                site_type=_site_type_for(child),
+                p=float(child.p),
+                found_by="fx",
+                consumer=None,
+                consumer_note="attention probabilities are multiplied by values, not by a weight",
+                fused_op="scaled_dot_product_attention",
+                notes=[
+                    "fused attention switched to its explicit path (fused_attn=False) so that the site is applied; "
+                    "this costs the memory of the attention matrix"
+                ],
+            )
+        )
+        return
+    if p == 0.0:
+        return  # a literal dropout_p=0: no dropout to convert
+    discovery.sites.append(
+        FoundSite(
+            kind="fused",
+            owner=owner_name,
+            site_type=ConcreteDropout,
+            p=p,
+            found_by="fx",
+            consumer=None,
+            consumer_note="attention probabilities are multiplied by values, not by a weight",
+            function="F.scaled_dot_product_attention",
+            key=node.meta.get("cd_call_key"),
+            method=node.meta.get("cd_method"),
+            fused_op="scaled_dot_product_attention",
+            notes=["computed as explicit attention (softmax, concrete dropout, matmul) in training"],
+        )
+    )
+
+
+def _matching_dropout_child(owner: nn.Module, p: Optional[float]) -> Optional[Tuple[str, nn.Module]]:
+    candidates = [(n, m) for n, m in owner.named_children() if is_dropout_module(m) or isinstance(m, ConcreteDropoutBase)]
+    if p is not None:
+        same = [(n, m) for n, m in candidates if isinstance(m, DROPOUT_TYPES) and math.isclose(float(m.p), p)]
+        candidates = same or candidates
+    preferred = [c for c in candidates if "attn" in c[0]]
+    pool = preferred or candidates
+    return pool[0] if len(pool) >= 1 and (len(pool) == 1 or preferred) else None
+
+
+def _add_mha(discovery: Discovery, name: str, module: nn.MultiheadAttention, found_by: str) -> None:
+    existing = getattr(module, "concrete_attn_dropout", None)
+    if module.dropout <= 0.0 and existing is None:
+        return
+    p = float(existing.p.detach()) if existing is not None else float(module.dropout)
+    discovery.sites.append(
+        FoundSite(
+            kind="fused",
+            owner=name,
+            site_type=ConcreteDropout,
+            p=p,
+            found_by=found_by,
+            consumer=None,
+            consumer_note="attention weights are multiplied by values, not by a weight",
+            fused_op="MultiheadAttention",
+            method="forward",
+            notes=["nn.MultiheadAttention's attention dropout applied by a concrete site inside its forward"],
+        )
+    )
+
+
+def _add_rnn(discovery: Discovery, name: str, module: nn.RNNBase) -> None:
+    if module.dropout > 0 and module.num_layers > 1:
+        discovery.findings.append(
+            Finding(
+                name,
+                "unsupported",
+                f"{type(module).__name__}(dropout={module.dropout}) drops between layers inside the fused RNN kernel; "
+                "no concrete site can be placed there, so it keeps its fixed rate. Use separate single-layer RNNs "
+                "with nn.Dropout between them to learn that rate.",
+            )
+        )
+
+
+#: Consumers inside torch.nn's transformer layers, which torch.fx cannot trace: dropout -> weight layer.
+_KNOWN_LAYOUTS: Dict[type, Dict[str, Optional[str]]] = {
+    nn.TransformerEncoderLayer: {"dropout": "linear2", "dropout1": None, "dropout2": None},
+    nn.TransformerDecoderLayer: {"dropout": "linear2", "dropout1": None, "dropout2": None, "dropout3": None},
+}
+
+
+def _module_search(model: nn.Module, discovery: Discovery, within: Optional[str]) -> None:
+    """Module-level search of dropout modules (whole model, or inside one leaf)."""
+    root = model.get_submodule(within) if within else model
+    prefix = f"{within}." if within else ""
+    found_by = "module search"
+    known = {s.module_name for s in discovery.sites if s.module_name}
+    for rel, module in root.named_modules():
+        name = prefix + rel if rel else (within or "")
+        if name in known:
+            continue
+        if isinstance(module, ConcreteDropoutBase) or is_dropout_module(module):
+            consumer, note = _known_consumer(model, name)
+            discovery.sites.append(
+                FoundSite(
+                    kind="module",
+                    owner=name.rpartition(".")[0],
+                    module_name=name,
+                    site_type=type(module) if isinstance(module, ConcreteDropoutBase) else _site_type_for(module),
+                    p=float(module.p.detach()) if isinstance(module, ConcreteDropoutBase) else float(module.p),
+                    found_by=found_by,
+                    consumer=consumer,
+                    consumer_note=note,
+                    called=None,
+                )
+            )
+        elif isinstance(module, nn.MultiheadAttention):
+            _add_mha(discovery, name, module, found_by)
+            if discovery.sites and discovery.sites[-1].owner == name:
+                discovery.sites[-1].called = None
+        elif isinstance(module, nn.RNNBase):
+            _add_rnn(discovery, name, module)
+        elif is_non_site_module(module):
+            discovery.findings.append(Finding(name, "not a dropout site", f"{type(module).__name__} is left as it is"))
+
+
+def _known_consumer(model: nn.Module, name: str) -> Tuple[Optional[ConsumerInfo], str]:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    for klass, layout in _KNOWN_LAYOUTS.items():
+        if isinstance(parent, klass) and attr in layout:
+            target = layout[attr]
+            if target is None:
+                return None, f"output goes to a residual add in {klass.__name__}"
+            layer = getattr(parent, target)
+            full = f"{parent_name}.{target}" if parent_name else target
+            return ConsumerInfo((full,), (f"{full}.weight",), layer.in_features), ""
+    return None, "found by module search: consumer unknown (pass example_inputs for a dry run)"

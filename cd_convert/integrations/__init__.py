@@ -1,0 +1,1 @@
+"""Optional integrations with model libraries (imported lazily; their packages are optional extras)."""

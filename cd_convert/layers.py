@@ -1,0 +1,408 @@
+"""Concrete Dropout layers.
+
+Concrete Dropout (Gal, Hron & Kendall, "Concrete Dropout", NeurIPS 2017, arXiv:1705.07832) replaces the
+Bernoulli dropout mask by its continuous relaxation, so that the dropout probability ``p`` becomes a
+parameter learned by gradient descent together with the weights:
+
+    u ~ Uniform(0, 1)
+    z = sigmoid((logit(p) + logit(u)) / t)        z ~= 1 means "dropped"
+    y = x * (1 - z) / (1 - p)                       (inverted-dropout scaling)
+
+``ConcreteDropout`` draws one ``z`` per element (temperature 0.1); ``ConcreteDropout1d/2d/3d`` draw one
+``z`` per (sample, channel), like ``nn.Dropout1d/2d/3d`` (temperature 2/3, as the authors use for
+convolutions). The regulariser that makes ``p`` learn lives in :mod:`cd_convert.collector`; the layers
+only apply the mask.
+
+Modes, as with ``nn.Dropout``: training draws relaxed masks, ``eval()`` is the identity. Monte Carlo
+prediction (:func:`cd_convert.mc_mode`) sets :attr:`sampling` so that a site samples in eval mode too.
+
+The forward pass is a custom autograd function that keeps only the mask ``z`` for the backward pass (the
+output ``y`` is also saved, but it shares storage with the tensor the next layer keeps anyway): a
+direct implementation of the formula above keeps about four tensors of the input's size.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+InitP = Union[float, Tuple[float, float], Sequence[float]]
+
+#: Default bound on p: the learned rate stays inside [DEFAULT_EPS, 1 - DEFAULT_EPS].
+DEFAULT_EPS = 1e-6
+#: Sampling modes a site understands: relaxed Concrete mask, or a hard Bernoulli(p) mask.
+SAMPLING_MODES = ("relaxed", "hard")
+
+
+def _check_probability(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a float in (0, 1), got {value!r} ({type(value).__name__}).")
+    if not 0.0 < float(value) < 1.0:
+        raise ValueError(
+            f"{name} must lie strictly inside (0, 1), got {value!r}. "
+            "A dropout rate of 0 or 1 has an infinite logit; pass e.g. init_p=0.1."
+        )
+    return float(value)
+
+
+def validate_init_p(init_p: InitP) -> Tuple[float, float]:
+    """Check an ``init_p`` argument and return it as a ``(low, high)`` pair.
+
+    Args:
+        init_p: a rate in (0, 1), or a ``(low, high)`` pair of rates with ``low <= high``.
+
+    Returns:
+        ``(low, high)``; equal for a single rate.
+
+    Raises:
+        ValueError / TypeError: with the value received and what to pass instead.
+    """
+    if isinstance(init_p, (tuple, list)):
+        if len(init_p) != 2:
+            raise ValueError(f"init_p as a range must be a (low, high) pair, got {init_p!r}.")
+        low = _check_probability("init_p low", init_p[0])
+        high = _check_probability("init_p high", init_p[1])
+        if low > high:
+            raise ValueError(f"init_p range must have low <= high, got {init_p!r}.")
+        return low, high
+    rate = _check_probability("init_p", init_p)
+    return rate, rate
+
+
+def validate_temperature(temperature: float) -> float:
+    """Check a Concrete temperature.
+
+    Args:
+        temperature: the relaxation temperature t; must be a finite number > 0.
+
+    Returns:
+        The temperature as a float.
+    """
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a positive float, got {temperature!r}.")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(
+            f"temperature must be > 0, got {temperature!r}. Use 0.1 for element-wise sites and 2/3 for "
+            "channel-wise sites (the paper's values)."
+        )
+    return float(temperature)
+
+
+def clamped_logit(p_logit: Tensor, eps: float) -> Tensor:
+    """Clamp a p-logit so that p stays in [eps, 1 - eps], letting the gradient pass straight through.
+
+    A plain ``clamp`` has zero gradient outside the range, so a logit pushed past the bound once would
+    stay there forever; the straight-through form lets it come back when the gradient turns.
+
+    Args:
+        p_logit: the unconstrained logit.
+        eps: the bound on p.
+
+    Returns:
+        The clamped logit (same dtype), with the gradient of the identity.
+    """
+    bound = math.log1p(-eps) - math.log(eps)
+    return p_logit + (p_logit.clamp(-bound, bound) - p_logit).detach()
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # 16-bit uniforms have only 2^8 (bf16) or 2^11 (fp16) levels: u == 0 would then occur often enough to
+    # keep a unit alive regardless of p. Noise and mask are therefore computed in fp32 for those inputs.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def noise_shape(x: Tensor, channelwise: bool, channel_dim: int = 1) -> Tuple[int, ...]:
+    """Shape of the mask for ``x``: ``x.shape`` element-wise, ``(B, C, 1, ...)`` channel-wise.
+
+    Args:
+        x: the input.
+        channelwise: one mask value per (sample, channel) when True.
+        channel_dim: 1 for batched ``(B, C, ...)`` inputs, 0 for unbatched ``(C, ...)`` ones.
+
+    Returns:
+        The shape of ``u`` and ``z``.
+    """
+    if not channelwise:
+        return tuple(x.shape)
+    if x.dim() <= channel_dim:
+        raise ValueError(
+            f"channel-wise concrete dropout needs an input with a channel dim, got shape {tuple(x.shape)}."
+        )
+    return tuple(x.shape[: channel_dim + 1]) + (1,) * (x.dim() - channel_dim - 1)
+
+
+class _ConcreteDropoutFunction(torch.autograd.Function):
+    """y = x * (1 - z) / (1 - p) with z the relaxed mask; saves only z and y for the backward pass.
+
+    With s = (theta + logit(u)) / t, z = sigmoid(s) and p = sigmoid(theta):
+        dy/dx     = (1 - z) / (1 - p)
+        dy/dtheta = y * (p - z / t)
+    """
+
+    @staticmethod
+    def forward(x: Tensor, p_logit: Tensor, uniform: Tensor, temperature: float) -> Tuple[Tensor, Tensor]:
+        theta = p_logit.to(uniform.dtype)
+        # logit(u) computed in place on a fresh buffer: u / (1 - u), then log.
+        s = uniform / (1.0 - uniform)
+        s.log_().add_(theta).div_(temperature)
+        z = s.sigmoid_()
+        keep = (1.0 - z).div_(torch.sigmoid(-theta))
+        y = (x * keep).to(x.dtype)
+        if x.dtype == torch.float16:
+            # Saturate instead of overflowing: keep can reach 1/eps when p is at its upper bound.
+            finfo = torch.finfo(torch.float16)
+            y = y.clamp_(-finfo.max, finfo.max)
+        saved_z = z if z.numel() < x.numel() else z.to(x.dtype)
+        return y, saved_z
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, p_logit, _uniform, temperature = inputs
+        y, z = output
+        ctx.temperature = temperature
+        ctx.x_dtype = x.dtype
+        ctx.save_for_backward(p_logit, z, y)
+        ctx.mark_non_differentiable(z)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor, _grad_z: Optional[Tensor]):
+        p_logit, z, y = ctx.saved_tensors
+        cdt = _compute_dtype(ctx.x_dtype)
+        theta = p_logit.to(cdt)
+        p = torch.sigmoid(theta)
+        zc = z.to(cdt)
+        grad_x = grad_p_logit = None
+        if ctx.needs_input_grad[0]:
+            keep = (1.0 - zc).div_(torch.sigmoid(-theta))
+            grad_x = (grad_y.to(cdt) * keep).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            gy = grad_y.to(cdt) * y.to(cdt)
+            if zc.numel() < gy.numel():
+                # Channel-wise mask: reduce over the broadcast (spatial) dims before the dot product.
+                reduce_dims = [d for d in range(gy.dim()) if zc.shape[d] == 1 and gy.shape[d] != 1]
+                gy = gy.sum(dim=reduce_dims, keepdim=True)
+            grad = p * gy.sum() - (gy * zc).sum() / ctx.temperature
+            grad_p_logit = grad.to(p_logit.dtype).reshape(p_logit.shape)
+        return grad_x, grad_p_logit, None, None
+
+
+def concrete_dropout(
+    x: Tensor,
+    p_logit: Tensor,
+    *,
+    temperature: float = 0.1,
+    channelwise: bool = False,
+    channel_dim: int = 1,
+    training: bool = True,
+    sampling: str = "relaxed",
+    eps: float = DEFAULT_EPS,
+    uniform: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Functional Concrete Dropout.
+
+    Args:
+        x: input of any shape (channel-wise: ``(B, C, ...)`` or unbatched ``(C, ...)``).
+        p_logit: scalar tensor, the logit of the drop probability.
+        temperature: Concrete temperature t > 0.
+        channelwise: one mask value per (sample, channel) instead of per element.
+        channel_dim: index of the channel dim for channel-wise masks (0 for unbatched inputs).
+        training: when False the function is the identity (like ``F.dropout``).
+        sampling: ``"relaxed"`` (Concrete mask, differentiable in p) or ``"hard"`` (Bernoulli(p) mask,
+            used for Monte Carlo prediction; no gradient to p).
+        eps: p is kept inside ``[eps, 1 - eps]``.
+        uniform: optional noise ``u`` in (0, 1) of the mask's shape (tests use it to hold the noise fixed).
+        generator: optional ``torch.Generator`` for reproducible noise.
+
+    Returns:
+        A new tensor of ``x``'s shape, dtype and device; ``x`` is never modified.
+    """
+    if not training:
+        return x
+    theta = clamped_logit(p_logit, eps)
+    cdt = _compute_dtype(x.dtype)
+    shape = noise_shape(x, channelwise, channel_dim)
+    if uniform is None:
+        uniform = torch.rand(shape, device=x.device, dtype=cdt, generator=generator)
+    else:
+        uniform = uniform.to(device=x.device, dtype=cdt)
+    if sampling == "hard":
+        dropped = uniform < torch.sigmoid(theta.detach().to(cdt))
+        keep = (~dropped).to(cdt) / torch.sigmoid(-theta.detach().to(cdt))
+        return (x * keep).to(x.dtype)
+    if sampling != "relaxed":
+        raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}.")
+    y, _ = _ConcreteDropoutFunction.apply(x, theta, uniform, temperature)
+    return y
+
+
+def reference_concrete_dropout(
+    x: Tensor, p_logit: Tensor, uniform: Tensor, temperature: float, eps: float = DEFAULT_EPS
+) -> Tensor:
+    """The paper's formula written directly with autograd (no custom backward).
+
+    Used by the tests as the independent reference for the fused implementation, and by the overhead
+    benchmark to show what the fused version saves.
+
+    Args:
+        x: input.
+        p_logit: scalar logit of p.
+        uniform: the noise u, broadcastable to ``x``.
+        temperature: Concrete temperature.
+        eps: bound on p.
+
+    Returns:
+        ``x * (1 - z) / (1 - p)``.
+    """
+    theta = clamped_logit(p_logit, eps)
+    p = torch.sigmoid(theta)
+    z = torch.sigmoid((theta + torch.log(uniform) - torch.log1p(-uniform)) / temperature)
+    return x * (1 - z) / (1 - p)
+
+
+class _ConcreteDropoutNd(nn.Module):
+    """Shared implementation of the concrete-dropout sites; use the public subclasses."""
+
+    channelwise: bool = False
+    default_temperature: float = 0.1
+    expected_dims: Tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        init_p: InitP = 0.1,
+        temperature: Optional[float] = None,
+        *,
+        eps: float = DEFAULT_EPS,
+        device: Optional[Union[torch.device, str]] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        self.init_p = validate_init_p(init_p)
+        self.temperature = validate_temperature(
+            self.default_temperature if temperature is None else temperature
+        )
+        if not 0.0 < eps < 0.5:
+            raise ValueError(f"eps must lie in (0, 0.5), got {eps!r}.")
+        self.eps = float(eps)
+        self.p_logit = nn.Parameter(torch.empty((), device=device, dtype=dtype))
+        #: None: follow ``self.training``. "relaxed"/"hard": sample even in eval (Monte Carlo prediction).
+        self.sampling: Optional[str] = None
+        #: Size of the dropped feature dim (channels for channel-wise sites), recorded by the first active
+        #: forward pass; the regulariser uses it as K for sites with no consuming weight layer.
+        self.units_seen: Optional[int] = None
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """Draw the initial logit uniformly in ``[logit(low), logit(high)]`` of ``init_p``.
+
+        Args:
+            generator: optional ``torch.Generator`` for a reproducible draw.
+        """
+        low, high = (math.log(v) - math.log1p(-v) for v in self.init_p)
+        with torch.no_grad():
+            draw = torch.rand((), generator=generator).item()
+            self.p_logit.fill_(low + (high - low) * draw)
+
+    @property
+    def p(self) -> Tensor:
+        """The current drop probability, a 0-dim tensor computed from the logit (never a stale copy)."""
+        return torch.sigmoid(clamped_logit(self.p_logit, self.eps))
+
+    @property
+    def active(self) -> bool:
+        """Whether a forward pass applies a mask now (training, or Monte Carlo sampling requested)."""
+        return self.training or self.sampling is not None
+
+    def _check_input(self, x: Tensor) -> None:
+        if self.expected_dims and x.dim() not in self.expected_dims:
+            raise ValueError(
+                f"{type(self).__name__} expects a {' or '.join(f'{d}-D' for d in self.expected_dims)} input "
+                f"(batched or unbatched), got shape {tuple(x.shape)}."
+            )
+
+    def _channel_dim(self, x: Tensor) -> int:
+        # Unbatched inputs ((C, ...), the smaller accepted rank) carry the channel in dim 0.
+        return 0 if self.expected_dims and x.dim() == min(self.expected_dims) else 1
+
+    def forward(self, x: Tensor, *, training: Optional[bool] = None) -> Tensor:
+        """Apply the mask.
+
+        Args:
+            x: the input.
+            training: override of ``self.training`` (functional call sites pass their own flag).
+
+        Returns:
+            The masked input (a new tensor), or ``x`` itself when inactive.
+        """
+        is_training = self.training if training is None else training
+        if not (is_training or self.sampling is not None):
+            return x
+        self._check_input(x)
+        if self.units_seen is None:
+            self.units_seen = int(x.shape[self._channel_dim(x)] if self.channelwise else x.shape[-1]) if x.dim() else 1
+        sampling = "relaxed" if is_training and self.sampling is None else (self.sampling or "relaxed")
+        return concrete_dropout(
+            x,
+            self.p_logit,
+            temperature=self.temperature,
+            channelwise=self.channelwise,
+            channel_dim=self._channel_dim(x),
+            sampling=sampling,
+            eps=self.eps,
+        )
+
+    def extra_repr(self) -> str:
+        return f"p={float(self.p.detach()):.4g}, temperature={self.temperature:.4g}"
+
+
+class ConcreteDropout(_ConcreteDropoutNd):
+    """Element-wise Concrete Dropout, the learned-rate counterpart of ``nn.Dropout``.
+
+    Args:
+        init_p: initial drop rate in (0, 1), or a ``(low, high)`` pair drawn uniformly in logit space.
+            Default 0.1, as in the paper.
+        temperature: Concrete temperature, default 0.1.
+        eps: p is kept in ``[eps, 1 - eps]``.
+        device, dtype: of the ``p_logit`` parameter.
+
+    Use in a hand-written model like ``nn.Dropout``; then call :func:`cd_convert.convert` once on the
+    model (with ``dataset_size=``) so the regulariser knows which layer consumes each site.
+    """
+
+
+class _ChannelConcreteDropout(_ConcreteDropoutNd):
+    channelwise = True
+    default_temperature = 2.0 / 3.0
+
+
+class ConcreteDropout1d(_ChannelConcreteDropout):
+    """Channel-wise Concrete Dropout for ``(N, C, L)`` or ``(C, L)`` inputs, like ``nn.Dropout1d``.
+
+    One mask value per (sample, channel); temperature 2/3 by default. Arguments as :class:`ConcreteDropout`.
+    """
+
+    expected_dims = (2, 3)
+
+
+class ConcreteDropout2d(_ChannelConcreteDropout):
+    """Channel-wise Concrete Dropout for ``(N, C, H, W)`` or ``(C, H, W)`` inputs, like ``nn.Dropout2d``.
+
+    One mask value per (sample, channel); temperature 2/3 by default. Arguments as :class:`ConcreteDropout`.
+    """
+
+    expected_dims = (3, 4)
+
+
+class ConcreteDropout3d(_ChannelConcreteDropout):
+    """Channel-wise Concrete Dropout for ``(N, C, D, H, W)`` or ``(C, D, H, W)`` inputs, like ``nn.Dropout3d``.
+
+    One mask value per (sample, channel); temperature 2/3 by default. Arguments as :class:`ConcreteDropout`.
+    """
+
+    expected_dims = (4, 5)
+
+
+ConcreteDropoutBase = _ConcreteDropoutNd

@@ -1,0 +1,136 @@
+"""Parsing and matching of ``targets`` and ``exclude``.
+
+An entry is one of:
+
+* a module type: matches instances (``isinstance``, so subclasses count);
+* a string: a glob over qualified module names (``fnmatch``, e.g. ``"blocks.*.mlp.fc?"``);
+* a compiled regular expression: must match the whole qualified name;
+* a predicate ``(name, module) -> bool``.
+
+Types are restricted to what a site can be placed in front of (``nn.Linear`` and ``nn.ConvNd``
+subclasses) or converted (``nn.Dropout*``); anything else is refused with the reason.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch.nn as nn
+
+from .errors import TargetError
+
+TargetEntry = Union[type, str, "re.Pattern[str]", Callable[[str, nn.Module], bool]]
+
+#: Layers a site can be inserted in front of (their weight then consumes the site's output).
+TARGETABLE_TYPES: Tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: Dropout modules that become concrete sites.
+DROPOUT_TYPES: Tuple[type, ...] = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+_UNSUPPORTED_REASONS = {
+    nn.RNNBase: "recurrent layers apply their weights inside a fused kernel, so no site can be placed on the "
+    "input of each weight; target the Linear layers around them instead",
+    nn.MultiheadAttention: "nn.MultiheadAttention uses its projection weights directly; its attention dropout "
+    "is handled with targets=None, and its input can be targeted through the Linear that produces it",
+    nn.Embedding: "an embedding consumes indices, not activations, so there is nothing to drop in front of it",
+    nn.AlphaDropout: "AlphaDropout keeps self-normalising statistics that the concrete relaxation does not",
+    nn.FeatureAlphaDropout: "FeatureAlphaDropout keeps self-normalising statistics that the concrete relaxation "
+    "does not",
+}
+
+
+def is_targetable(module: nn.Module) -> bool:
+    """Whether a site can be inserted in front of ``module``."""
+    return isinstance(module, TARGETABLE_TYPES)
+
+
+def is_dropout_module(module: nn.Module) -> bool:
+    """Whether ``module`` is a plain ``nn.Dropout*`` (not alpha dropout)."""
+    return type(module) in DROPOUT_TYPES or (
+        isinstance(module, DROPOUT_TYPES) and not isinstance(module, (nn.AlphaDropout, nn.FeatureAlphaDropout))
+    )
+
+
+@dataclass
+class Matcher:
+    """One parsed ``targets``/``exclude`` entry.
+
+    Attributes:
+        entry: what the user passed.
+        test: ``(name, module) -> bool``.
+        label: a readable form for messages.
+    """
+
+    entry: Any
+    test: Callable[[str, nn.Module], bool]
+    label: str
+
+    def __call__(self, name: str, module: nn.Module) -> bool:
+        return bool(self.test(name, module))
+
+
+def _type_matcher(entry: type, arg: str) -> Matcher:
+    if not issubclass(entry, nn.Module):
+        raise TargetError(f"{arg} entry {entry!r} is a type but not a torch.nn.Module subclass.")
+    for bad, reason in _UNSUPPORTED_REASONS.items():
+        if issubclass(entry, bad):
+            raise TargetError(f"{arg} entry {entry.__name__} is not supported: {reason}.")
+    if not issubclass(entry, TARGETABLE_TYPES + DROPOUT_TYPES):
+        raise TargetError(
+            f"{arg} entry {entry.__name__} is not a layer a site can be placed in front of. Module types must "
+            "be nn.Linear / nn.Conv1d / nn.Conv2d / nn.Conv3d (or subclasses) or nn.Dropout*. To select every "
+            "such layer inside a block, pass a glob such as 'blocks.*' or a predicate (name, module) -> bool."
+        )
+    return Matcher(entry, lambda name, module: isinstance(module, entry), entry.__name__)
+
+
+def _parse_entry(entry: Any, arg: str) -> Matcher:
+    if isinstance(entry, type):
+        return _type_matcher(entry, arg)
+    if isinstance(entry, str):
+        if not entry:
+            raise TargetError(f"{arg} entry is an empty string; pass a qualified-name glob such as 'head.*'.")
+        return Matcher(entry, lambda name, module: fnmatch.fnmatchcase(name, entry), repr(entry))
+    if isinstance(entry, re.Pattern):
+        return Matcher(entry, lambda name, module: entry.fullmatch(name) is not None, f"re({entry.pattern!r})")
+    if callable(entry):
+        label = getattr(entry, "__name__", repr(entry))
+        return Matcher(entry, entry, f"predicate {label}")
+    raise TargetError(
+        f"{arg} entry {entry!r} ({type(entry).__name__}) is not understood. Pass module types (nn.Linear), "
+        "qualified-name globs ('classifier.*'), compiled regexes (re.compile(r'blocks\\.\\d+\\.mlp\\.fc1')) or "
+        "predicates (name, module) -> bool."
+    )
+
+
+def parse_targets(entries: Optional[Union[TargetEntry, Sequence[TargetEntry]]], arg: str = "targets") -> Optional[List[Matcher]]:
+    """Parse a ``targets``/``exclude`` argument.
+
+    Args:
+        entries: None, one entry, or a list/tuple of entries (types, globs, regexes, predicates).
+        arg: the argument's name, for messages.
+
+    Returns:
+        None for None, else one :class:`Matcher` per entry.
+
+    Raises:
+        TargetError: for an entry that is not understood or a module type that cannot be targeted.
+    """
+    if entries is None:
+        return None
+    if isinstance(entries, (type, str, re.Pattern)) or (callable(entries) and not isinstance(entries, (list, tuple))):
+        entries = [entries]  # type: ignore[list-item]
+    if not isinstance(entries, (list, tuple, set, frozenset)):
+        raise TargetError(f"{arg} must be a list of entries, got {type(entries).__name__}.")
+    if len(entries) == 0:
+        raise TargetError(f"{arg} is empty; pass None to convert every dropout site, or list what to target.")
+    return [_parse_entry(e, arg) for e in entries]
+
+
+def first_match(matchers: Iterable[Matcher], name: str, module: nn.Module) -> Optional[Matcher]:
+    """The first matcher that accepts ``(name, module)``, or None."""
+    for matcher in matchers:
+        if matcher(name, module):
+            return matcher
+    return None

@@ -178,6 +178,50 @@ class AttributeChange:
         self.undo(root)
 
 
+class FusedAttentionHook:
+    """Forward pre-hook: the attention module takes its explicit path only while its dropout site is active.
+
+    In eval the fused kernel runs exactly as before conversion (bit-identical outputs, no extra memory);
+    in training and Monte Carlo prediction the explicit path applies the concrete site.
+    """
+
+    def __init__(self, child: str) -> None:
+        self.child = child
+
+    def __call__(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
+        module.fused_attn = self.original and not getattr(module, self.child).active
+
+    original: bool = True
+
+
+@dataclass
+class FusedAttentionSwitch:
+    """Installs :class:`FusedAttentionHook` on a timm-style attention module (one with ``fused_attn``)."""
+
+    owner: str
+    child: str
+    site_name: str = ""
+    hook_id: int = -1
+    original: Any = None
+    kind: str = "attribute"
+
+    def apply(self, root: nn.Module, site: Optional[nn.Module] = None) -> None:
+        owner = root.get_submodule(self.owner) if self.owner else root
+        self.original = getattr(owner, "fused_attn", None)
+        hook = FusedAttentionHook(self.child)
+        hook.original = bool(self.original)
+        self.hook_id = owner.register_forward_pre_hook(hook).id
+
+    def undo(self, root: nn.Module) -> None:
+        owner = root.get_submodule(self.owner) if self.owner else root
+        owner._forward_pre_hooks.pop(self.hook_id, None)
+        if self.original is not None:
+            owner.fused_attn = self.original
+
+    def freeze(self, root: nn.Module) -> None:
+        self.undo(root)
+
+
 def find_rate_attribute(owner: nn.Module, p: Optional[float]) -> Optional[str]:
     """The owner's one float attribute equal to a functional call's rate (e.g. timm's ``drop_rate``)."""
     if p is None:

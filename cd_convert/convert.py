@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, U
 import torch
 import torch.nn as nn
 
-from .changes import AttributeChange, InputSite, MethodSite, ModuleSwap, find_rate_attribute
+from .changes import AttributeChange, FusedAttentionSwitch, InputSite, MethodSite, ModuleSwap, find_rate_attribute
 from .collector import COLLECTOR_ATTR, Application, Collector, get_collector, iter_collectors
 from .discover import ConsumerInfo, Discovery, FoundSite, discover
 from .errors import ConversionError, FreezeError, TargetError
@@ -59,7 +59,7 @@ class _PlannedSite:
     temperature: Optional[float]
     change: Any
     applications: List[Tuple[Optional[ConsumerInfo], Optional[int]]] = field(default_factory=list)
-    extra_changes: List[AttributeChange] = field(default_factory=list)
+    extra_changes: List[Any] = field(default_factory=list)
     existing: bool = False
 
 
@@ -173,10 +173,8 @@ def _build_plan(
                     change=ModuleSwap(name, paths, module, kind=found.kind),
                     existing=existing,
                 )
-                if found.kind == "fused" and hasattr(modules[found.owner] if found.owner else model, "fused_attn"):
-                    owner_module = modules[found.owner] if found.owner else model
-                    if getattr(owner_module, "fused_attn"):
-                        entry.extra_changes.append(AttributeChange(found.owner, "fused_attn", True, False, name))
+                if found.kind == "fused":
+                    entry.extra_changes.append(FusedAttentionSwitch(found.owner, name.rpartition(".")[2], name))
                 planned[name] = entry
                 rows.append(row)
             entry.applications.append((found.consumer, found.units_hint))
@@ -185,7 +183,8 @@ def _build_plan(
         # Functional or generic fused call sites.
         owner = modules[found.owner] if found.owner else model
         label = f"{found.owner or '<root>'}.{found.method or '?'}"
-        if found.key is None or found.method is None:
+        is_mha = found.fused_op == "MultiheadAttention"
+        if (found.key is None and not is_mha) or found.method is None:
             rows.append(SiteRow(label, found.kind, "unsupported", f"{found.function} in {label}", found.p,
                                 found_by=found.found_by, notes=["the call could not be attributed to a method; it keeps its fixed rate"]))
             continue
@@ -195,7 +194,7 @@ def _build_plan(
         child = _child_name(owner, base if count == 0 else f"{base}_{count}")
         name = f"{found.owner}.{child}" if found.owner else child
         if not selected(name, owner) and not (targets is not None and _dropout_type_targeted(targets)):
-            rows.append(SiteRow(name, "-", "not selected", f"{found.function} in {label}", found.p,
+            rows.append(SiteRow(name, "-", "not selected", f"{found.function or found.fused_op} in {label}", found.p,
                                 found_by=found.found_by, notes=["left as fixed dropout"]))
             continue
         if found.p == 0.0 and not options.include_zero_rate:

@@ -13,8 +13,10 @@ that location. Calls the trace did not see pass through unchanged, with a one-ti
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
+import threading
 import warnings
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -108,9 +110,9 @@ class MethodInterceptor:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         function = getattr(type(self.owner), self.method)
+        if self.catch_all is not None:
+            return self._call_attention_module(function, args, kwargs)
         with _Dispatch(self):
-            if self.catch_all is not None:
-                return self._call_attention_module(function, args, kwargs)
             return function(self.owner, *args, **kwargs)
 
     def _call_attention_module(self, function, args, kwargs):
@@ -123,44 +125,85 @@ class MethodInterceptor:
             if site.active:
                 owner.training = True
                 owner.dropout = owner.dropout or 0.5
-            self._site_training = saved[0]
-            return function(owner, *args, **kwargs)
+            with _route_torch_attention(site, saved[0]):
+                return function(owner, *args, **kwargs)
         finally:
             owner.training, owner.dropout = saved
 
     def dispatch(self, func: Callable, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[bool, Any]:
         """Handle one intercepted call; returns ``(handled, result)``."""
-        if self.catch_all is not None:
-            site = getattr(self.owner, self.catch_all)
-            training = getattr(self, "_site_training", self.owner.training)
-        else:
-            frame = caller_frame(sys._getframe(1))
-            child = self.routes.get(call_key(frame)) if frame is not None else None
-            if child is None:
-                if func in FUNCTIONAL_DROPOUTS and not self._warned:
-                    self._warned = True
-                    warnings.warn(
-                        f"a dropout call in {type(self.owner).__name__}.{self.method} was not seen when the model "
-                        "was converted (a branch not taken at conversion time?); it keeps its fixed rate. "
-                        "Convert again with example_inputs that take that branch.",
-                        stacklevel=4,
-                    )
-                return False, None
-            site = getattr(self.owner, child)
-            training = None
+        frame = caller_frame(sys._getframe(1))
+        child = self.routes.get(call_key(frame)) if frame is not None else None
+        if child is None:
+            if func in FUNCTIONAL_DROPOUTS and not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"a dropout call in {type(self.owner).__name__}.{self.method} was not seen when the model "
+                    "was converted (a branch not taken at conversion time?); it keeps its fixed rate. "
+                    "Convert again with example_inputs that take that branch.",
+                    stacklevel=4,
+                )
+            return False, None
+        site = getattr(self.owner, child)
         if func is F.scaled_dot_product_attention:
             bound = dict(zip(_SDPA_NAMES, args))
             bound.update(kwargs)
-            active = site.sampling is not None or (self.owner.training if training is None else training)
-            if not active:
-                bound["dropout_p"] = 0.0
+            training = self.owner.training
+            if not (training or site.sampling is not None):
+                bound["dropout_p"] = 0.0  # what the original code does in eval: the fused kernel, no dropout
                 return True, func(**bound)
             bound.pop("dropout_p", None)
-            flag = self.owner.training if training is None else training
-            return True, explicit_attention(**bound, dropout=lambda w: site(w, training=flag))
+            return True, explicit_attention(**bound, dropout=lambda w: site(w, training=training))
         bound = bind_functional(func, args, kwargs)
-        flag = bound["training"] if training is None else training
-        return True, site(bound["input"], training=bool(flag))
+        return True, site(bound["input"], training=bool(bound["training"]))
+
+
+_ORIGINAL_DROPOUT = F.dropout
+_ORIGINAL_SDPA = F.scaled_dot_product_attention
+_routing = threading.local()
+
+
+def _routed_dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
+    route = getattr(_routing, "route", None)
+    if route is None:  # another thread, or no attention module running: the real function
+        return _ORIGINAL_DROPOUT(input, p, training, inplace)
+    site, flag = route
+    return site(input, training=flag)
+
+
+def _routed_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                 dropout_p: float = 0.0, is_causal: bool = False, **extra: Any) -> Tensor:
+    route = getattr(_routing, "route", None)
+    if route is None:
+        return _ORIGINAL_SDPA(query, key, value, attn_mask, dropout_p, is_causal, **extra)
+    site, flag = route
+    if not site.active:
+        return _ORIGINAL_SDPA(query, key, value, attn_mask, 0.0, is_causal, **extra)
+    return explicit_attention(query, key, value, attn_mask, is_causal, **extra,
+                              dropout=lambda w: site(w, training=flag))
+
+
+@contextlib.contextmanager
+def _route_torch_attention(site: nn.Module, training: bool):
+    """Route the dropout inside ``F.multi_head_attention_forward`` to ``site`` for the current thread.
+
+    torch's attention code calls ``dropout`` and ``scaled_dot_product_attention`` as globals of
+    ``torch.nn.functional`` from inside a function that a ``TorchFunctionMode`` only sees from the outside,
+    so those two globals are routed for the duration of the call (other threads get the real functions).
+    """
+    previous = getattr(_routing, "route", None)
+    _routing.route = (site, training)
+    patched = F.dropout is not _routed_dropout
+    if patched:
+        F.dropout = _routed_dropout
+        F.scaled_dot_product_attention = _routed_sdpa
+    try:
+        yield
+    finally:
+        _routing.route = previous
+        if patched:
+            F.dropout = _ORIGINAL_DROPOUT
+            F.scaled_dot_product_attention = _ORIGINAL_SDPA
 
 
 def install(owner: nn.Module, method: str) -> MethodInterceptor:

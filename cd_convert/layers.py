@@ -17,8 +17,10 @@ Modes, as with ``nn.Dropout``: training draws relaxed masks, ``eval()`` is the i
 prediction (:func:`cd_convert.mc_mode`) sets :attr:`sampling` so that a site samples in eval mode too.
 
 The forward pass is a custom autograd function that keeps only the mask ``z`` for the backward pass (the
-output ``y`` is also saved, but it shares storage with the tensor the next layer keeps anyway): a
-direct implementation of the formula above keeps about four tensors of the input's size.
+input ``x`` is also saved, but it shares storage with the tensor the previous layer keeps anyway): a
+direct implementation of the formula above keeps about four tensors of the input's size. The output is
+not saved, so an in-place operation after the site (``nn.ReLU(inplace=True)``, ``out += identity``) is
+allowed, as after ``nn.Dropout``.
 """
 from __future__ import annotations
 
@@ -135,11 +137,13 @@ def noise_shape(x: Tensor, channelwise: bool, channel_dim: int = 1) -> Tuple[int
 
 
 class _ConcreteDropoutFunction(torch.autograd.Function):
-    """y = x * (1 - z) / (1 - p) with z the relaxed mask; saves only z and y for the backward pass.
+    """y = x * (1 - z) / (1 - p) with z the relaxed mask; saves only z and x for the backward pass.
 
     With s = (theta + logit(u)) / t, z = sigmoid(s) and p = sigmoid(theta):
         dy/dx     = (1 - z) / (1 - p)
-        dy/dtheta = y * (p - z / t)
+        dy/dtheta = y * (p - z / t) = x * (1 - z) / (1 - p) * (p - z / t)
+
+    The output y is not saved: an in-place op on it after the site must not break the backward pass.
     """
 
     @staticmethod
@@ -164,22 +168,22 @@ class _ConcreteDropoutFunction(torch.autograd.Function):
         y, z = output
         ctx.temperature = temperature
         ctx.x_dtype = x.dtype
-        ctx.save_for_backward(p_logit, z, y)
+        ctx.save_for_backward(p_logit, z, x)
         ctx.mark_non_differentiable(z)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor, _grad_z: Optional[Tensor]):
-        p_logit, z, y = ctx.saved_tensors
+        p_logit, z, x = ctx.saved_tensors
         cdt = _compute_dtype(ctx.x_dtype)
         theta = p_logit.to(cdt)
         p = torch.sigmoid(theta)
         zc = z.to(cdt)
+        keep = (1.0 - zc).div_(torch.sigmoid(-theta))
         grad_x = grad_p_logit = None
         if ctx.needs_input_grad[0]:
-            keep = (1.0 - zc).div_(torch.sigmoid(-theta))
             grad_x = (grad_y.to(cdt) * keep).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            gy = grad_y.to(cdt) * y.to(cdt)
+            gy = grad_y.to(cdt) * x.to(cdt) * keep
             if zc.numel() < gy.numel():
                 # Channel-wise mask: reduce over the broadcast (spatial) dims before the dot product.
                 reduce_dims = [d for d in range(gy.dim()) if zc.shape[d] == 1 and gy.shape[d] != 1]
@@ -308,8 +312,12 @@ class _ConcreteDropoutNd(nn.Module):
 
     @property
     def p(self) -> Tensor:
-        """The current drop probability, a 0-dim tensor computed from the logit (never a stale copy)."""
-        return torch.sigmoid(clamped_logit(self.p_logit, self.eps))
+        """The current drop probability, a 0-dim tensor computed from the logit (never a stale copy).
+
+        Computed in at least fp32: in fp16/bf16, ``1 - eps`` rounds to 1 (a frozen ``nn.Dropout(p=1)``).
+        """
+        theta = self.p_logit.to(_compute_dtype(self.p_logit.dtype))
+        return torch.sigmoid(clamped_logit(theta, self.eps))
 
     @property
     def active(self) -> bool:

@@ -1,0 +1,46 @@
+"""One-call conversion of timm models: ``cd_convert.timm.create_model(name, ...)``.
+
+timm is an optional dependency (``pip install cd_convert[timm]``). ``cd_convert.convert`` already uses
+timm's own notrace lists for any timm model; this module adds the one-call constructor.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch.nn as nn
+
+from .convert import convert
+
+_CONVERT_KEYS = (
+    "exclude", "dataset_size", "length_scale", "loss", "tau", "weight_regularizer", "dropout_regularizer",
+    "init_p", "temperature", "channel_temperature", "include_zero_rate", "fused_attention", "leaf_modules",
+    "autowrap_functions", "example_inputs",
+)
+
+
+def create_model(name: str, *, targets: Optional[Any] = None, **kwargs: Any) -> nn.Module:
+    """Create a timm model and convert it in one call.
+
+    Args:
+        name: a timm model name (``timm.list_models()``).
+        targets: as for :func:`cd_convert.convert` (None: every dropout site).
+        **kwargs: :func:`cd_convert.convert` keywords (``dataset_size``, ``length_scale``, ``loss``,
+            ``include_zero_rate``, ``fused_attention``, ...); everything else goes to ``timm.create_model``
+            (``pretrained``, ``num_classes``, ``drop_rate``, ``features_only``, ...).
+
+    Returns:
+        The converted model, still an instance of the timm class.
+
+    Note:
+        timm models default to ``drop_rate=0``. Head dropout written as ``if self.drop_rate: F.dropout(...)``
+        only exists when ``drop_rate > 0``, so pass e.g. ``drop_rate=0.1`` to get a learned head rate.
+        Rate-0 ``nn.Dropout`` modules (ViT blocks) become learned sites starting at ``init_p`` unless
+        ``include_zero_rate=False``.
+    """
+    try:
+        import timm
+    except ImportError as err:  # pragma: no cover - exercised only without the extra
+        raise ImportError("cd_convert.timm needs timm: pip install 'cd_convert[timm]'") from err
+    convert_kwargs = {k: kwargs.pop(k) for k in _CONVERT_KEYS if k in kwargs}
+    model = timm.create_model(name, **kwargs)
+    return convert(model, targets, inplace=True, **convert_kwargs)

@@ -1,0 +1,212 @@
+"""Tests for cd_convert.collector: regularization() against the hand formula of the reference doc,
+computed at call time, in fp32, on wrappers; dropout_rates; set_regularizer."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import cd_convert as cd
+from cd_convert.collector import COLLECTOR_ATTR, get_collector
+
+
+def _mlp(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.2),
+        nn.Linear(8, 6), nn.ReLU(), nn.Dropout(0.3),
+        nn.Linear(6, 2),
+    ).to(dtype)
+
+
+def _hand(pairs, wr, dr):
+    """sum over (W, p, K) of wr*||W||^2/(1-p) + dr*K*(p log p + (1-p) log(1-p)), in float64."""
+    total = 0.0
+    for w, p, k in pairs:
+        sq = float(w.detach().double().pow(2).sum())
+        total += wr * sq / (1 - p) + dr * k * (p * math.log(p) + (1 - p) * math.log(1 - p))
+    return total
+
+
+def test_dropout_modules_hand_formula():
+    model = cd.convert(_mlp(), dataset_size=100, length_scale=0.5)
+    wr, dr = 0.25 / 200, 1 / 100
+    rates = cd.dropout_rates(model)
+    assert set(rates) == {"2", "5"}
+    expected = _hand([(model[3].weight, rates["2"], 8), (model[6].weight, rates["5"], 6)], wr, dr)
+    reg = cd.regularization(model)
+    assert reg.dim() == 0 and reg.dtype == torch.float32
+    assert reg.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_targets_linear_hand_formula():
+    model = cd.convert(_mlp(), targets=[nn.Linear], dataset_size=20, loss="heteroscedastic", length_scale=0.1)
+    wr, dr = 0.01 / 20, 2 / 20
+    rates = cd.dropout_rates(model)
+    assert set(rates) == {"0.concrete_dropout", "3.concrete_dropout", "6.concrete_dropout"}
+    # the site sits on the input of each Linear: its own weight consumes it, K = in_features
+    pairs = [(model[0].weight, rates["0.concrete_dropout"], 4),
+             (model[3].weight, rates["3.concrete_dropout"], 8),
+             (model[6].weight, rates["6.concrete_dropout"], 6)]
+    assert cd.regularization(model).item() == pytest.approx(_hand(pairs, wr, dr), rel=1e-5)
+
+
+def test_bias_not_part_of_w():
+    model = cd.convert(_mlp(), dataset_size=100)
+    before = cd.regularization(model).item()
+    with torch.no_grad():
+        model[3].bias.add_(10.0)
+        model[6].bias.add_(10.0)
+    assert cd.regularization(model).item() == before
+
+
+def test_computed_at_call_time_without_forward():
+    model = cd.convert(_mlp(), dataset_size=100)
+    r0 = cd.regularization(model).item()
+    with torch.no_grad():
+        model[3].weight.mul_(2.0)
+    r1 = cd.regularization(model).item()
+    assert r1 != r0
+    rates = cd.dropout_rates(model)
+    assert r1 == pytest.approx(_hand([(model[3].weight, rates["2"], 8), (model[6].weight, rates["5"], 6)],
+                                     1e-4 / 200, 1 / 100), rel=1e-5)
+    with torch.no_grad():
+        model[2].p_logit.fill_(0.0)  # p = 0.5
+    r2 = cd.regularization(model).item()
+    assert r2 != r1
+    assert cd.dropout_rates(model)["2"] == pytest.approx(0.5)
+    assert r2 == pytest.approx(_hand([(model[3].weight, 0.5, 8), (model[6].weight, rates["5"], 6)],
+                                     1e-4 / 200, 1 / 100), rel=1e-5)
+
+
+def test_gradient_reaches_p_logits_and_consumer_weights():
+    model = cd.convert(_mlp(), dataset_size=100)
+    cd.regularization(model).backward()
+    assert model[2].p_logit.grad is not None and model[2].p_logit.grad.item() != 0
+    assert model[5].p_logit.grad is not None
+    assert model[3].weight.grad is not None and model[3].weight.grad.abs().sum() > 0
+    assert model[0].weight.grad is None  # not a consumer
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_fp32_for_other_dtypes(dtype):
+    model = cd.convert(_mlp(dtype), dataset_size=100)
+    assert model[2].p_logit.dtype == dtype
+    reg = cd.regularization(model)
+    assert reg.dtype == torch.float32 and torch.isfinite(reg)
+    rates = cd.dropout_rates(model)
+    expected = _hand([(model[3].weight, rates["2"], 8), (model[6].weight, rates["5"], 6)], 1e-4 / 200, 1 / 100)
+    assert reg.item() == pytest.approx(expected, rel=1e-2 if dtype != torch.float64 else 1e-5)
+
+
+def test_zero_when_no_collector():
+    reg = cd.regularization(nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
+    assert reg.dtype == torch.float32 and reg.dim() == 0 and reg.item() == 0.0
+    reg64 = cd.regularization(nn.Linear(3, 3).double())
+    assert reg64.dtype == torch.float32 and reg64.item() == 0.0
+    assert cd.regularization(nn.ReLU()).item() == 0.0  # no parameters at all
+
+
+def test_zero_when_collector_has_no_sites():
+    model = cd.convert(_mlp(), dataset_size=10)
+    get_collector(model).applications.clear()
+    reg = cd.regularization(model)
+    assert reg.dtype == torch.float32 and reg.item() == 0.0
+
+
+def test_missing_dataset_size_raises():
+    model = cd.convert(_mlp())
+    with pytest.raises(RuntimeError, match="dataset_size"):
+        cd.regularization(model)
+
+
+def test_set_regularizer_changes_value():
+    model = cd.convert(_mlp())
+    cd.set_regularizer(model, dataset_size=100)
+    r100 = cd.regularization(model).item()
+    cd.set_regularizer(model, dataset_size=10)
+    r10 = cd.regularization(model).item()
+    assert r10 == pytest.approx(10 * r100, rel=1e-5)  # both terms scale as 1/N
+    cd.set_regularizer(model, weight_regularizer=0.0, dropout_regularizer=1.0)
+    rates = cd.dropout_rates(model)
+    assert cd.regularization(model).item() == pytest.approx(
+        _hand([(model[3].weight, rates["2"], 8), (model[6].weight, rates["5"], 6)], 0.0, 1.0), rel=1e-5)
+    with pytest.raises(ValueError, match="needs dataset_size"):
+        cd.set_regularizer(model)
+    with pytest.raises(ValueError, match="dataset_size must be a positive"):
+        cd.set_regularizer(model, dataset_size=-3)
+
+
+def test_set_regularizer_on_unconverted_model_refused():
+    with pytest.raises(cd.ConversionError, match="has not been converted"):
+        cd.set_regularizer(_mlp(), dataset_size=10)
+
+
+def test_dropout_rates_floats_keyed_by_site_name():
+    model = cd.convert(_mlp(), dataset_size=100)
+    rates = cd.dropout_rates(model)
+    assert rates == pytest.approx({"2": 0.2, "5": 0.3}, rel=1e-5)
+    assert all(type(v) is float for v in rates.values())
+    with torch.no_grad():
+        model[5].p_logit.fill_(0.0)
+    assert cd.dropout_rates(model)["5"] == 0.5
+    assert cd.dropout_rates(nn.Linear(2, 2)) == {}
+
+
+def test_wrapper_equals_converted_model():
+    model = cd.convert(_mlp(), dataset_size=100)
+    wrapper = nn.Sequential(model)
+    assert torch.equal(cd.regularization(wrapper), cd.regularization(model))
+    assert cd.dropout_rates(wrapper) == {"0." + k: v for k, v in cd.dropout_rates(model).items()}
+    # two converted models inside one container: the sum
+    other = cd.convert(_mlp(), targets=[nn.Linear], dataset_size=50)
+    both = nn.ModuleDict({"a": model, "b": other})
+    assert cd.regularization(both).item() == pytest.approx(
+        cd.regularization(model).item() + cd.regularization(other).item(), rel=1e-6)
+    cd.set_regularizer(both, dataset_size=1000)
+    assert get_collector(model).scale.dropout_regularizer == pytest.approx(1e-3)
+    assert get_collector(other).scale.dropout_regularizer == pytest.approx(1e-3)
+
+
+def test_collector_is_not_a_submodule_and_adds_no_state():
+    model = cd.convert(_mlp(), dataset_size=100)
+    assert COLLECTOR_ATTR in model.__dict__
+    assert all(not k.startswith(COLLECTOR_ATTR) for k in model.state_dict())
+    assert all(not n.startswith(COLLECTOR_ATTR) for n, _ in model.named_modules())
+
+
+class _Tied(nn.Module):
+    """Two Linear layers sharing one weight, each behind its own dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(5, 5)
+        self.d1 = nn.Dropout(0.2)
+        self.a = nn.Linear(5, 5)
+        self.d2 = nn.Dropout(0.4)
+        self.b = nn.Linear(5, 5)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(self.d2(torch.relu(self.a(self.d1(torch.relu(self.inp(x)))))))
+
+
+def test_weight_tying_observed_behaviour():
+    torch.manual_seed(1)
+    model = cd.convert(_Tied(), dataset_size=100)
+    rates = cd.dropout_rates(model)
+    assert set(rates) == {"d1", "d2"}
+    apps = get_collector(model).applications
+    # Observed: each site gets its own application naming the consumer by its own path ("a.weight" for
+    # d1, "b.weight" for d2; both resolve to the same tied tensor), so ||W||^2 of the shared weight is
+    # counted once per site, each divided by its own (1 - p) -- the paper's per-layer KL with each use of
+    # the weight treated as its own layer (the shared W is pulled twice as hard as an untied one).
+    by_site = {a.site: a for a in apps}
+    assert by_site["d1"].consumer_weights == ("a.weight",)
+    assert by_site["d2"].consumer_weights == ("b.weight",)
+    assert model.b.weight is model.a.weight
+    w = model.a.weight
+    expected = _hand([(w, rates["d1"], 5), (w, rates["d2"], 5)], 1e-4 / 200, 1 / 100)
+    assert cd.regularization(model).item() == pytest.approx(expected, rel=1e-5)

@@ -1,0 +1,510 @@
+"""Basic tests for cd_convert.convert / unconvert / freeze / set_regularizer: what a user of torch.nn
+expects of a converted model (eval equality, state_dict keys, copies, devices, refusals)."""
+from __future__ import annotations
+
+import copy
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import cd_convert as cd
+from cd_convert.collector import COLLECTOR_ATTR, get_collector
+from cd_convert.layers import ConcreteDropout, ConcreteDropout1d, ConcreteDropout2d, ConcreteDropout3d
+
+
+# --------------------------------------------------------------------------- models
+
+
+class MLP(nn.Module):
+    def __init__(self, p1=0.2, p2=0.3):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 16)
+        self.drop1 = nn.Dropout(p1)
+        self.fc2 = nn.Linear(16, 16)
+        self.drop2 = nn.Dropout(p2)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.drop1(torch.relu(self.fc1(x)))
+        x = self.drop2(torch.relu(self.fc2(x)))
+        return self.head(x)
+
+    def extra_method(self):
+        return "kept"
+
+
+class CNN2d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.drop1 = nn.Dropout2d(0.25)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop2 = nn.Dropout(0.5)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.drop1(torch.relu(self.conv1(x)))
+        x = torch.relu(self.conv2(x))
+        x = self.pool(x).flatten(1)
+        return self.fc(self.drop2(x))
+
+
+class CNN1d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv1d(3, 6, 3, padding=1)
+        self.drop = nn.Dropout1d(0.2)
+        self.conv2 = nn.Conv1d(6, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(self.drop(torch.relu(self.conv1(x))))
+
+
+class CNN3d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv3d(2, 4, 3, padding=1)
+        self.drop = nn.Dropout3d(0.15)
+        self.conv2 = nn.Conv3d(4, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(self.drop(torch.relu(self.conv1(x))))
+
+
+MODELS = [
+    (MLP, (5, 6), {"drop1": ConcreteDropout, "drop2": ConcreteDropout}),
+    (CNN2d, (2, 3, 8, 8), {"drop1": ConcreteDropout2d, "drop2": ConcreteDropout}),
+    (CNN1d, (2, 3, 10), {"drop": ConcreteDropout1d}),
+    (CNN3d, (2, 2, 4, 4, 4), {"drop": ConcreteDropout3d}),
+]
+
+
+def _sd_equal(a, b):
+    return list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- eval equality, types
+
+
+@pytest.mark.parametrize("cls,shape,expected", MODELS)
+def test_eval_output_equal_to_original(cls, shape, expected):
+    torch.manual_seed(0)
+    model = cls().eval()
+    x = torch.randn(shape)
+    ref = model(x)
+    converted = cd.convert(model, dataset_size=100)
+    assert not converted.training
+    assert torch.equal(converted(x), ref)
+    for name, site_type in expected.items():
+        assert type(converted.get_submodule(name)) is site_type
+
+
+@pytest.mark.parametrize("cls,shape,expected", MODELS)
+def test_learned_rate_starts_at_original_p(cls, shape, expected):
+    model = cls()
+    converted = cd.convert(model, dataset_size=100)
+    rates = cd.dropout_rates(converted)
+    for name in expected:
+        assert rates[name] == pytest.approx(model.get_submodule(name).p, rel=1e-5)
+
+
+def test_zero_rate_starts_at_init_p():
+    model = MLP(p1=0.0, p2=0.3)
+    converted = cd.convert(model, dataset_size=100, init_p=0.05)
+    rates = cd.dropout_rates(converted)
+    assert rates["drop1"] == pytest.approx(0.05, rel=1e-5)
+    assert rates["drop2"] == pytest.approx(0.3, rel=1e-5)
+    default = cd.dropout_rates(cd.convert(model, dataset_size=100))
+    assert default["drop1"] == pytest.approx(0.1, rel=1e-5)
+
+
+def test_targets_linear_elementwise():
+    model = CNN2d()
+    converted = cd.convert(model, targets=[nn.Linear], dataset_size=100, init_p=0.2)
+    site = converted.fc.concrete_dropout
+    assert type(site) is ConcreteDropout and not site.channelwise
+    assert cd.dropout_rates(converted) == pytest.approx({"fc.concrete_dropout": 0.2}, rel=1e-5)
+    # the original dropout modules are left alone
+    assert type(converted.drop1) is nn.Dropout2d and type(converted.drop2) is nn.Dropout
+
+
+def test_targets_conv2d_channelwise():
+    torch.manual_seed(1)
+    model = CNN2d().eval()
+    x = torch.randn(2, 3, 8, 8)
+    ref = model(x)
+    converted = cd.convert(model, targets=[nn.Conv2d], dataset_size=100)
+    assert set(cd.dropout_rates(converted)) == {"conv1.concrete_dropout", "conv2.concrete_dropout"}
+    assert type(converted.conv1.concrete_dropout) is ConcreteDropout2d
+    assert converted.conv1.concrete_dropout.temperature == pytest.approx(2 / 3)
+    assert torch.equal(converted(x), ref)  # eval: identity in front of the convs
+    # K = in_channels for the channel-wise input site
+    apps = {a.site: a for a in get_collector(converted).applications}
+    assert apps["conv1.concrete_dropout"].units == 3
+    assert apps["conv2.concrete_dropout"].consumer_weights == ("conv2.weight",)
+    # in training the mask on conv2's input is constant over space: check through a forward hook
+    converted.train()
+    seen = {}
+    converted.conv2.concrete_dropout.register_forward_hook(lambda m, i, o: seen.update(i=i[0], o=o))
+    converted(x)
+    ratio = seen["o"] / torch.where(seen["i"] == 0, torch.ones_like(seen["i"]), seen["i"])
+    nz = seen["i"] != 0
+    for b in range(2):
+        for c in range(8):
+            vals = ratio[b, c][nz[b, c]]
+            if vals.numel():
+                assert torch.allclose(vals, vals[0].expand_as(vals), rtol=1e-5)
+
+
+def test_subclass_of_linear_matched():
+    class MyLinear(nn.Linear):
+        pass
+
+    model = nn.Sequential(MyLinear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    converted = cd.convert(model, targets=[nn.Linear], dataset_size=10)
+    assert type(converted[0]) is MyLinear
+    assert isinstance(converted[0].concrete_dropout, ConcreteDropout)
+    assert set(cd.dropout_rates(converted)) == {"0.concrete_dropout", "2.concrete_dropout"}
+
+
+def test_class_methods_and_state_dict_keys_kept():
+    model = MLP()
+    converted = cd.convert(model, dataset_size=100)
+    assert type(converted) is type(model)
+    assert converted.extra_method() == "kept"
+    orig_keys = set(model.state_dict())
+    new_keys = set(converted.state_dict())
+    assert orig_keys <= new_keys
+    added = new_keys - orig_keys
+    assert added == {"drop1.p_logit", "drop2.p_logit"}
+    assert all(k.endswith(".p_logit") for k in added)
+    converted_t = cd.convert(model, targets=[nn.Linear], dataset_size=100)
+    added_t = set(converted_t.state_dict()) - orig_keys
+    assert added_t == {"fc1.concrete_dropout.p_logit", "fc2.concrete_dropout.p_logit",
+                       "head.concrete_dropout.p_logit"}
+
+
+def test_inplace_false_leaves_original_untouched():
+    model = MLP()
+    sd = copy.deepcopy(model.state_dict())
+    types = [(n, type(m)) for n, m in model.named_modules()]
+    converted = cd.convert(model, dataset_size=100)
+    assert converted is not model
+    assert _sd_equal(model.state_dict(), sd)
+    assert [(n, type(m)) for n, m in model.named_modules()] == types
+    assert get_collector(model) is None
+    # the converted copy does not share parameters with the original
+    assert converted.fc1.weight is not model.fc1.weight
+    cd.convert(model, targets=[nn.Linear], dataset_size=100)
+    assert [(n, type(m)) for n, m in model.named_modules()] == types
+
+
+def test_inplace_true_returns_same_object():
+    model = MLP()
+    converted = cd.convert(model, dataset_size=100, inplace=True)
+    assert converted is model
+    assert type(model.drop1) is ConcreteDropout
+
+
+def test_dtype_device_preserved():
+    model = MLP().double()
+    converted = cd.convert(model, dataset_size=100)
+    assert converted.drop1.p_logit.dtype == torch.float64
+    assert converted.drop1.p_logit.device == model.fc1.weight.device
+    x = torch.randn(3, 6, dtype=torch.float64)
+    assert converted(x).dtype == torch.float64
+    conv_t = cd.convert(model, targets=[nn.Linear], dataset_size=100)
+    assert conv_t.fc1.concrete_dropout.p_logit.dtype == torch.float64
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_train_eval_mode_preserved(training):
+    model = MLP().train(training)
+    converted = cd.convert(model, dataset_size=100)
+    assert converted.training == training
+    assert all(m.training == training for m in converted.modules())
+    conv_t = cd.convert(model, targets=[nn.Linear], dataset_size=100)
+    assert all(m.training == training for m in conv_t.modules())
+
+
+def test_mixed_mode_site_follows_replaced_module():
+    model = MLP().train()
+    model.drop2.eval()
+    converted = cd.convert(model, dataset_size=100)
+    assert converted.drop1.training and not converted.drop2.training
+
+
+@pytest.mark.parametrize("targets", [None, [nn.Linear]])
+def test_every_added_parameter_gets_gradient_from_data_loss(targets):
+    torch.manual_seed(2)
+    model = cd.convert(MLP(), targets=targets, dataset_size=100)
+    model.train()
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    added = [(n, p) for n, p in model.named_parameters() if n.endswith("p_logit")]
+    assert added
+    for name, p in added:
+        assert p.grad is not None, name
+        assert p.grad.item() != 0.0, name
+
+
+def test_state_dict_round_trip_strict():
+    torch.manual_seed(3)
+    a = cd.convert(MLP(), dataset_size=100)
+    with torch.no_grad():
+        a.drop1.p_logit.fill_(-1.234)
+    b = cd.convert(MLP(), dataset_size=100)
+    b.load_state_dict(a.state_dict(), strict=True)
+    assert _sd_equal(a.state_dict(), b.state_dict())
+    assert cd.dropout_rates(b) == cd.dropout_rates(a)
+    at = cd.convert(MLP(), targets=[nn.Linear], dataset_size=100)
+    bt = cd.convert(MLP(), targets=[nn.Linear], dataset_size=100)
+    bt.load_state_dict(at.state_dict(), strict=True)
+    assert _sd_equal(at.state_dict(), bt.state_dict())
+
+
+@pytest.mark.parametrize("targets", [None, [nn.Linear]])
+def test_original_checkpoint_loads_with_missing_p_logits(targets):
+    original = MLP()
+    converted = cd.convert(MLP(), targets=targets, dataset_size=100)
+    result = converted.load_state_dict(original.state_dict(), strict=False)
+    assert result.unexpected_keys == []
+    expected_missing = {k for k in converted.state_dict() if k.endswith("p_logit")}
+    assert set(result.missing_keys) == expected_missing and expected_missing
+    assert torch.equal(converted.fc1.weight, original.fc1.weight)
+
+
+@pytest.mark.parametrize("targets", [None, [nn.Linear]])
+def test_deepcopy_and_torch_save_load(targets, tmp_path):
+    torch.manual_seed(4)
+    model = cd.convert(MLP(), targets=targets, dataset_size=100)
+    reg = cd.regularization(model)
+    dup = copy.deepcopy(model)
+    assert get_collector(dup) is not None and get_collector(dup) is not get_collector(model)
+    assert torch.equal(cd.regularization(dup), reg)
+    with torch.no_grad():
+        dup.fc2.weight.mul_(3)
+    assert not torch.equal(cd.regularization(dup), reg)  # the copy reads its own parameters
+    assert torch.equal(cd.regularization(model), reg)
+    path = tmp_path / "m.pt"
+    torch.save(model, path)
+    loaded = torch.load(path, weights_only=False)
+    assert type(loaded) is MLP
+    assert torch.equal(cd.regularization(loaded), reg)
+    assert cd.dropout_rates(loaded) == cd.dropout_rates(model)
+    x = torch.randn(4, 6)
+    loaded.eval(), model.eval()
+    assert torch.equal(loaded(x), model(x))
+    # training still works on the loaded copy
+    loaded.train()
+    (loaded(x).sum() + cd.regularization(loaded)).backward()
+    assert all(p.grad is not None for n, p in loaded.named_parameters() if n.endswith("p_logit"))
+
+
+@pytest.mark.parametrize("targets", [None, [nn.Linear], [nn.Conv2d]])
+def test_unconvert_restores_keys_and_types(targets):
+    model = CNN2d()
+    types = [(n, type(m)) for n, m in model.named_modules()]
+    sd = copy.deepcopy(model.state_dict())
+    converted = cd.convert(model, targets=targets, dataset_size=100)
+    back = cd.unconvert(converted)
+    assert back is converted
+    assert [(n, type(m)) for n, m in back.named_modules()] == types
+    assert list(back.state_dict()) == list(sd)
+    assert _sd_equal(back.state_dict(), sd)
+    assert COLLECTOR_ATTR not in back.__dict__
+    assert back.drop1.p == 0.25
+    x = torch.randn(2, 3, 8, 8)
+    model.eval(), back.eval()
+    assert torch.equal(back(x), model(x))
+
+
+def test_unconvert_unconverted_refused():
+    with pytest.raises(cd.ConversionError, match="has not been converted"):
+        cd.unconvert(MLP())
+
+
+def _only_torch_nn(model):
+    for m in model.modules():
+        assert type(m).__module__.startswith("torch.nn") or isinstance(m, (MLP, CNN2d)), type(m)
+        assert "cd_convert" not in type(m).__module__
+        assert COLLECTOR_ATTR not in m.__dict__
+        for hook in list(m._forward_pre_hooks.values()) + list(m._forward_hooks.values()):
+            assert "cd_convert" not in getattr(hook, "__module__", "") and "cd_convert" not in type(hook).__module__
+
+
+@pytest.mark.parametrize("targets", [None, [nn.Linear]])
+def test_freeze_plain_torch_with_learned_rates(targets):
+    torch.manual_seed(5)
+    model = cd.convert(MLP(), targets=targets, dataset_size=100)
+    sites = list(cd.dropout_rates(model))
+    with torch.no_grad():
+        for name in sites:
+            model.get_submodule(name).p_logit.fill_(-0.5)  # p = sigmoid(-0.5)
+    learned = cd.dropout_rates(model)
+    frozen = cd.freeze(model)
+    assert frozen is not model and get_collector(model) is not None
+    _only_torch_nn(frozen)
+    dropouts = [m for m in frozen.modules() if isinstance(m, nn.Dropout)]
+    assert len(dropouts) == len(sites)
+    for m in dropouts:
+        assert m.p == pytest.approx(learned[sites[0]], rel=1e-6)
+    assert not any(k.endswith("p_logit") for k in frozen.state_dict())
+    x = torch.randn(3, 6)
+    frozen.eval(), model.eval()
+    torch.testing.assert_close(frozen(x), model(x))
+
+
+def test_freeze_loads_without_cd_convert(tmp_path):
+    torch.manual_seed(6)
+    model = cd.convert(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 2)),
+                       dataset_size=100)
+    with torch.no_grad():
+        model[2].p_logit.fill_(0.0)
+    frozen = cd.freeze(model).eval()
+    x = torch.randn(3, 4)
+    path = tmp_path / "frozen.pt"
+    torch.save({"model": frozen, "x": x, "y": frozen(x)}, path)
+    code = (
+        "import sys; sys.modules['cd_convert'] = None\n"
+        "import torch\n"
+        f"d = torch.load({str(path)!r}, weights_only=False)\n"
+        "m = d['model']\n"
+        "assert all(type(s).__module__.startswith('torch.nn') for s in m.modules()), [type(s) for s in m.modules()]\n"
+        "assert abs(m[2].p - 0.5) < 1e-6, m[2].p\n"
+        "assert torch.equal(m(d['x']), d['y'])\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=str(tmp_path), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+
+
+def test_freeze_unconverted_refused():
+    with pytest.raises(cd.ConversionError, match="has not been converted"):
+        cd.freeze(MLP())
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def _snapshot(model):
+    return ([(n, type(m)) for n, m in model.named_modules()], copy.deepcopy(model.state_dict()),
+            dict(model.__dict__).keys())
+
+
+def _assert_unchanged(model, snap):
+    types, sd, attrs = snap
+    assert [(n, type(m)) for n, m in model.named_modules()] == types
+    assert _sd_equal(model.state_dict(), sd)
+    assert get_collector(model) is None
+    assert model.__dict__.keys() == attrs
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"targets": [int]}, cd.TargetError, "not a torch.nn.Module subclass"),
+    ({"targets": [3]}, cd.TargetError, "is not understood"),
+    ({"targets": [nn.LSTM]}, cd.TargetError, "LSTM is not supported: recurrent layers"),
+    ({"targets": [nn.Conv3d]}, cd.TargetError, r"matched nothing.*fc1 \(Linear\)"),
+    ({"targets": []}, cd.TargetError, "is empty"),
+    ({"init_p": 0.0}, ValueError, r"strictly inside \(0, 1\)"),
+    ({"init_p": 1.0}, ValueError, r"strictly inside \(0, 1\)"),
+    ({"init_p": (0.3, 0.1)}, ValueError, "low <= high"),
+    ({"temperature": 0.0}, ValueError, "temperature must be > 0"),
+    ({"temperature": -1.0}, ValueError, "temperature must be > 0"),
+    ({"channel_temperature": float("nan")}, ValueError, "temperature must be > 0"),
+    ({"dataset_size": -5}, ValueError, "dataset_size must be a positive"),
+    ({"dataset_size": 0}, ValueError, "dataset_size must be a positive"),
+    ({"loss": "mse"}, ValueError, "needs tau"),
+])
+def test_refusals_before_anything_changes(kwargs, exc, match):
+    model = MLP()
+    snap = _snapshot(model)
+    ctx = pytest.warns(UserWarning) if kwargs.get("targets") == [nn.Conv3d] else _null()
+    with ctx:
+        with pytest.raises(exc, match=match):
+            cd.convert(model, inplace=True, **kwargs)
+    _assert_unchanged(model, snap)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def test_nothing_matched_lists_what_model_has():
+    with pytest.warns(UserWarning, match="matched no dropout site"):
+        with pytest.raises(cd.TargetError) as info:
+            cd.convert(MLP(), targets=[nn.Conv2d])
+    text = str(info.value)
+    assert "drop1" in text and "drop2" in text
+    assert "fc1 (Linear)" in text and "head (Linear)" in text
+
+
+def test_convert_non_module_refused():
+    with pytest.raises(cd.ConversionError, match="expects a torch.nn.Module"):
+        cd.convert(lambda x: x)
+
+
+@pytest.mark.parametrize("targets", [None, [nn.Linear]])
+def test_converting_twice_adds_nothing(targets):
+    once = cd.convert(MLP(), targets=targets, dataset_size=100)
+    keys = list(once.state_dict())
+    n_sites = len(cd.dropout_rates(once))
+    n_modules = len(list(once.modules()))
+    twice = cd.convert(once, targets=targets)
+    assert list(twice.state_dict()) == keys
+    assert len(cd.dropout_rates(twice)) == n_sites
+    assert len(list(twice.modules())) == n_modules
+    assert len(get_collector(twice).applications) == len(get_collector(once).applications)
+    # the scale survives a second convert without dataset_size
+    assert torch.equal(cd.regularization(twice), cd.regularization(once))
+    thrice = cd.convert(twice, targets=targets, inplace=True)
+    assert list(thrice.state_dict()) == keys
+    # unconvert after converting twice still restores the original
+    assert [type(m) for m in cd.unconvert(thrice).modules()] == [type(m) for m in MLP().modules()]
+
+
+def test_convert_then_set_regularizer():
+    model = cd.convert(MLP())
+    with pytest.raises(RuntimeError, match="dataset_size"):
+        cd.regularization(model)
+    cd.set_regularizer(model, dataset_size=1000, loss="mse", tau=2.0)
+    scale = get_collector(model).scale
+    assert scale.weight_regularizer == pytest.approx(1e-4 / 2000)
+    assert scale.dropout_regularizer == pytest.approx(2 / 2000)
+
+
+# --------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("targets", [None, [nn.Linear]])
+def test_p_moves_under_strong_regulariser(targets):
+    torch.manual_seed(7)
+    model = cd.convert(MLP(), targets=targets, dataset_size=2, length_scale=1e-2)
+    start = cd.dropout_rates(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    for _ in range(60):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y) + cd.regularization(model)
+        loss.backward()
+        opt.step()
+    end = cd.dropout_rates(model)
+    for name in start:
+        assert abs(end[name] - start[name]) > 0.05, (name, start[name], end[name])
+    # with N = 2 the entropy term dominates: rates are pulled up towards 0.5
+    assert all(end[n] > start[n] for n in start)

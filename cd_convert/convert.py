@@ -29,6 +29,7 @@ from .layers import (
     validate_temperature,
 )
 from .prior import DEFAULT_LENGTH_SCALE, resolve_scale, validate_dataset_size
+from .interception import interceptors
 from .report import Report, SiteRow
 from .targets import Matcher, first_match, is_dropout_module, is_targetable, parse_targets
 
@@ -188,6 +189,20 @@ def _build_plan(
             rows.append(SiteRow(label, found.kind, "unsupported", f"{found.function} in {label}", found.p,
                                 found_by=found.found_by, notes=["the call could not be attributed to a method; it keeps its fixed rate"]))
             continue
+        routed = interceptors(owner).get(found.method)
+        existing_child = None
+        if routed is not None:
+            existing_child = routed.catch_all if is_mha else routed.routes.get(found.key)
+        if existing_child is not None:  # converted before: keep the site, refresh its consumer
+            name = f"{found.owner}.{existing_child}" if found.owner else existing_child
+            row = SiteRow(name, found.kind, "existing", f"{found.function or found.fused_op} in {label}", found.p,
+                          found_by=found.found_by, called=found.called)
+            entry = _PlannedSite(row, found.site_type, options.init_p, None, None, existing=True)
+            entry.applications.append((found.consumer, found.units_hint))
+            _note_consumer(row, found)
+            planned[name] = entry
+            rows.append(row)
+            continue
         base = f"{found.method}_attn_dropout" if found.kind == "fused" else f"{found.method}_dropout"
         count = reserved.get((found.owner, base), 0)
         reserved[(found.owner, base)] = count + 1
@@ -236,17 +251,24 @@ def _build_plan(
                 continue
             used_entries[id(match)] = True
             site_name = f"{name}.{INPUT_SITE_CHILD}"
-            if isinstance(getattr(module, INPUT_SITE_CHILD, None), ConcreteDropoutBase):
-                continue  # already converted: idempotent
-            called = _layer_called(model, name, discovery)
+            units = module.in_features if isinstance(module, nn.Linear) else module.in_channels
+            consumer = ConsumerInfo((name,), (f"{name}.weight",), units)
             original = _layer_text(module)
+            existing_site = getattr(module, INPUT_SITE_CHILD, None)
+            if isinstance(existing_site, ConcreteDropoutBase):  # already converted: keep it, add nothing
+                row = SiteRow(site_name, "targeted", "existing", original, consumer=_consumer_text(consumer),
+                              found_by="targets", called=True)
+                entry = _PlannedSite(row, type(existing_site), options.init_p, None, None, existing=True)
+                entry.applications.append((consumer, None))
+                planned[site_name] = entry
+                rows.append(row)
+                continue
+            called = _layer_called(model, name, discovery)
             if called is False:
                 rows.append(SiteRow(name, "-", "not called", original, found_by="targets", called=False,
                                     notes=[_not_called_reason(model, name)]))
                 continue
             site_type = next((t for k, t in _INPUT_SITE_TYPES.items() if isinstance(module, k)), ConcreteDropout)
-            units = module.in_features if isinstance(module, nn.Linear) else module.in_channels
-            consumer = ConsumerInfo((name,), (f"{name}.weight",), units)
             row = SiteRow(site_name, "targeted", "planned", original, None, consumer=_consumer_text(consumer),
                           found_by="targets", called=called)
             entry = _PlannedSite(row, site_type, options.init_p, _temperature_for(site_type, options),

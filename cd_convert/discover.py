@@ -213,7 +213,10 @@ class SiteTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, ConcreteDropoutBase) or isinstance(m, DROPOUT_TYPES):
             leaf = True
-        elif isinstance(m, (nn.MultiheadAttention, nn.RNNBase)) or isinstance(m, self.extra_leaves):
+        elif isinstance(m, (nn.MultiheadAttention, nn.RNNBase, nn.Linear, nn.modules.conv._ConvNd)) or isinstance(
+            m, self.extra_leaves
+        ):
+            # Weight layers (subclasses included) stay single nodes so that they can be seen as consumers.
             leaf = True
         else:
             leaf = super().is_leaf_module(m, module_qualified_name)
@@ -392,6 +395,10 @@ def trace_graph(model: nn.Module, leaf_modules: Sequence[type], autowrap_functio
         The graph and the tracer (which knows the leaf modules that have children).
     """
     modes = {m: m.training for m in model.modules()}
+    # A converted model's routed methods are set aside so the trace sees the original dropout calls.
+    from .interception import INTERCEPTOR_ATTR
+
+    routed = {m: {name: m.__dict__.pop(name) for name in m.__dict__.get(INTERCEPTOR_ATTR, {})} for m in model.modules()}
     tracer = SiteTracer(leaf_modules, autowrap_functions)
     try:
         model.train()
@@ -399,6 +406,8 @@ def trace_graph(model: nn.Module, leaf_modules: Sequence[type], autowrap_functio
     finally:
         for module, mode in modes.items():
             module.training = mode
+        for module, methods in routed.items():
+            module.__dict__.update(methods)
     return graph, tracer
 
 

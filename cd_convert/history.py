@@ -17,6 +17,7 @@ import math
 import os
 from typing import Any, Dict, List, Optional, Union
 
+import torch
 import torch.nn as nn
 
 from .collector import dropout_rates
@@ -71,7 +72,7 @@ class RateLogger:
             epoch: the x-value of this record (epoch, or a fractional epoch / step); defaults to the
                 number of records so far.
             **scalars: extra values to keep with the record (loss, accuracy, ...); ``epoch`` and
-                ``rates`` are reserved.
+                ``rates`` are reserved. One-element tensors are stored as Python numbers.
 
         Returns:
             The record appended to :attr:`history`.
@@ -82,7 +83,7 @@ class RateLogger:
         record: Dict[str, Any] = {
             "epoch": len(self.history) if epoch is None else epoch,
             "rates": site_rates(self.model),
-            **scalars,
+            **{key: _scalar(value) for key, value in scalars.items()},
         }
         self.history.append(record)
         return record
@@ -144,10 +145,12 @@ class RateLogger:
         return f"RateLogger({len(self.history)} records, {len(self.sites())} sites)"
 
 
-def _cell(value: Any) -> Any:
-    # Tensors from a training loop (loss.detach()) are written as numbers, absent values as empty cells.
-    if value is None:
-        return ""
-    if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
+def _scalar(value: Any) -> Any:
+    # A loss tensor passed as-is would keep its autograd graph (and device memory) alive in the history.
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.item()
     return value
+
+
+def _cell(value: Any) -> Any:
+    return "" if value is None else value

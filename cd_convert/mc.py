@@ -162,7 +162,9 @@ class RegressionPrediction:
     samples: Optional[Tensor] = None
     log_variance_samples: Optional[Tensor] = None
 
-    def test_log_likelihood(self, target: Tensor, noise_variance: Optional[Union[float, Tensor]] = None) -> float:
+    def test_log_likelihood(
+        self, target: Tensor, noise_variance: Optional[Union[float, Tensor]] = None
+    ) -> float:
         """Average MC test log-likelihood ``logsumexp_t log N(y; mu_t, sigma_t^2) - log T``.
 
         Args:
@@ -346,7 +348,8 @@ def mc_predict(
     """
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be an int >= 1, got {samples!r}.")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+    bad_chunk = isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    if chunk_size is not None and bad_chunk:
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}.")
     if task is not None and task not in TASKS:
         raise ValueError(f"task must be None, 'classification' or 'regression', got {task!r}.")
@@ -423,7 +426,7 @@ def _summarise_regression(
     epistemic = mu.var(dim=0, unbiased=False)
     log_variance: Optional[Tensor] = None
     if results[0][1] is not None:
-        log_variance = _stack_passes([_float(lv) for _, lv in results], samples, batch)  # type: ignore[misc]
+        log_variance = _stack_passes([_float(lv) for _, lv in results if lv is not None], samples, batch)
         aleatoric = log_variance.exp().mean(dim=0)
     else:
         aleatoric = torch.zeros_like(mean)

@@ -100,7 +100,7 @@ def reliability_diagram(
 
 
 def _history_series(history: Any) -> "tuple[List[float], Dict[str, List[float]]]":
-    """``(epochs, {site: rates})`` from a RateLogger, its ``history`` records, or a ``{site: rates}`` table."""
+    """``(epochs, {site: rates})`` from a RateLogger, its ``history`` records or a ``{site: rates}`` table."""
     records = getattr(history, "history", history)
     if isinstance(records, Mapping):
         table = {str(name): _to_list(values) for name, values in records.items()}
@@ -244,7 +244,9 @@ def rotated(x: Tensor, degrees: Union[float, Sequence[float], Tensor]) -> Tensor
     theta[:, 1, 1] = cos
     grid = F.affine_grid(theta.to(device=x.device, dtype=_grid_dtype(x.dtype)), list(images.shape),
                          align_corners=False)
-    out = F.grid_sample(images.to(grid.dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out = F.grid_sample(
+        images.to(grid.dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
     return out.to(x.dtype).reshape(original_shape)
 
 

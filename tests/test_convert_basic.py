@@ -162,10 +162,11 @@ def test_targets_conv2d_channelwise():
                 assert torch.allclose(vals, vals[0].expand_as(vals), rtol=1e-5)
 
 
-def test_subclass_of_linear_matched():
-    class MyLinear(nn.Linear):
-        pass
+class MyLinear(nn.Linear):
+    """A user subclass of nn.Linear (module-level, so picklable)."""
 
+
+def test_subclass_of_linear_matched():
     model = nn.Sequential(MyLinear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     converted = cd.convert(model, targets=[nn.Linear], dataset_size=10)
     assert type(converted[0]) is MyLinear
@@ -352,7 +353,18 @@ def test_freeze_plain_torch_with_learned_rates(targets):
     frozen = cd.freeze(model)
     assert frozen is not model and get_collector(model) is not None
     _only_torch_nn(frozen)
-    dropouts = [m for m in frozen.modules() if isinstance(m, nn.Dropout)]
+    if targets is None:
+        dropouts = [frozen.get_submodule(n) for n in sites]
+        assert all(type(m) is nn.Dropout for m in dropouts)
+    else:
+        # a targeted layer fc becomes nn.Sequential(nn.Dropout(p), fc); the original dropouts stay
+        dropouts = []
+        for n in sites:
+            layer = n.rsplit(".", 1)[0]
+            seq = frozen.get_submodule(layer)
+            assert type(seq) is nn.Sequential and type(seq[0]) is nn.Dropout and type(seq[1]) is nn.Linear
+            dropouts.append(seq[0])
+        assert frozen.drop1.p == 0.2 and frozen.drop2.p == 0.3
     assert len(dropouts) == len(sites)
     for m in dropouts:
         assert m.p == pytest.approx(learned[sites[0]], rel=1e-6)
@@ -415,7 +427,7 @@ def _assert_unchanged(model, snap):
     ({"targets": [int]}, cd.TargetError, "not a torch.nn.Module subclass"),
     ({"targets": [3]}, cd.TargetError, "is not understood"),
     ({"targets": [nn.LSTM]}, cd.TargetError, "LSTM is not supported: recurrent layers"),
-    ({"targets": [nn.Conv3d]}, cd.TargetError, r"matched nothing.*fc1 \(Linear\)"),
+    ({"targets": [nn.Conv3d]}, cd.TargetError, r"(?s)matched nothing.*fc1 \(Linear\)"),
     ({"targets": []}, cd.TargetError, "is empty"),
     ({"init_p": 0.0}, ValueError, r"strictly inside \(0, 1\)"),
     ({"init_p": 1.0}, ValueError, r"strictly inside \(0, 1\)"),
@@ -508,3 +520,25 @@ def test_p_moves_under_strong_regulariser(targets):
         assert abs(end[name] - start[name]) > 0.05, (name, start[name], end[name])
     # with N = 2 the entropy term dominates: rates are pulled up towards 0.5
     assert all(end[n] > start[n] for n in start)
+
+
+def test_second_convert_with_more_targets_keeps_earlier_sites_in_regularizer():
+    torch.manual_seed(8)
+    first = cd.convert(MLP(), targets=["fc1"], dataset_size=100)
+    second = cd.convert(first, targets=[nn.Linear])
+    sites = set(cd.dropout_rates(second))
+    assert sites == {"fc1.concrete_dropout", "fc2.concrete_dropout", "head.concrete_dropout"}
+    # every site still in the model must still be regularised (its application kept)
+    regularised = {a.site for a in get_collector(second).applications}
+    assert regularised == sites
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_freeze_half_precision_rate_at_upper_bound_is_below_one(dtype):
+    model = cd.convert(nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2), nn.Linear(8, 2)).to(dtype),
+                       dataset_size=100)
+    with torch.no_grad():
+        model[1].p_logit.fill_(1e4)
+    assert cd.dropout_rates(model)["1"] < 1.0
+    frozen = cd.freeze(model)
+    assert type(frozen[1]) is nn.Dropout and 0.99 < frozen[1].p < 1.0

@@ -1,0 +1,412 @@
+"""Coverage sweep of cd_convert over the timm registry.
+
+    python -m benchmarks.timm_coverage --pattern 'resnet*' --max-params 5 --limit 20 --csv results/timm.csv
+    python -m benchmarks.timm_coverage --meta-only --csv results/timm_meta.csv
+
+For each model (always ``pretrained=False``):
+
+* create the model (``drop_rate`` so head dropout exists), count parameters on the meta device;
+* convert it with :func:`cd_convert.convert` (timed), record the sites, their kinds and the discovery method;
+* with real tensors (unless ``--meta-only``): eval-mode output equal to the unconverted model's (same
+  weights; ``torch.equal``, else ``allclose`` with a tiny tolerance, and which one is reported), one training
+  step where the data loss and ``regularization(model)`` are finite, and after backward of the data loss
+  ALONE every added ``p_logit`` parameter has a nonzero gradient.
+
+Status per model: ``passed`` / ``failed:<stage>:<error>`` / ``not convertible:<reason>`` / ``skipped:<reason>``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import fnmatch
+import inspect
+import math
+import signal
+import sys
+import time
+import traceback
+from collections import Counter, defaultdict
+from contextlib import contextmanager
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FIELDS = ("name", "params_M", "status", "reason", "n_sites", "kinds", "convert_s", "method", "equal", "seconds", "note")
+
+
+class _Timeout(Exception):
+    pass
+
+
+@contextmanager
+def guard(seconds: float):
+    """Raise _Timeout if the block takes longer than ``seconds`` (SIGALRM; checked between torch ops)."""
+    if seconds <= 0 or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def _handler(signum, frame):
+        raise _Timeout(f"took more than {seconds:g} s")
+
+    old = signal.signal(signal.SIGALRM, _handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    msg = text[0] if text else ""
+    return f"{type(err).__name__}: {msg}"[:200]
+
+
+class Failure(Exception):
+    def __init__(self, status: str, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def count_params_meta(timm, name: str, kwargs: Dict[str, Any]) -> float:
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def create(timm, name: str, drop_rate: float, img_size: Optional[int], device: Optional[str] = None):
+    """Create ``name``; returns (model, input size (C, H, W), whether img_size was passed)."""
+    kwargs: Dict[str, Any] = {"pretrained": False}
+    if drop_rate:
+        kwargs["drop_rate"] = drop_rate
+    ctx = torch.device(device) if device else _null()
+    cfg_size = None
+    with ctx:
+        if img_size:
+            try:
+                model = timm.create_model(name, img_size=img_size, **kwargs)
+                return model, _cfg_size(model, img_size), True
+            except TypeError:
+                pass
+            except Exception:  # noqa: BLE001 - model rejects that size: fall back to the default one
+                pass
+        model = timm.create_model(name, **kwargs)
+    cfg_size = _cfg_size(model, None)
+    return model, cfg_size, False
+
+
+@contextmanager
+def _null():
+    yield
+
+
+def _cfg_size(model: nn.Module, img_size: Optional[int]) -> Tuple[int, int, int]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = tuple(cfg.get("input_size", (3, 224, 224)))
+    if len(size) != 3:
+        size = (3, 224, 224)
+    if img_size:
+        return (size[0], img_size, img_size)
+    return size  # type: ignore[return-value]
+
+
+def site_kinds(rep) -> str:
+    return ";".join(f"{k}={v}" for k, v in sorted(Counter(r.kind for r in rep.sites).items()))
+
+
+def added_parameters(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if n.endswith("p_logit")]
+
+
+def compare(a: torch.Tensor, b: torch.Tensor) -> str:
+    if torch.equal(a, b):
+        return "equal"
+    if a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6):
+        return "allclose"
+    raise Failure("failed:eval-equal", f"max abs diff {(a - b).abs().max().item():.3g}")
+
+
+def _outputs(out: Any) -> List[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _outputs(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _outputs(o)]
+    return []
+
+
+def run_one(timm, cd, name: str, args) -> Dict[str, Any]:
+    row: Dict[str, Any] = {k: "" for k in FIELDS}
+    row["name"] = name
+    start = time.perf_counter()
+    stage = "create"
+    try:
+        with guard(args.timeout):
+            pk = {"drop_rate": args.drop_rate} if args.drop_rate else {}
+            try:
+                row["params_M"] = round(count_params_meta(timm, name, pk), 3)
+            except Exception as err:  # noqa: BLE001
+                raise Failure("failed:meta-create", first_line(err))
+            if args.max_params and row["params_M"] > args.max_params:
+                raise Failure("skipped", f"more than {args.max_params:g}M parameters")
+            if args.meta_only:
+                _meta(timm, cd, name, args, row)
+            else:
+                _real(timm, cd, name, args, row)
+        row["status"], row["reason"] = "passed", ""
+    except Failure as f:
+        row["status"], row["reason"] = f.status, f.reason
+    except _Timeout as err:
+        row["status"], row["reason"] = "skipped", f"time guard: {err}"
+    except Exception as err:  # noqa: BLE001 - unexpected: report the stage
+        row["status"], row["reason"] = "failed:unexpected", first_line(err)
+        if args.verbose:
+            traceback.print_exc()
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    return row
+
+
+def _convert(cd, model, args, row, example_inputs=None):
+    try:
+        t0 = time.perf_counter()
+        converted = cd.convert(model, dataset_size=args.dataset_size)
+        row["convert_s"] = round(time.perf_counter() - t0, 3)
+    except Exception as err:  # noqa: BLE001
+        name = type(err).__name__
+        if name in ("ConversionError", "TargetError"):
+            raise Failure("not convertible", first_line(err))
+        raise Failure("failed:convert", first_line(err))
+    try:
+        rep = cd.report(converted)
+    except Exception as err:  # noqa: BLE001 - report() reads rates with float(): fails on the meta device
+        if not args.meta_only:
+            raise Failure("failed:report", first_line(err))
+        from cd_convert.collector import get_collector
+        from cd_convert.report import Report
+        col = get_collector(converted)
+        rep = Report(rows=list(getattr(col, "rows", [])), method=getattr(col, "method", ""))
+        row["note"] = "report() failed: " + first_line(err)
+    row["n_sites"] = len(rep.sites)
+    row["kinds"] = site_kinds(rep)
+    row["method"] = rep.method
+    return converted, rep
+
+
+def _meta(timm, cd, name, args, row):
+    try:
+        model, _, _ = create(timm, name, args.drop_rate, args.img_size, device="meta")
+    except Exception as err:  # noqa: BLE001
+        raise Failure("failed:create", first_line(err))
+    model.eval()
+    converted, rep = _convert(cd, model, args, row)
+    if not rep.sites:
+        raise Failure("not convertible", "no dropout sites found")
+    added = added_parameters(converted)
+    if not added:
+        raise Failure("failed:convert", "no p_logit parameters added")
+
+
+def _real(timm, cd, name, args, row):
+    torch.manual_seed(0)
+    try:
+        model, size, _ = create(timm, name, args.drop_rate, args.img_size)
+    except Exception as err:  # noqa: BLE001
+        raise Failure("failed:create", first_line(err))
+    model.eval()
+    x = torch.randn(2, *size)
+    # reference output (and whether the chosen size works at all)
+    try:
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            ref = model(x)
+            fwd = time.perf_counter() - t0
+    except _Timeout:
+        raise
+    except Exception as err:  # noqa: BLE001 - try the pretrained size
+        if args.img_size is None:
+            raise Failure("failed:forward-original", first_line(err))
+        model, size, _ = create(timm, name, args.drop_rate, None)
+        model.eval()
+        x = torch.randn(2, *size)
+        try:
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                ref = model(x)
+                fwd = time.perf_counter() - t0
+        except _Timeout:
+            raise
+        except Exception as err2:  # noqa: BLE001
+            raise Failure("failed:forward-original", first_line(err2))
+    if fwd > args.max_forward_s:
+        raise Failure("skipped", f"forward {fwd:.1f} s > {args.max_forward_s:g} s")
+    original = copy.deepcopy(model)
+    converted, rep = _convert(cd, model, args, row)
+    if not rep.sites:
+        raise Failure("not convertible", "no dropout sites found")
+    added = added_parameters(converted)
+    if not added:
+        raise Failure("failed:convert", "no p_logit parameters added")
+
+    stage = "eval-forward"
+    try:
+        converted.eval()
+        with torch.no_grad():
+            out = converted(x)
+        refs, outs = _outputs(ref), _outputs(out)
+        if len(refs) != len(outs):
+            raise Failure("failed:eval-equal", "different number of outputs")
+        how = {compare(a, b) for a, b in zip(refs, outs)}
+        row["equal"] = "allclose" if "allclose" in how else "equal"
+
+        stage = "train-forward"
+        converted.train()
+        out = converted(x)
+        outs = _outputs(out)
+        if not outs:
+            raise Failure("failed:train-forward", "no tensor output")
+        if outs[0].dim() == 2:
+            data_loss = F.cross_entropy(outs[0], torch.zeros(outs[0].shape[0], dtype=torch.long))
+        else:
+            data_loss = sum(o.float().pow(2).mean() for o in outs)
+        reg = cd.regularization(converted)
+        if not torch.isfinite(data_loss):
+            raise Failure("failed:train-loss", f"data loss not finite: {data_loss.item()}")
+        if not torch.isfinite(reg):
+            raise Failure("failed:train-reg", f"regularization not finite: {reg.item()}")
+
+        stage = "backward"
+        converted.zero_grad(set_to_none=True)
+        data_loss.backward()
+        missing = [n for n, p in added if p.grad is None]
+        zero = [n for n, p in added if p.grad is not None and not bool(p.grad.abs().sum() > 0)]
+        if missing:
+            raise Failure("failed:grad", f"{len(missing)}/{len(added)} p_logit without grad, e.g. {missing[0]}")
+        if zero:
+            raise Failure("failed:grad", f"{len(zero)}/{len(added)} p_logit with zero grad, e.g. {zero[0]}")
+        # one full step: data + regularization
+        converted.zero_grad(set_to_none=True)
+        out = _outputs(converted(x))[0]
+        loss = (F.cross_entropy(out, torch.zeros(out.shape[0], dtype=torch.long)) if out.dim() == 2
+                else out.float().pow(2).mean()) + cd.regularization(converted)
+        loss.backward()
+        if not torch.isfinite(loss):
+            raise Failure("failed:train-step", "total loss not finite")
+    except (Failure, _Timeout):
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise Failure(f"failed:{stage}", first_line(err))
+
+
+def select(timm, args) -> List[str]:
+    names = timm.list_models(args.pattern or "*")
+    if args.exclude:
+        names = [n for n in names if not fnmatch.fnmatch(n, args.exclude)]
+    return names
+
+
+def summarize(rows: List[Dict[str, Any]], elapsed: float) -> str:
+    by_status = Counter(r["status"] for r in rows)
+    lines = [f"{len(rows)} model(s) in {elapsed:.0f} s"]
+    for status, n in by_status.most_common():
+        lines.append(f"  {status}: {n}")
+    reasons: Dict[Tuple[str, str], List[str]] = defaultdict(list)
+    for r in rows:
+        if r["status"] != "passed":
+            reasons[(r["status"], _normalise(r["reason"]))].append(r["name"])
+    if reasons:
+        lines.append("reasons:")
+        for (status, reason), names in sorted(reasons.items(), key=lambda kv: -len(kv[1])):
+            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            lines.append(f"  [{len(names)}] {status}: {reason}  ({shown})")
+    passed = [r for r in rows if r["status"] == "passed"]
+    noted = Counter(_normalise(r.get("note", "")) for r in rows if r.get("note"))
+    for note, n in noted.most_common():
+        lines.append(f"  note [{n}]: {note}")
+    if passed:
+        kinds: Counter = Counter()
+        for r in passed:
+            for part in filter(None, str(r["kinds"]).split(";")):
+                k, v = part.split("=")
+                kinds[k] += int(v)
+        methods = Counter(r["method"] for r in passed)
+        ct = sorted(float(r["convert_s"]) for r in passed if r["convert_s"] != "")
+        lines.append("site kinds (passed): " + ", ".join(f"{k}={v}" for k, v in kinds.most_common()))
+        lines.append("methods (passed): " + ", ".join(f"{k}={v}" for k, v in methods.most_common()))
+        if ct:
+            lines.append(f"convert time (passed): median {ct[len(ct) // 2]:.2f} s, max {ct[-1]:.2f} s")
+        eq = Counter(r["equal"] for r in passed if r["equal"])
+        if eq:
+            lines.append("eval output vs original: " + ", ".join(f"{k}={v}" for k, v in eq.most_common()))
+    return "\n".join(lines)
+
+
+def _normalise(reason: str) -> str:
+    import re
+    return re.sub(r"\d+(\.\d+)?", "N", reason)[:160]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pattern", default="*", help="timm.list_models pattern")
+    ap.add_argument("--exclude", default=None, help="fnmatch pattern of names to leave out")
+    ap.add_argument("--max-params", type=float, default=None, help="skip models above this many million params")
+    ap.add_argument("--limit", type=int, default=None, help="stop after this many models (after filtering)")
+    ap.add_argument("--meta-only", action="store_true", help="create+convert on the meta device only")
+    ap.add_argument("--csv", default=None, help="write per-model rows here")
+    ap.add_argument("--drop-rate", type=float, default=0.1, help="timm drop_rate (head dropout)")
+    ap.add_argument("--img-size", type=int, default=64,
+                    help="pass img_size=N when the model accepts it (else its pretrained size); 0: pretrained size")
+    ap.add_argument("--dataset-size", type=int, default=1000)
+    ap.add_argument("--timeout", type=float, default=60.0, help="wall-clock guard per model (s)")
+    ap.add_argument("--max-forward-s", type=float, default=20.0, help="skip models whose eval forward is slower")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    if args.img_size == 0:
+        args.img_size = None
+
+    torch.set_num_threads(args.threads)
+    import warnings
+    warnings.filterwarnings("ignore")
+    import timm
+    import cd_convert as cd
+
+    names = select(timm, args)
+    rows: List[Dict[str, Any]] = []
+    t0 = time.perf_counter()
+    done = 0
+    for name in names:
+        if args.limit is not None and done >= args.limit:
+            break
+        row = run_one(timm, cd, name, args)
+        if row["status"] == "skipped" and "parameters" in row["reason"]:
+            continue  # filtered by --max-params: does not count against --limit
+        done += 1
+        rows.append(row)
+        print(f"{name:50s} {row['params_M']!s:>8} {row['status']:24s} {row['n_sites']!s:>4} "
+              f"{row['convert_s']!s:>7} {row['seconds']:>6} {row['reason']}", flush=True)
+        if args.csv:
+            _write(args.csv, rows)
+    print()
+    print(summarize(rows, time.perf_counter() - t0))
+    return 0
+
+
+def _write(path: str, rows: List[Dict[str, Any]]) -> None:
+    import os
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,8 +20,6 @@ import argparse
 import copy
 import csv
 import fnmatch
-import inspect
-import math
 import signal
 import sys
 import time
@@ -85,7 +83,8 @@ def create(timm, name: str, drop_rate: float, img_size: Optional[int], device: O
     if drop_rate:
         kwargs["drop_rate"] = drop_rate
     ctx = torch.device(device) if device else _null()
-    cfg_size = None
+    if drop_rate and not _accepts_drop_rate(timm, name):
+        kwargs.pop("drop_rate")
     with ctx:
         if img_size:
             try:
@@ -98,6 +97,15 @@ def create(timm, name: str, drop_rate: float, img_size: Optional[int], device: O
         model = timm.create_model(name, **kwargs)
     cfg_size = _cfg_size(model, None)
     return model, cfg_size, False
+
+
+def _accepts_drop_rate(timm, name: str) -> bool:
+    try:
+        with torch.device("meta"):
+            timm.create_model(name, pretrained=False, drop_rate=0.1)
+        return True
+    except TypeError as err:
+        return "drop_rate" not in str(err)
 
 
 @contextmanager
@@ -145,10 +153,11 @@ def run_one(timm, cd, name: str, args) -> Dict[str, Any]:
     row: Dict[str, Any] = {k: "" for k in FIELDS}
     row["name"] = name
     start = time.perf_counter()
-    stage = "create"
     try:
         with guard(args.timeout):
-            pk = {"drop_rate": args.drop_rate} if args.drop_rate else {}
+            pk = {"drop_rate": args.drop_rate} if args.drop_rate and _accepts_drop_rate(timm, name) else {}
+            if args.drop_rate and not pk:
+                row["note"] = "model takes no drop_rate"
             try:
                 row["params_M"] = round(count_params_meta(timm, name, pk), 3)
             except Exception as err:  # noqa: BLE001
@@ -307,6 +316,8 @@ def select(timm, args) -> List[str]:
     names = timm.list_models(args.pattern or "*")
     if args.exclude:
         names = [n for n in names if not fnmatch.fnmatch(n, args.exclude)]
+    if args.every > 1:
+        names = names[args.offset::args.every]
     return names
 
 
@@ -357,6 +368,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--exclude", default=None, help="fnmatch pattern of names to leave out")
     ap.add_argument("--max-params", type=float, default=None, help="skip models above this many million params")
     ap.add_argument("--limit", type=int, default=None, help="stop after this many models (after filtering)")
+    ap.add_argument("--every", type=int, default=1, help="take every k-th registry name (spread sample)")
+    ap.add_argument("--offset", type=int, default=0, help="with --every: start at this index")
+    ap.add_argument("--budget-s", type=float, default=None, help="stop starting new models after this many s")
     ap.add_argument("--meta-only", action="store_true", help="create+convert on the meta device only")
     ap.add_argument("--csv", default=None, help="write per-model rows here")
     ap.add_argument("--drop-rate", type=float, default=0.1, help="timm drop_rate (head dropout)")
@@ -383,6 +397,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     done = 0
     for name in names:
         if args.limit is not None and done >= args.limit:
+            break
+        if args.budget_s is not None and time.perf_counter() - t0 > args.budget_s:
+            print(f"stopping: time budget of {args.budget_s:g} s used ({done} of {len(names)} names run)")
             break
         row = run_one(timm, cd, name, args)
         if row["status"] == "skipped" and "parameters" in row["reason"]:

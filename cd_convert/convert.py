@@ -502,6 +502,13 @@ def convert(
     )
     plan_ = _prepare(model, targets, exclude, init_p, temperature, channel_temperature, include_zero_rate,
                      fused_attention, leaf_modules, autowrap_functions, example_inputs)
+    if targets is None and not plan_.sites:
+        warnings.warn(
+            f"{type(model).__name__} applies no dropout that cd_convert can convert; nothing was changed. Pass "
+            "targets=[nn.Linear] (or nn.Conv2d, globs, ...) to insert sites in front of layers, or create the model "
+            "with a dropout rate > 0 (timm: drop_rate=0.1).",
+            stacklevel=2,
+        )
     target = model if inplace else copy.deepcopy(model)
     previous = get_collector(target)
     nested = [(m, c) for m, c in _all_collectors(target) if m is not target]
@@ -589,7 +596,8 @@ def report(model: nn.Module) -> Report:
     for row in rows:
         if row.status in ("converted", "existing"):
             try:
-                row.p = float(model.get_submodule(row.name).p.detach())
+                p = model.get_submodule(row.name).p.detach()
+                row.p = None if p.is_meta else float(p)
             except AttributeError:
                 row.notes.append("site no longer in the model")
     scale = collector.scale.description if collector.scale else "not set (pass dataset_size=)"

@@ -658,6 +658,21 @@ def _module_search(model: nn.Module, discovery: Discovery, within: Optional[str]
         if name in known:
             continue
         if isinstance(module, ConcreteDropoutBase) or is_dropout_module(module):
+            parent_name = name.rpartition(".")[0]
+            parent = model.get_submodule(parent_name) if parent_name else model
+            if hasattr(parent, "fused_attn") and _matching_dropout_child(parent, None) == (name.rpartition(".")[2], module):
+                # timm-style attention reads this module's rate into fused attention instead of calling it.
+                discovery.sites.append(
+                    FoundSite(
+                        kind="fused", owner=parent_name, module_name=name, site_type=_site_type_for(module),
+                        p=float(module.p.detach()) if isinstance(module, ConcreteDropoutBase) else float(module.p),
+                        found_by=found_by, consumer=None,
+                        consumer_note="attention probabilities are multiplied by values, not by a weight",
+                        fused_op="scaled_dot_product_attention", called=None,
+                        notes=["attention takes its explicit path (fused_attn=False) while the site is active"],
+                    )
+                )
+                continue
             consumer, note = _known_consumer(model, name)
             discovery.sites.append(
                 FoundSite(

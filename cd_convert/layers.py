@@ -137,11 +137,11 @@ def noise_shape(x: Tensor, channelwise: bool, channel_dim: int = 1) -> Tuple[int
 
 
 class _ConcreteDropoutFunction(torch.autograd.Function):
-    """y = x * (1 - z) / (1 - p) with z the relaxed mask; saves only z and x for the backward pass.
+    """y = x * (1 - z) / (1 - p) with z the relaxed mask; saves only 1 - z and x for the backward pass.
 
-    With s = (theta + logit(u)) / t, z = sigmoid(s) and p = sigmoid(theta):
-        dy/dx     = (1 - z) / (1 - p)
-        dy/dtheta = y * (p - z / t) = x * (1 - z) / (1 - p) * (p - z / t)
+    With s = (theta + logit(u)) / t, z = sigmoid(s), w = 1 - z = sigmoid(-s) and p = sigmoid(theta):
+        dy/dx     = w / (1 - p)
+        dy/dtheta = y * (p - z / t) = x * w / (1 - p) * (p - (1 - w) / t)
 
     The output y is not saved: an in-place op on it after the site must not break the backward pass.
     """
@@ -149,46 +149,46 @@ class _ConcreteDropoutFunction(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, p_logit: Tensor, uniform: Tensor, temperature: float) -> Tuple[Tensor, Tensor]:
         theta = p_logit.to(uniform.dtype)
-        # logit(u) computed in place on a fresh buffer: u / (1 - u), then log.
-        s = uniform / (1.0 - uniform)
-        s.log_().add_(theta).div_(temperature)
-        z = s.sigmoid_()
-        keep = (1.0 - z).div_(torch.sigmoid(-theta))
-        y = (x * keep).to(x.dtype)
+        # w = 1 - z = sigmoid(-(theta + logit(u)) / t), computed in place on one fresh buffer.
+        keep = torch.logit(uniform).add_(theta).mul_(-1.0 / temperature).sigmoid_()
+        y = (x * keep).mul_(torch.sigmoid(-theta).reciprocal()).to(x.dtype)
         if x.dtype == torch.float16:
-            # Saturate instead of overflowing: keep can reach 1/eps when p is at its upper bound.
+            # Saturate instead of overflowing: the scale reaches 1/eps when p is at its upper bound.
             finfo = torch.finfo(torch.float16)
             y = y.clamp_(-finfo.max, finfo.max)
-        saved_z = z if z.numel() < x.numel() else z.to(x.dtype)
-        return y, saved_z
+        saved = keep if keep.numel() < x.numel() else keep.to(x.dtype)
+        return y, saved
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         x, p_logit, _uniform, temperature = inputs
-        y, z = output
+        _y, keep = output
         ctx.temperature = temperature
         ctx.x_dtype = x.dtype
-        ctx.save_for_backward(p_logit, z, x)
-        ctx.mark_non_differentiable(z)
+        ctx.save_for_backward(p_logit, keep, x)
+        ctx.mark_non_differentiable(keep)
 
     @staticmethod
-    def backward(ctx, grad_y: Tensor, _grad_z: Optional[Tensor]):
-        p_logit, z, x = ctx.saved_tensors
+    def backward(ctx, grad_y: Tensor, _grad_keep: Optional[Tensor]):
+        p_logit, keep, x = ctx.saved_tensors
         cdt = _compute_dtype(ctx.x_dtype)
         theta = p_logit.to(cdt)
         p = torch.sigmoid(theta)
-        zc = z.to(cdt)
-        keep = (1.0 - zc).div_(torch.sigmoid(-theta))
+        scale = torch.sigmoid(-theta).reciprocal()
+        w = keep.to(cdt)
         grad_x = grad_p_logit = None
+        g = grad_y.to(cdt)
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_y.to(cdt) * keep).to(ctx.x_dtype)
+            grad_x = (g * w).mul_(scale).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            gy = grad_y.to(cdt) * x.to(cdt) * keep
-            if zc.numel() < gy.numel():
-                # Channel-wise mask: reduce over the broadcast (spatial) dims before the dot product.
-                reduce_dims = [d for d in range(gy.dim()) if zc.shape[d] == 1 and gy.shape[d] != 1]
-                gy = gy.sum(dim=reduce_dims, keepdim=True)
-            grad = p * gy.sum() - (gy * zc).sum() / ctx.temperature
+            gx = g * x.to(cdt)
+            if w.numel() < gx.numel():
+                # Channel-wise mask: reduce over the broadcast (spatial) dims before the dot products.
+                reduce_dims = [d for d in range(gx.dim()) if w.shape[d] == 1 and gx.shape[d] != 1]
+                gx = gx.sum(dim=reduce_dims, keepdim=True)
+            gy_sum = (gx * w).sum() * scale  # sum of grad * y
+            gyw_sum = (gx * w * w).sum() * scale  # sum of grad * y * (1 - z)
+            grad = p * gy_sum - (gy_sum - gyw_sum) / ctx.temperature
             grad_p_logit = grad.to(p_logit.dtype).reshape(p_logit.shape)
         return grad_x, grad_p_logit, None, None
 
@@ -230,7 +230,10 @@ def concrete_dropout(
     cdt = _compute_dtype(x.dtype)
     shape = noise_shape(x, channelwise, channel_dim)
     if uniform is None:
-        uniform = torch.rand(shape, device=x.device, dtype=cdt, generator=generator)
+        # generator=None is not passed explicitly: with symbolic shapes (torch.compile's dynamic dims) that
+        # overload needs concrete sizes.
+        extra = {} if generator is None else {"generator": generator}
+        uniform = torch.rand(shape, device=x.device, dtype=cdt, **extra)
     else:
         uniform = uniform.to(device=x.device, dtype=cdt)
     if sampling == "hard":

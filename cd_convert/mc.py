@@ -361,18 +361,19 @@ def mc_predict(
         cap = DEFAULT_CHUNK_ROWS_CPU if inputs[0].device.type == "cpu" else DEFAULT_CHUNK_ROWS
         chunk_size = min(total, max(batch, cap // batch * batch))
 
-    results: List[Tuple[Tensor, Optional[Tensor]]] = []
+    summary: Optional[_Summary] = None
     with mc_mode(model, sampling), torch.no_grad(), _seeded(generator, _devices_in_use(model, inputs)):
         for start in range(0, total, chunk_size):
             stop = min(start + chunk_size, total)
             output = model(*_chunk_rows(inputs, start, stop, batch))
-            if task is None:
-                task = _infer_task(output)
-            results.append(_split_output(output, task, stop - start))
-
-    if task == "classification":
-        return _summarise_classification(results, samples, batch, return_samples)
-    return _summarise_regression(results, samples, batch, return_samples)
+            if summary is None:
+                task = task or _infer_task(output)
+                summary = (_ClassificationSummary if task == "classification" else _RegressionSummary)(
+                    samples, batch, return_samples
+                )
+            summary.add(start, *_split_output(output, task, stop - start))
+    assert summary is not None  # samples >= 1 and B >= 1: at least one chunk ran
+    return summary.result()
 
 
 def _float(t: Tensor) -> Tensor:
@@ -386,55 +387,87 @@ def _stack_passes(chunks: List[Tensor], samples: int, batch: int) -> Tensor:
     return flat.reshape(samples, batch, *flat.shape[1:])
 
 
-def _summarise_classification(
-    results: List[Tuple[Tensor, Optional[Tensor]]], samples: int, batch: int, return_samples: bool
-) -> ClassificationPrediction:
-    # Accumulate per-example sums chunk by chunk instead of stacking all T*B*C probabilities: with many
-    # classes the stacked tensor can be far larger than one chunk's activations.
-    first = results[0][0]
-    prob_sum = torch.zeros(batch, first.shape[-1], dtype=_float(first).dtype, device=first.device)
-    entropy_sum = torch.zeros(batch, dtype=prob_sum.dtype, device=first.device)
-    kept: List[Tensor] = []
-    start = 0
-    for logits, _ in results:
-        probs = torch.softmax(_float(logits), dim=-1)
-        examples = torch.arange(start, start + probs.shape[0], device=probs.device) % batch
-        prob_sum.index_add_(0, examples, probs)
-        entropy_sum.index_add_(0, examples, predictive_entropy(probs))
-        if return_samples:
-            kept.append(probs)
-        start += probs.shape[0]
-    mean_probs = prob_sum / samples
-    entropy = predictive_entropy(mean_probs)
-    # MI = H[mean_t p_t] - mean_t H[p_t] >= 0 exactly; clamp the round-off (as metrics.mutual_information).
-    mutual_information = (entropy - entropy_sum / samples).clamp_min(0.0)
-    return ClassificationPrediction(
-        probs=mean_probs,
-        entropy=entropy,
-        mutual_information=mutual_information,
-        samples=_stack_passes(kept, samples, batch) if return_samples else None,
-    )
+class _Summary:
+    """Accumulates the chunk outputs of one MC prediction (rows in ``t*B + i`` order)."""
+
+    def __init__(self, samples: int, batch: int, return_samples: bool) -> None:
+        self.samples = samples
+        self.batch = batch
+        self.return_samples = return_samples
+
+    def add(self, start: int, main: Tensor, log_variance: Optional[Tensor]) -> None:
+        raise NotImplementedError
+
+    def result(self) -> Prediction:
+        raise NotImplementedError
 
 
-def _summarise_regression(
-    results: List[Tuple[Tensor, Optional[Tensor]]], samples: int, batch: int, return_samples: bool
-) -> RegressionPrediction:
+class _ClassificationSummary(_Summary):
+    # Per-example sums are reduced chunk by chunk, so without return_samples only one chunk's
+    # probabilities exist at a time: stacking all T*B*C of them (e.g. ImageNet's 1000 classes) could take
+    # far more memory than the chunk's activations.
+
+    def __init__(self, samples: int, batch: int, return_samples: bool) -> None:
+        super().__init__(samples, batch, return_samples)
+        self.prob_sum: Optional[Tensor] = None
+        self.entropy_sum: Optional[Tensor] = None
+        self.kept: List[Tensor] = []
+
+    def add(self, start: int, main: Tensor, log_variance: Optional[Tensor]) -> None:
+        probs = torch.softmax(_float(main), dim=-1)
+        if self.prob_sum is None or self.entropy_sum is None:
+            self.prob_sum = probs.new_zeros(self.batch, probs.shape[-1])
+            self.entropy_sum = probs.new_zeros(self.batch)
+        examples = torch.arange(start, start + probs.shape[0], device=probs.device) % self.batch
+        self.prob_sum.index_add_(0, examples, probs)
+        self.entropy_sum.index_add_(0, examples, predictive_entropy(probs))
+        if self.return_samples:
+            self.kept.append(probs)
+
+    def result(self) -> ClassificationPrediction:
+        assert self.prob_sum is not None and self.entropy_sum is not None
+        mean_probs = self.prob_sum / self.samples
+        entropy = predictive_entropy(mean_probs)
+        # MI = H[mean_t p_t] - mean_t H[p_t] >= 0 exactly; clamp the round-off, as
+        # metrics.mutual_information does.
+        mutual_information = (entropy - self.entropy_sum / self.samples).clamp_min(0.0)
+        return ClassificationPrediction(
+            probs=mean_probs,
+            entropy=entropy,
+            mutual_information=mutual_information,
+            samples=_stack_passes(self.kept, self.samples, self.batch) if self.return_samples else None,
+        )
+
+
+class _RegressionSummary(_Summary):
     # Regression outputs are small (B x D per pass), so the passes are stacked and the variance computed
     # in one go (a two-pass variance: no cancellation for targets with a large mean).
-    mu = _stack_passes([_float(m) for m, _ in results], samples, batch)
-    mean = mu.mean(dim=0)
-    epistemic = mu.var(dim=0, unbiased=False)
-    log_variance: Optional[Tensor] = None
-    if results[0][1] is not None:
-        log_variance = _stack_passes([_float(lv) for _, lv in results if lv is not None], samples, batch)
-        aleatoric = log_variance.exp().mean(dim=0)
-    else:
-        aleatoric = torch.zeros_like(mean)
-    return RegressionPrediction(
-        mean=mean,
-        variance=epistemic + aleatoric,
-        epistemic=epistemic,
-        aleatoric=aleatoric,
-        samples=mu if return_samples else None,
-        log_variance_samples=log_variance if return_samples else None,
-    )
+
+    def __init__(self, samples: int, batch: int, return_samples: bool) -> None:
+        super().__init__(samples, batch, return_samples)
+        self.means: List[Tensor] = []
+        self.log_variances: List[Tensor] = []
+
+    def add(self, start: int, main: Tensor, log_variance: Optional[Tensor]) -> None:
+        self.means.append(_float(main))
+        if log_variance is not None:
+            self.log_variances.append(_float(log_variance))
+
+    def result(self) -> RegressionPrediction:
+        mu = _stack_passes(self.means, self.samples, self.batch)
+        mean = mu.mean(dim=0)
+        epistemic = mu.var(dim=0, unbiased=False)
+        log_variance: Optional[Tensor] = None
+        if self.log_variances:
+            log_variance = _stack_passes(self.log_variances, self.samples, self.batch)
+            aleatoric = log_variance.exp().mean(dim=0)
+        else:
+            aleatoric = torch.zeros_like(mean)
+        return RegressionPrediction(
+            mean=mean,
+            variance=epistemic + aleatoric,
+            epistemic=epistemic,
+            aleatoric=aleatoric,
+            samples=mu if self.return_samples else None,
+            log_variance_samples=log_variance if self.return_samples else None,
+        )

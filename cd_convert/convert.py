@@ -62,6 +62,7 @@ class _PlannedSite:
     applications: List[Tuple[Optional[ConsumerInfo], Optional[int]]] = field(default_factory=list)
     extra_changes: List[Any] = field(default_factory=list)
     existing: bool = False
+    exact_consumers: bool = True  # every application's output provably goes only to weight layers
 
 
 @dataclass
@@ -179,6 +180,7 @@ def _build_plan(
                 planned[name] = entry
                 rows.append(row)
             entry.applications.append((found.consumer, found.units_hint))
+            entry.exact_consumers &= found.consumer is not None and found.found_by == "fx"
             _note_consumer(entry.row, found)
             continue
         # Functional or generic fused call sites.
@@ -237,6 +239,7 @@ def _build_plan(
         entry = _PlannedSite(row, found.site_type, _initial_rate(found.p, options),
                              _temperature_for(found.site_type, options), change)
         entry.applications.append((found.consumer, found.units_hint))
+        entry.exact_consumers = found.consumer is not None and found.found_by == "fx"
         _note_consumer(row, found)
         planned[name] = entry
         rows.append(row)
@@ -389,6 +392,19 @@ def _apply(model: nn.Module, plan: _Plan, collector: Collector) -> None:
             change.undo(model)
         raise
     collector.changes.extend(done)
+    for entry in plan.sites:
+        site = _site_module(model, entry)
+        if site is not None:
+            # Keeping the output for the backward pass is free when only weight layers read it (they keep it).
+            site.save_output = entry.exact_consumers and all(c is not None for c, _ in entry.applications)
+
+
+def _site_module(model: nn.Module, entry: _PlannedSite) -> Optional[ConcreteDropoutBase]:
+    try:
+        module = model.get_submodule(entry.row.name)
+    except AttributeError:
+        return None
+    return module if isinstance(module, ConcreteDropoutBase) else None
 
 
 def _applications(plan: _Plan) -> List[Application]:

@@ -143,11 +143,16 @@ class _ConcreteDropoutFunction(torch.autograd.Function):
         dy/dx     = w / (1 - p)
         dy/dtheta = y * (p - z / t) = x * w / (1 - p) * (p - (1 - w) / t)
 
-    The output y is not saved: an in-place op on it after the site must not break the backward pass.
+    Saved for the backward pass: ``w`` and either ``x`` (default: safe whatever follows the site) or ``y``
+    (``save_output=True``: free when the next layer keeps ``y`` anyway, as Linear/Conv do, but an in-place op
+    on ``y`` would then break the backward pass, so the converter only asks for it when the trace shows that
+    weight layers alone read the output).
     """
 
     @staticmethod
-    def forward(x: Tensor, p_logit: Tensor, uniform: Tensor, temperature: float) -> Tuple[Tensor, Tensor]:
+    def forward(
+        x: Tensor, p_logit: Tensor, uniform: Tensor, temperature: float, save_output: bool = False
+    ) -> Tuple[Tensor, Tensor]:
         theta = p_logit.to(uniform.dtype)
         # w = 1 - z = sigmoid(-(theta + logit(u)) / t), computed in place on one fresh buffer.
         keep = torch.logit(uniform).add_(theta).mul_(-1.0 / temperature).sigmoid_()
@@ -161,16 +166,17 @@ class _ConcreteDropoutFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        x, p_logit, _uniform, temperature = inputs
-        _y, keep = output
+        x, p_logit, _uniform, temperature, save_output = inputs
+        y, keep = output
         ctx.temperature = temperature
         ctx.x_dtype = x.dtype
-        ctx.save_for_backward(p_logit, keep, x)
+        ctx.saved_output = save_output
+        ctx.save_for_backward(p_logit, keep, y if save_output else x)
         ctx.mark_non_differentiable(keep)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor, _grad_keep: Optional[Tensor]):
-        p_logit, keep, x = ctx.saved_tensors
+        p_logit, keep, activation = ctx.saved_tensors
         cdt = _compute_dtype(ctx.x_dtype)
         theta = p_logit.to(cdt)
         p = torch.sigmoid(theta)
@@ -181,16 +187,17 @@ class _ConcreteDropoutFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = (g * w).mul_(scale).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            gx = g * x.to(cdt)
-            if w.numel() < gx.numel():
+            # g * y, from the saved output or rebuilt from the input.
+            gy = g * activation.to(cdt) if ctx.saved_output else (g * activation.to(cdt)).mul_(w).mul_(scale)
+            if w.numel() < gy.numel():
                 # Channel-wise mask: reduce over the broadcast (spatial) dims before the dot products.
-                reduce_dims = [d for d in range(gx.dim()) if w.shape[d] == 1 and gx.shape[d] != 1]
-                gx = gx.sum(dim=reduce_dims, keepdim=True)
-            gy_sum = (gx * w).sum() * scale  # sum of grad * y
-            gyw_sum = (gx * w * w).sum() * scale  # sum of grad * y * (1 - z)
+                reduce_dims = [d for d in range(gy.dim()) if w.shape[d] == 1 and gy.shape[d] != 1]
+                gy = gy.sum(dim=reduce_dims, keepdim=True)
+            gy_sum = gy.sum()
+            gyw_sum = (gy * w).sum()  # sum of grad * y * (1 - z)
             grad = p * gy_sum - (gy_sum - gyw_sum) / ctx.temperature
             grad_p_logit = grad.to(p_logit.dtype).reshape(p_logit.shape)
-        return grad_x, grad_p_logit, None, None
+        return grad_x, grad_p_logit, None, None, None
 
 
 def concrete_dropout(
@@ -205,6 +212,7 @@ def concrete_dropout(
     eps: float = DEFAULT_EPS,
     uniform: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
+    save_output: bool = False,
 ) -> Tensor:
     """Functional Concrete Dropout.
 
@@ -220,6 +228,8 @@ def concrete_dropout(
         eps: p is kept inside ``[eps, 1 - eps]``.
         uniform: optional noise ``u`` in (0, 1) of the mask's shape (tests use it to hold the noise fixed).
         generator: optional ``torch.Generator`` for reproducible noise.
+        save_output: keep the output instead of the input for the backward pass (see
+            ``_ConcreteDropoutFunction``); only safe when no in-place op modifies the output.
 
     Returns:
         A new tensor of ``x``'s shape, dtype and device; ``x`` is never modified.
@@ -242,7 +252,7 @@ def concrete_dropout(
         return (x * keep).to(x.dtype)
     if sampling != "relaxed":
         raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}.")
-    y, _ = _ConcreteDropoutFunction.apply(x, theta, uniform, temperature)
+    y, _ = _ConcreteDropoutFunction.apply(x, theta, uniform, temperature, save_output)
     return y
 
 
@@ -297,6 +307,9 @@ class _ConcreteDropoutNd(nn.Module):
         self.p_logit = nn.Parameter(torch.empty((), device=device, dtype=dtype))
         #: None: follow ``self.training``. "relaxed"/"hard": sample even in eval (Monte Carlo prediction).
         self.sampling: Optional[str] = None
+        #: Keep the output (not the input) for the backward pass. Set by the converter for sites whose output
+        #: only weight layers read (they keep it anyway); False is safe whatever follows the site.
+        self.save_output: bool = False
         #: Size of the dropped feature dim (channels for channel-wise sites), recorded by the first active
         #: forward pass; the regulariser uses it as K for sites with no consuming weight layer.
         self.units_seen: Optional[int] = None
@@ -363,6 +376,7 @@ class _ConcreteDropoutNd(nn.Module):
             channel_dim=self._channel_dim(x),
             sampling=sampling,
             eps=self.eps,
+            save_output=self.save_output,
         )
 
     def extra_repr(self) -> str:

@@ -445,3 +445,45 @@ def test_sampling_attribute_samples_in_eval():
     assert m(x) is x
     m.sampling = "relaxed"
     assert not torch.equal(m(x), x)
+
+
+@pytest.mark.parametrize("channelwise", [False, True])
+def test_saved_output_path_has_the_same_gradients(channelwise):
+    """save_output=True keeps y instead of x: gradients must not change."""
+    from cd_convert.layers import concrete_dropout
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    logit = torch.tensor(-0.7, dtype=torch.float64, requires_grad=True)
+    u = torch.rand((3, 4, 1) if channelwise else (3, 4, 5), dtype=torch.float64)
+    grads = []
+    for save_output in (False, True):
+        y = concrete_dropout(x, logit, temperature=0.3, channelwise=channelwise, uniform=u, save_output=save_output)
+        grads.append(torch.autograd.grad((y * torch.arange(60, dtype=torch.float64).view(3, 4, 5)).sum(), (x, logit)))
+    torch.testing.assert_close(grads[0], grads[1])
+    check = lambda a, b: concrete_dropout(a, b, temperature=0.3, channelwise=channelwise, uniform=u, save_output=True)
+    assert torch.autograd.gradcheck(check, (x, logit))
+
+
+def test_converter_keeps_output_only_where_weight_layers_alone_read_it():
+    import cd_convert
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(4, 4)
+            self.drop_res = nn.Dropout(0.1)
+            self.drop = nn.Dropout(0.1)
+            self.fc2 = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            h = self.drop_res(h)
+            h += x  # in place on the site's output: the site must keep its input instead
+            return self.fc2(self.drop(h))
+
+    converted = cd_convert.convert(Net(), dataset_size=10)
+    assert converted.drop.save_output and not converted.drop_res.save_output
+    converted.train()
+    converted(torch.randn(3, 4)).sum().backward()  # no "modified by an inplace operation" error
+    assert converted.drop_res.p_logit.grad is not None

@@ -8,348 +8,30 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from .changes import AttributeChange, FusedAttentionSwitch, InputSite, MethodSite, ModuleSwap, find_rate_attribute
-from .collector import COLLECTOR_ATTR, Application, Collector, get_collector, iter_collectors
-from .discover import ConsumerInfo, Discovery, FoundSite, discover
-from .errors import ConversionError, FreezeError, TargetError
-from .layers import (
-    ConcreteDropout,
-    ConcreteDropout1d,
-    ConcreteDropout2d,
-    ConcreteDropout3d,
-    ConcreteDropoutBase,
-    InitP,
-    validate_init_p,
-    validate_temperature,
-)
-from .prior import DEFAULT_LENGTH_SCALE, resolve_scale, validate_dataset_size
-from .interception import interceptors
-from .report import Report, SiteRow
-from .targets import Matcher, first_match, is_dropout_module, is_targetable, parse_targets
-
-_INPUT_SITE_TYPES: Dict[type, Type[ConcreteDropoutBase]] = {
-    nn.Conv1d: ConcreteDropout1d,
-    nn.Conv2d: ConcreteDropout2d,
-    nn.Conv3d: ConcreteDropout3d,
-}
-INPUT_SITE_CHILD = "concrete_dropout"
-
-
-@dataclass
-class _Options:
-    init_p: InitP
-    temperature: Optional[float]
-    channel_temperature: Optional[float]
-    include_zero_rate: bool
-    fused_attention: bool
-
-
-@dataclass
-class _PlannedSite:
-    """One concrete site to create, the change that creates it, and its applications."""
-
-    row: SiteRow
-    site_type: Type[ConcreteDropoutBase]
-    init: InitP
-    temperature: Optional[float]
-    change: Any
-    applications: List[Tuple[Optional[ConsumerInfo], Optional[int]]] = field(default_factory=list)
-    extra_changes: List[Any] = field(default_factory=list)
-    existing: bool = False
-    exact_consumers: bool = True  # every application's output provably goes only to weight layers
-
-
-@dataclass
-class _Plan:
-    sites: List[_PlannedSite]
-    rows: List[SiteRow]
-    method: str
-    notes: List[str]
+from .changes import InputSite, MethodSite, ModuleSwap
+from .collector import COLLECTOR_ATTR, Collector, get_collector, iter_collectors
+from .discover import discover
+from .errors import ConversionError, FreezeError
+from .layers import ConcreteDropoutBase, InitP, validate_init_p, validate_temperature
+from .planning import Options, Plan, PlannedSite, Planner
+from .prior import DEFAULT_LENGTH_SCALE, resolve_scale
+from .report import Report
+from .targets import parse_targets
 
 
 def _validate_common(init_p: InitP, temperature: Optional[float], channel_temperature: Optional[float]) -> None:
     validate_init_p(init_p)
-    if temperature is not None:
-        validate_temperature(temperature)
-    if channel_temperature is not None:
-        validate_temperature(channel_temperature)
+    for value in (temperature, channel_temperature):
+        if value is not None:
+            validate_temperature(value)
 
 
-def _initial_rate(p: Optional[float], options: _Options) -> InitP:
-    if p is not None and 0.0 < p < 1.0:
-        return p
-    return options.init_p
-
-
-def _temperature_for(site_type: Type[ConcreteDropoutBase], options: _Options) -> Optional[float]:
-    return options.channel_temperature if site_type.channelwise else options.temperature
-
-
-def _consumer_text(consumer: Optional[ConsumerInfo]) -> str:
-    return ", ".join(consumer.weights) if consumer else ""
-
-
-def _site_matches(matchers: Optional[List[Matcher]], name: str, module: nn.Module) -> Optional[Matcher]:
-    if matchers is None:
-        return None
-    return first_match(matchers, name, module)
-
-
-def _child_name(owner: nn.Module, base: str) -> str:
-    name, i = base, 1
-    while hasattr(owner, name):
-        name = f"{base}_{i}"
-        i += 1
-    return name
-
-
-def _build_plan(
-    model: nn.Module,
-    discovery: Discovery,
-    targets: Optional[List[Matcher]],
-    exclude: Optional[List[Matcher]],
-    options: _Options,
-) -> _Plan:
-    modules = dict(model.named_modules())
-    rows: List[SiteRow] = []
-    planned: Dict[str, _PlannedSite] = {}
-    used_entries: Dict[int, bool] = {id(m): False for m in (targets or [])}
-    reserved: Dict[Tuple[str, str], int] = {}
-
-    def excluded(name: str, module: nn.Module) -> bool:
-        return exclude is not None and first_match(exclude, name, module) is not None
-
-    def selected(name: str, module: nn.Module) -> bool:
-        if excluded(name, module):
-            return False
-        if targets is None:
-            return True
-        match = first_match(targets, name, module)
-        if match is not None:
-            used_entries[id(match)] = True
-        return match is not None
-
-    # 1. Dropout applications found in the model.
-    for found in discovery.sites:
-        if found.kind == "module" or (found.kind == "fused" and found.module_name):
-            name = found.module_name
-            module = modules[name]
-            existing = isinstance(module, ConcreteDropoutBase)
-            if not existing and not selected(name, module):
-                rows.append(SiteRow(name, "-", "not selected", f"{type(module).__name__}(p={found.p:.3g})", found.p,
-                                    found_by=found.found_by, called=found.called, notes=["left as fixed dropout"]))
-                continue
-            if not existing and found.p == 0.0 and not options.include_zero_rate:
-                rows.append(SiteRow(name, "-", "skipped (p=0)", f"{type(module).__name__}(p=0)", 0.0,
-                                    found_by=found.found_by, called=found.called,
-                                    notes=["include_zero_rate=False: rate-0 dropout stays as it is"]))
-                continue
-            if found.kind == "fused" and not options.fused_attention:
-                rows.append(SiteRow(name, "-", "left fused", f"{found.fused_op}(dropout_p={found.p:.3g})", found.p,
-                                    found_by=found.found_by, notes=["fused_attention=False: the fused kernel keeps its fixed rate"]))
-                continue
-            entry = planned.get(name)
-            if entry is None:
-                paths = [n for n, m in model.named_modules(remove_duplicate=False) if m is module]
-                row = SiteRow(
-                    name=name,
-                    kind=found.kind,
-                    status="existing" if existing else "planned",
-                    original=f"{type(module).__name__}(p={found.p:.3g})",
-                    original_p=found.p,
-                    found_by=found.found_by,
-                    called=found.called,
-                    notes=list(found.notes),
-                )
-                entry = _PlannedSite(
-                    row=row,
-                    site_type=found.site_type,
-                    init=_initial_rate(found.p, options),
-                    temperature=_temperature_for(found.site_type, options),
-                    change=ModuleSwap(name, paths, module, kind=found.kind),
-                    existing=existing,
-                )
-                if found.kind == "fused":
-                    entry.extra_changes.append(FusedAttentionSwitch(found.owner, name.rpartition(".")[2], name))
-                planned[name] = entry
-                rows.append(row)
-            entry.applications.append((found.consumer, found.units_hint))
-            entry.exact_consumers &= found.consumer is not None and found.found_by == "fx"
-            _note_consumer(entry.row, found)
-            continue
-        # Functional or generic fused call sites.
-        owner = modules[found.owner] if found.owner else model
-        label = f"{found.owner or '<root>'}.{found.method or '?'}"
-        is_mha = found.fused_op == "MultiheadAttention"
-        if (found.key is None and not is_mha) or found.method is None:
-            rows.append(SiteRow(label, found.kind, "unsupported", f"{found.function} in {label}", found.p,
-                                found_by=found.found_by, notes=["the call could not be attributed to a method; it keeps its fixed rate"]))
-            continue
-        routed = interceptors(owner).get(found.method)
-        existing_child = None
-        if routed is not None:
-            existing_child = routed.catch_all if is_mha else routed.routes.get(found.key)
-        if existing_child is not None:  # converted before: keep the site, refresh its consumer
-            name = f"{found.owner}.{existing_child}" if found.owner else existing_child
-            row = SiteRow(name, found.kind, "existing", f"{found.function or found.fused_op} in {label}", found.p,
-                          found_by=found.found_by, called=found.called)
-            entry = _PlannedSite(row, found.site_type, options.init_p, None, None, existing=True)
-            entry.applications.append((found.consumer, found.units_hint))
-            _note_consumer(row, found)
-            planned[name] = entry
-            rows.append(row)
-            continue
-        base = f"{found.method}_attn_dropout" if found.kind == "fused" else f"{found.method}_dropout"
-        count = reserved.get((found.owner, base), 0)
-        reserved[(found.owner, base)] = count + 1
-        child = _child_name(owner, base if count == 0 else f"{base}_{count}")
-        name = f"{found.owner}.{child}" if found.owner else child
-        if not selected(name, owner) and not (targets is not None and _dropout_type_targeted(targets)):
-            rows.append(SiteRow(name, "-", "not selected", f"{found.function or found.fused_op} in {label}", found.p,
-                                found_by=found.found_by, notes=["left as fixed dropout"]))
-            continue
-        if found.p == 0.0 and not options.include_zero_rate:
-            rows.append(SiteRow(name, "-", "skipped (p=0)", f"{found.function} in {label}", 0.0, found_by=found.found_by))
-            continue
-        if found.kind == "fused" and not options.fused_attention:
-            rows.append(SiteRow(name, "-", "left fused", f"{found.function} in {label}", found.p, found_by=found.found_by,
-                                notes=["fused_attention=False: the fused kernel keeps its fixed rate"]))
-            continue
-        row = SiteRow(
-            name=name,
-            kind=found.kind,
-            status="planned",
-            original=f"{found.function or found.fused_op} in {type(owner).__name__}.{found.method}",
-            original_p=found.p,
-            found_by=found.found_by,
-            called=found.called,
-            notes=list(found.notes),
-        )
-        change = MethodSite(
-            name, found.owner, found.method, child, keys=[found.key] if found.key else [],
-            catch_all=found.fused_op == "MultiheadAttention", kind=found.kind,
-            rate_attribute=find_rate_attribute(owner, found.p) if found.kind == "functional" else None,
-        )
-        entry = _PlannedSite(row, found.site_type, _initial_rate(found.p, options),
-                             _temperature_for(found.site_type, options), change)
-        entry.applications.append((found.consumer, found.units_hint))
-        entry.exact_consumers = found.consumer is not None and found.found_by == "fx"
-        _note_consumer(row, found)
-        planned[name] = entry
-        rows.append(row)
-
-    # 2. Sites in front of targeted layers.
-    if targets is not None:
-        for name, module in modules.items():
-            if not is_targetable(module) or excluded(name, module):
-                continue
-            match = first_match(targets, name, module)
-            if match is None:
-                continue
-            used_entries[id(match)] = True
-            site_name = f"{name}.{INPUT_SITE_CHILD}"
-            units = module.in_features if isinstance(module, nn.Linear) else module.in_channels
-            consumer = ConsumerInfo((name,), (f"{name}.weight",), units)
-            original = _layer_text(module)
-            existing_site = getattr(module, INPUT_SITE_CHILD, None)
-            if isinstance(existing_site, ConcreteDropoutBase):  # already converted: keep it, add nothing
-                row = SiteRow(site_name, "targeted", "existing", original, consumer=_consumer_text(consumer),
-                              found_by="targets", called=True)
-                entry = _PlannedSite(row, type(existing_site), options.init_p, None, None, existing=True)
-                entry.applications.append((consumer, None))
-                planned[site_name] = entry
-                rows.append(row)
-                continue
-            called = _layer_called(model, name, discovery)
-            if called is False:
-                rows.append(SiteRow(name, "-", "not called", original, found_by="targets", called=False,
-                                    notes=[_not_called_reason(model, name)]))
-                continue
-            site_type = next((t for k, t in _INPUT_SITE_TYPES.items() if isinstance(module, k)), ConcreteDropout)
-            row = SiteRow(site_name, "targeted", "planned", original, None, consumer=_consumer_text(consumer),
-                          found_by="targets", called=called)
-            entry = _PlannedSite(row, site_type, options.init_p, _temperature_for(site_type, options),
-                                 InputSite(site_name, name, INPUT_SITE_CHILD))
-            entry.applications.append((consumer, None))
-            planned[site_name] = entry
-            rows.append(row)
-
-    for finding in discovery.findings:
-        rows.append(SiteRow(finding.name, "-", finding.status, finding.detail, found_by=discovery.method))
-
-    # 3. Targets that matched nothing.
-    if targets is not None:
-        for matcher in targets:
-            if not used_entries[id(matcher)]:
-                warnings.warn(f"targets entry {matcher.label} matched no dropout site or targetable layer.", stacklevel=4)
-        if not any(not p.existing for p in planned.values()) and not any(p.existing for p in planned.values()):
-            raise TargetError(_nothing_matched_message(model, discovery, targets))
-    notes = []
-    if discovery.trace_error:
-        notes.append(f"torch.fx could not trace the model ({discovery.trace_error}); sites were found by module search")
-    return _Plan(list(planned.values()), rows, discovery.method, notes)
-
-
-def _dropout_type_targeted(targets: List[Matcher]) -> bool:
-    return any(isinstance(m.entry, type) and issubclass(m.entry, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)) for m in targets)
-
-
-def _note_consumer(row: SiteRow, found: FoundSite) -> None:
-    if found.consumer is not None:
-        text = _consumer_text(found.consumer)
-        if text not in row.consumer.split(" | "):
-            row.consumer = f"{row.consumer} | {text}" if row.consumer else text
-    else:
-        note = f"no single consumer ({found.consumer_note}): entropy term only"
-        if note not in row.notes:
-            row.notes.append(note)
-
-
-def _layer_text(module: nn.Module) -> str:
-    if isinstance(module, nn.Linear):
-        return f"{type(module).__name__}({module.in_features}->{module.out_features}) input"
-    return f"{type(module).__name__}({module.in_channels}->{module.out_channels}) input"
-
-
-def _layer_called(model: nn.Module, name: str, discovery: Discovery) -> Optional[bool]:
-    if name in discovery.called_modules:
-        return True
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if isinstance(parent, nn.MultiheadAttention) and attr == "out_proj":
-        return False
-    if discovery.method == "module search" or any(name.startswith(leaf + ".") for leaf in discovery.leaves):
-        return None if not discovery.method.endswith("dry run") else False
-    return False
-
-
-def _not_called_reason(model: nn.Module, name: str) -> str:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if isinstance(parent, nn.MultiheadAttention):
-        return "nn.MultiheadAttention uses this layer's weight directly and never calls it: no site created"
-    return "never called as a module in the forward pass: no site created (its parameter would get no gradient)"
-
-
-def _nothing_matched_message(model: nn.Module, discovery: Discovery, targets: List[Matcher]) -> str:
-    dropout_sites = [s.module_name or f"{s.owner or '<root>'}.{s.method} ({s.function or s.fused_op})" for s in discovery.sites]
-    layers = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if is_targetable(m)]
-    listing = lambda items: ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "") or "none"
-    return (
-        f"targets {[m.label for m in targets]} matched nothing to convert in {type(model).__name__}.\n"
-        f"  dropout sites: {listing(dropout_sites)}\n"
-        f"  targetable layers (Linear/ConvNd): {listing(layers)}\n"
-        "Pass targets=None to convert every dropout site, a layer type such as nn.Linear, or globs over the names above."
-    )
-
-
-def _reference_tensor(model: nn.Module, entry: _PlannedSite) -> Tuple[torch.device, torch.dtype]:
+def _reference_tensor(model: nn.Module, entry: PlannedSite) -> Tuple[torch.device, torch.dtype]:
     for consumer, _ in entry.applications:
         if consumer is not None:
             try:
@@ -364,7 +46,7 @@ def _reference_tensor(model: nn.Module, entry: _PlannedSite) -> Tuple[torch.devi
     return torch.device("cpu"), torch.float32
 
 
-def _training_flag(model: nn.Module, entry: _PlannedSite) -> bool:
+def _training_flag(model: nn.Module, entry: PlannedSite) -> bool:
     change = entry.change
     if isinstance(change, ModuleSwap):
         return change.original.training
@@ -372,7 +54,7 @@ def _training_flag(model: nn.Module, entry: _PlannedSite) -> bool:
     return (model.get_submodule(path) if path else model).training
 
 
-def _apply(model: nn.Module, plan: _Plan, collector: Collector) -> None:
+def _apply(model: nn.Module, plan: Plan, collector: Collector) -> None:
     done: List[Any] = []
     try:
         for entry in plan.sites:
@@ -399,27 +81,12 @@ def _apply(model: nn.Module, plan: _Plan, collector: Collector) -> None:
             site.save_output = entry.exact_consumers and all(c is not None for c, _ in entry.applications)
 
 
-def _site_module(model: nn.Module, entry: _PlannedSite) -> Optional[ConcreteDropoutBase]:
+def _site_module(model: nn.Module, entry: PlannedSite) -> Optional[ConcreteDropoutBase]:
     try:
         module = model.get_submodule(entry.row.name)
     except AttributeError:
         return None
     return module if isinstance(module, ConcreteDropoutBase) else None
-
-
-def _applications(plan: _Plan) -> List[Application]:
-    apps: List[Application] = []
-    seen = set()
-    for entry in plan.sites:
-        for consumer, units_hint in entry.applications:
-            weights = consumer.weights if consumer else ()
-            key = (entry.row.name, weights)
-            if key in seen:
-                continue
-            seen.add(key)
-            units = consumer.units if consumer else units_hint
-            apps.append(Application(entry.row.name, weights, units))
-    return apps
 
 
 def _model_leaves_and_wraps(model: nn.Module, leaf_modules: Sequence[type], autowrap_functions: Sequence[Callable]) -> Tuple[List[type], List[Callable]]:
@@ -444,18 +111,18 @@ def _prepare(
     leaf_modules: Sequence[type],
     autowrap_functions: Sequence[Callable],
     example_inputs: Optional[Sequence[Any]],
-) -> _Plan:
+) -> Plan:
     if not isinstance(model, nn.Module):
         raise ConversionError(f"convert expects a torch.nn.Module, got {type(model).__name__}.")
     _validate_common(init_p, temperature, channel_temperature)
     matchers = parse_targets(targets, "targets")
     excluders = parse_targets(exclude, "exclude")
-    options = _Options(init_p, temperature, channel_temperature, include_zero_rate, fused_attention)
+    options = Options(init_p, temperature, channel_temperature, include_zero_rate, fused_attention)
     leaves, wraps = _model_leaves_and_wraps(model, leaf_modules, autowrap_functions)
     if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     discovery = discover(model, leaf_modules=leaves, autowrap_functions=wraps, example_inputs=example_inputs)
-    return _build_plan(model, discovery, matchers, excluders, options)
+    return Planner(model, discovery, matchers, excluders, options).build()
 
 
 def convert(
@@ -534,7 +201,7 @@ def convert(
     for module, inner in nested:
         collector.changes.extend(_rebase(inner.changes, target, module))
     _apply(target, plan_, collector)
-    collector.applications = _applications(plan_)
+    collector.applications = plan_.applications()
     collector.notes = list(plan_.notes)
     collector.rows = plan_.rows  # type: ignore[attr-defined]
     collector.method = plan_.method  # type: ignore[attr-defined]

@@ -22,11 +22,10 @@ Modules that cannot be traced through (data-dependent control flow, or leaves su
 from __future__ import annotations
 
 import math
-import operator
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type
 
 import torch
 import torch.fx as fx

@@ -3,7 +3,6 @@ expects of a converted model (eval equality, state_dict keys, copies, devices, r
 from __future__ import annotations
 
 import copy
-import io
 import os
 import subprocess
 import sys

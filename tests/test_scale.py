@@ -11,7 +11,6 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import cd_convert
-from cd_convert.layers import ConcreteDropoutBase
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -5,7 +5,6 @@ import re
 import warnings
 
 import pytest
-import torch
 import torch.nn as nn
 
 import cd_convert

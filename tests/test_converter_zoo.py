@@ -207,3 +207,23 @@ def test_random_architectures(spec, targeted):
     assert all(g is not None for g in grads)
     apps = converted.__dict__["_cd_convert_collector"].applications
     assert all(a.consumer_weights for a in apps)  # every site here feeds a Linear
+
+
+@pytest.mark.parametrize("name,factory,make_inputs,kwargs", ZOO, ids=[z[0] for z in ZOO])
+def test_every_site_samples_under_mc_mode(name, factory, make_inputs, kwargs):
+    """In MC mode each site draws masks (also functional, fused and MHA sites) while the model is in eval."""
+    inputs = make_inputs()
+    _, converted = _convert(factory, inputs, kwargs)
+    converted.eval()
+    sites = [m for m in converted.modules() if isinstance(m, ConcreteDropoutBase)]
+    calls = {id(s): 0 for s in sites}
+    handles = [s.register_forward_hook(lambda mod, a, o: calls.__setitem__(id(mod), calls[id(mod)] + 1)) for s in sites]
+    with torch.no_grad(), cd_convert.mc_mode(converted):
+        assert all(not m.training for m in converted.modules())
+        first, second = _first(converted(*inputs)), _first(converted(*inputs))
+    for handle in handles:
+        handle.remove()
+    assert not torch.equal(first, second)
+    assert all(count > 0 for count in calls.values()), f"{name}: a site did not run under mc_mode"
+    with torch.no_grad():
+        assert torch.equal(_first(converted(*inputs)), _first(converted(*inputs)))  # eval again afterwards

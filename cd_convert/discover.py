@@ -10,10 +10,8 @@ layers are leaves; everything else is traced through) and reads the graph:
 * ``F.scaled_dot_product_attention(dropout_p=...)``, ``nn.MultiheadAttention(dropout=...)``: *fused* sites;
 * ``nn.LSTM/GRU/RNN(dropout=...)``: reported as unsupported (the dropout is inside the fused kernel).
 
-The consumer of a site is the weight layer that reads its output, followed through ops that only move
-data (:data:`TRANSPARENT_METHODS`, :data:`TRANSPARENT_FUNCTIONS`, ``nn.Flatten``, ``nn.Unflatten``,
-``nn.Identity``). A site whose output reaches anything else (a residual add, a matmul with activations)
-has no single consumer.
+The consumer of a site is the weight layer that reads its output (:mod:`cd_convert.consumers`); call
+locations of functional dropout are keyed as in :mod:`cd_convert.callsites`.
 
 Modules that cannot be traced through (data-dependent control flow, or leaves such as
 ``nn.TransformerEncoderLayer``) are searched module by module instead, and an optional dry run on
@@ -22,33 +20,18 @@ Modules that cannot be traced through (data-dependent control flow, or leaves su
 from __future__ import annotations
 
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .callsites import FUNCTIONAL_DROPOUTS, CallKey, bind_functional, call_key, caller_frame, function_name, owner_method
+from .consumers import ConsumerInfo, find_consumer
 from .layers import ConcreteDropout, ConcreteDropout1d, ConcreteDropout2d, ConcreteDropout3d, ConcreteDropoutBase
 from .targets import DROPOUT_TYPES, is_dropout_module
-
-CallKey = Tuple[str, int, str, int]
-
-#: Functional dropouts: function -> (parameter names, site type).
-FUNCTIONAL_DROPOUTS: Dict[Callable, Tuple[Tuple[str, ...], Type[ConcreteDropoutBase]]] = {
-    F.dropout: (("input", "p", "training", "inplace"), ConcreteDropout),
-    F.dropout1d: (("input", "p", "training", "inplace"), ConcreteDropout1d),
-    F.dropout2d: (("input", "p", "training", "inplace"), ConcreteDropout2d),
-    F.dropout3d: (("input", "p", "training", "inplace"), ConcreteDropout3d),
-    torch.dropout: (("input", "p", "train"), ConcreteDropout),
-    torch.dropout_: (("input", "p", "train"), ConcreteDropout),
-    torch.feature_dropout: (("input", "p", "train"), ConcreteDropout2d),
-    torch.feature_dropout_: (("input", "p", "train"), ConcreteDropout2d),
-}
-_FUNCTIONAL_DEFAULTS = {"p": 0.5, "training": True, "train": True, "inplace": False}
 
 #: Module type -> concrete site type.
 MODULE_SITE_TYPES: Dict[Type[nn.Module], Type[ConcreteDropoutBase]] = {
@@ -58,73 +41,9 @@ MODULE_SITE_TYPES: Dict[Type[nn.Module], Type[ConcreteDropoutBase]] = {
     nn.Dropout3d: ConcreteDropout3d,
 }
 
-#: Tensor methods and functions that only move data: a site's consumer is looked for through them.
-TRANSPARENT_METHODS = frozenset(
-    {"flatten", "reshape", "view", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "t",
-     "view_as", "reshape_as", "to", "type", "float", "double", "half", "bfloat16", "type_as"}
-)
-TRANSPARENT_FUNCTIONS = frozenset(
-    {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.t}
-)
-TRANSPARENT_MODULES: Tuple[type, ...] = (nn.Flatten, nn.Unflatten, nn.Identity)
-
 #: Regularisation-free noise layers: left alone, listed in the report.
 NON_SITE_NAMES = ("DropPath", "StochasticDepth", "DropBlock", "AlphaDropout", "FeatureAlphaDropout", "DropConnect")
 NON_SITE_FUNCTIONS = {F.alpha_dropout: "F.alpha_dropout", F.feature_alpha_dropout: "F.feature_alpha_dropout"}
-
-_SKIP_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
-
-
-def _is_library_frame(frame) -> bool:
-    return frame.f_code.co_filename.startswith(_SKIP_DIRS)
-
-
-def caller_frame(start) -> Any:
-    """The first frame above ``start`` that is neither torch's nor cd_convert's own code."""
-    frame = start
-    while frame is not None and _is_library_frame(frame):
-        frame = frame.f_back
-    return frame
-
-
-def call_key(frame) -> CallKey:
-    """A stable identity for one call instruction in user code (same at trace time and at run time)."""
-    code = frame.f_code
-    return (code.co_filename, code.co_firstlineno, code.co_name, frame.f_lasti)
-
-
-def function_name(func: Callable) -> str:
-    """Readable name of a dropout function (``F.dropout``, ``torch.dropout``)."""
-    module = "F" if getattr(func, "__module__", "") == "torch.nn.functional" else "torch"
-    return f"{module}.{func.__name__}"
-
-
-def bind_functional(func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """Bind a functional-dropout call's arguments to their names (defaults filled in)."""
-    names = FUNCTIONAL_DROPOUTS[func][0]
-    bound = dict(zip(names, args))
-    bound.update(kwargs)
-    for name in names[1:]:
-        bound.setdefault(name, _FUNCTIONAL_DEFAULTS[name])
-    if "train" in bound:
-        bound["training"] = bound.pop("train")
-    return bound
-
-
-@dataclass
-class ConsumerInfo:
-    """The weights that read a site's output.
-
-    Attributes:
-        modules: qualified names of the consuming modules (for the report).
-        weights: qualified names of their weight parameters.
-        units: K, the consumer's input features (Linear) or channels (ConvNd).
-    """
-
-    modules: Tuple[str, ...]
-    weights: Tuple[str, ...]
-    units: int
-
 
 @dataclass
 class FoundSite:
@@ -230,7 +149,7 @@ class SiteTracer(fx.Tracer):
             if frame is not None:
                 owner = self._current_owner()
                 proxy.node.meta["cd_call_key"] = call_key(frame)
-                proxy.node.meta["cd_method"] = _owner_method(frame, owner)
+                proxy.node.meta["cd_method"] = owner_method(frame, owner)
         return proxy
 
     def _current_owner(self) -> Optional[nn.Module]:
@@ -244,131 +163,11 @@ class SiteTracer(fx.Tracer):
             return None
 
 
-def _owner_method(frame, owner: Optional[nn.Module]) -> Optional[str]:
-    """Name of the owner's own method that is (or contains) the calling frame.
-
-    Walks outward from the call to the first frame that runs a method of ``type(owner)`` (not one of
-    ``nn.Module``'s own, such as ``_call_impl``) with ``owner`` as its first argument.
-    """
-    if owner is None:
-        return None
-    while frame is not None:
-        code = frame.f_code
-        if code.co_argcount and frame.f_locals.get(code.co_varnames[0]) is owner:
-            name = code.co_name
-            func = getattr(type(owner), name, None)
-            if getattr(func, "__code__", None) is code and func is not getattr(nn.Module, name, None):
-                return name
-        frame = frame.f_back
-    return None
-
-
 def _node_owner(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return ""
     return list(stack.values())[-1][0]
-
-
-def _module_units(module: nn.Module) -> Optional[int]:
-    if isinstance(module, nn.Linear):
-        return module.in_features
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return module.in_channels
-    return None
-
-
-def _weight_consumer(user: fx.Node, source: fx.Node, modules: Dict[str, nn.Module], root: nn.Module) -> Optional[ConsumerInfo]:
-    if user.op == "call_module":
-        module = modules.get(user.target)
-        if module is None:
-            return None
-        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and user.args and user.args[0] is source:
-            units = _module_units(module)
-            if units is not None and isinstance(getattr(module, "weight", None), torch.Tensor):
-                return ConsumerInfo((user.target,), (f"{user.target}.weight",), units)
-        if isinstance(module, nn.MultiheadAttention):
-            positions = [i for i, a in enumerate(user.args[:3]) if a is source]
-            positions += [("query", "key", "value").index(k) for k, v in user.kwargs.items() if v is source and k in ("query", "key", "value")]
-            if positions:
-                if module.in_proj_weight is not None:
-                    return ConsumerInfo((user.target,), (f"{user.target}.in_proj_weight",), module.embed_dim)
-                names = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
-                weights = tuple(f"{user.target}.{names[i]}" for i in sorted(set(positions)))
-                units = getattr(module, names[positions[0]]).shape[1]
-                return ConsumerInfo((user.target,), weights, units)
-        return None
-    if user.op == "call_function" and user.target in (F.linear, F.conv1d, F.conv2d, F.conv3d):
-        weight = user.args[1] if len(user.args) > 1 else user.kwargs.get("weight")
-        if user.args and user.args[0] is source and isinstance(weight, fx.Node) and weight.op == "get_attr":
-            try:
-                tensor = root.get_parameter(weight.target)
-            except AttributeError:
-                return None
-            units = tensor.shape[1]
-            if user.target is not F.linear:
-                groups = user.args[6] if len(user.args) > 6 else user.kwargs.get("groups", 1)
-                units *= int(groups)
-            owner = weight.target.rpartition(".")[0]
-            return ConsumerInfo((owner,), (weight.target,), units)
-    return None
-
-
-def _is_transparent(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
-    if node.op == "call_method":
-        return node.target in TRANSPARENT_METHODS
-    if node.op == "call_function":
-        return node.target in TRANSPARENT_FUNCTIONS
-    if node.op == "call_module":
-        return isinstance(modules.get(node.target), TRANSPARENT_MODULES)
-    return False
-
-
-def _describe(node: fx.Node) -> str:
-    if node.op == "call_module":
-        return f"module {node.target!r}"
-    if node.op == "call_function":
-        return f"{getattr(node.target, '__name__', node.target)}()"
-    if node.op == "call_method":
-        return f".{node.target}()"
-    return node.op
-
-
-def find_consumer(node: fx.Node, modules: Dict[str, nn.Module], root: nn.Module) -> Tuple[Optional[ConsumerInfo], str]:
-    """Follow a site's output through data-moving ops to the weight layers that read it.
-
-    Args:
-        node: the site's graph node.
-        modules: ``dict(root.named_modules())``.
-        root: the traced model.
-
-    Returns:
-        ``(consumer, note)``: the consumer (several weights when several layers read the same dropped
-        tensor, e.g. separate q/k/v projections), or None with the reason.
-    """
-    found: List[ConsumerInfo] = []
-    frontier = [node]
-    while frontier:
-        current = frontier.pop()
-        users = list(current.users)
-        if not users:
-            continue
-        for user in users:
-            if _is_transparent(user, modules) and user.args and user.args[0] is current:
-                frontier.append(user)
-                continue
-            consumer = _weight_consumer(user, current, modules, root)
-            if consumer is None:
-                return None, f"output also goes to {_describe(user)}, not only to weight layers"
-            found.append(consumer)
-    if not found:
-        return None, "output is not used by any layer"
-    units = {c.units for c in found}
-    if len(units) != 1:
-        return None, "output is read by layers of different input widths"
-    modules_ = tuple(dict.fromkeys(m for c in found for m in c.modules))
-    weights = tuple(dict.fromkeys(w for c in found for w in c.weights))
-    return ConsumerInfo(modules_, weights, units.pop()), ""
 
 
 def _const_float(value: Any) -> Optional[float]:
@@ -451,11 +250,12 @@ def discover(
 
 
 def _has_dropout_inside(module: nn.Module) -> bool:
+    """Whether a leaf module holds dropout (or attention / RNN) modules that the trace cannot see."""
     return any(
-        is_dropout_module(m) or isinstance(m, (nn.MultiheadAttention, nn.RNNBase))
+        is_dropout_module(m) or isinstance(m, (ConcreteDropoutBase, nn.MultiheadAttention, nn.RNNBase))
         for m in module.modules()
         if m is not module
-    ) or isinstance(module, (nn.MultiheadAttention, nn.RNNBase)) and False
+    )
 
 
 def _read_graph(model: nn.Module, graph: fx.Graph, discovery: Discovery) -> None:

@@ -18,20 +18,9 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from .discover import (
-    FUNCTIONAL_DROPOUTS,
-    TRANSPARENT_FUNCTIONS,
-    TRANSPARENT_METHODS,
-    ConsumerInfo,
-    Discovery,
-    FoundSite,
-    _module_units,
-    _owner_method,
-    bind_functional,
-    call_key,
-    caller_frame,
-    function_name,
-)
+from .callsites import FUNCTIONAL_DROPOUTS, bind_functional, call_key, caller_frame, function_name, owner_method
+from .consumers import TRANSPARENT_FUNCTIONS, TRANSPARENT_METHODS, ConsumerInfo, module_units
+from .discover import Discovery, FoundSite
 from .layers import ConcreteDropoutBase
 from .targets import is_dropout_module
 
@@ -76,7 +65,7 @@ class _DryRun:
         self.called.add(name)
         if args and isinstance(args[0], torch.Tensor):
             source = self.produced_by.get(id(args[0]))
-            units = _module_units(module)
+            units = module_units(module)
             if source is not None and units is not None:
                 self.consumers.setdefault(source, []).append(ConsumerInfo((name,), (f"{name}.weight",), units))
 
@@ -93,7 +82,7 @@ class _DryRun:
         if caller is None:
             return
         key = call_key(caller)
-        method = _owner_method(caller, owner)
+        method = owner_method(caller, owner)
         bound = bind_functional(func, args, kwargs)
         label = f"functional:{owner_name}:{key}"
         self.functional[key] = {"func": func, "owner": owner_name, "method": method, "p": bound.get("p"),

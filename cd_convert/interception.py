@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from .discover import FUNCTIONAL_DROPOUTS, CallKey, bind_functional, call_key, caller_frame
+from .callsites import FUNCTIONAL_DROPOUTS, CallKey, bind_functional, call_key, caller_frame
 
 INTERCEPTOR_ATTR = "_cd_convert_interceptors"
 _SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")

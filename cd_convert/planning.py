@@ -14,7 +14,8 @@ import torch.nn as nn
 
 from .changes import FusedAttentionSwitch, InputSite, MethodSite, ModuleSwap, find_rate_attribute
 from .collector import Application
-from .discover import ConsumerInfo, Discovery, FoundSite
+from .consumers import ConsumerInfo
+from .discover import Discovery, FoundSite
 from .errors import TargetError
 from .interception import interceptors
 from .layers import ConcreteDropout, ConcreteDropout1d, ConcreteDropout2d, ConcreteDropout3d, ConcreteDropoutBase, InitP

@@ -1,0 +1,91 @@
+"""Call sites of functional dropout in user code: how to name one and how to find it at run time.
+
+A functional call (``F.dropout(x, p=self.drop_rate, training=self.training)``) is identified by the code
+location of the call instruction (file, first line and name of the function, bytecode offset). The same
+key is computed when torch.fx traces the call, when a dry run records it, and when the converted model
+runs, so a call found at conversion time is recognised again at run time.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Type
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import ConcreteDropout, ConcreteDropout1d, ConcreteDropout2d, ConcreteDropout3d, ConcreteDropoutBase
+
+CallKey = Tuple[str, int, str, int]
+
+#: Functional dropouts: function -> (parameter names, site type).
+FUNCTIONAL_DROPOUTS: Dict[Callable, Tuple[Tuple[str, ...], Type[ConcreteDropoutBase]]] = {
+    F.dropout: (("input", "p", "training", "inplace"), ConcreteDropout),
+    F.dropout1d: (("input", "p", "training", "inplace"), ConcreteDropout1d),
+    F.dropout2d: (("input", "p", "training", "inplace"), ConcreteDropout2d),
+    F.dropout3d: (("input", "p", "training", "inplace"), ConcreteDropout3d),
+    torch.dropout: (("input", "p", "train"), ConcreteDropout),
+    torch.dropout_: (("input", "p", "train"), ConcreteDropout),
+    torch.feature_dropout: (("input", "p", "train"), ConcreteDropout2d),
+    torch.feature_dropout_: (("input", "p", "train"), ConcreteDropout2d),
+}
+_FUNCTIONAL_DEFAULTS = {"p": 0.5, "training": True, "train": True, "inplace": False}
+
+_SKIP_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+
+
+def _is_library_frame(frame) -> bool:
+    return frame.f_code.co_filename.startswith(_SKIP_DIRS)
+
+
+def caller_frame(start) -> Any:
+    """The first frame above ``start`` that is neither torch's nor cd_convert's own code."""
+    frame = start
+    while frame is not None and _is_library_frame(frame):
+        frame = frame.f_back
+    return frame
+
+
+def call_key(frame) -> CallKey:
+    """A stable identity for one call instruction in user code (same at trace time and at run time)."""
+    code = frame.f_code
+    return (code.co_filename, code.co_firstlineno, code.co_name, frame.f_lasti)
+
+
+def function_name(func: Callable) -> str:
+    """Readable name of a dropout function (``F.dropout``, ``torch.dropout``)."""
+    module = "F" if getattr(func, "__module__", "") == "torch.nn.functional" else "torch"
+    return f"{module}.{func.__name__}"
+
+
+def bind_functional(func: Callable, args: Sequence[Any], kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Bind a functional-dropout call's arguments to their names (defaults filled in)."""
+    names = FUNCTIONAL_DROPOUTS[func][0]
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    for name in names[1:]:
+        bound.setdefault(name, _FUNCTIONAL_DEFAULTS[name])
+    if "train" in bound:
+        bound["training"] = bound.pop("train")
+    return bound
+
+
+def owner_method(frame, owner: Optional[nn.Module]) -> Optional[str]:
+    """Name of the owner's own method that is (or contains) the calling frame.
+
+    Walks outward from the call to the first frame that runs a method of ``type(owner)`` (not one of
+    ``nn.Module``'s own, such as ``_call_impl``) with ``owner`` as its first argument.
+    """
+    if owner is None:
+        return None
+    while frame is not None:
+        code = frame.f_code
+        if code.co_argcount and frame.f_locals.get(code.co_varnames[0]) is owner:
+            name = code.co_name
+            func = getattr(type(owner), name, None)
+            if getattr(func, "__code__", None) is code and func is not getattr(nn.Module, name, None):
+                return name
+        frame = frame.f_back
+    return None
+
+

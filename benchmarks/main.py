@@ -20,7 +20,6 @@ import pathlib
 import sys
 import time
 
-import numpy as np
 
 from . import common, mnist, uci
 from .datasets import load_embedded_digits, load_embedded_regression
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--splits", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=200, help="regression epochs per run")
     ap.add_argument("--samples", type=int, default=500, help="regression MC samples")
-    ap.add_argument("--digits-epochs", type=int, default=10)
+    ap.add_argument("--digits-epochs", type=int, default=30)
     ap.add_argument("--digits-samples", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--no-progress", action="store_true")

@@ -37,7 +37,6 @@ import argparse
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -138,6 +137,7 @@ def run_comparison(data: dict, kind: str, epochs: int, samples: int, seed: int, 
     bar = common.progress(total=len(grid) + 1, desc=f"{kind} runs", disable=not progress)
     for i, p in enumerate(grid):
         t0 = time.perf_counter()
+        common.seed_all(common.run_seed(seed, 1, i))  # the initial weights, too, come from the run's seed
         model = make_model(kind, data, p)
         train(model, xtr, ytr, epochs, common.run_seed(seed, 1, i), concrete=False)
         res = evaluate(model, xte, yte, samples, common.run_seed(seed, 2, i), concrete=False)
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
     ap.add_argument("--quick", action="store_true", help="few epochs and MC samples (a few minutes on 2 cores)")
-    ap.add_argument("--epochs", type=int, default=None, help="default 20 (quick: 10)")
+    ap.add_argument("--epochs", type=int, default=None, help="default 40 (quick: 20)")
     ap.add_argument("--samples", type=int, default=None, help="MC samples, default 50 (quick: 20)")
     ap.add_argument("--length-scale", type=float, default=None, help="default 1e-2 (mlp) / 0.1 (cnn)")
     ap.add_argument("--data-size", default=None, help="comma-separated training-set sizes: p vs N experiment")
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     common.set_threads(args.threads)
-    epochs = args.epochs or (10 if args.quick else 20)
+    epochs = args.epochs or (20 if args.quick else 40)
     samples = args.samples or (20 if args.quick else 50)
     length_scale = args.length_scale or (1e-2 if args.model == "mlp" else 0.1)
     data, desc = load(args.data_dir, args.seed)

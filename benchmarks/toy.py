@@ -18,7 +18,6 @@ next to the authors' published numbers.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 

@@ -8,6 +8,7 @@ Public API (everything else is internal)::
     ConcreteDropout, ConcreteDropout1d/2d/3d, concrete_dropout     the layers
     metrics, losses (plots: ``import cd_convert.plots``; timm: ``import cd_convert.timm``)
 """
+
 from . import losses, metrics
 from .collector import dropout_rates, regularization
 from .convert import convert, freeze, plan, report, set_regularizer, unconvert
@@ -18,10 +19,29 @@ from .mc import ClassificationPrediction, RegressionPrediction, mc_mode, mc_pred
 from .report import Report
 
 __all__ = [
-    "convert", "plan", "report", "unconvert", "freeze", "set_regularizer",
-    "regularization", "dropout_rates", "RateLogger", "mc_mode", "mc_predict",
-    "ClassificationPrediction", "RegressionPrediction",
-    "ConcreteDropout", "ConcreteDropout1d", "ConcreteDropout2d", "ConcreteDropout3d", "concrete_dropout",
-    "Report", "ConversionError", "TargetError", "FreezeError", "metrics", "losses",
+    "convert",
+    "plan",
+    "report",
+    "unconvert",
+    "freeze",
+    "set_regularizer",
+    "regularization",
+    "dropout_rates",
+    "RateLogger",
+    "mc_mode",
+    "mc_predict",
+    "ClassificationPrediction",
+    "RegressionPrediction",
+    "ConcreteDropout",
+    "ConcreteDropout1d",
+    "ConcreteDropout2d",
+    "ConcreteDropout3d",
+    "concrete_dropout",
+    "Report",
+    "ConversionError",
+    "TargetError",
+    "FreezeError",
+    "metrics",
+    "losses",
 ]
 __version__ = "0.1.0"

@@ -5,6 +5,7 @@ location of the call instruction (file, first line and name of the function, byt
 key is computed when torch.fx traces the call, when a dry run records it, and when the converted model
 runs, so a call found at conversion time is recognised again at run time.
 """
+
 from __future__ import annotations
 
 import os
@@ -87,5 +88,3 @@ def owner_method(frame, owner: Optional[nn.Module]) -> Optional[str]:
                 return name
         frame = frame.f_back
     return None
-
-

@@ -3,6 +3,7 @@
 Every change is recorded in the model's collector, so ``unconvert`` can restore the original modules and
 state_dict keys exactly and ``freeze`` can write the learned rates back as plain ``nn.Dropout*`` modules.
 """
+
 from __future__ import annotations
 
 import math

@@ -6,6 +6,7 @@ state_dict keys and survives ``copy.deepcopy``, pickling and ``torch.save``). It
 number of units K. Names, not object references, are stored: a head replaced by ``reset_classifier`` is
 then found again under its name.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -97,7 +98,9 @@ class Collector:
             neg_entropy = p * F.logsigmoid(theta) + one_minus_p * F.logsigmoid(-theta)
             term = (dr * _units(app, site)) * neg_entropy
             if app.consumer_weights:
-                sq = sum(_resolve_parameter(root, w).float().pow(2).sum().to(theta.device) for w in app.consumer_weights)
+                sq = sum(
+                    _resolve_parameter(root, w).float().pow(2).sum().to(theta.device) for w in app.consumer_weights
+                )
                 term = term + wr * sq / one_minus_p
             total = term if total is None else total + term
         if total is None:

@@ -4,6 +4,7 @@ The search follows a site's output through ops that only move data (:data:`TRANS
 :data:`TRANSPARENT_FUNCTIONS`, :data:`TRANSPARENT_MODULES`); the consumers are ``nn.Linear``, ``nn.ConvNd``,
 ``F.linear``/``F.conv*`` with a module weight, and ``nn.MultiheadAttention`` (its input projection).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,13 +17,32 @@ import torch.nn.functional as F
 
 #: Tensor methods and functions that only move data: a site's consumer is looked for through them.
 TRANSPARENT_METHODS = frozenset(
-    {"flatten", "reshape", "view", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "t",
-     "view_as", "reshape_as", "to", "type", "float", "double", "half", "bfloat16", "type_as"}
+    {
+        "flatten",
+        "reshape",
+        "view",
+        "permute",
+        "transpose",
+        "contiguous",
+        "squeeze",
+        "unsqueeze",
+        "t",
+        "view_as",
+        "reshape_as",
+        "to",
+        "type",
+        "float",
+        "double",
+        "half",
+        "bfloat16",
+        "type_as",
+    }
 )
 TRANSPARENT_FUNCTIONS = frozenset(
     {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.t}
 )
 TRANSPARENT_MODULES: Tuple[type, ...] = (nn.Flatten, nn.Unflatten, nn.Identity)
+
 
 @dataclass
 class ConsumerInfo:
@@ -47,7 +67,9 @@ def module_units(module: nn.Module) -> Optional[int]:
     return None
 
 
-def _weight_consumer(user: fx.Node, source: fx.Node, modules: Dict[str, nn.Module], root: nn.Module) -> Optional[ConsumerInfo]:
+def _weight_consumer(
+    user: fx.Node, source: fx.Node, modules: Dict[str, nn.Module], root: nn.Module
+) -> Optional[ConsumerInfo]:
     if user.op == "call_module":
         module = modules.get(user.target)
         if module is None:
@@ -58,7 +80,11 @@ def _weight_consumer(user: fx.Node, source: fx.Node, modules: Dict[str, nn.Modul
                 return ConsumerInfo((user.target,), (f"{user.target}.weight",), units)
         if isinstance(module, nn.MultiheadAttention):
             positions = [i for i, a in enumerate(user.args[:3]) if a is source]
-            positions += [("query", "key", "value").index(k) for k, v in user.kwargs.items() if v is source and k in ("query", "key", "value")]
+            positions += [
+                ("query", "key", "value").index(k)
+                for k, v in user.kwargs.items()
+                if v is source and k in ("query", "key", "value")
+            ]
             if positions:
                 if module.in_proj_weight is not None:
                     return ConsumerInfo((user.target,), (f"{user.target}.in_proj_weight",), module.embed_dim)
@@ -138,5 +164,3 @@ def find_consumer(node: fx.Node, modules: Dict[str, nn.Module], root: nn.Module)
     modules_ = tuple(dict.fromkeys(m for c in found for m in c.modules))
     weights = tuple(dict.fromkeys(w for c in found for w in c.weights))
     return ConsumerInfo(modules_, weights, units.pop()), ""
-
-

@@ -4,6 +4,7 @@ Every change is built and validated before any is applied; an error while applyi
 so a model is never left half-converted. The model object keeps its class, methods and state_dict keys
 (the sites add their own ``p_logit`` keys).
 """
+
 from __future__ import annotations
 
 import copy
@@ -89,7 +90,9 @@ def _site_module(model: nn.Module, entry: PlannedSite) -> Optional[ConcreteDropo
     return module if isinstance(module, ConcreteDropoutBase) else None
 
 
-def _model_leaves_and_wraps(model: nn.Module, leaf_modules: Sequence[type], autowrap_functions: Sequence[Callable]) -> Tuple[List[type], List[Callable]]:
+def _model_leaves_and_wraps(
+    model: nn.Module, leaf_modules: Sequence[type], autowrap_functions: Sequence[Callable]
+) -> Tuple[List[type], List[Callable]]:
     leaves, wraps = list(leaf_modules), list(autowrap_functions)
     try:
         from .integrations.timm import notrace_for
@@ -180,11 +183,26 @@ def convert(
         ConversionError / TargetError / ValueError / TypeError: before anything is changed.
     """
     scale = resolve_scale(
-        dataset_size=dataset_size, length_scale=length_scale, loss=loss, tau=tau,
-        weight_regularizer=weight_regularizer, dropout_regularizer=dropout_regularizer,
+        dataset_size=dataset_size,
+        length_scale=length_scale,
+        loss=loss,
+        tau=tau,
+        weight_regularizer=weight_regularizer,
+        dropout_regularizer=dropout_regularizer,
     )
-    plan_ = _prepare(model, targets, exclude, init_p, temperature, channel_temperature, include_zero_rate,
-                     fused_attention, leaf_modules, autowrap_functions, example_inputs)
+    plan_ = _prepare(
+        model,
+        targets,
+        exclude,
+        init_p,
+        temperature,
+        channel_temperature,
+        include_zero_rate,
+        fused_attention,
+        leaf_modules,
+        autowrap_functions,
+        example_inputs,
+    )
     if targets is None and not plan_.sites:
         warnings.warn(
             f"{type(model).__name__} applies no dropout that cd_convert can convert; nothing was changed. Pass "
@@ -245,17 +263,38 @@ def plan(model: nn.Module, targets: Optional[Any] = None, **kwargs: Any) -> Repo
         A :class:`~cd_convert.report.Report` whose site rows have status "planned" (or "existing").
     """
     kwargs.pop("inplace", None)
-    scale_args = {k: kwargs.pop(k) for k in ("dataset_size", "length_scale", "loss", "tau", "weight_regularizer", "dropout_regularizer") if k in kwargs}
+    scale_args = {
+        k: kwargs.pop(k)
+        for k in ("dataset_size", "length_scale", "loss", "tau", "weight_regularizer", "dropout_regularizer")
+        if k in kwargs
+    }
     scale = resolve_scale(**scale_args)
-    allowed = {"exclude", "init_p", "temperature", "channel_temperature", "include_zero_rate", "fused_attention",
-               "leaf_modules", "autowrap_functions", "example_inputs"}
+    allowed = {
+        "exclude",
+        "init_p",
+        "temperature",
+        "channel_temperature",
+        "include_zero_rate",
+        "fused_attention",
+        "leaf_modules",
+        "autowrap_functions",
+        "example_inputs",
+    }
     unknown = set(kwargs) - allowed
     if unknown:
         raise TypeError(f"plan() got unexpected keyword arguments {sorted(unknown)}.")
     p = _prepare(
-        model, targets, kwargs.get("exclude"), kwargs.get("init_p", 0.1), kwargs.get("temperature"),
-        kwargs.get("channel_temperature"), kwargs.get("include_zero_rate", True), kwargs.get("fused_attention", True),
-        kwargs.get("leaf_modules", ()), kwargs.get("autowrap_functions", ()), kwargs.get("example_inputs"),
+        model,
+        targets,
+        kwargs.get("exclude"),
+        kwargs.get("init_p", 0.1),
+        kwargs.get("temperature"),
+        kwargs.get("channel_temperature"),
+        kwargs.get("include_zero_rate", True),
+        kwargs.get("fused_attention", True),
+        kwargs.get("leaf_modules", ()),
+        kwargs.get("autowrap_functions", ()),
+        kwargs.get("example_inputs"),
     )
     for entry in p.sites:
         init = entry.init
@@ -302,8 +341,14 @@ def set_regularizer(
     Args: as the same-named arguments of :func:`convert`; one of ``dataset_size`` or the explicit pair is
         required.
     """
-    scale = resolve_scale(dataset_size=dataset_size, length_scale=length_scale, loss=loss, tau=tau,
-                          weight_regularizer=weight_regularizer, dropout_regularizer=dropout_regularizer)
+    scale = resolve_scale(
+        dataset_size=dataset_size,
+        length_scale=length_scale,
+        loss=loss,
+        tau=tau,
+        weight_regularizer=weight_regularizer,
+        dropout_regularizer=dropout_regularizer,
+    )
     if scale is None:
         raise ValueError("set_regularizer needs dataset_size=N (or weight_regularizer= and dropout_regularizer=).")
     collectors = list(iter_collectors(model))
@@ -361,7 +406,9 @@ def freeze(model: nn.Module, *, strict: bool = True, inplace: bool = False) -> n
     target = model if inplace else copy.deepcopy(model)
     for change in reversed(get_collector(target).changes):
         if isinstance(change, MethodSite) and change.rate_attribute is None:
-            warnings.warn(f"freeze: {change.site_name} keeps its original rate (no attribute to write p into).", stacklevel=2)
+            warnings.warn(
+                f"freeze: {change.site_name} keeps its original rate (no attribute to write p into).", stacklevel=2
+            )
             change.undo(target)
         else:
             change.freeze(target)

@@ -17,6 +17,7 @@ Modules that cannot be traced through (data-dependent control flow, or leaves su
 ``nn.TransformerEncoderLayer``) are searched module by module instead, and an optional dry run on
 ``example_inputs`` confirms which sites run and which layer consumes each (by tensor identity).
 """
+
 from __future__ import annotations
 
 import math
@@ -28,7 +29,15 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .callsites import FUNCTIONAL_DROPOUTS, CallKey, bind_functional, call_key, caller_frame, function_name, owner_method
+from .callsites import (
+    FUNCTIONAL_DROPOUTS,
+    CallKey,
+    bind_functional,
+    call_key,
+    caller_frame,
+    function_name,
+    owner_method,
+)
 from .consumers import ConsumerInfo, find_consumer
 from .layers import ConcreteDropout, ConcreteDropout1d, ConcreteDropout2d, ConcreteDropout3d, ConcreteDropoutBase
 from .targets import DROPOUT_TYPES, is_dropout_module
@@ -44,6 +53,7 @@ MODULE_SITE_TYPES: Dict[Type[nn.Module], Type[ConcreteDropoutBase]] = {
 #: Regularisation-free noise layers: left alone, listed in the report.
 NON_SITE_NAMES = ("DropPath", "StochasticDepth", "DropBlock", "AlphaDropout", "FeatureAlphaDropout", "DropConnect")
 NON_SITE_FUNCTIONS = {F.alpha_dropout: "F.alpha_dropout", F.feature_alpha_dropout: "F.feature_alpha_dropout"}
+
 
 @dataclass
 class FoundSite:
@@ -181,7 +191,9 @@ def is_non_site_module(module: nn.Module) -> bool:
     return any(part in type(module).__name__ for part in NON_SITE_NAMES)
 
 
-def trace_graph(model: nn.Module, leaf_modules: Sequence[type], autowrap_functions: Sequence[Callable]) -> Tuple[fx.Graph, SiteTracer]:
+def trace_graph(
+    model: nn.Module, leaf_modules: Sequence[type], autowrap_functions: Sequence[Callable]
+) -> Tuple[fx.Graph, SiteTracer]:
     """Trace ``model`` in training mode (so ``training=self.training`` branches are taken), restoring modes.
 
     Args:
@@ -273,7 +285,9 @@ def _read_graph(model: nn.Module, graph: fx.Graph, discovery: Discovery) -> None
             elif isinstance(module, nn.RNNBase):
                 _add_rnn(discovery, node.target, module)
             elif is_non_site_module(module):
-                discovery.findings.append(Finding(node.target, "not a dropout site", f"{type(module).__name__} is left as it is"))
+                discovery.findings.append(
+                    Finding(node.target, "not a dropout site", f"{type(module).__name__} is left as it is")
+                )
         elif node.op == "call_function":
             if node.target in FUNCTIONAL_DROPOUTS:
                 _add_functional_site(discovery, node, modules, model)
@@ -281,7 +295,11 @@ def _read_graph(model: nn.Module, graph: fx.Graph, discovery: Discovery) -> None
                 _add_sdpa(discovery, node, modules, model)
             elif node.target in NON_SITE_FUNCTIONS:
                 discovery.findings.append(
-                    Finding(_node_owner(node) or "<root>", "not a dropout site", f"{NON_SITE_FUNCTIONS[node.target]} is left as it is")
+                    Finding(
+                        _node_owner(node) or "<root>",
+                        "not a dropout site",
+                        f"{NON_SITE_FUNCTIONS[node.target]} is left as it is",
+                    )
                 )
     # Non-site noise modules that are traced through (e.g. timm DropPath) never appear as call_module.
     for name, module in model.named_modules():
@@ -289,7 +307,9 @@ def _read_graph(model: nn.Module, graph: fx.Graph, discovery: Discovery) -> None
             discovery.findings.append(Finding(name, "not a dropout site", f"{type(module).__name__} is left as it is"))
 
 
-def _add_module_site(discovery: Discovery, node: fx.Node, module: nn.Module, modules: Dict[str, nn.Module], root: nn.Module) -> None:
+def _add_module_site(
+    discovery: Discovery, node: fx.Node, module: nn.Module, modules: Dict[str, nn.Module], root: nn.Module
+) -> None:
     consumer, note = find_consumer(node, modules, root)
     site_type = type(module) if isinstance(module, ConcreteDropoutBase) else _site_type_for(module)
     p = float(module.p.detach()) if isinstance(module, ConcreteDropoutBase) else float(module.p)
@@ -396,7 +416,9 @@ def _add_sdpa(discovery: Discovery, node: fx.Node, modules: Dict[str, nn.Module]
 
 
 def _matching_dropout_child(owner: nn.Module, p: Optional[float]) -> Optional[Tuple[str, nn.Module]]:
-    candidates = [(n, m) for n, m in owner.named_children() if is_dropout_module(m) or isinstance(m, ConcreteDropoutBase)]
+    candidates = [
+        (n, m) for n, m in owner.named_children() if is_dropout_module(m) or isinstance(m, ConcreteDropoutBase)
+    ]
     if p is not None:
         same = [(n, m) for n, m in candidates if isinstance(m, DROPOUT_TYPES) and math.isclose(float(m.p), p)]
         candidates = same or candidates
@@ -459,15 +481,23 @@ def _module_search(model: nn.Module, discovery: Discovery, within: Optional[str]
         if isinstance(module, ConcreteDropoutBase) or is_dropout_module(module):
             parent_name = name.rpartition(".")[0]
             parent = model.get_submodule(parent_name) if parent_name else model
-            if hasattr(parent, "fused_attn") and _matching_dropout_child(parent, None) == (name.rpartition(".")[2], module):
+            if hasattr(parent, "fused_attn") and _matching_dropout_child(parent, None) == (
+                name.rpartition(".")[2],
+                module,
+            ):
                 # timm-style attention reads this module's rate into fused attention instead of calling it.
                 discovery.sites.append(
                     FoundSite(
-                        kind="fused", owner=parent_name, module_name=name, site_type=_site_type_for(module),
+                        kind="fused",
+                        owner=parent_name,
+                        module_name=name,
+                        site_type=_site_type_for(module),
                         p=float(module.p.detach()) if isinstance(module, ConcreteDropoutBase) else float(module.p),
-                        found_by=found_by, consumer=None,
+                        found_by=found_by,
+                        consumer=None,
                         consumer_note="attention probabilities are multiplied by values, not by a weight",
-                        fused_op="scaled_dot_product_attention", called=None,
+                        fused_op="scaled_dot_product_attention",
+                        called=None,
                         notes=["attention takes its explicit path (fused_attn=False) while the site is active"],
                     )
                 )

@@ -8,6 +8,7 @@ tensors through data-moving ops and records functional dropout calls, so that:
 * sites found by module search get their consumer by tensor identity;
 * functional dropout in models torch.fx cannot trace is found and attributed to its owner's method.
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,7 +25,9 @@ from .discover import Discovery, FoundSite
 from .layers import ConcreteDropoutBase
 from .targets import is_dropout_module
 
-_TRANSPARENT_TENSOR_METHODS = {getattr(torch.Tensor, name) for name in TRANSPARENT_METHODS if hasattr(torch.Tensor, name)}
+_TRANSPARENT_TENSOR_METHODS = {
+    getattr(torch.Tensor, name) for name in TRANSPARENT_METHODS if hasattr(torch.Tensor, name)
+}
 
 
 class _Recorder(TorchFunctionMode):
@@ -85,8 +88,14 @@ class _DryRun:
         method = owner_method(caller, owner)
         bound = bind_functional(func, args, kwargs)
         label = f"functional:{owner_name}:{key}"
-        self.functional[key] = {"func": func, "owner": owner_name, "method": method, "p": bound.get("p"),
-                                "training": bound.get("training"), "label": label}
+        self.functional[key] = {
+            "func": func,
+            "owner": owner_name,
+            "method": method,
+            "p": bound.get("p"),
+            "training": bound.get("training"),
+            "label": label,
+        }
         if isinstance(result, torch.Tensor):
             self.remember(result, label)
 
@@ -126,9 +135,14 @@ def confirm_with_dry_run(model: nn.Module, discovery: Discovery, example_inputs:
         if key in known or call["training"] is False or call["method"] is None:
             continue
         site = FoundSite(
-            kind="functional", owner=call["owner"], site_type=FUNCTIONAL_DROPOUTS[call["func"]][1],
-            p=float(call["p"]) if isinstance(call["p"], (int, float)) else None, found_by="dry run",
-            function=function_name(call["func"]), key=key, method=call["method"],
+            kind="functional",
+            owner=call["owner"],
+            site_type=FUNCTIONAL_DROPOUTS[call["func"]][1],
+            p=float(call["p"]) if isinstance(call["p"], (int, float)) else None,
+            found_by="dry run",
+            function=function_name(call["func"]),
+            key=key,
+            method=call["method"],
         )
         found = run.consumers.get(call["label"])
         if found:

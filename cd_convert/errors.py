@@ -1,4 +1,5 @@
 """Typed errors: every refusal says what was wrong and what to pass instead."""
+
 from __future__ import annotations
 
 

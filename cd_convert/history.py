@@ -10,6 +10,7 @@ anything::
     logger.to_csv("rates.csv")
     cd_convert.plots.rates_over_training(logger, path="rates.png")
 """
+
 from __future__ import annotations
 
 import csv
@@ -117,9 +118,7 @@ class RateLogger:
             ``{site: [p at record 0, p at record 1, ...]}``; NaN where a site was absent from a record
             (e.g. a site added to the model part-way through training).
         """
-        return {
-            name: [record["rates"].get(name, math.nan) for record in self.history] for name in self.sites()
-        }
+        return {name: [record["rates"].get(name, math.nan) for record in self.history] for name in self.sites()}
 
     def to_csv(self, path: Union[str, "os.PathLike[str]"]) -> None:
         """Write the history as CSV: columns ``epoch``, the extra scalars, then one column per site.

@@ -11,6 +11,7 @@ that location. Calls the trace did not see pass through unchanged, with a one-ti
 (softmax, concrete dropout, matmul) while the site is active; in eval it calls the fused kernel with
 ``dropout_p=0``, exactly as the original code does.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -171,16 +172,24 @@ def _routed_dropout(input: Tensor, p: float = 0.5, training: bool = True, inplac
     return site(input, training=flag)
 
 
-def _routed_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
-                 dropout_p: float = 0.0, is_causal: bool = False, **extra: Any) -> Tensor:
+def _routed_sdpa(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    **extra: Any,
+) -> Tensor:
     route = getattr(_routing, "route", None)
     if route is None:
         return _ORIGINAL_SDPA(query, key, value, attn_mask, dropout_p, is_causal, **extra)
     site, flag = route
     if not site.active:
         return _ORIGINAL_SDPA(query, key, value, attn_mask, 0.0, is_causal, **extra)
-    return explicit_attention(query, key, value, attn_mask, is_causal, **extra,
-                              dropout=lambda w: site(w, training=flag))
+    return explicit_attention(
+        query, key, value, attn_mask, is_causal, **extra, dropout=lambda w: site(w, training=flag)
+    )
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ direct implementation of the formula above keeps about four tensors of the input
 not saved, so an in-place operation after the site (``nn.ReLU(inplace=True)``, ``out += identity``) is
 allowed, as after ``nn.Dropout``.
 """
+
 from __future__ import annotations
 
 import math
@@ -298,9 +299,7 @@ class _ConcreteDropoutNd(nn.Module):
     ) -> None:
         super().__init__()
         self.init_p = validate_init_p(init_p)
-        self.temperature = validate_temperature(
-            self.default_temperature if temperature is None else temperature
-        )
+        self.temperature = validate_temperature(self.default_temperature if temperature is None else temperature)
         if not 0.0 < eps < 0.5:
             raise ValueError(f"eps must lie in (0, 0.5), got {eps!r}.")
         self.eps = float(eps)

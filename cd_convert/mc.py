@@ -13,6 +13,7 @@ do at test time (their Keras layer applies the same relaxed mask in training and
 T passes batched (the input repeated T times along dim 0) and returns the predictive summaries described
 in ``docs/concrete-dropout.md``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -162,9 +163,7 @@ class RegressionPrediction:
     samples: Optional[Tensor] = None
     log_variance_samples: Optional[Tensor] = None
 
-    def test_log_likelihood(
-        self, target: Tensor, noise_variance: Optional[Union[float, Tensor]] = None
-    ) -> float:
+    def test_log_likelihood(self, target: Tensor, noise_variance: Optional[Union[float, Tensor]] = None) -> float:
         """Average MC test log-likelihood ``logsumexp_t log N(y; mu_t, sigma_t^2) - log T``.
 
         Args:
@@ -204,9 +203,7 @@ def _as_inputs(x: Inputs) -> Tuple[Tensor, ...]:
         raise ValueError(f"x needs a non-empty batch dim 0, got shape {tuple(inputs[0].shape)}.")
     for t in inputs[1:]:
         if t.dim() == 0 or t.shape[0] != batch:
-            raise ValueError(
-                f"every input must have the same batch size {batch} in dim 0, got shape {tuple(t.shape)}."
-            )
+            raise ValueError(f"every input must have the same batch size {batch} in dim 0, got shape {tuple(t.shape)}.")
     return inputs
 
 

@@ -72,8 +72,7 @@ def _check_classification(probs: Tensor, target: Tensor, name: str = "probs") ->
         raise ValueError(f"{name} is empty (shape {_shape(probs)}); need at least one example")
     if target.ndim != 1 or target.shape[0] != n:
         raise ValueError(
-            f"target must have shape ({n},) to match {name} of shape {_shape(probs)}; "
-            f"got shape {_shape(target)}"
+            f"target must have shape ({n},) to match {name} of shape {_shape(probs)}; got shape {_shape(target)}"
         )
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise ValueError(f"target must hold integer class indices; got dtype {target.dtype}")
@@ -260,15 +259,13 @@ def gaussian_test_log_likelihood(
         raise ValueError(f"mu_samples needs T >= 1 and N >= 1; got shape {_shape(mu_samples)}")
     if target.shape != mu_samples.shape[1:]:
         raise ValueError(
-            f"target must have shape {_shape(mu_samples)[1:]} (mu_samples.shape[1:]); "
-            f"got shape {_shape(target)}"
+            f"target must have shape {_shape(mu_samples)[1:]} (mu_samples.shape[1:]); got shape {_shape(target)}"
         )
     mu = _as_float(mu_samples)
     if isinstance(sigma2, Tensor) and sigma2.ndim > 0:
         if sigma2.shape != mu.shape:
             raise ValueError(
-                f"sigma2 must be a scalar or have the shape of mu_samples {_shape(mu)}; "
-                f"got shape {_shape(sigma2)}"
+                f"sigma2 must be a scalar or have the shape of mu_samples {_shape(mu)}; got shape {_shape(sigma2)}"
             )
         var = sigma2.to(mu.dtype)
     else:
@@ -361,9 +358,7 @@ def auroc_from_labels(scores: Tensor, is_positive: Tensor) -> float:
     if scores.ndim != 1:
         raise ValueError(f"scores must be 1-D with shape (n,); got shape {_shape(scores)}")
     if is_positive.shape != scores.shape:
-        raise ValueError(
-            f"is_positive must have shape {_shape(scores)} like scores; got {_shape(is_positive)}"
-        )
+        raise ValueError(f"is_positive must have shape {_shape(scores)} like scores; got {_shape(is_positive)}")
     if is_positive.dtype != torch.bool:
         raise ValueError(f"is_positive must be a bool tensor; got dtype {is_positive.dtype}")
     return auroc(scores[~is_positive], scores[is_positive])
@@ -406,9 +401,7 @@ def mutual_information(prob_samples: Tensor) -> Tensor:
         make the difference of two entropies slightly negative.
     """
     if prob_samples.ndim != 3 or 0 in prob_samples.shape:
-        raise ValueError(
-            f"prob_samples must have shape (T, N, C) with T, N, C >= 1; got shape {_shape(prob_samples)}"
-        )
+        raise ValueError(f"prob_samples must have shape (T, N, C) with T, N, C >= 1; got shape {_shape(prob_samples)}")
     prob_samples = _as_float(prob_samples)
     _check_probs(prob_samples, "prob_samples")
     mi = _entropy(prob_samples.mean(dim=0)) - _entropy(prob_samples).mean(dim=0)

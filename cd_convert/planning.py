@@ -4,6 +4,7 @@ Nothing here touches the model. The plan holds, per site, the report row, the co
 initial rate, the change that will create it (:mod:`cd_convert.changes`) and the site's applications
 (consumer weights) for the regulariser. Dropout that is not converted gets a report row saying why.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -130,8 +131,14 @@ class Planner:
         options: the conversion options.
     """
 
-    def __init__(self, model: nn.Module, discovery: Discovery, targets: Optional[List[Matcher]],
-                 exclude: Optional[List[Matcher]], options: Options) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        discovery: Discovery,
+        targets: Optional[List[Matcher]],
+        exclude: Optional[List[Matcher]],
+        options: Options,
+    ) -> None:
         self.model = model
         self.discovery = discovery
         self.targets = targets
@@ -159,7 +166,9 @@ class Planner:
         self._check_targets_used()
         notes = []
         if self.discovery.trace_error:
-            notes.append(f"torch.fx could not trace the model ({self.discovery.trace_error}); sites were found by module search")
+            notes.append(
+                f"torch.fx could not trace the model ({self.discovery.trace_error}); sites were found by module search"
+            )
         return Plan(list(self.planned.values()), self.rows, self.discovery.method, notes)
 
     # -- selection ---------------------------------------------------------------------------------
@@ -211,12 +220,27 @@ class Planner:
         entry = self.planned.get(name)
         if entry is None:
             paths = [n for n, m in self.model.named_modules(remove_duplicate=False) if m is module]
-            row = SiteRow(name, found.kind, "existing" if existing else "planned", original, found.p,
-                          found_by=found.found_by, called=found.called, notes=list(found.notes))
-            entry = self._add(name, PlannedSite(
-                row, found.site_type, self.options.initial_rate(found.p), self.options.temperature_for(found.site_type),
-                None if existing else ModuleSwap(name, paths, module, kind=found.kind), existing=existing,
-            ))
+            row = SiteRow(
+                name,
+                found.kind,
+                "existing" if existing else "planned",
+                original,
+                found.p,
+                found_by=found.found_by,
+                called=found.called,
+                notes=list(found.notes),
+            )
+            entry = self._add(
+                name,
+                PlannedSite(
+                    row,
+                    found.site_type,
+                    self.options.initial_rate(found.p),
+                    self.options.temperature_for(found.site_type),
+                    None if existing else ModuleSwap(name, paths, module, kind=found.kind),
+                    existing=existing,
+                ),
+            )
             if found.kind == "fused" and not existing:
                 entry.extra_changes.append(FusedAttentionSwitch(found.owner, name.rpartition(".")[2], name))
         entry.add_application(found)
@@ -228,16 +252,34 @@ class Planner:
         what = found.function or found.fused_op
         is_mha = found.fused_op == "MultiheadAttention"
         if (found.key is None and not is_mha) or found.method is None:
-            self.rows.append(SiteRow(label, found.kind, "unsupported", f"{what} in {label}", found.p, found_by=found.found_by,
-                                     notes=["the call could not be attributed to a method; it keeps its fixed rate"]))
+            self.rows.append(
+                SiteRow(
+                    label,
+                    found.kind,
+                    "unsupported",
+                    f"{what} in {label}",
+                    found.p,
+                    found_by=found.found_by,
+                    notes=["the call could not be attributed to a method; it keeps its fixed rate"],
+                )
+            )
             return
         routed = interceptors(owner).get(found.method)
         existing_child = (routed.catch_all if is_mha else routed.routes.get(found.key)) if routed else None
         if existing_child is not None:  # converted before: keep the site, refresh its consumer
             name = f"{found.owner}.{existing_child}" if found.owner else existing_child
-            row = SiteRow(name, found.kind, "existing", f"{what} in {label}", found.p, found_by=found.found_by,
-                          called=found.called)
-            self._add(name, PlannedSite(row, found.site_type, self.options.init_p, None, None, existing=True)).add_application(found)
+            row = SiteRow(
+                name,
+                found.kind,
+                "existing",
+                f"{what} in {label}",
+                found.p,
+                found_by=found.found_by,
+                called=found.called,
+            )
+            self._add(
+                name, PlannedSite(row, found.site_type, self.options.init_p, None, None, existing=True)
+            ).add_application(found)
             return
         child = self._new_child_name(owner, found)
         name = f"{found.owner}.{child}" if found.owner else child
@@ -246,14 +288,33 @@ class Planner:
         if skip is not None:
             self.rows.append(skip)
             return
-        row = SiteRow(name, found.kind, "planned", f"{what} in {type(owner).__name__}.{found.method}", found.p,
-                      found_by=found.found_by, called=found.called, notes=list(found.notes))
+        row = SiteRow(
+            name,
+            found.kind,
+            "planned",
+            f"{what} in {type(owner).__name__}.{found.method}",
+            found.p,
+            found_by=found.found_by,
+            called=found.called,
+            notes=list(found.notes),
+        )
         change = MethodSite(
-            name, found.owner, found.method, child, keys=[found.key] if found.key else [], catch_all=is_mha, kind=found.kind,
+            name,
+            found.owner,
+            found.method,
+            child,
+            keys=[found.key] if found.key else [],
+            catch_all=is_mha,
+            kind=found.kind,
             rate_attribute=find_rate_attribute(owner, found.p) if found.kind == "functional" else None,
         )
-        entry = PlannedSite(row, found.site_type, self.options.initial_rate(found.p),
-                            self.options.temperature_for(found.site_type), change)
+        entry = PlannedSite(
+            row,
+            found.site_type,
+            self.options.initial_rate(found.p),
+            self.options.temperature_for(found.site_type),
+            change,
+        )
         self._add(name, entry).add_application(found)
 
     def _new_child_name(self, owner: nn.Module, found: FoundSite) -> str:
@@ -279,21 +340,55 @@ class Planner:
         original = _layer_text(module)
         existing = getattr(module, INPUT_SITE_CHILD, None)
         if isinstance(existing, ConcreteDropoutBase):  # already converted: keep it, add nothing
-            row = SiteRow(site_name, "targeted", "existing", original, consumer=consumer_text(consumer),
-                          found_by="targets", called=True)
-            entry = self._add(site_name, PlannedSite(row, type(existing), self.options.init_p, None, None, existing=True))
+            row = SiteRow(
+                site_name,
+                "targeted",
+                "existing",
+                original,
+                consumer=consumer_text(consumer),
+                found_by="targets",
+                called=True,
+            )
+            entry = self._add(
+                site_name, PlannedSite(row, type(existing), self.options.init_p, None, None, existing=True)
+            )
             entry.applications.append((consumer, None))
             return
         called = _layer_called(self.model, name, self.discovery)
         if called is False:
-            self.rows.append(SiteRow(name, "-", "not called", original, found_by="targets", called=False,
-                                     notes=[_not_called_reason(self.model, name)]))
+            self.rows.append(
+                SiteRow(
+                    name,
+                    "-",
+                    "not called",
+                    original,
+                    found_by="targets",
+                    called=False,
+                    notes=[_not_called_reason(self.model, name)],
+                )
+            )
             return
         site_type = next((t for k, t in _INPUT_SITE_TYPES.items() if isinstance(module, k)), ConcreteDropout)
-        row = SiteRow(site_name, "targeted", "planned", original, None, consumer=consumer_text(consumer),
-                      found_by="targets", called=called)
-        entry = self._add(site_name, PlannedSite(row, site_type, self.options.init_p, self.options.temperature_for(site_type),
-                                                 InputSite(site_name, name, INPUT_SITE_CHILD)))
+        row = SiteRow(
+            site_name,
+            "targeted",
+            "planned",
+            original,
+            None,
+            consumer=consumer_text(consumer),
+            found_by="targets",
+            called=called,
+        )
+        entry = self._add(
+            site_name,
+            PlannedSite(
+                row,
+                site_type,
+                self.options.init_p,
+                self.options.temperature_for(site_type),
+                InputSite(site_name, name, INPUT_SITE_CHILD),
+            ),
+        )
         entry.applications.append((consumer, None))
 
     def _check_targets_used(self) -> None:
@@ -301,7 +396,9 @@ class Planner:
             return
         for matcher in self.targets:
             if not self.used[id(matcher)]:
-                warnings.warn(f"targets entry {matcher.label} matched no dropout site or targetable layer.", stacklevel=5)
+                warnings.warn(
+                    f"targets entry {matcher.label} matched no dropout site or targetable layer.", stacklevel=5
+                )
         if not self.planned:
             raise TargetError(_nothing_matched_message(self.model, self.discovery, self.targets))
 
@@ -340,7 +437,9 @@ def _nothing_matched_message(model: nn.Module, discovery: Discovery, targets: Li
         shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
         return shown or "none"
 
-    dropout_sites = [s.module_name or f"{s.owner or '<root>'}.{s.method} ({s.function or s.fused_op})" for s in discovery.sites]
+    dropout_sites = [
+        s.module_name or f"{s.owner or '<root>'}.{s.method} ({s.function or s.fused_op})" for s in discovery.sites
+    ]
     layers = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if is_targetable(m)]
     return (
         f"targets {[m.label for m in targets]} matched nothing to convert in {type(model).__name__}.\n"

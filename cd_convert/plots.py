@@ -6,6 +6,7 @@ matplotlib is imported only inside the plotting functions (it is an optional dep
 through ``pyplot``: no backend is selected or changed, nothing is registered with pyplot's figure
 manager (no leaked open figures in a loop), and the functions work on headless machines.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,9 +51,7 @@ def _to_list(values: Any) -> List[float]:
     return [float(v) for v in values]
 
 
-def reliability_diagram(
-    probs: Tensor, target: Tensor, n_bins: int = 15, path: Optional[PathLike] = None
-) -> "Figure":
+def reliability_diagram(probs: Tensor, target: Tensor, n_bins: int = 15, path: Optional[PathLike] = None) -> "Figure":
     """Reliability diagram: accuracy against confidence per bin, with the ECE in the title.
 
     The bins are those of :func:`cd_convert.metrics.reliability_bins` (equal width over [0, 1]); empty
@@ -80,12 +79,28 @@ def reliability_diagram(
     grid = fig.add_gridspec(2, 1, height_ratios=(3, 1))
     ax = fig.add_subplot(grid[0])
     ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1, label="perfect calibration")
-    ax.bar([lefts[i] for i in filled], [accuracy[i] for i in filled], width=width, align="edge",
-           edgecolor="black", color="tab:blue", alpha=0.8, label="accuracy")
+    ax.bar(
+        [lefts[i] for i in filled],
+        [accuracy[i] for i in filled],
+        width=width,
+        align="edge",
+        edgecolor="black",
+        color="tab:blue",
+        alpha=0.8,
+        label="accuracy",
+    )
     # The gap bars go from the accuracy to the mean confidence of the bin: red is over-confidence.
-    ax.bar([lefts[i] for i in filled], [confidence[i] - accuracy[i] for i in filled],
-           bottom=[accuracy[i] for i in filled], width=width, align="edge", color="tab:red", alpha=0.3,
-           edgecolor="tab:red", label="gap to confidence")
+    ax.bar(
+        [lefts[i] for i in filled],
+        [confidence[i] - accuracy[i] for i in filled],
+        bottom=[accuracy[i] for i in filled],
+        width=width,
+        align="edge",
+        color="tab:red",
+        alpha=0.3,
+        edgecolor="tab:red",
+        label="gap to confidence",
+    )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
@@ -138,8 +153,9 @@ def rates_over_training(history: Any, path: Optional[PathLike] = None) -> "Figur
     fig = _new_figure(figsize=(6, 4))
     ax = fig.add_subplot()
     for name, rates in table.items():
-        ax.plot(epochs[: len(rates)], rates, marker="o" if len(rates) < 30 else None, markersize=3,
-                label=name or "<model>")
+        ax.plot(
+            epochs[: len(rates)], rates, marker="o" if len(rates) < 30 else None, markersize=3, label=name or "<model>"
+        )
     ax.set_xlabel("epoch")
     ax.set_ylabel("dropout rate p")
     ax.set_ylim(bottom=0)
@@ -184,8 +200,10 @@ def uncertainty_vs_shift(
     fig = _new_figure(figsize=(6, 4))
     ax = fig.add_subplot()
     for index, (label, series) in enumerate(values.items()):
-        data = series.detach().cpu().double() if isinstance(series, Tensor) else torch.as_tensor(
-            series, dtype=torch.float64
+        data = (
+            series.detach().cpu().double()
+            if isinstance(series, Tensor)
+            else torch.as_tensor(series, dtype=torch.float64)
         )
         if data.shape[0] != len(xs) or data.dim() not in (1, 2):
             raise ValueError(
@@ -242,11 +260,8 @@ def rotated(x: Tensor, degrees: Union[float, Sequence[float], Tensor]) -> Tensor
     theta[:, 0, 1] = -sin * (height / width)
     theta[:, 1, 0] = sin * (width / height)
     theta[:, 1, 1] = cos
-    grid = F.affine_grid(theta.to(device=x.device, dtype=_grid_dtype(x.dtype)), list(images.shape),
-                         align_corners=False)
-    out = F.grid_sample(
-        images.to(grid.dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=False
-    )
+    grid = F.affine_grid(theta.to(device=x.device, dtype=_grid_dtype(x.dtype)), list(images.shape), align_corners=False)
+    out = F.grid_sample(images.to(grid.dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out.to(x.dtype).reshape(original_shape)
 
 

@@ -17,6 +17,7 @@ model precision ``tau`` *in the units of the loss* (standardised targets: ``tau 
 ``"heteroscedastic"``: the authors' ``exp(-s) (y - mu)^2 + s``, i.e. twice the Gaussian NLL
 (:func:`cd_convert.losses.heteroscedastic_gaussian`).
 """
+
 from __future__ import annotations
 
 import math
@@ -71,11 +72,12 @@ def validate_dataset_size(dataset_size: int) -> int:
         if isinstance(dataset_size, float) and dataset_size.is_integer():
             dataset_size = int(dataset_size)
         else:
-            raise TypeError(f"dataset_size must be a positive int (the number of training examples), got {dataset_size!r}.")
+            raise TypeError(
+                f"dataset_size must be a positive int (the number of training examples), got {dataset_size!r}."
+            )
     if dataset_size <= 0:
         raise ValueError(
-            f"dataset_size must be a positive number of training examples, got {dataset_size}. "
-            "Pass len(train_dataset)."
+            f"dataset_size must be a positive number of training examples, got {dataset_size}. Pass len(train_dataset)."
         )
     return dataset_size
 

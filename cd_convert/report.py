@@ -1,4 +1,5 @@
 """The per-site report of a conversion (planned or done)."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field

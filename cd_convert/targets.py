@@ -10,6 +10,7 @@ An entry is one of:
 Types are restricted to what a site can be placed in front of (``nn.Linear`` and ``nn.ConvNd``
 subclasses) or converted (``nn.Dropout*``); anything else is refused with the reason.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -104,7 +105,9 @@ def _parse_entry(entry: Any, arg: str) -> Matcher:
     )
 
 
-def parse_targets(entries: Optional[Union[TargetEntry, Sequence[TargetEntry]]], arg: str = "targets") -> Optional[List[Matcher]]:
+def parse_targets(
+    entries: Optional[Union[TargetEntry, Sequence[TargetEntry]]], arg: str = "targets"
+) -> Optional[List[Matcher]]:
     """Parse a ``targets``/``exclude`` argument.
 
     Args:

@@ -3,6 +3,7 @@
 timm is an optional dependency (``pip install cd_convert[timm]``). ``cd_convert.convert`` already uses
 timm's own notrace lists for any timm model; this module adds the one-call constructor.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -12,9 +13,21 @@ import torch.nn as nn
 from .convert import convert
 
 _CONVERT_KEYS = (
-    "exclude", "dataset_size", "length_scale", "loss", "tau", "weight_regularizer", "dropout_regularizer",
-    "init_p", "temperature", "channel_temperature", "include_zero_rate", "fused_attention", "leaf_modules",
-    "autowrap_functions", "example_inputs",
+    "exclude",
+    "dataset_size",
+    "length_scale",
+    "loss",
+    "tau",
+    "weight_regularizer",
+    "dropout_regularizer",
+    "init_p",
+    "temperature",
+    "channel_temperature",
+    "include_zero_rate",
+    "fused_attention",
+    "leaf_modules",
+    "autowrap_functions",
+    "example_inputs",
 )
 
 

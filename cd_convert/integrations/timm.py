@@ -1,4 +1,5 @@
 """timm awareness: the notrace modules and functions timm itself uses for torch.fx feature extraction."""
+
 from __future__ import annotations
 
 from typing import Callable, List, Tuple

@@ -299,12 +299,16 @@ def run_concrete(ds: UCIDataset, train_idx: np.ndarray, test_idx: np.ndarray, hi
 
 def run_dataset(ds: UCIDataset, splits: int, epochs: int, samples: int, seed: int, eval_every: int,
                 val_samples: int, noise_prior: float = 0.0, methods=METHODS, bar=None, log=None,
-                on_split=None, calibrate: bool = True) -> dict:
-    """All methods on the first ``splits`` splits of ``ds``; returns per-split records and summaries."""
+                on_split=None, calibrate: bool = True, first_split: int = 0) -> dict:
+    """All methods on ``splits`` splits of ``ds`` from ``first_split`` on; returns per-split records and summaries.
+
+    Every run is seeded by its split index, so a range of splits run on its own gives the same numbers as
+    the same splits inside a longer run (long protocols can be split across processes and merged).
+    """
     hidden = ds.n_hidden
     records: dict[str, list[dict]] = {m: [] for m in methods}
     val_grid = []  # per split: array (len(p), len(tau)) of validation LL
-    for k in range(splits):
+    for k in range(first_split, first_split + splits):
         train_idx, test_idx = ds.split(k)
         fit_idx, val_idx = validation_split(train_idx)
         val_fold = Fold.make(ds, fit_idx, val_idx)
@@ -360,7 +364,8 @@ def run_dataset(ds: UCIDataset, splits: int, epochs: int, samples: int, seed: in
             log(f"[{ds.name}] split {k}: " + "; ".join(parts))
         result = {"summary": _summarise(records, methods), "records": records,
                   "val_grid": np.mean(val_grid, 0).tolist() if val_grid else None,
-                  "dropout_rates": ds.dropout_rates, "tau_values": ds.tau_values, "splits": k + 1}
+                  "dropout_rates": ds.dropout_rates, "tau_values": ds.tau_values, "splits": k + 1 - first_split,
+                  "first_split": first_split}
         if on_split is not None:
             on_split(result)
     return result
@@ -438,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--calibrate-noise", action=argparse.BooleanOptionalAction, default=True,
                     help="concrete: after training, re-pick the noise level by validation LL (no extra training; "
                     "default on)")
+    ap.add_argument("--first-split", type=int, default=0, help="index of the first split to run")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
@@ -463,7 +469,7 @@ def main(argv: list[str] | None = None) -> dict:
     eval_every = args.eval_every or max(1, args.epochs // 40)
     results, out = {}, {}
     for ds in datasets:
-        splits = min(args.splits, ds.n_splits)
+        splits = min(args.splits, ds.n_splits - args.first_split)
         per_split = (len(ds.dropout_rates) * len(ds.tau_values) + 1 if "grid" in methods else 0) + \
             (len(ds.tau_values) + 1 if "concrete_tau" in methods else 0) + (1 if "concrete" in methods else 0)
         bar = common.progress(total=splits * per_split, desc=f"{ds.name} runs", disable=args.no_progress)
@@ -475,7 +481,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         r = run_dataset(ds, splits, args.epochs, args.samples, args.seed, eval_every, args.val_samples,
                         args.noise_prior, methods, bar, log=lambda s: print(s, file=sys.stderr, flush=True),
-                        on_split=partial if args.json else None, calibrate=args.calibrate_noise)
+                        on_split=partial if args.json else None, calibrate=args.calibrate_noise,
+                        first_split=args.first_split)
         bar.close()
         results[ds.name] = r
         out[ds.name] = r["summary"]

@@ -174,9 +174,13 @@ class _ConcreteDropoutFunction(torch.autograd.Function):
         ctx.saved_output = save_output
         ctx.save_for_backward(p_logit, keep, y if save_output else x)
         ctx.mark_non_differentiable(keep)
+        # The mask output never receives a gradient; without this autograd zero-fills one of its size.
+        ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx, grad_y: Tensor, _grad_keep: Optional[Tensor]):
+    def backward(ctx, grad_y: Optional[Tensor], _grad_keep: Optional[Tensor]):
+        if grad_y is None:  # grads are not materialised: y did not reach the loss
+            return None, None, None, None, None
         p_logit, keep, activation = ctx.saved_tensors
         cdt = _compute_dtype(ctx.x_dtype)
         theta = p_logit.to(cdt)

@@ -17,7 +17,6 @@ Status per model: ``passed`` / ``failed:<stage>:<error>`` / ``not convertible:<r
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import fnmatch
 import signal
@@ -31,6 +30,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 FIELDS = ("name", "params_M", "status", "reason", "n_sites", "kinds", "convert_s", "method", "equal", "seconds", "note")
 
@@ -95,8 +95,9 @@ def create(timm, name: str, drop_rate: float, img_size: Optional[int], device: O
             except Exception:  # noqa: BLE001 - model rejects that size: fall back to the default one
                 pass
         model = timm.create_model(name, **kwargs)
-    cfg_size = _cfg_size(model, None)
-    return model, cfg_size, False
+    # No img_size argument (most CNNs): still try the small input first; _real falls back to the
+    # pretrained size when the forward fails at it.
+    return model, _cfg_size(model, img_size), False
 
 
 def _accepts_drop_rate(timm, name: str) -> bool:
@@ -200,7 +201,7 @@ def _convert(cd, model, args, row, example_inputs=None):
         from cd_convert.report import Report
         col = get_collector(converted)
         rep = Report(rows=list(getattr(col, "rows", [])), method=getattr(col, "method", ""))
-        row["note"] = "report() failed: " + first_line(err)
+        _add_note(row, "report() failed: " + first_line(err))
     row["n_sites"] = len(rep.sites)
     row["kinds"] = site_kinds(rep)
     row["method"] = rep.method
@@ -209,7 +210,7 @@ def _convert(cd, model, args, row, example_inputs=None):
 
 def _meta(timm, cd, name, args, row):
     try:
-        model, _, _ = create(timm, name, args.drop_rate, args.img_size, device="meta")
+        model, size, took_img_size = create(timm, name, args.drop_rate, args.img_size, device="meta")
     except Exception as err:  # noqa: BLE001
         raise Failure("failed:create", first_line(err))
     model.eval()
@@ -219,42 +220,178 @@ def _meta(timm, cd, name, args, row):
     added = added_parameters(converted)
     if not added:
         raise Failure("failed:convert", "no p_logit parameters added")
+    if not args.meta_forward:
+        return
+    cfg = _cfg_size(converted, None)
+    sizes = [size] if took_img_size else list(dict.fromkeys([size, cfg]))
+    error = _meta_leftover(converted, sizes, row)
+    if error is not None and took_img_size and args.img_size:
+        # The model took img_size but cannot run at it (e.g. crossvit): recreate it at its own size.
+        model, _, _ = create(timm, name, args.drop_rate, None, device="meta")
+        converted = cd.convert(model.eval(), dataset_size=args.dataset_size)
+        error = _meta_leftover(converted, [_cfg_size(converted, None)], row)
+    if error is not None:
+        _add_note(row, "meta forward failed: " + first_line(error))
+
+
+def _meta_leftover(converted: nn.Module, sizes, row) -> Optional[BaseException]:
+    """Training-mode forward on the meta device: is any fixed-rate dropout still applied?
+
+    Returns the last forward error when no size could run (data-dependent ops cannot run on meta tensors).
+    """
+    converted.train()
+    hold_stochastic_depth(converted)
+    error = None
+    for size in sizes:
+        x = torch.empty(2, *size, device="meta")
+        try:
+            with LeftoverDropout() as leftover:
+                converted(x)
+        except _Timeout:
+            raise
+        except Exception as err:  # noqa: BLE001
+            error = err
+            continue
+        if leftover.calls:
+            raise Failure("failed:leftover", f"{len(leftover.calls)} fixed-rate dropout call(s) still applied in "
+                                              f"training, e.g. {leftover.calls[0]}")
+        _add_note(row, f"meta forward at {size[1]}x{size[2]}: no fixed-rate dropout left")
+        return None
+    return error
+
+
+def perturb_zero_init(model: nn.Module, std: float = 0.02) -> int:
+    """Give every all-zero floating-point parameter small random values; returns how many were changed.
+
+    timm zero-initialises the last norm of residual branches (``zero_init_last``: BatchNorm gamma = 0),
+    some layer scales and some heads. Such a branch contributes nothing at initialisation, so the gradient
+    of the data loss with respect to a dropout rate inside it is exactly 0: a property of the initial
+    weights, not of the conversion. Perturbing them (before the original is copied, so both models share
+    the weights) makes the gradient check meaningful.
+    """
+    n = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.numel() > 0 and not bool(p.any()):
+                p.normal_(0.0, std)
+                n += 1
+    return n
+
+
+STOCHASTIC_DEPTH = ("DropPath", "DropBlock", "StochasticDepth")
+
+
+def hold_stochastic_depth(model: nn.Module) -> int:
+    """Put drop-path / drop-block modules with a nonzero rate in eval mode; returns how many.
+
+    Stochastic depth drops a whole residual branch per sample (NesT defaults to drop_path_rate=0.5): with a
+    batch of 2 a branch is often dropped for both samples and every dropout rate inside it gets an exactly
+    zero gradient in that step. That is the model's own noise, not a conversion fault, so it is switched off
+    for the gradient check (cd_convert leaves these modules alone: they are not dropout sites).
+    """
+    n = 0
+    for m in model.modules():
+        if type(m).__name__.startswith(STOCHASTIC_DEPTH):
+            rate = getattr(m, "drop_prob", getattr(m, "p", None))
+            if rate is None or float(rate) > 0:
+                m.eval()
+                n += 1
+    return n
+
+
+class LeftoverDropout(TorchFunctionMode):
+    """Records the dropout a converted model still applies at a fixed rate in training.
+
+    Sees ``F.dropout*``, ``torch.dropout``/``feature_dropout`` with ``p > 0`` and ``training=True``, and
+    ``F.scaled_dot_product_attention`` with ``dropout_p != 0`` that no concrete site handled (the routing
+    mode installed by cd_convert sits above this one, so routed calls never reach it). Drop-path and
+    drop-block do not go through these functions and are not counted.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: List[str] = []
+        from cd_convert.discover import FUNCTIONAL_DROPOUTS, bind_functional
+        self._functions = FUNCTIONAL_DROPOUTS
+        self._bind = bind_functional
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._functions:
+            bound = self._bind(func, args, kwargs)
+            p = bound.get("p")
+            if bound.get("training") and (isinstance(p, torch.Tensor) or (p or 0) > 0):
+                self.calls.append(f"{getattr(func, '__name__', func)}(p={_num(p)}) at {_user_frame()}")
+        elif func is F.scaled_dot_product_attention:
+            p = kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0)
+            if isinstance(p, torch.Tensor) or p:
+                self.calls.append(f"scaled_dot_product_attention(dropout_p={_num(p)}) at {_user_frame()}")
+        return func(*args, **kwargs)
+
+
+def _num(p: Any) -> str:
+    if isinstance(p, torch.Tensor):
+        return f"tensor {float(p.detach().float().mean()):.3g}" if p.numel() else "tensor"
+    return f"{p:.3g}" if isinstance(p, float) else str(p)
+
+
+def _user_frame() -> str:
+    import os
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame = frame.f_back
+    if frame is None:
+        return "?"
+    code = frame.f_code
+    return f"{os.path.basename(code.co_filename)}:{frame.f_lineno} {code.co_name}"
+
+
+def _add_note(row: Dict[str, Any], text: str) -> None:
+    row["note"] = f"{row['note']}; {text}" if row.get("note") else text
 
 
 def _real(timm, cd, name, args, row):
-    torch.manual_seed(0)
-    try:
-        model, size, _ = create(timm, name, args.drop_rate, args.img_size)
-    except Exception as err:  # noqa: BLE001
-        raise Failure("failed:create", first_line(err))
-    model.eval()
+    def make(img_size):
+        torch.manual_seed(0)
+        try:
+            model, size, _ = create(timm, name, args.drop_rate, img_size)
+        except Exception as err:  # noqa: BLE001
+            raise Failure("failed:create", first_line(err))
+        model.eval()
+        perturbed = 0 if args.keep_zero_init else perturb_zero_init(model)
+        return model, size, perturbed
+
+    def forward(model, x):
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            out = model(x)
+            return out, time.perf_counter() - t0
+
+    model, size, perturbed = make(args.img_size)
     x = torch.randn(2, *size)
     # reference output (and whether the chosen size works at all)
     try:
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            ref = model(x)
-            fwd = time.perf_counter() - t0
+        ref, fwd = forward(model, x)
     except _Timeout:
         raise
     except Exception as err:  # noqa: BLE001 - try the pretrained size
         if args.img_size is None:
             raise Failure("failed:forward-original", first_line(err))
-        model, size, _ = create(timm, name, args.drop_rate, None)
-        model.eval()
+        model, size, perturbed = make(None)
         x = torch.randn(2, *size)
         try:
-            with torch.no_grad():
-                t0 = time.perf_counter()
-                ref = model(x)
-                fwd = time.perf_counter() - t0
+            ref, fwd = forward(model, x)
         except _Timeout:
             raise
         except Exception as err2:  # noqa: BLE001
             raise Failure("failed:forward-original", first_line(err2))
     if fwd > args.max_forward_s:
         raise Failure("skipped", f"forward {fwd:.1f} s > {args.max_forward_s:g} s")
-    original = copy.deepcopy(model)
+    if args.img_size and tuple(size[1:]) != (args.img_size, args.img_size):
+        _add_note(row, f"ran at {size[1]}x{size[2]}")
+    if perturbed:
+        _add_note(row, f"perturbed {perturbed} all-zero params")
     converted, rep = _convert(cd, model, args, row)
     if not rep.sites:
         raise Failure("not convertible", "no dropout sites found")
@@ -275,10 +412,18 @@ def _real(timm, cd, name, args, row):
 
         stage = "train-forward"
         converted.train()
-        out = converted(x)
+        held = hold_stochastic_depth(converted)
+        if held:
+            _add_note(row, f"{held} drop-path module(s) held in eval")
+        with LeftoverDropout() as leftover:
+            out = converted(x)
         outs = _outputs(out)
         if not outs:
             raise Failure("failed:train-forward", "no tensor output")
+        if leftover.calls:
+            first = leftover.calls[0]
+            raise Failure("failed:leftover", f"{len(leftover.calls)} fixed-rate dropout call(s) still applied in "
+                                              f"training, e.g. {first}")
         if outs[0].dim() == 2:
             data_loss = F.cross_entropy(outs[0], torch.zeros(outs[0].shape[0], dtype=torch.long))
         else:
@@ -313,12 +458,24 @@ def _real(timm, cd, name, args, row):
 
 
 def select(timm, args) -> List[str]:
-    names = timm.list_models(args.pattern or "*")
+    if args.names_file:
+        names = _read_names(args.names_file)
+    else:
+        names = timm.list_models(args.pattern or "*")
     if args.exclude:
         names = [n for n in names if not fnmatch.fnmatch(n, args.exclude)]
     if args.every > 1:
         names = names[args.offset::args.every]
     return names
+
+
+def _read_names(path: str) -> List[str]:
+    """Model names from a text file (one per line, '#' comments) or a CSV with a ``name`` column."""
+    with open(path) as fh:
+        text = fh.read()
+    if text.startswith("name,"):
+        return [r["name"] for r in csv.DictReader(text.splitlines())]
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
 def summarize(rows: List[Dict[str, Any]], elapsed: float) -> str:
@@ -371,7 +528,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--every", type=int, default=1, help="take every k-th registry name (spread sample)")
     ap.add_argument("--offset", type=int, default=0, help="with --every: start at this index")
     ap.add_argument("--budget-s", type=float, default=None, help="stop starting new models after this many s")
+    ap.add_argument("--names-file", default=None,
+                    help="run exactly these names (one per line, or a CSV with a 'name' column) instead of --pattern")
+    ap.add_argument("--keep-zero-init", action="store_true",
+                    help="do not perturb all-zero parameters before the real-tensor checks (see perturb_zero_init)")
     ap.add_argument("--meta-only", action="store_true", help="create+convert on the meta device only")
+    ap.add_argument("--meta-forward", action="store_true",
+                    help="with --meta-only: one training-mode forward on the meta device that fails the model "
+                         "when a fixed-rate dropout call is still applied (failed:leftover)")
     ap.add_argument("--csv", default=None, help="write per-model rows here")
     ap.add_argument("--drop-rate", type=float, default=0.1, help="timm drop_rate (head dropout)")
     ap.add_argument("--img-size", type=int, default=64,

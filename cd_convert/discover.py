@@ -20,6 +20,7 @@ Modules that cannot be traced through (data-dependent control flow, or leaves su
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 from dataclasses import dataclass, field
@@ -212,13 +213,31 @@ def trace_graph(
     tracer = SiteTracer(leaf_modules, autowrap_functions)
     try:
         model.train()
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_default_arguments(model))
     finally:
         for module, mode in modes.items():
             module.training = mode
         for module, methods in routed.items():
             module.__dict__.update(methods)
     return graph, tracer
+
+
+def _default_arguments(model: nn.Module) -> Optional[Dict[str, Any]]:
+    """forward's optional arguments held at their defaults while tracing.
+
+    Traced as placeholders they would be Proxies, and code such as ``if mask is None:`` would take the
+    branch the model does not take when called as ``model(x)`` (timm's hiera loses its head that way).
+    """
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    defaults = {
+        p.name: p.default
+        for p in parameters[1:]
+        if p.default is not inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    return defaults or None
 
 
 def discover(

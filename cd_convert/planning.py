@@ -168,6 +168,11 @@ class Planner:
         if self.discovery.trace_error:
             notes.append(
                 f"torch.fx could not trace the model ({self.discovery.trace_error}); sites were found by module search"
+                + (
+                    ""
+                    if "dry run" in self.discovery.method
+                    else "; functional dropout calls (F.dropout) are only found there with example_inputs="
+                )
             )
         return Plan(list(self.planned.values()), self.rows, self.discovery.method, notes)
 

@@ -227,3 +227,24 @@ def test_every_site_samples_under_mc_mode(name, factory, make_inputs, kwargs):
     assert all(count > 0 for count in calls.values()), f"{name}: a site did not run under mc_mode"
     with torch.no_grad():
         assert torch.equal(_first(converted(*inputs)), _first(converted(*inputs)))  # eval again afterwards
+
+
+def test_optional_forward_arguments_traced_at_their_defaults():
+    """`if mask is None:` must take the branch a plain `model(x)` call takes (timm's hiera head)."""
+
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.drop = nn.Dropout(0.2)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x, mask=None):
+            x = self.fc(x)
+            if mask is None:
+                x = self.head(self.drop(x))
+            return x
+
+    converted = cd_convert.convert(Masked(), dataset_size=10)
+    assert isinstance(converted.drop, ConcreteDropoutBase)
+    assert cd_convert.report(converted).method == "fx"

@@ -25,6 +25,22 @@ from .report import Report
 from .targets import parse_targets
 
 
+#: Keyword arguments of :func:`convert` that set the regulariser's scale.
+SCALE_OPTIONS = ("dataset_size", "length_scale", "loss", "tau", "weight_regularizer", "dropout_regularizer")
+#: Keyword arguments of :func:`convert` that shape discovery and the sites.
+SITE_OPTIONS = (
+    "exclude",
+    "init_p",
+    "temperature",
+    "channel_temperature",
+    "include_zero_rate",
+    "fused_attention",
+    "leaf_modules",
+    "autowrap_functions",
+    "example_inputs",
+)
+
+
 def _validate_common(init_p: InitP, temperature: Optional[float], channel_temperature: Optional[float]) -> None:
     validate_init_p(init_p)
     for value in (temperature, channel_temperature):
@@ -263,24 +279,9 @@ def plan(model: nn.Module, targets: Optional[Any] = None, **kwargs: Any) -> Repo
         A :class:`~cd_convert.report.Report` whose site rows have status "planned" (or "existing").
     """
     kwargs.pop("inplace", None)
-    scale_args = {
-        k: kwargs.pop(k)
-        for k in ("dataset_size", "length_scale", "loss", "tau", "weight_regularizer", "dropout_regularizer")
-        if k in kwargs
-    }
+    scale_args = {k: kwargs.pop(k) for k in SCALE_OPTIONS if k in kwargs}
     scale = resolve_scale(**scale_args)
-    allowed = {
-        "exclude",
-        "init_p",
-        "temperature",
-        "channel_temperature",
-        "include_zero_rate",
-        "fused_attention",
-        "leaf_modules",
-        "autowrap_functions",
-        "example_inputs",
-    }
-    unknown = set(kwargs) - allowed
+    unknown = set(kwargs) - set(SITE_OPTIONS)
     if unknown:
         raise TypeError(f"plan() got unexpected keyword arguments {sorted(unknown)}.")
     p = _prepare(

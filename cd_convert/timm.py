@@ -10,25 +10,7 @@ from typing import Any, Optional
 
 import torch.nn as nn
 
-from .convert import convert
-
-_CONVERT_KEYS = (
-    "exclude",
-    "dataset_size",
-    "length_scale",
-    "loss",
-    "tau",
-    "weight_regularizer",
-    "dropout_regularizer",
-    "init_p",
-    "temperature",
-    "channel_temperature",
-    "include_zero_rate",
-    "fused_attention",
-    "leaf_modules",
-    "autowrap_functions",
-    "example_inputs",
-)
+from .convert import SCALE_OPTIONS, SITE_OPTIONS, convert
 
 
 def create_model(name: str, *, targets: Optional[Any] = None, **kwargs: Any) -> nn.Module:
@@ -54,6 +36,6 @@ def create_model(name: str, *, targets: Optional[Any] = None, **kwargs: Any) -> 
         import timm
     except ImportError as err:  # pragma: no cover - exercised only without the extra
         raise ImportError("cd_convert.timm needs timm: pip install 'cd_convert[timm]'") from err
-    convert_kwargs = {k: kwargs.pop(k) for k in _CONVERT_KEYS if k in kwargs}
+    convert_kwargs = {k: kwargs.pop(k) for k in SCALE_OPTIONS + SITE_OPTIONS if k in kwargs}
     model = timm.create_model(name, **kwargs)
     return convert(model, targets, inplace=True, **convert_kwargs)

@@ -331,7 +331,7 @@ def _add_module_site(
 ) -> None:
     consumer, note = find_consumer(node, modules, root)
     site_type = type(module) if isinstance(module, ConcreteDropoutBase) else _site_type_for(module)
-    p = float(module.p.detach()) if isinstance(module, ConcreteDropoutBase) else float(module.p)
+    p = _original_rate(module)
     discovery.sites.append(
         FoundSite(
             kind="module",
@@ -343,6 +343,31 @@ def _add_module_site(
             consumer=consumer,
             consumer_note=note,
         )
+    )
+
+
+def _original_rate(module: nn.Module) -> float:
+    """The rate a dropout module applies now (a concrete site's current p)."""
+    return float(module.p.detach()) if isinstance(module, ConcreteDropoutBase) else float(module.p)
+
+
+def _fused_attention_site(owner: str, name: str, module: nn.Module, found_by: str, called: Optional[bool]) -> FoundSite:
+    """The site of a timm-style attention module whose dropout module's rate is passed into fused attention."""
+    return FoundSite(
+        kind="fused",
+        owner=owner,
+        module_name=name,
+        site_type=_site_type_for(module),
+        p=_original_rate(module),
+        found_by=found_by,
+        consumer=None,
+        consumer_note="attention probabilities are multiplied by values, not by a weight",
+        fused_op="scaled_dot_product_attention",
+        called=called,
+        notes=[
+            "attention takes its explicit path (fused_attn=False) while the site is active (training, MC prediction); "
+            "that costs the memory of the attention matrix. In eval the fused kernel runs as before"
+        ],
     )
 
 
@@ -396,23 +421,7 @@ def _add_sdpa(discovery: Discovery, node: fx.Node, modules: Dict[str, nn.Module]
         # timm-style attention: the module has an explicit path that calls its dropout module.
         child_name, child = attn_drop
         full = f"{owner_name}.{child_name}" if owner_name else child_name
-        discovery.sites.append(
-            FoundSite(
-                kind="fused",
-                owner=owner_name,
-                module_name=full,
-                site_type=_site_type_for(child),
-                p=float(child.p),
-                found_by="fx",
-                consumer=None,
-                consumer_note="attention probabilities are multiplied by values, not by a weight",
-                fused_op="scaled_dot_product_attention",
-                notes=[
-                    "attention takes its explicit path (fused_attn=False) while the site is active (training, MC prediction); "
-                    "that costs the memory of the attention matrix. In eval the fused kernel runs as before"
-                ],
-            )
-        )
+        discovery.sites.append(_fused_attention_site(owner_name, full, child, "fx", called=True))
         return
     if p == 0.0:
         return  # a literal dropout_p=0: no dropout to convert
@@ -505,21 +514,7 @@ def _module_search(model: nn.Module, discovery: Discovery, within: Optional[str]
                 module,
             ):
                 # timm-style attention reads this module's rate into fused attention instead of calling it.
-                discovery.sites.append(
-                    FoundSite(
-                        kind="fused",
-                        owner=parent_name,
-                        module_name=name,
-                        site_type=_site_type_for(module),
-                        p=float(module.p.detach()) if isinstance(module, ConcreteDropoutBase) else float(module.p),
-                        found_by=found_by,
-                        consumer=None,
-                        consumer_note="attention probabilities are multiplied by values, not by a weight",
-                        fused_op="scaled_dot_product_attention",
-                        called=None,
-                        notes=["attention takes its explicit path (fused_attn=False) while the site is active"],
-                    )
-                )
+                discovery.sites.append(_fused_attention_site(parent_name, name, module, found_by, called=None))
                 continue
             consumer, note = _known_consumer(model, name)
             discovery.sites.append(
@@ -528,7 +523,7 @@ def _module_search(model: nn.Module, discovery: Discovery, within: Optional[str]
                     owner=name.rpartition(".")[0],
                     module_name=name,
                     site_type=type(module) if isinstance(module, ConcreteDropoutBase) else _site_type_for(module),
-                    p=float(module.p.detach()) if isinstance(module, ConcreteDropoutBase) else float(module.p),
+                    p=_original_rate(module),
                     found_by=found_by,
                     consumer=consumer,
                     consumer_note=note,

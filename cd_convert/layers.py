@@ -20,7 +20,9 @@ The forward pass is a custom autograd function that keeps only the mask ``z`` fo
 input ``x`` is also saved, but it shares storage with the tensor the previous layer keeps anyway): a
 direct implementation of the formula above keeps about four tensors of the input's size. The output is
 not saved, so an in-place operation after the site (``nn.ReLU(inplace=True)``, ``out += identity``) is
-allowed, as after ``nn.Dropout``.
+allowed, as after ``nn.Dropout``. Without gradients (Monte Carlo prediction) the mask is built in place
+with no autograd node. On a CUDA GPU in eager mode the relaxed mask runs as fused Triton kernels
+(:mod:`cd_convert.fused`); the uniform noise comes from :mod:`cd_convert.noise`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from torch import Tensor
+
+from . import fused, noise
 
 InitP = Union[float, Tuple[float, float], Sequence[float]]
 
@@ -137,6 +141,41 @@ def noise_shape(x: Tensor, channelwise: bool, channel_dim: int = 1) -> Tuple[int
     return tuple(x.shape[: channel_dim + 1]) + (1,) * (x.dim() - channel_dim - 1)
 
 
+def _to_input_dtype(y: Tensor, dtype: torch.dtype) -> Tensor:
+    """Cast a mask product computed in fp32 back to the input's dtype, saturating fp16 instead of overflowing.
+
+    The inverted-dropout scale reaches ``1/eps`` when p sits at its upper bound, far beyond fp16's range.
+    """
+    y = y.to(dtype)
+    if dtype == torch.float16:
+        finfo = torch.finfo(torch.float16)
+        y = y.clamp_(-finfo.max, finfo.max)
+    return y
+
+
+def _relaxed_without_grad(x: Tensor, theta: Tensor, uniform: Tensor, temperature: float) -> Tensor:
+    """The relaxed mask when no gradient is needed (Monte Carlo prediction, ``torch.no_grad``).
+
+    Same formula as :class:`_ConcreteDropoutFunction`, but the mask and the inverted-dropout scale are built
+    in place on the (private) noise buffer and applied in one product: no autograd node, one buffer fewer.
+
+    Args:
+        x: the input.
+        theta: the clamped p-logit.
+        uniform: the noise, in the compute dtype; overwritten.
+        temperature: Concrete temperature.
+
+    Returns:
+        ``x * (1 - z) / (1 - p)`` in ``x``'s dtype.
+    """
+    theta = theta.detach().to(uniform.dtype)
+    logistic = uniform.logit_()
+    # s = -(theta + logit(u)) / t as one pass: torch.add(a, b, alpha) is a + alpha * b, written in place.
+    s = torch.add(-theta / temperature, logistic, alpha=-1.0 / temperature, out=logistic)
+    keep = s.sigmoid_().mul_(torch.sigmoid(-theta).reciprocal())
+    return _to_input_dtype(x * keep, x.dtype)
+
+
 class _ConcreteDropoutFunction(torch.autograd.Function):
     """y = x * (1 - z) / (1 - p) with z the relaxed mask; saves only 1 - z and x for the backward pass.
 
@@ -157,11 +196,7 @@ class _ConcreteDropoutFunction(torch.autograd.Function):
         theta = p_logit.to(uniform.dtype)
         # w = 1 - z = sigmoid(-(theta + logit(u)) / t), computed in place on one fresh buffer.
         keep = torch.logit(uniform).add_(theta).mul_(-1.0 / temperature).sigmoid_()
-        y = (x * keep).mul_(torch.sigmoid(-theta).reciprocal()).to(x.dtype)
-        if x.dtype == torch.float16:
-            # Saturate instead of overflowing: the scale reaches 1/eps when p is at its upper bound.
-            finfo = torch.finfo(torch.float16)
-            y = y.clamp_(-finfo.max, finfo.max)
+        y = _to_input_dtype((x * keep).mul_(torch.sigmoid(-theta).reciprocal()), x.dtype)
         saved = keep if keep.numel() < x.numel() else keep.to(x.dtype)
         return y, saved
 
@@ -241,22 +276,26 @@ def concrete_dropout(
     """
     if not training:
         return x
+    if sampling == "relaxed" and uniform is None and generator is None and fused.supports(x, channelwise, channel_dim):
+        return fused.fused_concrete_dropout(x, p_logit, temperature=temperature, eps=eps, channelwise=channelwise,
+                                            channel_dim=channel_dim, save_output=save_output)
     theta = clamped_logit(p_logit, eps)
     cdt = _compute_dtype(x.dtype)
     shape = noise_shape(x, channelwise, channel_dim)
     if uniform is None:
-        # generator=None is not passed explicitly: with symbolic shapes (torch.compile's dynamic dims) that
-        # overload needs concrete sizes.
-        extra = {} if generator is None else {"generator": generator}
-        uniform = torch.rand(shape, device=x.device, dtype=cdt, **extra)
+        uniform = noise.uniform(shape, device=x.device, dtype=cdt, generator=generator)
     else:
-        uniform = uniform.to(device=x.device, dtype=cdt)
+        # A private copy: the no-grad path computes the mask in place on the noise buffer.
+        uniform = uniform.to(device=x.device, dtype=cdt, copy=True)
     if sampling == "hard":
-        dropped = uniform < torch.sigmoid(theta.detach().to(cdt))
-        keep = (~dropped).to(cdt) / torch.sigmoid(-theta.detach().to(cdt))
-        return (x * keep).to(x.dtype)
+        theta = theta.detach().to(cdt)
+        # In place on the private noise buffer (kept where u >= p): temporaries of this size page-fault on the CPU.
+        keep = uniform.ge_(torch.sigmoid(theta)).mul_(torch.sigmoid(-theta).reciprocal())
+        return _to_input_dtype(x * keep, x.dtype)
     if sampling != "relaxed":
         raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}.")
+    if not (torch.is_grad_enabled() and (x.requires_grad or theta.requires_grad)):
+        return _relaxed_without_grad(x, theta, uniform, temperature)
     y, _ = _ConcreteDropoutFunction.apply(x, theta, uniform, temperature, save_output)
     return y
 

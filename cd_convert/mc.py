@@ -28,8 +28,8 @@ from .layers import SAMPLING_MODES, ConcreteDropoutBase
 from .metrics import gaussian_test_log_likelihood, predictive_entropy
 
 __all__ = [
+    "DEFAULT_CHUNK_BYTES_CPU",
     "DEFAULT_CHUNK_ROWS",
-    "DEFAULT_CHUNK_ROWS_CPU",
     "ClassificationPrediction",
     "RegressionPrediction",
     "concrete_sites",
@@ -37,12 +37,15 @@ __all__ = [
     "mc_predict",
 ]
 
-#: Default bound on the rows of one batched forward pass (T * B rows are split into chunks of this size).
+#: Default bound on the rows of one batched forward pass on an accelerator (T * B rows are split into chunks
+#: of this size): GPUs want large chunks to amortise kernel launches.
 DEFAULT_CHUNK_ROWS = 4096
-#: The bound for inputs on the CPU: there the elementwise mask computations run faster on chunks whose
-#: activations stay in cache (measured on the MLP of benchmarks/mc_throughput.py: 4096-row chunks were
-#: 10-15% slower than 512-1024-row ones, while GPUs want large chunks to amortise kernel launches).
-DEFAULT_CHUNK_ROWS_CPU = 1024
+#: Default bound on the input bytes of one chunk on the CPU. There large chunks are slower, not faster: the
+#: matrix products are already at full speed with a few hundred rows, while multi-megabyte activations
+#: fall out of the caches and, freed and reallocated every pass, are handed back to the operating system
+#: and page-faulted in again (measured on the MLP of benchmarks/mc_throughput.py, T=64, B=16: 1024-row
+#: chunks took 12.3 ms with ~1200 page faults per call, 256-row chunks 11.1 ms with none).
+DEFAULT_CHUNK_BYTES_CPU = 1 << 20
 
 Inputs = Union[Tensor, Sequence[Tensor]]
 TASKS = ("classification", "regression")
@@ -207,6 +210,25 @@ def _as_inputs(x: Inputs) -> Tuple[Tensor, ...]:
     return inputs
 
 
+def _default_chunk_rows(inputs: Tuple[Tensor, ...], total: int) -> int:
+    """Rows per forward pass when ``chunk_size`` is not given: whole passes, at least one, within the cap.
+
+    The cap is :data:`DEFAULT_CHUNK_ROWS` rows on accelerators and :data:`DEFAULT_CHUNK_BYTES_CPU` bytes of
+    input on the CPU.
+    """
+    batch = inputs[0].shape[0]
+    if inputs[0].device.type == "cpu":
+        row_bytes = sum(t[0].numel() * t.element_size() for t in inputs)
+        cap = DEFAULT_CHUNK_BYTES_CPU // max(1, row_bytes)
+    else:
+        cap = DEFAULT_CHUNK_ROWS
+    passes_total = total // batch
+    passes_cap = max(1, cap // batch)
+    # Equal chunks rather than full ones and a remainder: 64 passes under a cap of 20 run as 4 x 16.
+    chunks = -(-passes_total // passes_cap)
+    return -(-passes_total // chunks) * batch
+
+
 def _chunk_rows(inputs: Tuple[Tensor, ...], start: int, stop: int, batch: int) -> Tuple[Tensor, ...]:
     """Rows ``start:stop`` of the inputs repeated T times along dim 0 (row ``t*B + i`` is example i)."""
     if start % batch == 0 and (stop - start) % batch == 0:
@@ -329,8 +351,9 @@ def mc_predict(
         x: a ``(B, ...)`` tensor, or a tuple of tensors with the same B passed as ``model(*x)``.
         samples: T, the number of stochastic passes (>= 1).
         chunk_size: most rows per forward pass; bounds activation memory. Default: all T*B rows, capped
-            at :data:`DEFAULT_CHUNK_ROWS` (:data:`DEFAULT_CHUNK_ROWS_CPU` for CPU inputs) rounded down to
-            whole passes, and at least one pass of B rows.
+            at :data:`DEFAULT_CHUNK_ROWS` rows (on the CPU: as many rows as fit in
+            :data:`DEFAULT_CHUNK_BYTES_CPU` bytes of input) rounded down to whole passes, and at least one
+            pass of B rows.
         generator: a ``torch.Generator`` for reproducible masks.
         task: ``"classification"`` or ``"regression"``; None infers it as described above.
         sampling: ``"relaxed"`` (default, the authors' choice) or ``"hard"`` Bernoulli(p) masks.
@@ -355,8 +378,7 @@ def mc_predict(
     batch = inputs[0].shape[0]
     total = samples * batch
     if chunk_size is None:
-        cap = DEFAULT_CHUNK_ROWS_CPU if inputs[0].device.type == "cpu" else DEFAULT_CHUNK_ROWS
-        chunk_size = min(total, max(batch, cap // batch * batch))
+        chunk_size = _default_chunk_rows(inputs, total)
 
     summary: Optional[_Summary] = None
     with mc_mode(model, sampling), torch.no_grad(), _seeded(generator, _devices_in_use(model, inputs)):

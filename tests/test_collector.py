@@ -210,3 +210,44 @@ def test_weight_tying_observed_behaviour():
     w = model.a.weight
     expected = _hand([(w, rates["d1"], 5), (w, rates["d2"], 5)], 1e-4 / 200, 1 / 100)
     assert cd.regularization(model).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_gradient_of_the_weight_term_is_2w_over_1_minus_p_even_for_zero_weights():
+    model = cd.convert(_mlp(), dataset_size=100)
+    with torch.no_grad():
+        model[6].weight.zero_()  # zero-initialised heads are common (timm's head_init_scale, adapters)
+    wr = 1e-4 / 200
+    cd.regularization(model).backward()
+    rates = cd.dropout_rates(model)
+    assert torch.equal(model[6].weight.grad, torch.zeros_like(model[6].weight))
+    torch.testing.assert_close(model[3].weight.grad, 2 * wr * model[3].weight.detach() / (1 - rates["2"]),
+                               rtol=1e-5, atol=0)
+
+
+class _QKV(nn.Module):
+    """One site read by three projections (several consumer weights for one application)."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.2)
+        self.q, self.k, self.v = nn.Linear(5, 3), nn.Linear(5, 3), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.drop(x)
+        return self.q(h) + self.k(h) * self.v(h)
+
+
+def test_several_consumer_weights_are_summed_per_site_and_fallback_agrees(monkeypatch):
+    torch.manual_seed(1)
+    model = cd.convert(_QKV(), dataset_size=50)
+    p = cd.dropout_rates(model)["drop"]
+    squared = sum(float(m.weight.detach().double().pow(2).sum()) for m in (model.q, model.k, model.v))
+    expected = 1e-4 / 100 * squared / (1 - p) + 1 / 50 * 5 * (p * math.log(p) + (1 - p) * math.log(1 - p))
+    assert cd.regularization(model).item() == pytest.approx(expected, rel=1e-5)
+
+    # The one-by-one path (weights on another device, or a torch whose _foreach_norm lacks dtype=) agrees.
+    def unavailable(*args, **kwargs):
+        raise TypeError("_foreach_norm() got an unexpected keyword argument 'dtype'")
+
+    monkeypatch.setattr(torch, "_foreach_norm", unavailable)
+    assert cd.regularization(model).item() == pytest.approx(expected, rel=1e-5)

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from cd_convert.layers import ConcreteDropout, ConcreteDropoutBase
 from cd_convert.mc import (
+    DEFAULT_CHUNK_BYTES_CPU,
     ClassificationPrediction,
     RegressionPrediction,
     concrete_sites,
@@ -52,6 +53,20 @@ class TaggedIdentity(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([x[:, :1], self.site(x[:, 1:])], dim=1)
+
+
+class RowCounter(nn.Module):
+    """A site followed by a linear head that records the rows of every forward pass."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.site = ConcreteDropout(0.2)
+        self.head = nn.Linear(features, 3)
+        self.rows: list = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.rows.append(x.shape[0])
+        return self.head(self.site(x.flatten(1)))
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -366,3 +381,22 @@ def test_homoscedastic_regression_has_zero_aleatoric() -> None:
     with pytest.raises(ValueError, match="noise_variance"):
         kept.test_log_likelihood(torch.zeros(7, 1))
     assert math.isfinite(kept.test_log_likelihood(torch.zeros(7, 1), noise_variance=0.1))
+
+
+@pytest.mark.parametrize(
+    "features,batch,samples,expected",
+    [
+        # 784 fp32 features = 3136 bytes a row: 1 MiB holds 334 rows = 20 passes of 16; 64 passes run as 4 x 16.
+        (784, 16, 64, [256] * 4),
+        # 33 passes fit; 50 passes run as two equal chunks of 25, not 33 + 17.
+        (784, 10, 50, [250, 250]),
+        # Everything fits in one chunk.
+        (20, 8, 30, [240]),
+        # A row larger than the byte cap: one pass per chunk, never less.
+        (DEFAULT_CHUNK_BYTES_CPU // 4 + 1, 2, 3, [2, 2, 2]),
+    ],
+)
+def test_default_cpu_chunks_hold_whole_passes_within_the_byte_cap(features, batch, samples, expected):
+    model = RowCounter(features)
+    mc_predict(model, torch.randn(batch, features), samples)
+    assert model.rows == expected

@@ -1,0 +1,183 @@
+"""Fused Triton kernels for Concrete Dropout on the GPU.
+
+Written with PyTorch operations, one concrete-dropout site launches about fifteen kernels in the forward pass
+and twenty in the backward pass (noise, logit, sigmoid, scale, products, reductions, scalar work on the
+logit). In eager mode on a GPU each launch costs microseconds of CPU time, so a site cost about seven times
+an ``nn.Dropout`` and a timm ViT training step three times as long (measured on an H200, see
+``benchmarks/overhead.py --device cuda``). Here the forward pass is one kernel and the backward pass two:
+
+* forward: draw the noise (Philox, counter-based: ``tl.randint(seed, index)``), build the relaxed mask and
+  write ``y = x * (1 - z) / (1 - p)``;
+* backward: recompute the same noise from the seed (so no mask is saved: less memory than ``nn.Dropout``,
+  which keeps a byte mask), write ``dx`` and per-block partial sums for the gradient of the logit; a
+  second one-program kernel reduces the partials in a fixed order (deterministic) and writes the gradient.
+
+The noise uses the same lattice as :mod:`cd_convert.noise`: ``u = (k + 1/2) * 2**-23`` with 23 random bits
+``k``, strictly inside (0, 1). One seed per call is drawn from PyTorch's CPU generator (no device sync), so
+``torch.manual_seed`` makes runs repeatable.
+
+The path is taken only where it is exact and safe (see :func:`supports`): a CUDA tensor in fp32, fp16 or
+bf16, in contiguous (or, for 4-D/5-D inputs, channels-last) layout, fewer than 2**31 elements, Triton
+importable, no ``torch.compile``/``jit`` tracing (Inductor fuses the PyTorch formula itself), no CUDA-graph
+capture (a seed drawn on the host would be frozen into the graph), no tensor subclass. Everything else uses
+the PyTorch formula of :mod:`cd_convert.layers`. ``CD_CONVERT_FUSED=0`` in the environment, or
+``cd_convert.fused.ENABLED = False``, turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+try:
+    from torch.compiler import is_compiling as _is_compiling
+except ImportError:  # torch < 2.3
+    from torch._dynamo import is_compiling as _is_compiling
+
+__all__ = ["ENABLED", "supports", "fused_concrete_dropout"]
+
+#: Master switch; the environment variable ``CD_CONVERT_FUSED=0`` sets it to False at import.
+ENABLED = os.environ.get("CD_CONVERT_FUSED", "1") != "0"
+
+_BLOCK = 1024
+_FINISH_BLOCK = 1024
+_FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_ELEMENTS = 2**31 - 2 * _BLOCK  # int32 offsets, with room for the last block
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels() -> Optional[Any]:
+    """The compiled-on-first-use kernels, or None if Triton cannot be imported."""
+    try:
+        from . import _triton_kernels
+    except ImportError:  # no Triton (CPU-only PyTorch, some platforms)
+        return None
+    return _triton_kernels
+
+
+def _layout(x: Tensor) -> Optional[str]:
+    """``"contiguous"``, ``"channels_last"`` or None (another layout: not supported)."""
+    if x.is_contiguous():
+        return "contiguous"
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return "channels_last"
+    return None
+
+
+def _functorch_active() -> bool:
+    # vmap/grad wrap tensors: a kernel launch on them would bypass the transform.
+    check = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(check()) if check is not None else False
+
+
+def _in_layout_of(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` with the memory layout of ``like`` (a copy only if it differs), e.g. an expanded gradient."""
+    if _layout(like) == "channels_last":
+        fmt = torch.channels_last if like.dim() == 4 else torch.channels_last_3d
+        return t.contiguous(memory_format=fmt)
+    return t.contiguous()
+
+
+def supports(x: Tensor, channelwise: bool = False, channel_dim: int = 1, *, interpret: bool = False) -> bool:
+    """Whether the fused kernels can run on ``x``.
+
+    Args:
+        x: the input of a site.
+        channelwise: whether the mask is per (sample, channel).
+        channel_dim: the channel dim of a channel-wise mask (channels-last layouts need it to be 1).
+        interpret: accept CPU tensors (Triton's interpreter, ``TRITON_INTERPRET=1``; used by the tests).
+
+    Returns:
+        True when every condition in the module docstring holds.
+    """
+    # Tracers first: under torch.compile the checks below are not even looked at.
+    if _is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False
+    if not ENABLED or type(x) is not Tensor or _functorch_active():
+        return False
+    if not (x.is_cuda or (interpret and x.device.type == "cpu")):
+        return False
+    layout = _layout(x)
+    if x.dtype not in _FLOAT_TYPES or x.numel() == 0 or x.numel() > _MAX_ELEMENTS or layout is None:
+        return False
+    if channelwise and layout == "channels_last" and channel_dim != 1:
+        return False
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return _kernels() is not None
+
+
+def _noise_geometry(x: Tensor, channelwise: bool, channel_dim: int) -> Tuple[int, int, bool]:
+    """``(inner, channels, channels_last)`` that map a memory index to its noise index.
+
+    Element-wise: every element has its own noise (inner = 1). Channel-wise, contiguous ``(N, C, *S)``:
+    noise index = index // S. Channels-last ``(N, *S, C)`` in memory: noise index = (index // (S*C))*C + index % C.
+    Both give the logical index ``n * C + c``, so the noise does not depend on the memory layout.
+    """
+    if not channelwise:
+        return 1, 1, False
+    channels = x.shape[channel_dim]
+    inner = math.prod(x.shape[channel_dim + 1:])
+    return inner, channels, _layout(x) == "channels_last"
+
+
+class _FusedConcreteDropout(torch.autograd.Function):
+    """``y = x * (1 - z) / (1 - p)`` with the relaxed mask drawn and recomputed inside Triton kernels."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, p_logit: Tensor, temperature: float, bound: float, channelwise: bool,
+                channel_dim: int, save_output: bool) -> Tensor:
+        kernels = _kernels()
+        inner, channels, channels_last = _noise_geometry(x, channelwise, channel_dim)
+        seed = int(torch.randint(0, 2**31 - 1, ()))  # host generator: no device sync
+        y = torch.empty_like(x)  # same layout as x: the kernels walk memory order
+        kernels.launch_forward(x, y, p_logit, seed, 1.0 / temperature, bound, channelwise, inner, channels,
+                               channels_last, _BLOCK)
+        ctx.geometry = (seed, temperature, bound, channelwise, inner, channels, channels_last)
+        ctx.saved_output = save_output
+        ctx.save_for_backward(p_logit, y if save_output else x)
+        return y
+
+    @staticmethod
+    @once_differentiable  # the kernels are not differentiable: a double backward raises instead of being wrong
+    def backward(ctx: Any, grad_y: Tensor):
+        kernels = _kernels()
+        p_logit, activation = ctx.saved_tensors
+        seed, temperature, bound, channelwise, inner, channels, channels_last = ctx.geometry
+        grad_y = _in_layout_of(grad_y, activation)  # the kernels walk both in the same memory order
+        need_x, need_logit = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = torch.empty_like(activation) if need_x else None
+        grad_logit = torch.empty_like(p_logit) if need_logit else None
+        kernels.launch_backward(grad_y, activation, grad_x, grad_logit, p_logit, seed, 1.0 / temperature, bound,
+                                channelwise, inner, channels, channels_last, ctx.saved_output, _BLOCK,
+                                _FINISH_BLOCK)
+        return grad_x, grad_logit, None, None, None, None, None
+
+
+def fused_concrete_dropout(x: Tensor, p_logit: Tensor, *, temperature: float, eps: float, channelwise: bool,
+                           channel_dim: int, save_output: bool) -> Tensor:
+    """Relaxed Concrete Dropout in fused kernels (call only where :func:`supports` is True).
+
+    Args:
+        x: the input.
+        p_logit: the unclamped 0-dim logit of p; it is clamped to ``[logit(eps), logit(1 - eps)]`` inside the
+            kernels with a straight-through gradient, as :func:`cd_convert.layers.clamped_logit` does.
+        temperature: Concrete temperature.
+        eps: bound on p.
+        channelwise: one mask value per (sample, channel).
+        channel_dim: index of the channel dim for channel-wise masks.
+        save_output: keep ``y`` instead of ``x`` for the backward pass.
+
+    Returns:
+        ``x * (1 - z) / (1 - p)``, a new tensor of ``x``'s shape, dtype and layout.
+    """
+    bound = math.log1p(-eps) - math.log(eps)
+    return _FusedConcreteDropout.apply(x, p_logit, temperature, bound, channelwise, channel_dim, save_output)

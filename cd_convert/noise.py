@@ -1,0 +1,96 @@
+"""Uniform noise for the dropout masks, with a faster draw for CPU float32.
+
+PyTorch's CPU generator fills a tensor serially on one core: ``torch.rand`` costs about 2 ns per element
+(mostly per-element overhead around the Mersenne Twister) whatever the thread count. For the large masks
+of a batched Monte Carlo prediction or of a CPU training step that serial fill is a quarter of the whole
+forward pass (measured on the MLP of ``benchmarks/mc_throughput.py``), while the matrix products around
+it use every core.
+
+For CPU float32 noise, :func:`uniform` therefore draws 64-bit words (``random_`` on an int64 tensor: two
+Mersenne-Twister outputs per word, about 1.3 ns per 32 bits) and turns each 32-bit half into one float
+with three in-place, multi-threaded bit operations: 23 random bits become the mantissa of a float in
+[1, 2), and subtracting ``1 - 2**-24`` gives
+
+    u = (k + 1/2) * 2**-23,   k uniform on {0, ..., 2**23 - 1}.
+
+That lattice lies strictly inside (0, 1) and is symmetric (``1 - u`` is on it too), so ``logit(u)`` is
+always finite and exactly symmetric, unlike ``torch.rand``'s ``[0, 1)``, where ``u == 0`` has probability
+2**-24 and gives an infinite logit. The resolution (2**-23) is one bit coarser than ``torch.rand``'s.
+
+Draws come from the given generator (the global one by default), so ``torch.manual_seed`` makes runs
+repeatable as before; the values differ from ``torch.rand``'s for the same state. Other dtypes, other
+devices, tensor subclasses and code being compiled or traced use ``torch.rand``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+try:
+    from torch.compiler import is_compiling as _is_compiling
+except ImportError:  # torch < 2.3
+    from torch._dynamo import is_compiling as _is_compiling
+
+__all__ = ["uniform"]
+
+#: 23 random bits: the mantissa of a float32.
+_MANTISSA_MASK = (1 << 23) - 1
+#: Bit pattern of the float32 1.0 (sign 0, biased exponent 127, mantissa 0).
+_FLOAT32_ONE_BITS = 0x3F800000
+#: 1 + k * 2**-23 minus this is (k + 1/2) * 2**-23, computed exactly (Sterbenz: the operands are within 2x).
+_OFFSET = 1.0 - 2.0**-24
+
+
+def _serial(shape: Sequence[int], device: torch.device, dtype: torch.dtype,
+            generator: Optional[torch.Generator]) -> Tensor:
+    # generator=None is not passed explicitly: with symbolic shapes (torch.compile's dynamic dims) that
+    # overload needs concrete sizes.
+    extra = {} if generator is None else {"generator": generator}
+    return torch.rand(shape, device=device, dtype=dtype, **extra)
+
+
+def _packed_float32(shape: Sequence[int], numel: int, generator: Optional[torch.Generator]) -> Optional[Tensor]:
+    """CPU float32 noise from packed 64-bit draws, or None when the tensor would be a subclass."""
+    words = torch.empty((numel + 1) // 2, dtype=torch.int64)
+    if type(words) is not Tensor:  # FakeTensor or another subclass mode: keep the ordinary op
+        return None
+    extra = {} if generator is None else {"generator": generator}
+    # random_() on int64 draws on [0, 2**63): each 32-bit half has at least 31 random low bits.
+    words.random_(**extra)
+    halves = words.view(torch.int32)[:numel]
+    halves.bitwise_and_(_MANTISSA_MASK).bitwise_or_(_FLOAT32_ONE_BITS)
+    return halves.view(torch.float32).sub_(_OFFSET).view(shape)
+
+
+def uniform(
+    shape: Sequence[int],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """A new tensor of independent uniform draws in (0, 1), like ``torch.rand``.
+
+    Args:
+        shape: the shape of the noise.
+        device: where to create it.
+        dtype: a floating dtype. CPU float32 uses the packed draw described in the module docstring.
+        generator: the generator to draw from; the global one when None.
+
+    Returns:
+        A tensor of the given shape, device and dtype.
+    """
+    device = torch.device(device)
+    # Compilers and tracers get the ordinary op (Inductor generates its own parallel random numbers).
+    traced = _is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
+    if device.type == "cpu" and dtype == torch.float32 and not traced:
+        numel = 1
+        for size in shape:
+            numel *= int(size)
+        noise = _packed_float32(shape, numel, generator)
+        if noise is not None:
+            return noise
+    return _serial(shape, device, dtype, generator)

@@ -51,6 +51,18 @@ def _noise(seed, count):
     return u
 
 
+def _assert_matches_reference(x, p_logit, y, grad_x, g, u, t):
+    """Output, input gradient and logit gradient of a fused call equal the paper's formula (float64 autograd)
+    on the same noise ``u``."""
+    x_ref = x.double().requires_grad_()
+    logit_ref = p_logit.detach().double().requires_grad_()
+    y_ref = reference_concrete_dropout(x_ref, logit_ref, u.double(), t)
+    y_ref.backward(g.double())
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad_x.double(), x_ref.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(p_logit.grad.double(), logit_ref.grad, rtol=1e-3, atol=1e-4)
+
+
 @runs_kernels
 @pytest.mark.parametrize("save_output", [False, True])
 @pytest.mark.parametrize("p", [0.05, 0.5, 0.9])
@@ -61,14 +73,8 @@ def test_elementwise_values_and_gradients_match_the_formula(save_output, p):
     y, seed = _run(x, p_logit, temperature=t, save_output=save_output)
     g = torch.randn_like(y)
     y.backward(g)
-    u = _noise(seed, x.numel()).view_as(x).double()
-    x_ref = x.detach().double().requires_grad_()
-    logit_ref = p_logit.detach().double().requires_grad_()
-    y_ref = reference_concrete_dropout(x_ref, logit_ref, u, t)
-    y_ref.backward(g.double())
-    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(p_logit.grad.double(), logit_ref.grad, rtol=1e-3, atol=1e-4)
+    u = _noise(seed, x.numel()).view_as(x)
+    _assert_matches_reference(x.detach(), p_logit, y, x.grad, g, u, t)
 
 
 @runs_kernels
@@ -82,14 +88,8 @@ def test_channelwise_values_gradients_and_layout_independence(channels_last):
     assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
     g = torch.randn(4, 6, 5, 3, device=DEVICE)
     y.backward(g)
-    u = _noise(seed, 4 * 6).view(4, 6, 1, 1).double()  # one noise per (sample, channel), n * C + c
-    x_ref = base.double().requires_grad_()
-    logit_ref = p_logit.detach().double().requires_grad_()
-    y_ref = reference_concrete_dropout(x_ref, logit_ref, u, t)
-    y_ref.backward(g.double())
-    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(p_logit.grad.double(), logit_ref.grad, rtol=1e-3, atol=1e-4)
+    u = _noise(seed, 4 * 6).view(4, 6, 1, 1)  # one noise per (sample, channel), n * C + c
+    _assert_matches_reference(base, p_logit, y, x.grad, g, u, t)
 
 
 @runs_kernels

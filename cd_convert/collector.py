@@ -140,8 +140,12 @@ def _consumer_squared_norms(root: nn.Module, apps: Sequence[Application], device
     members = [names[name] for app in apps for name in app.consumer_weights]
     if owners == members:  # one weight per application, each its own: already in order
         return squared
-    gathered = squared[torch.tensor(members, device=device)]
-    return torch.zeros(len(apps), device=device).index_add(0, torch.tensor(owners, device=device), gathered)
+    # counts[k, j]: how often application k reads weight j. A product rather than index_add/scatter_add,
+    # which are nondeterministic on CUDA (and refused under torch.use_deterministic_algorithms).
+    counts = torch.zeros(len(apps), len(names))
+    for owner, member in zip(owners, members):
+        counts[owner, member] += 1.0
+    return counts.to(device) @ squared
 
 
 def _squared_norms(weights: Sequence[Tensor], device: torch.device) -> Tensor:

@@ -36,6 +36,25 @@ def test_compile_fullgraph_matches_eager(factory, targets, shape):
     torch.testing.assert_close(compiled(x), converted(x))
 
 
+@pytest.mark.parametrize("sampling", ["relaxed", "hard"])
+def test_compiled_mc_sampling_under_no_grad(sampling):
+    # The no-grad mask path writes in place on its noise buffer; a fullgraph compile must take it too.
+    torch.manual_seed(0)
+    converted = cd_convert.convert(_mlp(), dataset_size=100)
+    x = torch.randn(64, 16)
+    with cd_convert.mc_mode(converted, sampling), torch.no_grad():
+        compiled = torch.compile(converted, fullgraph=True)
+        first, second = compiled(x), compiled(x)
+    assert not torch.equal(first, second)  # fresh masks on every call
+    torch.manual_seed(1)
+    with cd_convert.mc_mode(converted, sampling), torch.no_grad():
+        eager = torch.stack([converted(x) for _ in range(200)])
+        compiled_passes = torch.stack([compiled(x) for _ in range(200)])
+    # Both estimate the same predictive mean: within 6 standard errors of the difference, per output.
+    standard_error = ((eager.var(0) + compiled_passes.var(0)) / 200).sqrt()
+    assert ((eager.mean(0) - compiled_passes.mean(0)).abs() < 6 * standard_error + 1e-6).all()
+
+
 def test_compile_timm_model():
     timm = pytest.importorskip("timm")
     model = cd_convert.convert(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=4),

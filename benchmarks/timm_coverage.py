@@ -252,9 +252,7 @@ def _meta_leftover(converted: nn.Module, sizes, row) -> Optional[BaseException]:
         except Exception as err:  # noqa: BLE001
             error = err
             continue
-        if leftover.calls:
-            raise Failure("failed:leftover", f"{len(leftover.calls)} fixed-rate dropout call(s) still applied in "
-                                              f"training, e.g. {leftover.calls[0]}")
+        leftover.check()
         _add_note(row, f"meta forward at {size[1]}x{size[2]}: no fixed-rate dropout left")
         return None
     return error
@@ -327,6 +325,12 @@ class LeftoverDropout(TorchFunctionMode):
             if isinstance(p, torch.Tensor) or p:
                 self.calls.append(f"scaled_dot_product_attention(dropout_p={_num(p)}) at {_user_frame()}")
         return func(*args, **kwargs)
+
+    def check(self) -> None:
+        """Fail the model (``failed:leftover``) if any fixed-rate dropout call was recorded."""
+        if self.calls:
+            raise Failure("failed:leftover", f"{len(self.calls)} fixed-rate dropout call(s) still applied in "
+                                              f"training, e.g. {self.calls[0]}")
 
 
 def _num(p: Any) -> str:
@@ -420,10 +424,7 @@ def _real(timm, cd, name, args, row):
         outs = _outputs(out)
         if not outs:
             raise Failure("failed:train-forward", "no tensor output")
-        if leftover.calls:
-            first = leftover.calls[0]
-            raise Failure("failed:leftover", f"{len(leftover.calls)} fixed-rate dropout call(s) still applied in "
-                                              f"training, e.g. {first}")
+        leftover.check()
         if outs[0].dim() == 2:
             data_loss = F.cross_entropy(outs[0], torch.zeros(outs[0].shape[0], dtype=torch.long))
         else:

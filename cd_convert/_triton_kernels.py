@@ -58,9 +58,15 @@ def _random_bits(seed, block_start, offsets, inner, channels, CHANNELWISE: tl.co
 
 
 @triton.jit
+def _uniform(bits):
+    """u = (k + 1/2) * 2**-23 from the low 23 of 32 random bits: the lattice of :mod:`cd_convert.noise`."""
+    return ((bits & 0x7FFFFF).to(tl.float32) + 0.5) * _LATTICE
+
+
+@triton.jit
 def _keep(bits, theta, inv_t):
-    """The relaxed keep-mask 1 - z from 32 random bits (23 of them used: the noise lattice)."""
-    u = ((bits & 0x7FFFFF).to(tl.float32) + 0.5) * _LATTICE
+    """The relaxed keep-mask 1 - z from 32 random bits."""
+    u = _uniform(bits)
     logistic = tl.log(u) - tl.log(1.0 - u)
     # sigmoid(-s) = 1 / (1 + exp(s)): exp overflows to inf for large s, giving exactly 0 (dropped).
     return 1.0 / (1.0 + tl.exp((theta + logistic) * inv_t))
@@ -158,7 +164,7 @@ def _noise(u_ptr, seed, n, BLOCK: tl.constexpr):
     block_start = tl.program_id(0) * BLOCK
     offsets = _tile(block_start, BLOCK)
     bits = _random_bits(seed, block_start, offsets, 1, 1, False, False, BLOCK)
-    tl.store(u_ptr + offsets, ((bits & 0x7FFFFF).to(tl.float32) + 0.5) * _LATTICE, mask=offsets < n)
+    tl.store(u_ptr + offsets, _uniform(bits), mask=offsets < n)
 
 
 def launch_noise(u: Tensor, seed: int, block: int = 1024) -> None:

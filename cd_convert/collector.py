@@ -119,9 +119,8 @@ def _consumer_squared_norms(root: nn.Module, apps: Sequence[Application], device
 
     Each distinct weight's norm is computed once and counted for every site that consumes it (the KL term is
     per site, so a tied weight counts once per site), and the norms come from one ``torch._foreach_norm`` call
-    where possible: a site-by-site loop of
-    ``pow``/``sum`` launches several kernels per weight, which in eager mode on a GPU costs more CPU time than
-    the arithmetic.
+    where possible: a site-by-site loop of ``pow``/``sum`` launches several kernels per weight, which in eager
+    mode on a GPU costs more CPU time than the arithmetic.
 
     Args:
         root: the module the applications' names are relative to.
@@ -171,12 +170,6 @@ def _units(app: Application, site: ConcreteDropoutBase) -> int:
             "before calling cd_convert.regularization(model)."
         )
     return seen
-
-
-def _clamped(site: ConcreteDropoutBase) -> Tensor:
-    from .layers import clamped_logit
-
-    return clamped_logit(site.p_logit.float(), site.eps)
 
 
 def _resolve_module(root: nn.Module, name: str) -> ConcreteDropoutBase:

@@ -36,10 +36,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-try:
-    from torch.compiler import is_compiling as _is_compiling
-except ImportError:  # torch < 2.3
-    from torch._dynamo import is_compiling as _is_compiling
+from ._tracing import being_traced
 
 __all__ = ["ENABLED", "supports", "fused_concrete_dropout"]
 
@@ -100,7 +97,7 @@ def supports(x: Tensor, channelwise: bool = False, channel_dim: int = 1, *, inte
         True when every condition in the module docstring holds.
     """
     # Tracers first: under torch.compile the checks below are not even looked at.
-    if _is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+    if being_traced():
         return False
     if not ENABLED or type(x) is not Tensor or _functorch_active():
         return False

@@ -24,15 +24,12 @@ devices, tensor subclasses and code being compiled or traced use ``torch.rand``.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-try:
-    from torch.compiler import is_compiling as _is_compiling
-except ImportError:  # torch < 2.3
-    from torch._dynamo import is_compiling as _is_compiling
+from ._tracing import being_traced
 
 __all__ = ["uniform"]
 
@@ -44,12 +41,15 @@ _FLOAT32_ONE_BITS = 0x3F800000
 _OFFSET = 1.0 - 2.0**-24
 
 
-def _serial(shape: Sequence[int], device: torch.device, dtype: torch.dtype,
-            generator: Optional[torch.Generator]) -> Tensor:
+def _generator_kwargs(generator: Optional[torch.Generator]) -> Dict[str, torch.Generator]:
     # generator=None is not passed explicitly: with symbolic shapes (torch.compile's dynamic dims) that
     # overload needs concrete sizes.
-    extra = {} if generator is None else {"generator": generator}
-    return torch.rand(shape, device=device, dtype=dtype, **extra)
+    return {} if generator is None else {"generator": generator}
+
+
+def _serial(shape: Sequence[int], device: torch.device, dtype: torch.dtype,
+            generator: Optional[torch.Generator]) -> Tensor:
+    return torch.rand(shape, device=device, dtype=dtype, **_generator_kwargs(generator))
 
 
 def _packed_float32(shape: Sequence[int], numel: int, generator: Optional[torch.Generator]) -> Optional[Tensor]:
@@ -57,9 +57,8 @@ def _packed_float32(shape: Sequence[int], numel: int, generator: Optional[torch.
     words = torch.empty((numel + 1) // 2, dtype=torch.int64)
     if type(words) is not Tensor:  # FakeTensor or another subclass mode: keep the ordinary op
         return None
-    extra = {} if generator is None else {"generator": generator}
     # random_() on int64 draws on [0, 2**63): each 32-bit half has at least 31 random low bits.
-    words.random_(**extra)
+    words.random_(**_generator_kwargs(generator))
     halves = words.view(torch.int32)[:numel]
     halves.bitwise_and_(_MANTISSA_MASK).bitwise_or_(_FLOAT32_ONE_BITS)
     return halves.view(torch.float32).sub_(_OFFSET).view(shape)
@@ -85,8 +84,7 @@ def uniform(
     """
     device = torch.device(device)
     # Compilers and tracers get the ordinary op (Inductor generates its own parallel random numbers).
-    traced = _is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
-    if device.type == "cpu" and dtype == torch.float32 and not traced:
+    if device.type == "cpu" and dtype == torch.float32 and not being_traced():
         numel = 1
         for size in shape:
             numel *= int(size)

@@ -8,6 +8,7 @@ runs, so a call found at conversion time is recognised again at run time.
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Type
 
@@ -75,7 +76,8 @@ def owner_method(frame, owner: Optional[nn.Module]) -> Optional[str]:
     """Name of the owner's own method that is (or contains) the calling frame.
 
     Walks outward from the call to the first frame that runs a method of ``type(owner)`` (not one of
-    ``nn.Module``'s own, such as ``_call_impl``) with ``owner`` as its first argument.
+    ``nn.Module``'s own, such as ``_call_impl``) with ``owner`` as its first argument. Decorated methods
+    (transformers wraps forwards in ``can_return_tuple``, ``deprecate_kwarg``, ...) are unwrapped first.
     """
     if owner is None:
         return None
@@ -84,7 +86,8 @@ def owner_method(frame, owner: Optional[nn.Module]) -> Optional[str]:
         if code.co_argcount and frame.f_locals.get(code.co_varnames[0]) is owner:
             name = code.co_name
             func = getattr(type(owner), name, None)
-            if getattr(func, "__code__", None) is code and func is not getattr(nn.Module, name, None):
+            inner = inspect.unwrap(func) if callable(func) else func
+            if getattr(inner, "__code__", None) is code and func is not getattr(nn.Module, name, None):
                 return name
         frame = frame.f_back
     return None

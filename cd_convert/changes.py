@@ -15,6 +15,7 @@ import torch.nn as nn
 from .errors import FreezeError
 from .interception import install, interceptors, uninstall
 from .layers import ConcreteDropoutBase
+from .targets import DROPOUT_TYPES
 
 #: Concrete site class name -> the plain torch.nn module a frozen site becomes.
 _FROZEN_TYPES = {
@@ -153,7 +154,8 @@ class MethodSite:
                 "strict=False to freeze(...) to keep the original rate there (a warning names it)."
             )
         self.undo(root)
-        setattr(owner, self.rate_attribute, p)
+        holder_path, _, attribute = self.rate_attribute.rpartition(".")
+        setattr(owner.get_submodule(holder_path) if holder_path else owner, attribute, p)
 
 
 @dataclass
@@ -224,12 +226,31 @@ class FusedAttentionSwitch:
 
 
 def find_rate_attribute(owner: nn.Module, p: Optional[float]) -> Optional[str]:
-    """The owner's one float attribute equal to a functional call's rate (e.g. timm's ``drop_rate``)."""
+    """Where a functional call's rate is read from, by value: the owner's float attribute equal to it (timm's
+    ``drop_rate``), or a dropout child's ``p``; one whose name says "drop" wins over others.
+
+    Args:
+        owner: the module whose method makes the call.
+        p: the rate the call was seen with.
+
+    Returns:
+        A path relative to ``owner`` (``"drop_rate"``, ``"dropout.p"``), or None when no single one matches.
+    """
     if p is None:
         return None
-    names = [
+    candidates = [
         name
         for name, value in vars(owner).items()
-        if not name.startswith("_") and isinstance(value, float) and math.isclose(value, p)
+        if not name.startswith("_")
+        and isinstance(value, float)
+        and not isinstance(value, bool)
+        and math.isclose(value, p, abs_tol=1e-12)
     ]
-    return names[0] if len(names) == 1 else None
+    candidates += [
+        f"{name}.p"
+        for name, child in owner.named_children()
+        if isinstance(child, DROPOUT_TYPES) and math.isclose(float(child.p), p, abs_tol=1e-12)
+    ]
+    named = [c for c in candidates if "drop" in c.lower()]
+    pool = named if len(candidates) > 1 else candidates
+    return pool[0] if len(pool) == 1 else None

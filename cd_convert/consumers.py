@@ -59,11 +59,32 @@ class ConsumerInfo:
     units: int
 
 
+def is_transposed_linear(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 and relatives): a linear layer whose weight is stored as (in, out)."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and getattr(module, "nf", None) == weight.shape[1]
+    )
+
+
 def module_units(module: nn.Module) -> Optional[int]:
+    """K of a weight layer: the input features (Linear, transformers' Conv1D) or input channels (ConvNd).
+
+    Args:
+        module: any module.
+
+    Returns:
+        K, or None when ``module`` is not a weight layer the regulariser knows.
+    """
     if isinstance(module, nn.Linear):
         return module.in_features
     if isinstance(module, nn.modules.conv._ConvNd):
         return module.in_channels
+    if is_transposed_linear(module):
+        return int(module.weight.shape[0])
     return None
 
 

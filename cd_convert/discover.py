@@ -23,8 +23,7 @@ from __future__ import annotations
 import inspect
 import math
 import sys
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type
+from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple, Type
 
 import torch.fx as fx
 import torch.nn as nn
@@ -32,7 +31,6 @@ import torch.nn.functional as F
 
 from .callsites import (
     FUNCTIONAL_DROPOUTS,
-    CallKey,
     bind_functional,
     call_key,
     caller_frame,
@@ -40,6 +38,7 @@ from .callsites import (
     owner_method,
 )
 from .consumers import ConsumerInfo, find_consumer
+from .found import Discovery, Finding, FoundSite
 from .layers import ConcreteDropout, ConcreteDropout1d, ConcreteDropout2d, ConcreteDropout3d, ConcreteDropoutBase
 from .targets import DROPOUT_TYPES, is_dropout_module
 
@@ -54,76 +53,6 @@ MODULE_SITE_TYPES: Dict[Type[nn.Module], Type[ConcreteDropoutBase]] = {
 #: Regularisation-free noise layers: left alone, listed in the report.
 NON_SITE_NAMES = ("DropPath", "StochasticDepth", "DropBlock", "AlphaDropout", "FeatureAlphaDropout", "DropConnect")
 NON_SITE_FUNCTIONS = {F.alpha_dropout: "F.alpha_dropout", F.feature_alpha_dropout: "F.feature_alpha_dropout"}
-
-
-@dataclass
-class FoundSite:
-    """A dropout application found in the model.
-
-    Attributes:
-        kind: "module", "functional" or "fused".
-        owner: qualified name of the module whose code applies it ("" for the root).
-        module_name: for module sites, the ``nn.Dropout*`` module's name; for fused sites, the dropout module
-            whose rate the fused op uses (if any).
-        site_type: the concrete class to use.
-        p: the original rate (None if not a constant).
-        found_by: "fx", "module search" or "dry run".
-        consumer: the consuming weights, or None.
-        consumer_note: why there is no consumer, when there is none.
-        called: True if seen in the trace/dry run, None if unknown.
-        function: for functional sites, e.g. "F.dropout".
-        key: for functional sites, the call location.
-        method: for functional/fused sites, the owner's method that contains the call.
-        fused_op: for fused sites, e.g. "scaled_dot_product_attention" or "MultiheadAttention".
-        units_hint: size of the dropped feature dim, if known (for consumer-less sites).
-        notes: free-form notes for the report.
-    """
-
-    kind: str
-    owner: str
-    site_type: Type[ConcreteDropoutBase]
-    p: Optional[float]
-    found_by: str
-    module_name: Optional[str] = None
-    consumer: Optional[ConsumerInfo] = None
-    consumer_note: str = ""
-    called: Optional[bool] = True
-    function: Optional[str] = None
-    key: Optional[CallKey] = None
-    method: Optional[str] = None
-    fused_op: Optional[str] = None
-    units_hint: Optional[int] = None
-    notes: List[str] = field(default_factory=list)
-
-
-@dataclass
-class Finding:
-    """Something noteworthy that is not converted (unsupported fused dropout, drop-path, unused dropout)."""
-
-    name: str
-    status: str
-    detail: str
-
-
-@dataclass
-class Discovery:
-    """Everything discovery learned about a model.
-
-    Attributes:
-        sites: dropout applications found.
-        findings: what is left alone, and why.
-        called_modules: qualified names of modules seen called (trace or dry run).
-        method: "fx", "fx + module search", "module search", "dry run".
-        trace_error: why torch.fx failed, if it did.
-        leaves: qualified names of modules treated as leaves (not traced through).
-    """
-
-    sites: List[FoundSite] = field(default_factory=list)
-    findings: List[Finding] = field(default_factory=list)
-    called_modules: Set[str] = field(default_factory=set)
-    method: str = "fx"
-    trace_error: Optional[str] = None
-    leaves: Set[str] = field(default_factory=set)
 
 
 class SiteTracer(fx.Tracer):
@@ -245,7 +174,7 @@ def discover(
     *,
     leaf_modules: Sequence[type] = (),
     autowrap_functions: Sequence[Callable] = (),
-    example_inputs: Optional[Sequence[Any]] = None,
+    example_inputs: Optional[Any] = None,
 ) -> Discovery:
     """Find every dropout application in ``model``.
 
@@ -253,7 +182,8 @@ def discover(
         model: the model (not changed; its train/eval modes are restored).
         leaf_modules: module types not to trace into (their inner dropouts are found by module search).
         autowrap_functions: functions the tracer should not trace into.
-        example_inputs: optional positional inputs for a dry run that confirms called-ness and consumers.
+        example_inputs: optional inputs (a tuple of positional or a dict of keyword arguments) for a dry run
+            that confirms called-ness and consumers.
 
     Returns:
         A :class:`Discovery`.

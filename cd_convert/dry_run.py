@@ -1,4 +1,4 @@
-"""One forward pass on ``example_inputs`` that confirms what discovery inferred.
+"""One forward pass on example inputs that confirms what discovery inferred and finds what it could not see.
 
 Runs on a deep copy of the model (training mode, forked RNG), so the user's model, its BatchNorm statistics
 and the global RNG are untouched. Forward hooks record which modules run; a ``TorchFunctionMode`` follows
@@ -6,14 +6,22 @@ tensors through data-moving ops and records functional dropout calls, so that:
 
 * every site and targeted layer is known to be called (or not);
 * sites found by module search get their consumer by tensor identity;
-* functional dropout in models torch.fx cannot trace is found and attributed to its owner's method.
+* functional dropout in models torch.fx cannot trace is found and attributed to its owner's method; one
+  function shared by several modules (an attention function called by every layer) gives one call per
+  owning module instance;
+* the rate of each functional call is traced to the attribute it is read from (``self.dropout``,
+  ``self.attention_dropout``, ``self.dropout.p``): before the pass, each candidate rate attribute of the
+  copy is nudged to a value no other holds, so the value a call receives names its source;
+* for transformers models, attention runs in its eager implementation (where attention dropout is a call),
+  and calls made inside an attention interface are marked, so that conversion can select that path while
+  the site is active.
 """
 
 from __future__ import annotations
 
 import copy
 import sys
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -21,13 +29,19 @@ from torch.overrides import TorchFunctionMode
 
 from .callsites import FUNCTIONAL_DROPOUTS, bind_functional, call_key, caller_frame, function_name, owner_method
 from .consumers import TRANSPARENT_FUNCTIONS, TRANSPARENT_METHODS, ConsumerInfo, module_units
-from .discover import Discovery, FoundSite
+from .found import Discovery, FoundSite
+from .integrations import transformers as hf
 from .layers import ConcreteDropoutBase
 from .targets import is_dropout_module
+
+#: Example inputs: positional arguments (a tuple or list) or keyword arguments (a dict).
+ExampleInputs = Union[Sequence[Any], Dict[str, Any]]
 
 _TRANSPARENT_TENSOR_METHODS = {
     getattr(torch.Tensor, name) for name in TRANSPARENT_METHODS if hasattr(torch.Tensor, name)
 }
+#: Spacing of the nudged rates: far below any meaningful difference of dropout rates, far above fp64 rounding.
+_NUDGE = 2.0**-30
 
 
 class _Recorder(TorchFunctionMode):
@@ -47,16 +61,46 @@ class _Recorder(TorchFunctionMode):
         return result
 
 
+def _nudge_rates(model: nn.Module) -> Dict[float, Tuple[str, float]]:
+    """Give every nonzero dropout-rate attribute of ``model`` (a copy) a value of its own.
+
+    Candidates are the ``p`` of dropout modules and float attributes whose name contains "drop". Rates of 0
+    are left at 0 (code such as ``if self.drop_rate:`` must take the branch it takes in the real model).
+
+    Args:
+        model: the dry run's copy of the model (changed in place).
+
+    Returns:
+        nudged value -> (``"module.path.attribute"``, original value).
+    """
+    sources: Dict[float, Tuple[str, float]] = {}
+    count = 0
+    for name, module in model.named_modules():
+        for attr, value in list(vars(module).items()):
+            is_rate = (attr == "p" and is_dropout_module(module)) or ("drop" in attr.lower() and attr[0] != "_")
+            if not is_rate or isinstance(value, bool) or not isinstance(value, float) or not 0.0 < value < 1.0:
+                continue
+            count += 1
+            nudged = value + count * _NUDGE
+            if nudged >= 1.0 or nudged in sources:
+                continue
+            setattr(module, attr, nudged)
+            sources[nudged] = (f"{name}.{attr}" if name else attr, value)
+    return sources
+
+
 class _DryRun:
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, rate_sources: Dict[float, Tuple[str, float]]) -> None:
         self.model = model
         self.names = {m: n for n, m in model.named_modules()}
+        self.rate_sources = rate_sources
         self.stack: List[nn.Module] = []
         self.called: set = set()
+        self.through_interface: set = set()
         self.produced_by: Dict[int, str] = {}
         self.keep_alive: List[torch.Tensor] = []
         self.consumers: Dict[str, List[ConsumerInfo]] = {}
-        self.functional: Dict[Tuple, Dict[str, Any]] = {}
+        self.functional: Dict[Tuple[Any, str], Dict[str, Any]] = {}
 
     def remember(self, tensor: torch.Tensor, site: str) -> None:
         self.produced_by[id(tensor)] = site
@@ -66,6 +110,10 @@ class _DryRun:
         self.stack.append(module)
         name = self.names.get(module, "")
         self.called.add(name)
+        if is_dropout_module(module):
+            caller = caller_frame(sys._getframe(1))
+            if caller is not None and hf.called_through_attention_interface(caller):
+                self.through_interface.add(name)
         if args and isinstance(args[0], torch.Tensor):
             source = self.produced_by.get(id(args[0]))
             units = module_units(module)
@@ -85,38 +133,53 @@ class _DryRun:
         if caller is None:
             return
         key = call_key(caller)
-        method = owner_method(caller, owner)
         bound = bind_functional(func, args, kwargs)
+        p = bound.get("p")
         label = f"functional:{owner_name}:{key}"
-        self.functional[key] = {
+        self.functional[(key, owner_name)] = {
             "func": func,
             "owner": owner_name,
-            "method": method,
-            "p": bound.get("p"),
+            "method": owner_method(caller, owner),
+            "p": p,
             "training": bound.get("training"),
             "label": label,
+            "rate_holder": self.rate_sources[p][0] if isinstance(p, float) and p in self.rate_sources else None,
+            "attention_interface": hf.called_through_attention_interface(caller),
         }
         if isinstance(result, torch.Tensor):
             self.remember(result, label)
 
+    def original_rate(self, p: Any) -> Optional[float]:
+        """The rate a call would get in the real model (the nudge undone)."""
+        if not isinstance(p, (int, float)) or isinstance(p, bool):
+            return None
+        source = self.rate_sources.get(p) if isinstance(p, float) else None
+        return float(p) if source is None else source[1]
 
-def confirm_with_dry_run(model: nn.Module, discovery: Discovery, example_inputs: Sequence[Any]) -> None:
+
+def _run(model: nn.Module, example_inputs: ExampleInputs) -> Any:
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    return model(*example_inputs)
+
+
+def confirm_with_dry_run(model: nn.Module, discovery: Discovery, example_inputs: ExampleInputs) -> None:
     """Update ``discovery`` in place from one training-mode forward pass of a copy of ``model``.
 
     Args:
         model: the model (not changed).
         discovery: what tracing / module search found.
-        example_inputs: positional inputs for ``model``.
+        example_inputs: positional inputs (tuple or list) or keyword inputs (dict) for ``model``.
     """
     replica = copy.deepcopy(model).train()
-    run = _DryRun(replica)
+    run = _DryRun(replica, _nudge_rates(replica))
     handles = []
     for module in replica.modules():
         handles.append(module.register_forward_pre_hook(run.pre_hook))
         handles.append(module.register_forward_hook(run.post_hook))
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), _Recorder(run):
-            replica(*example_inputs)
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), hf.eager_attention(replica), _Recorder(run):
+            _run(replica, example_inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -125,28 +188,35 @@ def confirm_with_dry_run(model: nn.Module, discovery: Discovery, example_inputs:
     for site in discovery.sites:
         if site.module_name and site.kind == "module":
             site.called = site.module_name in run.called
+            site.attention_interface = site.module_name in run.through_interface
             found = run.consumers.get(site.module_name)
             if site.consumer is None and found:
                 _set_consumer(site, found)
+            elif site.consumer is None and site.called:
+                site.consumer_note = "no weight layer read its output in the dry run (a residual add, attention, ...)"
         elif site.kind == "functional" and site.key is not None:
-            site.called = site.key in run.functional
-    known = {s.key for s in discovery.sites if s.key is not None}
-    for key, call in run.functional.items():
-        if key in known or call["training"] is False or call["method"] is None:
+            site.called = (site.key, site.owner) in run.functional
+    known = {(s.key, s.owner) for s in discovery.sites if s.key is not None}
+    for (key, owner), call in run.functional.items():
+        if (key, owner) in known or call["training"] is False or call["method"] is None:
             continue
         site = FoundSite(
             kind="functional",
-            owner=call["owner"],
+            owner=owner,
             site_type=FUNCTIONAL_DROPOUTS[call["func"]][1],
-            p=float(call["p"]) if isinstance(call["p"], (int, float)) else None,
+            p=run.original_rate(call["p"]),
             found_by="dry run",
             function=function_name(call["func"]),
             key=key,
             method=call["method"],
+            rate_holder=call["rate_holder"],
+            attention_interface=call["attention_interface"],
         )
         found = run.consumers.get(call["label"])
         if found:
             _set_consumer(site, found)
+        elif call["attention_interface"]:
+            site.consumer_note = "attention probabilities are multiplied by values, not by a weight"
         else:
             site.consumer_note = "no weight layer read its output in the dry run"
         discovery.sites.append(site)

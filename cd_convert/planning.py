@@ -16,12 +16,19 @@ import torch.nn as nn
 from .changes import FusedAttentionSwitch, InputSite, MethodSite, ModuleSwap, find_rate_attribute
 from .collector import Application
 from .consumers import ConsumerInfo
-from .discover import Discovery, FoundSite
+from .found import Discovery, FoundSite
 from .errors import TargetError
 from .interception import interceptors
 from .layers import ConcreteDropout, ConcreteDropout1d, ConcreteDropout2d, ConcreteDropout3d, ConcreteDropoutBase, InitP
 from .report import SiteRow
-from .targets import DROPOUT_TYPES, Matcher, first_match, is_targetable
+from .targets import DROPOUT_TYPES, Matcher, first_match, is_dropout_module, is_targetable
+
+#: Report note of a site applied inside a transformers attention interface.
+_EAGER_NOTE = (
+    "attention runs in its eager implementation while the site is active (training, MC prediction): that keeps "
+    "a batch x heads x L x L probability tensor per layer for the backward pass; in eval the model's own "
+    "implementation runs. fused_attention=False keeps it fixed and fused"
+)
 
 #: Child name of the site inserted in front of a targeted layer.
 INPUT_SITE_CHILD = "concrete_dropout"
@@ -100,6 +107,7 @@ class Plan:
     rows: List[SiteRow]
     method: str
     notes: List[str]
+    model_changes: List[Any] = field(default_factory=list)
 
     def applications(self) -> List[Application]:
         """The regulariser's applications: one per (site, consumer weights), duplicates merged."""
@@ -149,11 +157,20 @@ class Planner:
         self.planned: Dict[str, PlannedSite] = {}
         self.used: Dict[int, bool] = {id(m): False for m in (targets or [])}
         self.child_counts: Dict[Tuple[str, str], int] = {}
+        #: (owner, method, function, rate holder) -> the planned site of calls that share one rate.
+        self.shared_rate: Dict[Tuple[str, str, str, str], PlannedSite] = {}
+        #: planned site name -> the module that applies it inside a transformers attention interface.
+        self.attention_owners: Dict[str, str] = {}
 
     def build(self) -> Plan:
         """Plan every site; raise :class:`TargetError` when ``targets`` matched nothing."""
+        read_rates = self._rates_read_by_calls()
         for found in self.discovery.sites:
-            if found.module_name:
+            if found.module_name and found.module_name in read_rates and found.called is not True:
+                self.rows.append(self._rate_holder_row(found, read_rates[found.module_name]))
+            elif found.module_name and found.called is False and found.kind == "module":
+                self.rows.append(self._not_called_row(found))
+            elif found.module_name:
                 self._plan_module_site(found)
             else:
                 self._plan_call_site(found)
@@ -174,7 +191,54 @@ class Planner:
                     else "; functional dropout calls (F.dropout) are only found there with example_inputs="
                 )
             )
-        return Plan(list(self.planned.values()), self.rows, self.discovery.method, notes)
+        model_changes = self._attention_switches()
+        return Plan(list(self.planned.values()), self.rows, self.discovery.method, notes, model_changes)
+
+    # -- transformers-style attention ---------------------------------------------------------------
+    def _rates_read_by_calls(self) -> Dict[str, FoundSite]:
+        """Dropout modules whose ``p`` a functional call reads (BERT's attention dropout) -> that call."""
+        read: Dict[str, FoundSite] = {}
+        for found in self.discovery.sites:
+            holder = found.rate_holder
+            if found.module_name is None and holder and holder.endswith(".p"):
+                module = self.modules.get(holder[: -len(".p")])
+                if module is not None and is_dropout_module(module):
+                    read[holder[: -len(".p")]] = found
+        return read
+
+    def _rate_holder_row(self, found: FoundSite, reader: FoundSite) -> SiteRow:
+        where = f"{reader.owner or '<root>'}.{reader.method}"
+        return SiteRow(
+            found.module_name or "",
+            "-",
+            "rate read",
+            f"{type(self.modules[found.module_name]).__name__}(p={found.p:.3g})",
+            found.p,
+            found_by=found.found_by,
+            called=found.called,
+            notes=[f"never called; its rate is passed to the dropout call in {where}, which becomes the learned site"],
+        )
+
+    def _not_called_row(self, found: FoundSite) -> SiteRow:
+        return SiteRow(
+            found.module_name or "",
+            "-",
+            "not called",
+            f"{type(self.modules[found.module_name]).__name__}(p={found.p:.3g})",
+            found.p,
+            found_by=found.found_by,
+            called=False,
+            notes=["never called in the dry run: no site created (its parameter would get no gradient)"],
+        )
+
+    def _attention_switches(self) -> List[Any]:
+        """Eager-attention switches for the sites applied inside transformers attention interfaces."""
+        new = {name: owner for name, owner in self.attention_owners.items() if not self.planned[name].existing}
+        if not new:
+            return []
+        from .integrations.transformers import eager_switches
+
+        return eager_switches(self.model, new)
 
     # -- selection ---------------------------------------------------------------------------------
     def _excluded(self, name: str, module: nn.Module) -> bool:
@@ -199,7 +263,7 @@ class Planner:
             status, note = "not selected", "left as fixed dropout"
         elif found.p == 0.0 and not self.options.include_zero_rate:
             status, note = "skipped (p=0)", "include_zero_rate=False: rate-0 dropout stays as it is"
-        elif found.kind == "fused" and not self.options.fused_attention:
+        elif (found.kind == "fused" or found.attention_interface) and not self.options.fused_attention:
             status, note = "left fused", "fused_attention=False: the fused kernel keeps its fixed rate"
         else:
             return None
@@ -223,11 +287,12 @@ class Planner:
                 self.rows.append(skip)
                 return
         entry = self.planned.get(name)
+        kind = "attention" if found.attention_interface else found.kind
         if entry is None:
             paths = [n for n, m in self.model.named_modules(remove_duplicate=False) if m is module]
             row = SiteRow(
                 name,
-                found.kind,
+                kind,
                 "existing" if existing else "planned",
                 original,
                 found.p,
@@ -242,10 +307,13 @@ class Planner:
                     found.site_type,
                     self.options.initial_rate(found.p),
                     self.options.temperature_for(found.site_type),
-                    None if existing else ModuleSwap(name, paths, module, kind=found.kind),
+                    None if existing else ModuleSwap(name, paths, module, kind=kind),
                     existing=existing,
                 ),
             )
+            if found.attention_interface:
+                self.attention_owners[name] = name.rpartition(".")[0]
+                entry.row.notes.append(_EAGER_NOTE)
             if found.kind == "fused" and not existing:
                 entry.extra_changes.append(FusedAttentionSwitch(found.owner, name.rpartition(".")[2], name))
         entry.add_application(found)
@@ -286,6 +354,12 @@ class Planner:
                 name, PlannedSite(row, found.site_type, self.options.init_p, None, None, existing=True)
             ).add_application(found)
             return
+        share_key = (found.owner, found.method, what or "", found.rate_holder or "")
+        shared = self.shared_rate.get(share_key) if found.rate_holder else None
+        if shared is not None:  # another call reading the same rate attribute: the same learned rate
+            shared.change.keys.append(found.key)
+            shared.add_application(found)
+            return
         child = self._new_child_name(owner, found)
         name = f"{found.owner}.{child}" if found.owner else child
         selected = self._selected(name, owner) or self._dropout_type_targeted()
@@ -293,9 +367,10 @@ class Planner:
         if skip is not None:
             self.rows.append(skip)
             return
+        kind = "attention" if found.attention_interface else found.kind
         row = SiteRow(
             name,
-            found.kind,
+            kind,
             "planned",
             f"{what} in {type(owner).__name__}.{found.method}",
             found.p,
@@ -310,8 +385,8 @@ class Planner:
             child,
             keys=[found.key] if found.key else [],
             catch_all=is_mha,
-            kind=found.kind,
-            rate_attribute=find_rate_attribute(owner, found.p) if found.kind == "functional" else None,
+            kind=kind,
+            rate_attribute=self._rate_attribute(owner, found),
         )
         entry = PlannedSite(
             row,
@@ -321,6 +396,23 @@ class Planner:
             change,
         )
         self._add(name, entry).add_application(found)
+        if found.rate_holder:
+            self.shared_rate[share_key] = entry
+            row.notes.append(f"rate read from {found.rate_holder}; freeze writes the learned rate there")
+        if found.attention_interface:
+            self.attention_owners[name] = found.owner
+            row.notes.append(_EAGER_NOTE)
+
+    def _rate_attribute(self, owner: nn.Module, found: FoundSite) -> Optional[str]:
+        """Where freeze writes the learned rate, relative to the owner (``"dropout"``, ``"dropout.p"``)."""
+        if found.kind != "functional":
+            return None
+        holder = found.rate_holder
+        if holder is not None:
+            prefix = f"{found.owner}." if found.owner else ""
+            if holder.startswith(prefix):
+                return holder[len(prefix) :]
+        return find_rate_attribute(owner, found.p)
 
     def _new_child_name(self, owner: nn.Module, found: FoundSite) -> str:
         base = f"{found.method}_attn_dropout" if found.kind == "fused" else f"{found.method}_dropout"

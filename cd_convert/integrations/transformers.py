@@ -1,0 +1,332 @@
+"""HuggingFace transformers awareness: dry-run inputs, eager attention while a site is active, call provenance.
+
+transformers models cannot be traced by torch.fx (their forwards are wrapped as ``(*args, **kwargs)``), and
+their attention dropout is not a module call: an attention module passes a rate (``self.attention_dropout``,
+``self.dropout.p``) as ``dropout=`` to an *attention interface* chosen by ``config._attn_implementation``
+(eager, sdpa, flash, flex). Only the family's eager function applies it as an explicit ``F.dropout`` (or a
+module call) on the attention probabilities. So, for these models:
+
+* discovery runs one dry run on inputs built from the config (:func:`example_inputs_for`) with every config
+  switched to eager attention (:func:`eager_attention`), where attention dropout shows up as a call;
+* a call made inside an attention interface is recognised by :func:`called_through_attention_interface`;
+* the converted model switches to eager attention only while one of its attention sites is active
+  (training, Monte Carlo prediction), with :class:`EagerAttentionSwitch` on each ``PreTrainedModel`` (where
+  the attention masks are built, in the format of the implementation) and on each attention module (so a
+  gradient-checkpointing recomputation takes the same path). In eval the model's own implementation runs.
+
+This module imports transformers lazily: nothing here requires it unless the model is a transformers model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..errors import ConversionError
+
+#: Name of the local variable in which transformers' attention modules hold the chosen attention function.
+_INTERFACE_LOCAL = "attention_interface"
+#: Keyword arguments of packed (padding-free) batches for flash attention, which eager attention cannot honour.
+_PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_k")
+_BATCH, _SEQ = 2, 8
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    """Whether ``model`` or one of its modules is a transformers ``PreTrainedModel``."""
+    if "transformers" not in sys.modules:
+        return False
+    from transformers import PreTrainedModel
+
+    return any(isinstance(m, PreTrainedModel) for m in model.modules())
+
+
+def _attention_configs(model: nn.Module) -> List[Any]:
+    """Every distinct config object held by the model's modules that selects an attention implementation."""
+    configs: Dict[int, Any] = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            configs[id(config)] = config
+            for key in getattr(config, "sub_configs", {}) or {}:
+                sub = getattr(config, key, None)
+                if sub is not None and hasattr(sub, "_attn_implementation"):
+                    configs[id(sub)] = sub
+    return list(configs.values())
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Switch every attention config of ``model`` to ``"eager"`` for the duration, then restore each exactly.
+
+    Args:
+        model: any model (a no-op for models without transformers configs).
+    """
+    saved = [(config, config.__dict__.get("_attn_implementation_internal")) for config in _attention_configs(model)]
+    try:
+        for config, _ in saved:
+            config.__dict__["_attn_implementation_internal"] = "eager"
+        yield
+    finally:
+        for config, value in saved:
+            config.__dict__["_attn_implementation_internal"] = value
+
+
+def called_through_attention_interface(frame: Any) -> bool:
+    """Whether a dropout call made in ``frame`` is attention dropout of a transformers attention module.
+
+    transformers' attention modules keep the chosen attention function in a local named
+    ``attention_interface``. A call is attention dropout when, walking outward from it, the first frame that
+    holds that local has called (directly or not) the interface's code (the eager function), or when the call
+    is made in another method of the same attention module (GPT-2's upcast path). A call made in the
+    attention module's ``forward`` itself (its output dropout) is not.
+
+    Args:
+        frame: the first frame of model code at the call (torch's and cd_convert's own frames skipped).
+
+    Returns:
+        True for attention dropout.
+    """
+    first, passed = frame, set()
+    while frame is not None:
+        code = frame.f_code
+        interface = frame.f_locals.get(_INTERFACE_LOCAL) if _INTERFACE_LOCAL in code.co_varnames else None
+        if interface is not None:
+            if frame is first:
+                return False
+            inner = getattr(getattr(interface, "__wrapped__", interface), "__code__", None)
+            owner = frame.f_locals.get(code.co_varnames[0]) if code.co_argcount else None
+            first_self = first.f_locals.get(first.f_code.co_varnames[0]) if first.f_code.co_argcount else None
+            return inner in passed or (owner is not None and first_self is owner)
+        passed.add(code)
+        frame = frame.f_back
+    return False
+
+
+# -- inputs for a dry run ------------------------------------------------------------------------------
+
+
+def _config_value(config: Any, *names: str, default: Any = None) -> Any:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def _sub_config(config: Any, name: str) -> Any:
+    return getattr(config, name, None) or config
+
+
+def _pixel_values(config: Any) -> torch.Tensor:
+    vision = _sub_config(config, "vision_config")
+    size = _config_value(vision, "image_size", default=224)
+    size = size if isinstance(size, int) else int(size[0])
+    channels = _config_value(vision, "num_channels", default=3)
+    return torch.randn(_BATCH, channels, size, size)
+
+
+def _input_features(config: Any) -> torch.Tensor:
+    mel_bins = _config_value(config, "num_mel_bins", default=80)
+    frames = 2 * _config_value(config, "max_source_positions", default=1500)
+    return torch.randn(_BATCH, mel_bins, frames)
+
+
+def _token_ids(config: Any) -> torch.Tensor:
+    text = _sub_config(config, "text_config")
+    vocab = _config_value(text, "vocab_size", default=100)
+    generator = torch.Generator().manual_seed(0)
+    # Start at 3 so that no id is a pad/bos/eos id of the usual tokenizers (BART shifts on pad tokens).
+    return torch.randint(min(3, vocab - 1), vocab, (_BATCH, _SEQ), generator=generator)
+
+
+def example_inputs_for(model: nn.Module) -> Dict[str, Any]:
+    """Keyword arguments for one training-mode forward of a transformers model, built from its config.
+
+    Covers text (``input_ids``), vision (``pixel_values``), audio (``input_features``), text-image models
+    (both) and encoder-decoders (``decoder_input_ids``); ``use_cache=False`` where accepted.
+
+    Args:
+        model: a transformers ``PreTrainedModel``.
+
+    Returns:
+        A dict for ``model(**inputs)``.
+
+    Raises:
+        ConversionError: when the forward needs an input this function cannot build; pass
+            ``example_inputs=`` to :func:`cd_convert.convert` then.
+    """
+    import inspect
+
+    config = model.config
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    main = getattr(model, "main_input_name", "input_ids")
+    builders = {
+        "input_ids": _token_ids,
+        "pixel_values": _pixel_values,
+        "input_features": _input_features,
+    }
+    inputs: Dict[str, Any] = {}
+    if main not in builders:
+        raise ConversionError(
+            f"cannot build a dry-run input {main!r} for {type(model).__name__}; pass "
+            "example_inputs={...} (keyword arguments of the model's forward) to cd_convert.convert."
+        )
+    inputs[main] = builders[main](config)
+    for name in ("input_ids", "pixel_values"):
+        if name != main and name in parameters and _has_sub_config_for(config, name):
+            inputs[name] = builders[name](config)
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in parameters:
+        start = _config_value(config, "decoder_start_token_id", "bos_token_id", default=0)
+        ids = _token_ids(config)
+        ids[:, 0] = start
+        inputs["decoder_input_ids"] = ids
+    if "use_cache" in parameters:
+        inputs["use_cache"] = False
+    return inputs
+
+
+def _has_sub_config_for(config: Any, name: str) -> bool:
+    """Text-image models (CLIP, SigLIP, ...) take both token ids and pixels: they hold both sub-configs."""
+    return getattr(config, "text_config" if name == "input_ids" else "vision_config", None) is not None
+
+
+# -- the run-time switch -------------------------------------------------------------------------------
+
+
+@dataclass
+class EagerAttentionHook:
+    """Forward pre-hook (and its matching post-hook) that selects eager attention while ``sites`` are active.
+
+    Attributes:
+        sites: the concrete sites whose activity needs the eager path (shared references, so a deep copy of
+            the model maps them to the copy's sites).
+        saved: the implementation to restore, per nesting level.
+    """
+
+    sites: List[nn.Module]
+    saved: List[Tuple[Any, Optional[str]]] = field(default_factory=list)
+
+    def before(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        config = module.config
+        current = config.__dict__.get("_attn_implementation_internal")
+        if current not in (None, "eager") and any(site.active for site in self.sites):
+            _refuse_packed_sequences(module, current, kwargs)
+            self.saved.append((config, current))
+            config.__dict__["_attn_implementation_internal"] = "eager"
+            for sub in _sub_configs(config):
+                sub.__dict__["_attn_implementation_internal"] = "eager"
+        else:
+            self.saved.append((None, None))
+
+    def after(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
+        if not self.saved:
+            return
+        config, value = self.saved.pop()
+        if config is not None:
+            config.__dict__["_attn_implementation_internal"] = value
+            for sub in _sub_configs(config):
+                sub.__dict__["_attn_implementation_internal"] = value
+
+
+def _sub_configs(config: Any) -> List[Any]:
+    subs = [getattr(config, key, None) for key in getattr(config, "sub_configs", {}) or {}]
+    return [s for s in subs if s is not None and hasattr(s, "_attn_implementation")]
+
+
+def _refuse_packed_sequences(module: nn.Module, implementation: str, kwargs: Dict[str, Any]) -> None:
+    """Eager attention cannot reproduce flash attention over packed sequences (no mask, restarting positions)."""
+    packed = any(kwargs.get(name) is not None for name in _PACKED_KWARGS)
+    positions = kwargs.get("position_ids")
+    if not packed and "flash" in implementation and isinstance(positions, torch.Tensor) and positions.dim() == 2:
+        packed = bool((positions[:, 1:] < positions[:, :-1]).any())
+    if packed:
+        raise RuntimeError(
+            f"{type(module).__name__}: packed sequences with {implementation} cannot be computed by the explicit "
+            "attention that learned attention dropout needs. Pad the batch (attention_mask) instead of packing, or "
+            "convert with fused_attention=False to keep attention dropout fixed and fused."
+        )
+
+
+@dataclass
+class EagerAttentionSwitch:
+    """Installs :class:`EagerAttentionHook` on one module that holds a transformers config.
+
+    Attributes:
+        owner: qualified name of the module (a ``PreTrainedModel`` or an attention module).
+        site_names: qualified names of the attention sites whose activity selects the eager path.
+    """
+
+    owner: str
+    site_names: List[str]
+    site_name: str = ""
+    kind: str = "attribute"
+    handles: List[Any] = field(default_factory=list)
+
+    def apply(self, root: nn.Module, site: Optional[nn.Module] = None) -> None:
+        owner = root.get_submodule(self.owner) if self.owner else root
+        hook = EagerAttentionHook([root.get_submodule(name) for name in self.site_names])
+        self.handles = [
+            owner.register_forward_pre_hook(hook.before, with_kwargs=True),
+            owner.register_forward_hook(hook.after, with_kwargs=True, always_call=True),
+        ]
+        self._ids = [h.id for h in self.handles]
+
+    def undo(self, root: nn.Module) -> None:
+        owner = root.get_submodule(self.owner) if self.owner else root
+        pre, post = self._ids
+        owner._forward_pre_hooks.pop(pre, None)
+        owner._forward_pre_hooks_with_kwargs.pop(pre, None)
+        owner._forward_hooks.pop(post, None)
+        owner._forward_hooks_with_kwargs.pop(post, None)
+        owner._forward_hooks_always_called.pop(post, None)
+
+    def freeze(self, root: nn.Module) -> None:
+        self.undo(root)
+
+
+def eager_switches(model: nn.Module, attention_sites: Dict[str, str]) -> List[EagerAttentionSwitch]:
+    """The switches for a model's attention sites: one per attention module and per ``PreTrainedModel`` above.
+
+    Args:
+        model: the model.
+        attention_sites: site name -> qualified name of the attention module that applies it.
+
+    Returns:
+        One :class:`EagerAttentionSwitch` per module, with the sites below it.
+    """
+    if not attention_sites:
+        return []
+    from transformers import PreTrainedModel
+
+    holders: Dict[str, List[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, PreTrainedModel):
+            below = [
+                s for s, owner in attention_sites.items() if not name or owner == name or owner.startswith(name + ".")
+            ]
+            if below:
+                holders[name] = below
+    for site, owner in attention_sites.items():
+        module = model.get_submodule(owner) if owner else model
+        if hasattr(getattr(module, "config", None), "_attn_implementation"):
+            holders.setdefault(owner, [])
+            if site not in holders[owner]:
+                holders[owner].append(site)
+    return [EagerAttentionSwitch(owner, sites) for owner, sites in holders.items()]
+
+
+def __getattr__(name: str) -> Any:
+    # The Trainer subclass needs transformers at import time; everything above does not.
+    if name == "ConcreteDropoutTrainer":
+        from .hf_trainer import ConcreteDropoutTrainer
+
+        return ConcreteDropoutTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

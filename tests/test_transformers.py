@@ -1,0 +1,303 @@
+"""cd_convert on HuggingFace transformers models built from tiny configs, with no example inputs.
+
+Per family: every dropout the model applies in training becomes a learned site (an aten-level check sees no
+fixed-rate dropout and no attention kernel with dropout_p > 0), every added parameter gets a gradient from
+the data loss alone, eval output equals the original's, the regulariser's weight terms match a hand
+computation, Monte Carlo mode samples every site, and freeze() gives plain PyTorch with the same output.
+"""
+
+import copy
+import inspect
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+transformers = pytest.importorskip("transformers")
+
+import cd_convert as cd  # noqa: E402
+from cd_convert.layers import ConcreteDropoutBase  # noqa: E402
+from hf_zoo import CORE_FAMILIES, HF_FAMILIES, _self_check, fixed_rate_dropout_calls  # noqa: E402
+
+#: Families whose report must show sites that feed weight layers (classifier heads, FFN second layers).
+WITH_WEIGHT_TERMS = {"bert", "distilbert", "deberta-v2", "t5", "bart", "whisper", "roberta", "electra"}
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def converted_cases():
+    """family -> (original, converted, inputs, loss_fn); converted with no example inputs."""
+    cases = {}
+    for name, build in HF_FAMILIES.items():
+        original, inputs, loss_fn = build()
+        converted = cd.convert(copy.deepcopy(original), weight_regularizer=1e-2, dropout_regularizer=1e-3)
+        cases[name] = (original, converted, inputs, loss_fn)
+    return cases
+
+
+def _first_output(output):
+    for name in ("logits", "logits_per_image", "last_hidden_state"):
+        value = getattr(output, name, None)
+        if value is not None:
+            return value
+    return output[0]
+
+
+def test_detector_sees_module_functional_and_attention_dropout():
+    _self_check()
+
+
+@pytest.mark.parametrize("family", list(HF_FAMILIES))
+def test_no_fixed_rate_dropout_left(converted_cases, family):
+    original, converted, inputs, _ = converted_cases[family]
+    assert fixed_rate_dropout_calls(original.train(), inputs), "the original must apply dropout in training"
+    assert fixed_rate_dropout_calls(converted.train(), inputs) == []
+    report = cd.report(converted)
+    assert not [r for r in report.rows if r.status in ("not selected", "unsupported", "left fused")]
+
+
+def _attention_interface_modules(model):
+    """Module instances whose class's forward selects an attention function (transformers' interface)."""
+    found = set()
+    for module in model.modules():
+        try:
+            source = inspect.getsource(inspect.unwrap(type(module).forward))
+        except (OSError, TypeError):
+            continue
+        if "ALL_ATTENTION_FUNCTIONS" in source:
+            found.add(id(module))
+    return found
+
+
+@pytest.mark.parametrize("family", list(HF_FAMILIES))
+def test_one_attention_site_per_attention_module(converted_cases, family):
+    """A shared attention function is keyed per owning module: one learned rate per attention module."""
+    original, converted, _, _ = converted_cases[family]
+    rows = [r for r in cd.report(converted).rows if r.kind == "attention" and r.status == "converted"]
+    assert len(rows) == len(_attention_interface_modules(original))
+    assert len({r.name.rpartition(".")[0] for r in rows}) == len(rows)
+
+
+@pytest.mark.parametrize("family", list(HF_FAMILIES))
+def test_every_site_gets_a_gradient_from_the_data_loss(converted_cases, family):
+    _, converted, inputs, loss_fn = converted_cases[family]
+    converted.train().zero_grad()
+    torch.manual_seed(1)
+    loss_fn(converted(**inputs)).backward()
+    sites = [(n, p) for n, p in converted.named_parameters() if n.endswith("p_logit")]
+    assert sites
+    silent = [n for n, p in sites if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
+    assert silent == []
+
+
+@pytest.mark.parametrize("family", list(HF_FAMILIES))
+def test_eval_output_equals_original(converted_cases, family):
+    original, converted, inputs, _ = converted_cases[family]
+    with torch.no_grad():
+        assert torch.equal(_first_output(original.eval()(**inputs)), _first_output(converted.eval()(**inputs)))
+
+
+@pytest.mark.parametrize("family", list(HF_FAMILIES))
+def test_weight_terms_match_a_hand_computation(converted_cases, family):
+    """With dr = 0 the regulariser is wr * sum over (site, consumer) of ||W||^2 / (1 - p)."""
+    _, converted, _, _ = converted_cases[family]
+    wr = 1e-2
+    cd.set_regularizer(converted, weight_regularizer=wr, dropout_regularizer=0.0)
+    try:
+        rates = cd.dropout_rates(converted)
+        expected = 0.0
+        for row in cd.report(converted).rows:
+            weights = {w for part in row.consumer.split(" | ") for w in part.split(", ") if w}
+            for weight in weights:
+                squared = float(converted.get_parameter(weight).detach().double().pow(2).sum())
+                expected += wr * squared / (1.0 - rates[row.name])
+        if family in WITH_WEIGHT_TERMS:
+            assert expected > 0, "sites feeding weight layers must carry weight terms"
+        assert float(cd.regularization(converted).detach()) == pytest.approx(expected, rel=1e-5, abs=1e-12)
+    finally:
+        cd.set_regularizer(converted, weight_regularizer=1e-2, dropout_regularizer=1e-3)
+
+
+@pytest.mark.parametrize("family", list(HF_FAMILIES))
+def test_mc_mode_samples_every_site(converted_cases, family):
+    _, converted, inputs, _ = converted_cases[family]
+    sites = {m: 0 for m in converted.modules() if isinstance(m, ConcreteDropoutBase)}
+
+    def count(module, args, output):
+        if module.active and output is not args[0]:
+            sites[module] += 1
+
+    handles = [m.register_forward_hook(count) for m in sites]
+    try:
+        with cd.mc_mode(converted), torch.no_grad():
+            torch.manual_seed(0)
+            first = _first_output(converted(**inputs))
+            torch.manual_seed(1)
+            second = _first_output(converted(**inputs))
+            assert fixed_rate_dropout_calls(converted, inputs) == []
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert not converted.training
+    assert all(n > 0 for n in sites.values())
+    assert not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("family", CORE_FAMILIES)
+def test_freeze_gives_plain_pytorch_with_the_same_eval_output(converted_cases, family):
+    original, converted, inputs, _ = converted_cases[family]
+    frozen = cd.freeze(converted)
+    assert not any(isinstance(m, ConcreteDropoutBase) for m in frozen.modules())
+    assert not [k for k in frozen.state_dict() if k.endswith("p_logit")]
+    with torch.no_grad():
+        assert torch.equal(_first_output(original.eval()(**inputs)), _first_output(frozen.eval()(**inputs)))
+    # In training the frozen model drops at the learned rates with the model's own code again.
+    assert fixed_rate_dropout_calls(frozen.train(), inputs)
+
+
+def test_freeze_writes_learned_rates_where_the_model_reads_them():
+    original, _, _ = HF_FAMILIES["bert"]()
+    converted = cd.convert(original, dataset_size=100)
+    with torch.no_grad():
+        for name, param in converted.named_parameters():
+            if name.endswith("p_logit"):
+                param.fill_(math.log(0.3 / 0.7))  # p = 0.3 everywhere
+    frozen = cd.freeze(converted)
+    attention = frozen.bert.encoder.layer[0].attention.self
+    assert isinstance(attention.dropout, nn.Dropout) and attention.dropout.p == pytest.approx(0.3)
+    assert frozen.bert.embeddings.dropout.p == pytest.approx(0.3)
+
+    bart, _, _ = HF_FAMILIES["bart"]()
+    converted = cd.convert(bart, dataset_size=100)
+    report = cd.report(converted)
+    layer = "model.encoder.layers.0"
+    shared = [r for r in report.rows if r.name.startswith(layer + ".forward_dropout") and r.kind == "functional"]
+    # The layer's two calls reading self.dropout are one site; self.activation_dropout is another.
+    assert len(shared) == 2
+    for name, param in converted.named_parameters():
+        if name.endswith("p_logit"):
+            with torch.no_grad():
+                param.fill_(math.log(0.2 / 0.8))
+    frozen = cd.freeze(converted)
+    assert frozen.model.encoder.layers[0].dropout == pytest.approx(0.2)
+    assert frozen.model.encoder.layers[0].activation_dropout == pytest.approx(0.2)
+    assert frozen.model.encoder.layers[0].self_attn.dropout == pytest.approx(0.2)
+
+
+def test_rate_read_modules_are_reported_and_kept():
+    original, inputs, _ = HF_FAMILIES["bert"]()
+    converted = cd.convert(original, dataset_size=100)
+    rows = {r.name: r for r in cd.report(converted).rows}
+    holder = rows["bert.encoder.layer.0.attention.self.dropout"]
+    assert holder.status == "rate read"
+    assert type(converted.bert.encoder.layer[0].attention.self.dropout) is nn.Dropout
+    site = rows["bert.encoder.layer.0.attention.self.forward_dropout"]
+    assert site.kind == "attention" and site.status == "converted"
+
+
+def test_zero_rate_attention_policy():
+    """Rate-0 attention dropout (Llama's default) is learned by default, and kept fused on request."""
+    config = transformers.LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    converted = cd.convert(model, dataset_size=100)
+    assert list(cd.dropout_rates(converted).values()) == [pytest.approx(0.1)] * 2
+    for options, status in (
+        (dict(include_zero_rate=False), "skipped (p=0)"),
+        (dict(fused_attention=False), "left fused"),
+    ):
+        report = cd.plan(model, dataset_size=100, **options)
+        assert [r.status for r in report.rows] == [status, status]
+
+
+def test_explicit_example_inputs_as_a_dict():
+    original, inputs, _ = HF_FAMILIES["vit"]()
+    converted = cd.convert(original, dataset_size=100, example_inputs=dict(inputs))
+    assert len([r for r in cd.report(converted).rows if r.kind == "attention"]) == 2
+
+
+def test_packed_flash_attention_batches_are_refused():
+    original, inputs, _ = HF_FAMILIES["llama"]()
+    converted = cd.convert(original, dataset_size=100).train()
+    config = converted.config
+    saved = config.__dict__["_attn_implementation_internal"]
+    config.__dict__["_attn_implementation_internal"] = "flash_attention_2"
+    try:
+        positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]] * 2)
+        with pytest.raises(RuntimeError, match="packed sequences"):
+            converted(input_ids=inputs["input_ids"], position_ids=positions)
+        assert config.__dict__["_attn_implementation_internal"] == "flash_attention_2"
+    finally:
+        config.__dict__["_attn_implementation_internal"] = saved
+
+
+def test_attention_implementation_is_restored_after_each_forward():
+    original, inputs, loss_fn = HF_FAMILIES["t5"]()
+    converted = cd.convert(original, dataset_size=100).train()
+    configs = {id(m.config): m.config for m in converted.modules() if hasattr(m, "config")}
+    before = {k: c._attn_implementation for k, c in configs.items()}
+    assert "sdpa" in before.values()
+    loss_fn(converted(**inputs)).backward()
+    assert {k: c._attn_implementation for k, c in configs.items()} == before
+
+
+def test_transposed_linear_is_a_consumer():
+    from transformers.pytorch_utils import Conv1D
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Dropout(0.2), Conv1D(5, 6))
+    converted = cd.convert(model, dataset_size=10, example_inputs=(torch.randn(3, 4),))
+    row = next(r for r in cd.report(converted).rows if r.name == "2")
+    assert row.consumer == "3.weight"
+    application = cd.convert.__globals__["get_collector"](converted).applications[0]
+    assert application.units == 6
+
+
+def test_trainer_adds_the_regulariser_once_per_step(tmp_path):
+    from cd_convert.integrations.transformers import ConcreteDropoutTrainer
+
+    original, inputs, _ = HF_FAMILIES["bert"]()
+    converted = cd.convert(original, weight_regularizer=1e-2, dropout_regularizer=1e-2)
+    labels = torch.tensor([0, 1])
+    dataset = [{"input_ids": inputs["input_ids"][i], "labels": labels[i]} for i in range(2)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=1,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+    )
+    trainer = ConcreteDropoutTrainer(model=converted, args=args, train_dataset=dataset)
+    decay = trainer.get_decay_parameter_names(converted)
+    assert decay and not [n for n in decay if n.endswith("p_logit")]
+    batch = {"input_ids": inputs["input_ids"], "labels": labels}
+    converted.train()
+    torch.manual_seed(0)
+    with_term = trainer.compute_loss(converted, dict(batch))
+    torch.manual_seed(0)
+    data_only = transformers.Trainer.compute_loss(trainer, converted, dict(batch))
+    assert float((with_term - data_only).detach()) == pytest.approx(
+        float(cd.regularization(converted).detach()), rel=1e-5
+    )
+    before = {n: p.detach().clone() for n, p in converted.named_parameters() if n.endswith("p_logit")}
+    trainer.train()
+    after = dict(converted.named_parameters())
+    assert all(not torch.equal(before[n], after[n].detach()) for n in before)

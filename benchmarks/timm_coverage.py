@@ -309,7 +309,7 @@ class LeftoverDropout(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.calls: List[str] = []
-        from cd_convert.discover import FUNCTIONAL_DROPOUTS, bind_functional
+        from cd_convert.callsites import FUNCTIONAL_DROPOUTS, bind_functional
         self._functions = FUNCTIONAL_DROPOUTS
         self._bind = bind_functional
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from .changes import InputSite, MethodSite, ModuleSwap
 from .collector import COLLECTOR_ATTR, Collector, get_collector, iter_collectors
 from .discover import discover
 from .errors import ConversionError, FreezeError
@@ -63,14 +62,6 @@ def _reference_tensor(model: nn.Module, entry: PlannedSite) -> Tuple[torch.devic
     return torch.device("cpu"), torch.float32
 
 
-def _training_flag(model: nn.Module, entry: PlannedSite) -> bool:
-    change = entry.change
-    if isinstance(change, ModuleSwap):
-        return change.original.training
-    path = change.layer if isinstance(change, InputSite) else change.owner
-    return (model.get_submodule(path) if path else model).training
-
-
 def _apply(model: nn.Module, plan: Plan, collector: Collector) -> None:
     done: List[Any] = []
     try:
@@ -79,13 +70,16 @@ def _apply(model: nn.Module, plan: Plan, collector: Collector) -> None:
                 continue
             device, dtype = _reference_tensor(model, entry)
             site = entry.site_type(entry.init, entry.temperature, device=device, dtype=dtype)
-            site.train(_training_flag(model, entry))
+            site.train(entry.change.follows(model).training)
             entry.change.apply(model, site)
             done.append(entry.change)
             for extra in entry.extra_changes:
                 extra.apply(model)
                 done.append(extra)
             entry.row.status = "converted"
+        for change in plan.model_changes:
+            change.apply(model)
+            done.append(change)
     except Exception:
         for change in reversed(done):
             change.undo(model)
@@ -112,7 +106,9 @@ def _model_leaves_and_wraps(
     leaves, wraps = list(leaf_modules), list(autowrap_functions)
     try:
         from .integrations.timm import notrace_for
-    except ImportError:
+    except ImportError as err:
+        if err.name != "timm":  # only a missing timm is tolerated; an ImportError of our own code surfaces
+            raise
         return leaves, wraps
     extra_leaves, extra_wraps = notrace_for(model)
     return leaves + list(extra_leaves), wraps + list(extra_wraps)
@@ -138,10 +134,39 @@ def _prepare(
     excluders = parse_targets(exclude, "exclude")
     options = Options(init_p, temperature, channel_temperature, include_zero_rate, fused_attention)
     leaves, wraps = _model_leaves_and_wraps(model, leaf_modules, autowrap_functions)
-    if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
+    notes: List[str] = []
+    if example_inputs is None:
+        example_inputs, note = _automatic_inputs(model)
+        notes += [note] if note else []
+    elif not isinstance(example_inputs, (tuple, list, dict)):
         example_inputs = (example_inputs,)
     discovery = discover(model, leaf_modules=leaves, autowrap_functions=wraps, example_inputs=example_inputs)
-    return Planner(model, discovery, matchers, excluders, options).build()
+    plan_ = Planner(model, discovery, matchers, excluders, options).build()
+    plan_.notes[:0] = notes
+    return plan_
+
+
+def _automatic_inputs(model: nn.Module) -> Tuple[Optional[Dict[str, Any]], str]:
+    """Dry-run inputs built from a transformers model's config (its attention dropout is only seen running).
+
+    Returns:
+        ``(inputs, note)``: the inputs or None, and a report note when they could not be built.
+    """
+    from .integrations import transformers as hf
+
+    if not hf.is_transformers_model(model):
+        return None, ""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return None, (
+            f"{type(model).__name__} holds transformers models but is not one: pass example_inputs= (a tuple of "
+            "positional or a dict of keyword arguments) so that a dry run finds attention dropout and consumers"
+        )
+    try:
+        return hf.example_inputs_for(model), ""
+    except ConversionError as err:
+        return None, str(err)
 
 
 def convert(
@@ -188,8 +213,10 @@ def convert(
         leaf_modules: module types torch.fx should not trace into (their dropout modules are found by
             module search); timm's notrace lists are added automatically for timm models.
         autowrap_functions: functions torch.fx should not trace into.
-        example_inputs: optional input(s) for one dry-run forward that confirms which sites run and their
-            consumers (needed for models torch.fx cannot trace, to find functional dropout there).
+        example_inputs: optional inputs for one dry-run forward (on a copy) that confirms which sites run and
+            finds their consumers and functional dropout where torch.fx cannot trace: a tensor, a tuple of
+            positional arguments or a dict of keyword arguments. transformers models get inputs built from
+            their config when none are passed.
         inplace: change ``model`` itself instead of a deep copy.
 
     Returns:
@@ -253,18 +280,9 @@ def _all_collectors(model: nn.Module):
 
 
 def _rebase(changes: List[Any], root: nn.Module, module: nn.Module) -> List[Any]:
+    """The changes recorded on ``module`` (converted earlier), re-expressed from ``root``."""
     prefix = next(n for n, m in root.named_modules() if m is module)
-    rebased = []
-    for change in changes:
-        change = copy.copy(change)
-        for attr in ("site_name", "layer", "owner"):
-            value = getattr(change, attr, None)
-            if isinstance(value, str):
-                setattr(change, attr, f"{prefix}.{value}" if value else prefix)
-        if isinstance(change, ModuleSwap):
-            change.paths = [f"{prefix}.{p}" for p in change.paths]
-        rebased.append(change)
-    return rebased
+    return [change.rebased(prefix) for change in changes]
 
 
 def plan(model: nn.Module, targets: Optional[Any] = None, **kwargs: Any) -> Report:
@@ -397,16 +415,16 @@ def freeze(model: nn.Module, *, strict: bool = True, inplace: bool = False) -> n
     collector = get_collector(model)
     if collector is None:
         raise ConversionError(f"{type(model).__name__} has not been converted; nothing to freeze.")
-    blocked = [c for c in collector.changes if isinstance(c, MethodSite) and c.rate_attribute is None]
+    blocked = [c for c in collector.changes if c.freeze_blocker is not None]
     if blocked and strict:
         raise FreezeError(
             "these sites cannot be written back as a plain rate: "
-            + ", ".join(c.site_name for c in blocked)
+            + "; ".join(c.freeze_blocker for c in blocked)
             + ". Pass strict=False to keep their original rates (a warning names them)."
         )
     target = model if inplace else copy.deepcopy(model)
     for change in reversed(get_collector(target).changes):
-        if isinstance(change, MethodSite) and change.rate_attribute is None:
+        if change.freeze_blocker is not None:
             warnings.warn(
                 f"freeze: {change.site_name} keeps its original rate (no attribute to write p into).", stacklevel=2
             )

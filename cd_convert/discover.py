@@ -1,21 +1,12 @@
-"""Finding dropout sites, their owners and their consumers.
+"""Finding dropout sites, their owners and their consumers: the traversal, generic over the kinds of site.
 
-Discovery traces the model with ``torch.fx`` (dropout modules, ``nn.MultiheadAttention`` and recurrent
-layers are leaves; everything else is traced through) and reads the graph:
-
-* ``call_module`` of an ``nn.Dropout*``: a *module* site (one per call; a module called twice gives two
-  applications of one learned rate);
-* ``call_function`` of ``F.dropout``, ``F.dropout1d/2d/3d``, ``torch.dropout``, ``torch.feature_dropout``
-  (and their in-place forms): a *functional* site, identified by the code location of the call;
-* ``F.scaled_dot_product_attention(dropout_p=...)``, ``nn.MultiheadAttention(dropout=...)``: *fused* sites;
-* ``nn.LSTM/GRU/RNN(dropout=...)``: reported as unsupported (the dropout is inside the fused kernel).
-
-The consumer of a site is the weight layer that reads its output (:mod:`cd_convert.consumers`); call
-locations of functional dropout are keyed as in :mod:`cd_convert.callsites`.
-
-Modules that cannot be traced through (data-dependent control flow, or leaves such as
-``nn.TransformerEncoderLayer``) are searched module by module instead, and an optional dry run on
-``example_inputs`` confirms which sites run and which layer consumes each (by tensor identity).
+Discovery traces the model with ``torch.fx`` in training mode (modules that are or hold sites, and weight
+layers, are leaves; everything else is traced through) and offers every node to the kinds of
+:mod:`cd_convert.sites.registry` in order; the first that claims it records the site or finding. Modules
+that cannot be traced through (data-dependent control flow, or leaves such as
+``nn.TransformerEncoderLayer``) are searched module by module instead, each module offered to the kinds
+the same way, and an optional dry run (:mod:`cd_convert.dry_run`) confirms which sites run, finds their
+consumers by tensor identity, and finds calls the trace could not see.
 """
 
 from __future__ import annotations
@@ -23,36 +14,16 @@ from __future__ import annotations
 import inspect
 import math
 import sys
-from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple, Type
+from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple
 
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .callsites import (
-    FUNCTIONAL_DROPOUTS,
-    bind_functional,
-    call_key,
-    caller_frame,
-    function_name,
-    owner_method,
-)
-from .consumers import ConsumerInfo, find_consumer
-from .found import Discovery, Finding, FoundSite
-from .layers import ConcreteDropout, ConcreteDropout1d, ConcreteDropout2d, ConcreteDropout3d, ConcreteDropoutBase
-from .targets import DROPOUT_TYPES, is_dropout_module
-
-#: Module type -> concrete site type.
-MODULE_SITE_TYPES: Dict[Type[nn.Module], Type[ConcreteDropoutBase]] = {
-    nn.Dropout: ConcreteDropout,
-    nn.Dropout1d: ConcreteDropout1d,
-    nn.Dropout2d: ConcreteDropout2d,
-    nn.Dropout3d: ConcreteDropout3d,
-}
-
-#: Regularisation-free noise layers: left alone, listed in the report.
-NON_SITE_NAMES = ("DropPath", "StochasticDepth", "DropBlock", "AlphaDropout", "FeatureAlphaDropout", "DropConnect")
-NON_SITE_FUNCTIONS = {F.alpha_dropout: "F.alpha_dropout", F.feature_alpha_dropout: "F.feature_alpha_dropout"}
+from .callsites import FUNCTIONAL_DROPOUTS, call_key, caller_frame, owner_method
+from .found import Discovery
+from .sites.base import SearchContext, TraceContext, any_of
+from .sites import registry
 
 
 class SiteTracer(fx.Tracer):
@@ -69,11 +40,9 @@ class SiteTracer(fx.Tracer):
         self.leaf_names: Set[str] = set()
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, ConcreteDropoutBase) or isinstance(m, DROPOUT_TYPES):
+        if any_of(registry.DETECTORS, m):
             leaf = True
-        elif isinstance(m, (nn.MultiheadAttention, nn.RNNBase, nn.Linear, nn.modules.conv._ConvNd)) or isinstance(
-            m, self.extra_leaves
-        ):
+        elif isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or isinstance(m, self.extra_leaves):
             # Weight layers (subclasses included) stay single nodes so that they can be seen as consumers.
             leaf = True
         else:
@@ -101,24 +70,6 @@ class SiteTracer(fx.Tracer):
             return self.root.get_submodule(path) if path else self.root
         except AttributeError:
             return None
-
-
-def _node_owner(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    return list(stack.values())[-1][0]
-
-
-def _const_float(value: Any) -> Optional[float]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return None
-
-
-def is_non_site_module(module: nn.Module) -> bool:
-    """Noise layers that are not dropout sites (drop-path, stochastic depth, alpha dropout)."""
-    return any(part in type(module).__name__ for part in NON_SITE_NAMES)
 
 
 def trace_graph(
@@ -198,7 +149,7 @@ def discover(
     else:
         discovery.leaves = set(tracer.leaf_names)
         _read_graph(model, graph, discovery)
-        inner = [name for name in discovery.leaves if _has_dropout_inside(model.get_submodule(name))]
+        inner = [name for name in discovery.leaves if _holds_sites(model.get_submodule(name))]
         if inner:
             discovery.method = "fx + module search"
             for name in sorted(inner):
@@ -210,275 +161,29 @@ def discover(
     return discovery
 
 
-def _has_dropout_inside(module: nn.Module) -> bool:
-    """Whether a leaf module holds dropout (or attention / RNN) modules that the trace cannot see."""
-    return any(
-        is_dropout_module(m) or isinstance(m, (ConcreteDropoutBase, nn.MultiheadAttention, nn.RNNBase))
-        for m in module.modules()
-        if m is not module
-    )
+def _holds_sites(module: nn.Module) -> bool:
+    """Whether a leaf module holds modules with sites below it, which the trace cannot see."""
+    return any(any_of(registry.DETECTORS, m) for m in module.modules() if m is not module)
 
 
 def _read_graph(model: nn.Module, graph: fx.Graph, discovery: Discovery) -> None:
-    modules = dict(model.named_modules(remove_duplicate=False))
+    """Offer every node to the kinds of site, in order; the first that claims it records it."""
+    ctx = TraceContext(model, dict(model.named_modules(remove_duplicate=False)), discovery)
     for node in graph.nodes:
         if node.op == "call_module":
             discovery.called_modules.add(node.target)
-            module = modules.get(node.target)
-            if module is None:
-                continue
-            if isinstance(module, ConcreteDropoutBase) or is_dropout_module(module):
-                _add_module_site(discovery, node, module, modules, model)
-            elif isinstance(module, nn.MultiheadAttention):
-                _add_mha(discovery, node.target, module, "fx")
-            elif isinstance(module, nn.RNNBase):
-                _add_rnn(discovery, node.target, module)
-            elif is_non_site_module(module):
-                discovery.findings.append(
-                    Finding(node.target, "not a dropout site", f"{type(module).__name__} is left as it is")
-                )
-        elif node.op == "call_function":
-            if node.target in FUNCTIONAL_DROPOUTS:
-                _add_functional_site(discovery, node, modules, model)
-            elif node.target is F.scaled_dot_product_attention:
-                _add_sdpa(discovery, node, modules, model)
-            elif node.target in NON_SITE_FUNCTIONS:
-                discovery.findings.append(
-                    Finding(
-                        _node_owner(node) or "<root>",
-                        "not a dropout site",
-                        f"{NON_SITE_FUNCTIONS[node.target]} is left as it is",
-                    )
-                )
-    # Non-site noise modules that are traced through (e.g. timm DropPath) never appear as call_module.
-    for name, module in model.named_modules():
-        if is_non_site_module(module) and not any(f.name == name for f in discovery.findings):
-            discovery.findings.append(Finding(name, "not a dropout site", f"{type(module).__name__} is left as it is"))
-
-
-def _add_module_site(
-    discovery: Discovery, node: fx.Node, module: nn.Module, modules: Dict[str, nn.Module], root: nn.Module
-) -> None:
-    consumer, note = find_consumer(node, modules, root)
-    site_type = type(module) if isinstance(module, ConcreteDropoutBase) else _site_type_for(module)
-    p = _original_rate(module)
-    discovery.sites.append(
-        FoundSite(
-            kind="module",
-            owner=node.target.rpartition(".")[0],
-            module_name=node.target,
-            site_type=site_type,
-            p=p,
-            found_by="fx",
-            consumer=consumer,
-            consumer_note=note,
-        )
-    )
-
-
-def _original_rate(module: nn.Module) -> float:
-    """The rate a dropout module applies now (a concrete site's current p)."""
-    return float(module.p.detach()) if isinstance(module, ConcreteDropoutBase) else float(module.p)
-
-
-def _fused_attention_site(owner: str, name: str, module: nn.Module, found_by: str, called: Optional[bool]) -> FoundSite:
-    """The site of a timm-style attention module whose dropout module's rate is passed into fused attention."""
-    return FoundSite(
-        kind="fused",
-        owner=owner,
-        module_name=name,
-        site_type=_site_type_for(module),
-        p=_original_rate(module),
-        found_by=found_by,
-        consumer=None,
-        consumer_note="attention probabilities are multiplied by values, not by a weight",
-        fused_op="scaled_dot_product_attention",
-        called=called,
-        notes=[
-            "attention takes its explicit path (fused_attn=False) while the site is active (training, MC prediction); "
-            "that costs the memory of the attention matrix. In eval the fused kernel runs as before"
-        ],
-    )
-
-
-def _site_type_for(module: nn.Module) -> Type[ConcreteDropoutBase]:
-    for klass in type(module).__mro__:
-        if klass in MODULE_SITE_TYPES:
-            return MODULE_SITE_TYPES[klass]
-    return ConcreteDropout
-
-
-def _add_functional_site(discovery: Discovery, node: fx.Node, modules: Dict[str, nn.Module], root: nn.Module) -> None:
-    bound = bind_functional(node.target, node.args, node.kwargs)
-    owner = _node_owner(node)
-    name = function_name(node.target)
-    training = bound.get("training")
-    p = _const_float(bound.get("p"))
-    if training is False:
-        discovery.findings.append(Finding(owner or "<root>", "not applied", f"{name}(training=False) never drops"))
-        return
-    key = node.meta.get("cd_call_key")
-    method = node.meta.get("cd_method")
-    consumer, note = find_consumer(node, modules, root)
-    site = FoundSite(
-        kind="functional",
-        owner=owner,
-        site_type=FUNCTIONAL_DROPOUTS[node.target][1],
-        p=p,
-        found_by="fx",
-        consumer=consumer,
-        consumer_note=note,
-        function=name,
-        key=key,
-        method=method,
-    )
-    if bound.get("inplace") and not node.users:
-        site.notes.append("in-place call whose result is unused: the concrete site returns a new tensor")
-    if key is None or method is None:
-        site.notes.append("call location could not be attributed to a method of its owner")
-    discovery.sites.append(site)
-
-
-def _add_sdpa(discovery: Discovery, node: fx.Node, modules: Dict[str, nn.Module], root: nn.Module) -> None:
-    dropout_p = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
-    owner_name = _node_owner(node)
-    owner = modules.get(owner_name, root if owner_name == "" else None)
-    p = _const_float(dropout_p)
-    if isinstance(dropout_p, fx.Node):
-        p = None
-    attn_drop = _matching_dropout_child(owner, p) if owner is not None else None
-    if owner is not None and hasattr(owner, "fused_attn") and attn_drop is not None:
-        # timm-style attention: the module has an explicit path that calls its dropout module.
-        child_name, child = attn_drop
-        full = f"{owner_name}.{child_name}" if owner_name else child_name
-        discovery.sites.append(_fused_attention_site(owner_name, full, child, "fx", called=True))
-        return
-    if p == 0.0:
-        return  # a literal dropout_p=0: no dropout to convert
-    discovery.sites.append(
-        FoundSite(
-            kind="fused",
-            owner=owner_name,
-            site_type=ConcreteDropout,
-            p=p,
-            found_by="fx",
-            consumer=None,
-            consumer_note="attention probabilities are multiplied by values, not by a weight",
-            function="F.scaled_dot_product_attention",
-            key=node.meta.get("cd_call_key"),
-            method=node.meta.get("cd_method"),
-            fused_op="scaled_dot_product_attention",
-            notes=["computed as explicit attention (softmax, concrete dropout, matmul) in training"],
-        )
-    )
-
-
-def _matching_dropout_child(owner: nn.Module, p: Optional[float]) -> Optional[Tuple[str, nn.Module]]:
-    candidates = [
-        (n, m) for n, m in owner.named_children() if is_dropout_module(m) or isinstance(m, ConcreteDropoutBase)
-    ]
-    if p is not None:
-        same = [(n, m) for n, m in candidates if isinstance(m, DROPOUT_TYPES) and math.isclose(float(m.p), p)]
-        candidates = same or candidates
-    preferred = [c for c in candidates if "attn" in c[0]]
-    pool = preferred or candidates
-    return pool[0] if len(pool) >= 1 and (len(pool) == 1 or preferred) else None
-
-
-def _add_mha(discovery: Discovery, name: str, module: nn.MultiheadAttention, found_by: str) -> None:
-    existing = getattr(module, "concrete_attn_dropout", None)
-    if module.dropout <= 0.0 and existing is None:
-        return
-    p = float(existing.p.detach()) if existing is not None else float(module.dropout)
-    discovery.sites.append(
-        FoundSite(
-            kind="fused",
-            owner=name,
-            site_type=ConcreteDropout,
-            p=p,
-            found_by=found_by,
-            consumer=None,
-            consumer_note="attention weights are multiplied by values, not by a weight",
-            fused_op="MultiheadAttention",
-            method="forward",
-            notes=["nn.MultiheadAttention's attention dropout applied by a concrete site inside its forward"],
-        )
-    )
-
-
-def _add_rnn(discovery: Discovery, name: str, module: nn.RNNBase) -> None:
-    if module.dropout > 0 and module.num_layers > 1:
-        discovery.findings.append(
-            Finding(
-                name,
-                "unsupported",
-                f"{type(module).__name__}(dropout={module.dropout}) drops between layers inside the fused RNN kernel; "
-                "no concrete site can be placed there, so it keeps its fixed rate. Use separate single-layer RNNs "
-                "with nn.Dropout between them to learn that rate.",
-            )
-        )
-
-
-#: Consumers inside torch.nn's transformer layers, which torch.fx cannot trace: dropout -> weight layer.
-_KNOWN_LAYOUTS: Dict[type, Dict[str, Optional[str]]] = {
-    nn.TransformerEncoderLayer: {"dropout": "linear2", "dropout1": None, "dropout2": None},
-    nn.TransformerDecoderLayer: {"dropout": "linear2", "dropout1": None, "dropout2": None, "dropout3": None},
-}
+        if node.op in ("call_module", "call_function"):
+            any(kind.detect_node(ctx, node) for kind in registry.DETECTORS)
+    for kind in registry.DETECTORS:
+        kind.after_trace(ctx)
 
 
 def _module_search(model: nn.Module, discovery: Discovery, within: Optional[str]) -> None:
-    """Module-level search of dropout modules (whole model, or inside one leaf)."""
+    """Module-by-module search (whole model, or inside one leaf): each module offered to the kinds in order."""
     root = model.get_submodule(within) if within else model
     prefix = f"{within}." if within else ""
-    found_by = "module search"
-    known = {s.module_name for s in discovery.sites if s.module_name}
+    ctx = SearchContext(model, discovery, {s.module_name for s in discovery.sites if s.module_name})
     for rel, module in root.named_modules():
         name = prefix + rel if rel else (within or "")
-        if name in known:
-            continue
-        if isinstance(module, ConcreteDropoutBase) or is_dropout_module(module):
-            parent_name = name.rpartition(".")[0]
-            parent = model.get_submodule(parent_name) if parent_name else model
-            if hasattr(parent, "fused_attn") and _matching_dropout_child(parent, None) == (
-                name.rpartition(".")[2],
-                module,
-            ):
-                # timm-style attention reads this module's rate into fused attention instead of calling it.
-                discovery.sites.append(_fused_attention_site(parent_name, name, module, found_by, called=None))
-                continue
-            consumer, note = _known_consumer(model, name)
-            discovery.sites.append(
-                FoundSite(
-                    kind="module",
-                    owner=name.rpartition(".")[0],
-                    module_name=name,
-                    site_type=type(module) if isinstance(module, ConcreteDropoutBase) else _site_type_for(module),
-                    p=_original_rate(module),
-                    found_by=found_by,
-                    consumer=consumer,
-                    consumer_note=note,
-                    called=None,
-                )
-            )
-        elif isinstance(module, nn.MultiheadAttention):
-            _add_mha(discovery, name, module, found_by)
-            if discovery.sites and discovery.sites[-1].owner == name:
-                discovery.sites[-1].called = None
-        elif isinstance(module, nn.RNNBase):
-            _add_rnn(discovery, name, module)
-        elif is_non_site_module(module):
-            discovery.findings.append(Finding(name, "not a dropout site", f"{type(module).__name__} is left as it is"))
-
-
-def _known_consumer(model: nn.Module, name: str) -> Tuple[Optional[ConsumerInfo], str]:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    for klass, layout in _KNOWN_LAYOUTS.items():
-        if isinstance(parent, klass) and attr in layout:
-            target = layout[attr]
-            if target is None:
-                return None, f"output goes to a residual add in {klass.__name__}"
-            layer = getattr(parent, target)
-            full = f"{parent_name}.{target}" if parent_name else target
-            return ConsumerInfo((full,), (f"{full}.weight",), layer.in_features), ""
-    return None, "found by module search: consumer unknown (pass example_inputs for a dry run)"
+        if name not in ctx.known:
+            any(kind.detect_module(ctx, name, module) for kind in registry.DETECTORS)

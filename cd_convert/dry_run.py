@@ -185,6 +185,7 @@ def confirm_with_dry_run(model: nn.Module, discovery: Discovery, example_inputs:
             handle.remove()
     discovery.called_modules |= run.called
     discovery.method = f"{discovery.method} + dry run"
+    discovery.dry_run = True
     for site in discovery.sites:
         if site.module_name and site.kind == "module":
             site.called = site.module_name in run.called

@@ -78,6 +78,7 @@ class Discovery:
         method: "fx", "fx + module search", "module search", "dry run".
         trace_error: why torch.fx failed, if it did.
         leaves: qualified names of modules treated as leaves (not traced through).
+        dry_run: a dry run confirmed the sites (every module that ran was seen).
     """
 
     sites: List[FoundSite] = field(default_factory=list)
@@ -86,3 +87,4 @@ class Discovery:
     method: str = "fx"
     trace_error: Optional[str] = None
     leaves: Set[str] = field(default_factory=set)
+    dry_run: bool = False

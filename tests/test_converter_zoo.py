@@ -160,10 +160,10 @@ def test_unconvert_and_freeze_functional_site():
 def test_failed_apply_leaves_model_untouched(monkeypatch):
     model = zoo()[1][1]()
     keys = list(model.state_dict())
-    from cd_convert import changes
+    from cd_convert.sites.module import ModuleSwap
 
     calls = {"n": 0}
-    original = changes.ModuleSwap.apply
+    original = ModuleSwap.apply
 
     def fail_second(self, root, site):
         calls["n"] += 1
@@ -171,7 +171,7 @@ def test_failed_apply_leaves_model_untouched(monkeypatch):
             raise RuntimeError("boom")
         return original(self, root, site)
 
-    monkeypatch.setattr(changes.ModuleSwap, "apply", fail_second)
+    monkeypatch.setattr(ModuleSwap, "apply", fail_second)
     with pytest.raises(RuntimeError, match="boom"):
         cd_convert.convert(model, dataset_size=10, inplace=True)
     assert list(model.state_dict()) == keys

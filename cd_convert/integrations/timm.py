@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable, List, Tuple
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch.nn as nn
+
+from ..sites.base import Change, submodule
 
 
 def is_timm_model(model: nn.Module) -> bool:
@@ -25,6 +29,90 @@ def notrace_for(model: nn.Module) -> Tuple[List[type], List[Callable]]:
         return [], []
     try:
         from timm.layers import _fx
-    except ImportError:  # timm too old or absent: trace without its lists
+    except ImportError as err:  # timm absent or too old (no timm.layers._fx): trace without its lists
+        if err.name != "timm" and not (err.name or "").startswith("timm."):
+            raise  # any other ImportError (our code, a broken dependency of timm) surfaces
         return [], []
     return list(_fx.get_notrace_modules()), list(_fx.get_notrace_functions())
+
+
+# -- timm attention with ``fused_attn``: an explicit path that calls its ``attn_drop`` module ----------
+
+
+def fused_attention_dropout(owner: nn.Module, p: Optional[float]) -> Optional[Tuple[str, nn.Module]]:
+    """The dropout child whose rate a timm-style attention module passes to fused attention, if any.
+
+    timm's attention modules hold ``fused_attn`` and an ``attn_drop`` module: the fused path passes
+    ``attn_drop.p`` as ``dropout_p``, the explicit path calls the module. With several dropout children,
+    the one named like attention dropout (and, when ``p`` is known, with that rate) is taken.
+
+    Args:
+        owner: the module that calls ``scaled_dot_product_attention`` (or holds the dropout child).
+        p: the ``dropout_p`` seen in the call, when it is a constant.
+
+    Returns:
+        ``(child_name, child)``, or None when ``owner`` is not such an attention module.
+    """
+    from ..layers import ConcreteDropoutBase
+    from ..targets import DROPOUT_TYPES, is_dropout_module
+
+    if not hasattr(owner, "fused_attn"):
+        return None
+    candidates = [
+        (n, m) for n, m in owner.named_children() if is_dropout_module(m) or isinstance(m, ConcreteDropoutBase)
+    ]
+    if p is not None:
+        same = [(n, m) for n, m in candidates if isinstance(m, DROPOUT_TYPES) and math.isclose(float(m.p), p)]
+        candidates = same or candidates
+    preferred = [c for c in candidates if "attn" in c[0]]
+    pool = preferred or candidates
+    return pool[0] if pool and (len(pool) == 1 or preferred) else None
+
+
+class FusedAttentionHook:
+    """Forward pre-hook: the attention module takes its explicit path only while its dropout site is active.
+
+    In eval the fused kernel runs exactly as before conversion (bit-identical outputs, no extra memory);
+    in training and Monte Carlo prediction the explicit path applies the concrete site.
+
+    Args:
+        child: the site's attribute name on the attention module.
+        original: the module's ``fused_attn`` before conversion.
+    """
+
+    def __init__(self, child: str, original: bool) -> None:
+        self.child = child
+        self.original = original
+
+    def __call__(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
+        module.fused_attn = self.original and not getattr(module, self.child).active
+
+
+@dataclass
+class FusedAttentionSwitch(Change):
+    """Installs :class:`FusedAttentionHook` on a timm-style attention module (one with ``fused_attn``).
+
+    Attributes:
+        owner: qualified name of the attention module.
+        child: the site's attribute name on it.
+    """
+
+    owner: str
+    child: str
+    site_name: str = ""
+    kind: str = "attribute"
+    hook_id: int = -1
+    original: Any = None
+
+    PATH_FIELDS = ("owner",)
+
+    def apply(self, root: nn.Module, site: Optional[nn.Module] = None) -> None:
+        owner = submodule(root, self.owner)
+        self.original = getattr(owner, "fused_attn", None)
+        self.hook_id = owner.register_forward_pre_hook(FusedAttentionHook(self.child, bool(self.original))).id
+
+    def undo(self, root: nn.Module) -> None:
+        owner = submodule(root, self.owner)
+        owner._forward_pre_hooks.pop(self.hook_id, None)
+        if self.original is not None:
+            owner.fused_attn = self.original

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConversionError
+from ..sites.base import Change, submodule
 
 #: Name of the local variable in which transformers' attention modules hold the chosen attention function.
 _INTERFACE_LOCAL = "attention_interface"
@@ -136,6 +137,14 @@ def _input_features(config: Any) -> torch.Tensor:
     return torch.randn(_BATCH, mel_bins, frames)
 
 
+def _input_values(config: Any) -> torch.Tensor:
+    """Raw audio (wav2vec2, HuBERT, ...): enough samples for 16 frames after the convolutional feature encoder."""
+    ratio = 1
+    for stride in _config_value(config, "conv_stride", default=(320,)):
+        ratio *= int(stride)
+    return torch.randn(_BATCH, 16 * ratio)
+
+
 def _token_ids(config: Any) -> torch.Tensor:
     text = _sub_config(config, "text_config")
     vocab = _config_value(text, "vocab_size", default=100)
@@ -147,7 +156,7 @@ def _token_ids(config: Any) -> torch.Tensor:
 def example_inputs_for(model: nn.Module) -> Dict[str, Any]:
     """Keyword arguments for one training-mode forward of a transformers model, built from its config.
 
-    Covers text (``input_ids``), vision (``pixel_values``), audio (``input_features``), text-image models
+    Covers text (``input_ids``), vision (``pixel_values``), audio (``input_features``, raw ``input_values``), text-image models
     (both) and encoder-decoders (``decoder_input_ids``); ``use_cache=False`` where accepted.
 
     Args:
@@ -172,6 +181,7 @@ def example_inputs_for(model: nn.Module) -> Dict[str, Any]:
         "input_ids": _token_ids,
         "pixel_values": _pixel_values,
         "input_features": _input_features,
+        "input_values": _input_values,
     }
     inputs: Dict[str, Any] = {}
     if main not in builders:
@@ -256,7 +266,7 @@ def _refuse_packed_sequences(module: nn.Module, implementation: str, kwargs: Dic
 
 
 @dataclass
-class EagerAttentionSwitch:
+class EagerAttentionSwitch(Change):
     """Installs :class:`EagerAttentionHook` on one module that holds a transformers config.
 
     Attributes:
@@ -268,28 +278,25 @@ class EagerAttentionSwitch:
     site_names: List[str]
     site_name: str = ""
     kind: str = "attribute"
-    handles: List[Any] = field(default_factory=list)
+    hook_ids: Tuple[int, int] = (-1, -1)
+
+    PATH_FIELDS = ("owner", "site_names")
 
     def apply(self, root: nn.Module, site: Optional[nn.Module] = None) -> None:
-        owner = root.get_submodule(self.owner) if self.owner else root
+        owner = submodule(root, self.owner)
         hook = EagerAttentionHook([root.get_submodule(name) for name in self.site_names])
-        self.handles = [
-            owner.register_forward_pre_hook(hook.before, with_kwargs=True),
-            owner.register_forward_hook(hook.after, with_kwargs=True, always_call=True),
-        ]
-        self._ids = [h.id for h in self.handles]
+        pre = owner.register_forward_pre_hook(hook.before, with_kwargs=True)
+        post = owner.register_forward_hook(hook.after, with_kwargs=True, always_call=True)
+        self.hook_ids = (pre.id, post.id)
 
     def undo(self, root: nn.Module) -> None:
-        owner = root.get_submodule(self.owner) if self.owner else root
-        pre, post = self._ids
+        owner = submodule(root, self.owner)
+        pre, post = self.hook_ids
         owner._forward_pre_hooks.pop(pre, None)
         owner._forward_pre_hooks_with_kwargs.pop(pre, None)
         owner._forward_hooks.pop(post, None)
         owner._forward_hooks_with_kwargs.pop(post, None)
         owner._forward_hooks_always_called.pop(post, None)
-
-    def freeze(self, root: nn.Module) -> None:
-        self.undo(root)
 
 
 def eager_switches(model: nn.Module, attention_sites: Dict[str, str]) -> List[EagerAttentionSwitch]:

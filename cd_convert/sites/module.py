@@ -1,0 +1,199 @@
+"""``nn.Dropout*`` modules called as modules: replaced by a concrete site at every path they are held under.
+
+A module called at several places stays one site with one rate; each distinct consumer adds its weight
+term. A module that a dry run saw never called gets no site (its parameter would get no gradient).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+
+import torch.fx as fx
+import torch.nn as nn
+
+from ..consumers import ConsumerInfo, find_consumer
+from ..found import FoundSite
+from ..layers import ConcreteDropoutBase
+from ..report import SiteRow
+from ..targets import is_dropout_module
+from .base import Change, SearchContext, SiteKind, TraceContext, frozen_dropout, original_rate, parent_of, site_type_for
+
+if TYPE_CHECKING:
+    from ..planning import PlannedSite, Planner
+
+#: Consumers inside torch.nn's transformer layers, which torch.fx cannot trace: dropout -> weight layer.
+_KNOWN_LAYOUTS: Dict[type, Dict[str, Optional[str]]] = {
+    nn.TransformerEncoderLayer: {"dropout": "linear2", "dropout1": None, "dropout2": None},
+    nn.TransformerDecoderLayer: {"dropout": "linear2", "dropout1": None, "dropout2": None, "dropout3": None},
+}
+
+
+@dataclass
+class ModuleSwap(Change):
+    """An ``nn.Dropout*`` module replaced by a concrete site at every path it is registered under."""
+
+    site_name: str
+    paths: List[str]
+    original: nn.Module
+    kind: str = "module"
+
+    PATH_FIELDS = ("paths",)
+
+    def apply(self, root: nn.Module, site: Optional[nn.Module] = None) -> None:
+        for path in self.paths:
+            parent, attr = parent_of(root, path)
+            setattr(parent, attr, site)
+
+    def undo(self, root: nn.Module) -> None:
+        for path in self.paths:
+            parent, attr = parent_of(root, path)
+            setattr(parent, attr, self.original)
+
+    def freeze(self, root: nn.Module) -> None:
+        frozen = frozen_dropout(root.get_submodule(self.site_name))
+        for path in self.paths:
+            parent, attr = parent_of(root, path)
+            setattr(parent, attr, frozen)
+
+    def follows(self, root: nn.Module) -> nn.Module:
+        return self.original
+
+
+def is_dropout_site_module(module: nn.Module) -> bool:
+    """A plain ``nn.Dropout*`` or a concrete site written in the model's code."""
+    return isinstance(module, ConcreteDropoutBase) or is_dropout_module(module)
+
+
+def known_consumer(model: nn.Module, name: str) -> Tuple[Optional[ConsumerInfo], str]:
+    """The consumer of a dropout inside torch.nn's transformer layers (which torch.fx cannot trace)."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    for klass, layout in _KNOWN_LAYOUTS.items():
+        if isinstance(parent, klass) and attr in layout:
+            target = layout[attr]
+            if target is None:
+                return None, f"output goes to a residual add in {klass.__name__}"
+            full = f"{parent_name}.{target}" if parent_name else target
+            return ConsumerInfo((full,), (f"{full}.weight",), getattr(parent, target).in_features), ""
+    return None, "found by module search: consumer unknown (pass example_inputs for a dry run)"
+
+
+class ModuleKind(SiteKind):
+    """A dropout module called as a module."""
+
+    name = "module"
+
+    def is_site_module(self, module: nn.Module) -> bool:
+        return is_dropout_site_module(module)
+
+    def detect_node(self, ctx: TraceContext, node: fx.Node) -> bool:
+        module = ctx.modules.get(node.target) if node.op == "call_module" else None
+        if module is None or not is_dropout_site_module(module):
+            return False
+        consumer, note = find_consumer(node, ctx.modules, ctx.model)
+        ctx.discovery.sites.append(
+            FoundSite(
+                kind=self.name,
+                owner=node.target.rpartition(".")[0],
+                module_name=node.target,
+                site_type=site_type_for(module),
+                p=original_rate(module),
+                found_by="fx",
+                consumer=consumer,
+                consumer_note=note,
+            )
+        )
+        return True
+
+    def detect_module(self, ctx: SearchContext, name: str, module: nn.Module) -> bool:
+        if not is_dropout_site_module(module):
+            return False
+        consumer, note = known_consumer(ctx.model, name)
+        ctx.add(
+            FoundSite(
+                kind=self.name,
+                owner=name.rpartition(".")[0],
+                module_name=name,
+                site_type=site_type_for(module),
+                p=original_rate(module),
+                found_by=ctx.found_by,
+                consumer=consumer,
+                consumer_note=note,
+                called=None,
+            )
+        )
+        return True
+
+    def claims(self, found: FoundSite, planner: "Planner") -> bool:
+        return found.module_name is not None
+
+    def plan(self, planner: "Planner", found: FoundSite) -> None:
+        if found.called is False and found.kind == self.name:
+            planner.rows.append(self._not_called_row(planner, found))
+            return
+        plan_module_site(planner, found, kind=found.kind)
+
+    @staticmethod
+    def _not_called_row(planner: "Planner", found: FoundSite) -> SiteRow:
+        module = planner.modules[found.module_name]
+        return SiteRow(
+            found.module_name or "",
+            "-",
+            "not called",
+            f"{type(module).__name__}(p={found.p:.3g})",
+            found.p,
+            found_by=found.found_by,
+            called=False,
+            notes=["never called in the dry run: no site created (its parameter would get no gradient)"],
+        )
+
+
+def plan_module_site(planner: "Planner", found: FoundSite, *, kind: str) -> Optional["PlannedSite"]:
+    """Plan the site that replaces the dropout module ``found.module_name`` (one per module, all its calls).
+
+    Args:
+        planner: the planner.
+        found: one application of the module.
+        kind: the kind of site (report).
+
+    Returns:
+        The planned or existing site, or None when the module is not converted.
+    """
+    from ..planning import PlannedSite
+
+    name = found.module_name
+    module = planner.modules[name]
+    existing = isinstance(module, ConcreteDropoutBase)
+    original = f"{type(module).__name__}(p={found.p:.3g})"
+    if not existing:
+        skip = planner.skip_reason(found, planner.selected(name, module))
+        if skip is not None:
+            planner.rows.append(planner.skip_row(found, name, original, skip))
+            return None
+    entry = planner.planned.get(name)
+    if entry is None:
+        paths = [n for n, m in planner.model.named_modules(remove_duplicate=False) if m is module]
+        row = SiteRow(
+            name,
+            kind,
+            "existing" if existing else "planned",
+            original,
+            found.p,
+            found_by=found.found_by,
+            called=found.called,
+            notes=list(found.notes),
+        )
+        entry = planner.add(
+            name,
+            PlannedSite(
+                row,
+                found.site_type,
+                planner.options.initial_rate(found.p),
+                planner.options.temperature_for(found.site_type),
+                None if existing else ModuleSwap(name, paths, module, kind=kind),
+                existing=existing,
+            ),
+        )
+    entry.add_application(found)
+    return entry

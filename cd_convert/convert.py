@@ -17,6 +17,7 @@ import torch.nn as nn
 from .collector import COLLECTOR_ATTR, Collector, get_collector, iter_collectors
 from .discover import discover
 from .errors import ConversionError, FreezeError
+from .integrations.timm import notrace_for
 from .layers import ConcreteDropoutBase, InitP, validate_init_p, validate_temperature
 from .planning import Options, Plan, PlannedSite, Planner
 from .prior import DEFAULT_LENGTH_SCALE, resolve_scale
@@ -104,13 +105,7 @@ def _model_leaves_and_wraps(
     model: nn.Module, leaf_modules: Sequence[type], autowrap_functions: Sequence[Callable]
 ) -> Tuple[List[type], List[Callable]]:
     leaves, wraps = list(leaf_modules), list(autowrap_functions)
-    try:
-        from .integrations.timm import notrace_for
-    except ImportError as err:
-        if err.name != "timm":  # only a missing timm is tolerated; an ImportError of our own code surfaces
-            raise
-        return leaves, wraps
-    extra_leaves, extra_wraps = notrace_for(model)
+    extra_leaves, extra_wraps = notrace_for(model)  # empty unless the model uses timm (then timm is installed)
     return leaves + list(extra_leaves), wraps + list(extra_wraps)
 
 

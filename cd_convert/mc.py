@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -47,7 +47,7 @@ DEFAULT_CHUNK_ROWS = 4096
 #: chunks took 12.3 ms with ~1200 page faults per call, 256-row chunks 11.1 ms with none).
 DEFAULT_CHUNK_BYTES_CPU = 1 << 20
 
-Inputs = Union[Tensor, Sequence[Tensor]]
+Inputs = Union[Tensor, Sequence[Tensor], Mapping[str, Any]]
 TASKS = ("classification", "regression")
 
 
@@ -197,28 +197,69 @@ class RegressionPrediction:
 Prediction = Union[ClassificationPrediction, RegressionPrediction]
 
 
-def _as_inputs(x: Inputs) -> Tuple[Tensor, ...]:
-    inputs = (x,) if isinstance(x, Tensor) else tuple(x)
-    if not inputs or not all(isinstance(t, Tensor) for t in inputs):
-        raise TypeError("x must be a tensor or a non-empty tuple of tensors (passed as model(*x)).")
-    batch = inputs[0].shape[0] if inputs[0].dim() > 0 else 0
+@dataclass
+class _Batch:
+    """The inputs of one MC prediction: positional tensors and keyword arguments, with their batch size."""
+
+    args: Tuple[Tensor, ...]
+    kwargs: Dict[str, Any]
+    size: int
+
+    def tensors(self) -> List[Tensor]:
+        """Every batched input tensor."""
+        return list(self.args) + [v for v in self.kwargs.values() if isinstance(v, Tensor)]
+
+    def rows(self, start: int, stop: int) -> Tuple[Tuple[Tensor, ...], Dict[str, Any]]:
+        """Rows ``start:stop`` of the inputs repeated T times along dim 0 (row ``t*B + i`` is example i)."""
+        if start % self.size == 0 and (stop - start) % self.size == 0:
+            reps = (stop - start) // self.size
+
+            def take(t: Tensor) -> Tensor:
+                return t.repeat(reps, *([1] * (t.dim() - 1)))
+        else:  # a chunk that cuts through a pass (chunk_size not a multiple of B): gather the rows
+
+            def take(t: Tensor) -> Tensor:
+                return t.index_select(0, torch.arange(start, stop, device=t.device) % self.size)
+
+        kwargs = {k: take(v) if isinstance(v, Tensor) else v for k, v in self.kwargs.items()}
+        return tuple(take(t) for t in self.args), kwargs
+
+
+def _as_inputs(x: Inputs) -> _Batch:
+    if isinstance(x, Mapping):
+        args: Tuple[Tensor, ...] = ()
+        kwargs = dict(x)
+        tensors = [v for v in kwargs.values() if isinstance(v, Tensor)]
+        if not tensors:
+            raise TypeError("x as a dict (keyword arguments, passed as model(**x)) must hold at least one tensor.")
+    else:
+        args = (x,) if isinstance(x, Tensor) else tuple(x)
+        kwargs = {}
+        tensors = list(args)
+        if not args or not all(isinstance(t, Tensor) for t in args):
+            raise TypeError(
+                "x must be a tensor, a non-empty tuple of tensors (passed as model(*x)) or a dict of keyword "
+                "arguments (passed as model(**x))."
+            )
+    batch = tensors[0].shape[0] if tensors[0].dim() > 0 else 0
     if batch == 0:
-        raise ValueError(f"x needs a non-empty batch dim 0, got shape {tuple(inputs[0].shape)}.")
-    for t in inputs[1:]:
+        raise ValueError(f"x needs a non-empty batch dim 0, got shape {tuple(tensors[0].shape)}.")
+    for t in tensors[1:]:
         if t.dim() == 0 or t.shape[0] != batch:
             raise ValueError(f"every input must have the same batch size {batch} in dim 0, got shape {tuple(t.shape)}.")
-    return inputs
+    return _Batch(args, kwargs, batch)
 
 
-def _default_chunk_rows(inputs: Tuple[Tensor, ...], total: int) -> int:
+def _default_chunk_rows(inputs: _Batch, total: int) -> int:
     """Rows per forward pass when ``chunk_size`` is not given: whole passes, at least one, within the cap.
 
     The cap is :data:`DEFAULT_CHUNK_ROWS` rows on accelerators and :data:`DEFAULT_CHUNK_BYTES_CPU` bytes of
     input on the CPU.
     """
-    batch = inputs[0].shape[0]
-    if inputs[0].device.type == "cpu":
-        row_bytes = sum(t[0].numel() * t.element_size() for t in inputs)
+    batch = inputs.size
+    tensors = inputs.tensors()
+    if tensors[0].device.type == "cpu":
+        row_bytes = sum(t[0].numel() * t.element_size() for t in tensors)
         cap = DEFAULT_CHUNK_BYTES_CPU // max(1, row_bytes)
     else:
         cap = DEFAULT_CHUNK_ROWS
@@ -229,13 +270,12 @@ def _default_chunk_rows(inputs: Tuple[Tensor, ...], total: int) -> int:
     return -(-passes_total // chunks) * batch
 
 
-def _chunk_rows(inputs: Tuple[Tensor, ...], start: int, stop: int, batch: int) -> Tuple[Tensor, ...]:
-    """Rows ``start:stop`` of the inputs repeated T times along dim 0 (row ``t*B + i`` is example i)."""
-    if start % batch == 0 and (stop - start) % batch == 0:
-        reps = (stop - start) // batch
-        return tuple(t.repeat(reps, *([1] * (t.dim() - 1))) for t in inputs)
-    # A chunk that cuts through a pass (chunk_size not a multiple of B): gather the rows explicitly.
-    return tuple(t.index_select(0, torch.arange(start, stop, device=t.device) % batch) for t in inputs)
+def _main_output(output: Any) -> Any:
+    """A model output object with ``logits`` (transformers' ``ModelOutput``, a dict) as its logits."""
+    if isinstance(output, (Tensor, tuple, list)):
+        return output
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    return logits if isinstance(logits, Tensor) else output
 
 
 def _infer_task(output: Any) -> str:
@@ -271,17 +311,17 @@ def _split_output(output: Any, task: str, rows: int) -> Tuple[Tensor, Optional[T
         raise ValueError(
             f"the model output has shape {tuple(mean.shape)} for {rows} input rows; dim 0 must be the batch."
         )
-    if task == "classification" and mean.dim() != 2:
+    if task == "classification" and mean.dim() < 2:
         raise ValueError(
-            f"classification expects (B, C) logits, got shape {tuple(mean.shape)}. Pass task='regression' "
+            f"classification expects (B, ..., C) logits, got shape {tuple(mean.shape)}. Pass task='regression' "
             "for a regression output."
         )
     return mean, log_variance
 
 
-def _devices_in_use(model: nn.Module, inputs: Tuple[Tensor, ...]) -> Set[str]:
+def _devices_in_use(model: nn.Module, inputs: _Batch) -> Set[str]:
     """Accelerator device types (e.g. ``{"cuda"}``) whose RNG the passes may draw from."""
-    tensors = list(inputs) + list(model.parameters()) + list(model.buffers())
+    tensors = inputs.tensors() + list(model.parameters()) + list(model.buffers())
     return {t.device.type for t in tensors if t.device.type not in ("cpu", "meta")}
 
 
@@ -337,7 +377,9 @@ def mc_predict(
 
     The task is read from the model's output unless given: a ``(mean, log_variance)`` tuple/list is a
     heteroscedastic regression head; a 1-D tensor or one whose last dim is 1 is a regression mean;
-    anything else is classification logits of shape ``(B, C)`` (softmax over the last dim). Pass
+    anything else is classification logits of shape ``(B, C)`` or ``(B, ..., C)`` such as a language model's
+    per-token logits (softmax over the last dim); an output object with ``logits`` (transformers) gives
+    its logits. Pass
     ``task="regression"`` for multi-output regression ``(B, D)``.
 
     Reproducibility: with a ``generator`` a seed drawn from it seeds the global RNGs for the duration of
@@ -348,7 +390,9 @@ def mc_predict(
 
     Args:
         model: a model with concrete-dropout sites.
-        x: a ``(B, ...)`` tensor, or a tuple of tensors with the same B passed as ``model(*x)``.
+        x: a ``(B, ...)`` tensor, a tuple of tensors with the same B passed as ``model(*x)``, or a dict of
+            keyword arguments passed as ``model(**x)`` (transformers models; its tensors share B, other values
+            are passed as they are).
         samples: T, the number of stochastic passes (>= 1).
         chunk_size: most rows per forward pass; bounds activation memory. Default: all T*B rows, capped
             at :data:`DEFAULT_CHUNK_ROWS` rows (on the CPU: as many rows as fit in
@@ -375,7 +419,7 @@ def mc_predict(
         raise ValueError(f"task must be None, 'classification' or 'regression', got {task!r}.")
     _check_sampling(sampling)
     inputs = _as_inputs(x)
-    batch = inputs[0].shape[0]
+    batch = inputs.size
     total = samples * batch
     if chunk_size is None:
         chunk_size = _default_chunk_rows(inputs, total)
@@ -384,7 +428,8 @@ def mc_predict(
     with mc_mode(model, sampling), torch.no_grad(), _seeded(generator, _devices_in_use(model, inputs)):
         for start in range(0, total, chunk_size):
             stop = min(start + chunk_size, total)
-            output = model(*_chunk_rows(inputs, start, stop, batch))
+            args, kwargs = inputs.rows(start, stop)
+            output = _main_output(model(*args, **kwargs))
             if summary is None:
                 task = task or _infer_task(output)
                 summary = (_ClassificationSummary if task == "classification" else _RegressionSummary)(
@@ -421,6 +466,11 @@ class _Summary:
         raise NotImplementedError
 
 
+def _entropy(probs: Tensor) -> Tensor:
+    """Predictive entropy over the last dim of ``(N, ..., C)`` probabilities (per-token for sequences)."""
+    return predictive_entropy(probs.reshape(-1, probs.shape[-1])).reshape(probs.shape[:-1])
+
+
 class _ClassificationSummary(_Summary):
     # Per-example sums are reduced chunk by chunk, so without return_samples only one chunk's
     # probabilities exist at a time: stacking all T*B*C of them (e.g. ImageNet's 1000 classes) could take
@@ -435,18 +485,18 @@ class _ClassificationSummary(_Summary):
     def add(self, start: int, main: Tensor, log_variance: Optional[Tensor]) -> None:
         probs = torch.softmax(_float(main), dim=-1)
         if self.prob_sum is None or self.entropy_sum is None:
-            self.prob_sum = probs.new_zeros(self.batch, probs.shape[-1])
-            self.entropy_sum = probs.new_zeros(self.batch)
+            self.prob_sum = probs.new_zeros(self.batch, *probs.shape[1:])
+            self.entropy_sum = probs.new_zeros(self.batch, *probs.shape[1:-1])
         examples = torch.arange(start, start + probs.shape[0], device=probs.device) % self.batch
         self.prob_sum.index_add_(0, examples, probs)
-        self.entropy_sum.index_add_(0, examples, predictive_entropy(probs))
+        self.entropy_sum.index_add_(0, examples, _entropy(probs))
         if self.return_samples:
             self.kept.append(probs)
 
     def result(self) -> ClassificationPrediction:
         assert self.prob_sum is not None and self.entropy_sum is not None
         mean_probs = self.prob_sum / self.samples
-        entropy = predictive_entropy(mean_probs)
+        entropy = _entropy(mean_probs)
         # MI = H[mean_t p_t] - mean_t H[p_t] >= 0 exactly; clamp the round-off, as
         # metrics.mutual_information does.
         mutual_information = (entropy - self.entropy_sum / self.samples).clamp_min(0.0)

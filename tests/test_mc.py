@@ -305,10 +305,10 @@ def test_invalid_arguments() -> None:
         mc_predict(nn.Linear(20, 5), x, 4)
     with pytest.raises(ValueError, match="batch size"):
         mc_predict(model, (x, torch.randn(3, 20)), 4)
-    # A 3-D output is not (B, C) logits.
-    cube = nn.Sequential(ConcreteDropout(0.1), nn.Unflatten(1, (4, 5)))
-    with pytest.raises(ValueError, match=r"\(B, C\) logits"):
-        mc_predict(cube, x, 4, task="classification")
+    # A 1-D output is not (B, ..., C) logits.
+    flat = nn.Sequential(ConcreteDropout(0.1), nn.Linear(20, 1), nn.Flatten(0))
+    with pytest.raises(ValueError, match=r"\(B, \.\.\., C\) logits"):
+        mc_predict(flat, x, 4, task="classification")
     assert model.training  # every refusal left the model as it was
 
 
@@ -400,3 +400,36 @@ def test_default_cpu_chunks_hold_whole_passes_within_the_byte_cap(features, batc
     model = RowCounter(features)
     mc_predict(model, torch.randn(batch, features), samples)
     assert model.rows == expected
+
+
+def test_sequence_logits_and_keyword_inputs() -> None:
+    """(B, L, C) logits from keyword inputs (a transformers-style call): per-position mean and entropy."""
+
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.drop = ConcreteDropout(0.3)
+            self.head = nn.Linear(6, 5)
+
+        def forward(self, *, features: torch.Tensor, scale: float) -> dict:
+            return {"logits": self.head(self.drop(features)) * scale}
+
+    torch.manual_seed(0)
+    model = Tagger()
+    x = torch.randn(3, 4, 6)
+    pred = mc_predict(model, {"features": x, "scale": 2.0}, 16, chunk_size=9, return_samples=True)
+    assert pred.probs.shape == (3, 4, 5) and pred.entropy.shape == (3, 4)
+    mean = pred.samples.mean(0)
+    assert torch.allclose(pred.probs, mean, atol=1e-6)
+    by_hand = -(mean * mean.log()).sum(-1)
+    assert torch.allclose(pred.entropy, by_hand, atol=1e-5)
+    per_pass = -(pred.samples * pred.samples.log()).sum(-1).mean(0)
+    assert torch.allclose(pred.mutual_information, (by_hand - per_pass).clamp_min(0), atol=1e-5)
+    assert not torch.allclose(pred.samples[0], pred.samples[1])  # every pass draws its own mask
+    # Rows go back to their examples, also when a chunk (7 rows) cuts through a pass of 3: with a rate near 0
+    # every pass is the deterministic output.
+    with torch.no_grad():
+        model.drop.p_logit.fill_(-12.0)
+        exact = torch.softmax(model.eval()(features=x, scale=2.0)["logits"], -1)
+    pred = mc_predict(model, {"features": x, "scale": 2.0}, 5, chunk_size=7)
+    assert torch.allclose(pred.probs, exact, atol=1e-3)

@@ -301,3 +301,18 @@ def test_trainer_adds_the_regulariser_once_per_step(tmp_path):
     trainer.train()
     after = dict(converted.named_parameters())
     assert all(not torch.equal(before[n], after[n].detach()) for n in before)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "t5"])
+def test_mc_predict_takes_keyword_inputs_and_model_outputs(converted_cases, family):
+    original, converted, inputs, _ = converted_cases[family]
+    with torch.no_grad():
+        logits = _first_output(original.eval()(**inputs))
+    converted.train()
+    pred = cd.mc_predict(converted, inputs, samples=6, generator=torch.Generator().manual_seed(0))
+    assert pred.probs.shape == logits.shape
+    assert torch.allclose(pred.probs.sum(-1), torch.ones(logits.shape[:-1]), atol=1e-5)
+    assert (pred.mutual_information > 0).any()
+    again = cd.mc_predict(converted, inputs, samples=6, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(pred.probs, again.probs)
+    assert converted.training  # modes restored

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .callsites import FUNCTIONAL_DROPOUTS, call_key, caller_frame, owner_method
+from .errors import ConversionError
 from .found import Discovery
 from .sites.base import SearchContext, TraceContext, any_of
 from .sites import registry
@@ -157,8 +158,27 @@ def discover(
     if example_inputs is not None:
         from .dry_run import confirm_with_dry_run
 
-        confirm_with_dry_run(model, discovery, example_inputs)
+        try:
+            confirm_with_dry_run(model, discovery, example_inputs)
+        except Exception as err:  # the model's own forward failed on these inputs; the model is restored
+            raise ConversionError(
+                f"the dry run of {type(model).__name__} on {_describe(example_inputs)} failed with "
+                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. Nothing was changed. Pass "
+                "example_inputs= that the model's forward accepts (a tuple of positional or a dict of keyword "
+                "arguments)."
+            ) from err
     return discovery
+
+
+def _describe(example_inputs: Any) -> str:
+    if isinstance(example_inputs, dict):
+        return "keyword inputs " + ", ".join(f"{k}={_shape(v)}" for k, v in example_inputs.items())
+    return "inputs (" + ", ".join(_shape(v) for v in example_inputs) + ")"
+
+
+def _shape(value: Any) -> str:
+    shape = getattr(value, "shape", None)
+    return f"tensor{tuple(shape)}" if shape is not None else repr(value)
 
 
 def _holds_sites(module: nn.Module) -> bool:

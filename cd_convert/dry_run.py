@@ -1,7 +1,7 @@
 """One forward pass on example inputs that confirms what discovery inferred and finds what it could not see.
 
-Runs on a deep copy of the model (training mode, forked RNG), so the user's model, its BatchNorm statistics
-and the global RNG are untouched. Forward hooks record which modules run; a ``TorchFunctionMode`` follows
+Runs on the model itself, borrowed in training mode with a forked RNG and restored exactly afterwards
+(modes, BatchNorm statistics and every other buffer, the global RNG), so no copy of a large model is needed. Forward hooks record which modules run; a ``TorchFunctionMode`` follows
 tensors through data-moving ops and records functional dropout calls, so that:
 
 * every site and targeted layer is known to be called (or not);
@@ -19,9 +19,9 @@ tensors through data-moving ops and records functional dropout calls, so that:
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -61,19 +61,21 @@ class _Recorder(TorchFunctionMode):
         return result
 
 
-def _nudge_rates(model: nn.Module) -> Dict[float, Tuple[str, float]]:
+def _nudge_rates(model: nn.Module) -> Tuple[Dict[float, Tuple[str, float]], List[Tuple[nn.Module, str, float]]]:
     """Give every nonzero dropout-rate attribute of ``model`` (a copy) a value of its own.
 
     Candidates are the ``p`` of dropout modules and float attributes whose name contains "drop". Rates of 0
     are left at 0 (code such as ``if self.drop_rate:`` must take the branch it takes in the real model).
 
     Args:
-        model: the dry run's copy of the model (changed in place).
+        model: the model (changed in place; the caller restores it).
 
     Returns:
-        nudged value -> (``"module.path.attribute"``, original value).
+        nudged value -> (``"module.path.attribute"``, original value); and ``(module, attribute, original)``
+        for each nudge, to restore.
     """
     sources: Dict[float, Tuple[str, float]] = {}
+    restore: List[Tuple[nn.Module, str, float]] = []
     count = 0
     for name, module in model.named_modules():
         for attr, value in list(vars(module).items()):
@@ -85,8 +87,9 @@ def _nudge_rates(model: nn.Module) -> Dict[float, Tuple[str, float]]:
             if nudged >= 1.0 or nudged in sources:
                 continue
             setattr(module, attr, nudged)
+            restore.append((module, attr, value))
             sources[nudged] = (f"{name}.{attr}" if name else attr, value)
-    return sources
+    return sources, restore
 
 
 class _DryRun:
@@ -163,26 +166,62 @@ def _run(model: nn.Module, example_inputs: ExampleInputs) -> Any:
     return model(*example_inputs)
 
 
+@contextlib.contextmanager
+def _borrowed(model: nn.Module) -> Iterator[Dict[float, Tuple[str, float]]]:
+    """The model itself, ready for a dry run, and exactly as it was afterwards (also on errors).
+
+    The dry run borrows the model instead of a copy, so that converting a model that fills the memory does
+    not need twice its size. For the duration: training mode, rates nudged (:func:`_nudge_rates`), eager
+    attention for transformers models, no autograd, a forked RNG; then modes, rates, the attention
+    implementation, the RNG and every buffer's values (BatchNorm statistics) are put back.
+
+    Yields:
+        The nudged rates' sources (nudged value -> (attribute path, original value)).
+    """
+    modes = {m: m.training for m in model.modules()}
+    buffers = [
+        (module, name, buffer, buffer.detach().clone())
+        for module in model.modules()
+        for name, buffer in module._buffers.items()
+        if buffer is not None and not buffer.is_meta
+    ]
+    cuda = sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
+    sources, nudges = _nudge_rates(model)
+    try:
+        model.train()
+        with torch.random.fork_rng(devices=cuda), torch.no_grad(), hf.eager_attention(model):
+            yield sources
+    finally:
+        for module, attr, value in nudges:
+            setattr(module, attr, value)
+        with torch.no_grad():
+            for module, name, buffer, saved in buffers:
+                module._buffers[name] = buffer
+                buffer.copy_(saved)
+        for module, mode in modes.items():
+            module.training = mode
+
+
 def confirm_with_dry_run(model: nn.Module, discovery: Discovery, example_inputs: ExampleInputs) -> None:
-    """Update ``discovery`` in place from one training-mode forward pass of a copy of ``model``.
+    """Update ``discovery`` in place from one training-mode forward pass of ``model``.
 
     Args:
-        model: the model (not changed).
+        model: the model (borrowed, and left exactly as it was: see :func:`_borrowed`).
         discovery: what tracing / module search found.
         example_inputs: positional inputs (tuple or list) or keyword inputs (dict) for ``model``.
     """
-    replica = copy.deepcopy(model).train()
-    run = _DryRun(replica, _nudge_rates(replica))
     handles = []
-    for module in replica.modules():
-        handles.append(module.register_forward_pre_hook(run.pre_hook))
-        handles.append(module.register_forward_hook(run.post_hook))
-    try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), hf.eager_attention(replica), _Recorder(run):
-            _run(replica, example_inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with _borrowed(model) as sources:
+        run = _DryRun(model, sources)
+        try:
+            for module in model.modules():
+                handles.append(module.register_forward_pre_hook(run.pre_hook))
+                handles.append(module.register_forward_hook(run.post_hook))
+            with _Recorder(run):
+                _run(model, example_inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
     discovery.called_modules |= run.called
     discovery.method = f"{discovery.method} + dry run"
     discovery.dry_run = True

@@ -541,3 +541,45 @@ def test_freeze_half_precision_rate_at_upper_bound_is_below_one(dtype):
     assert cd.dropout_rates(model)["1"] < 1.0
     frozen = cd.freeze(model)
     assert type(frozen[1]) is nn.Dropout and 0.99 < frozen[1].p < 1.0
+
+
+def test_dry_run_borrows_the_model_and_restores_it_exactly():
+    """The dry run runs on the model itself (no copy) and puts back modes, buffers, rates and the RNG."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(6)
+            self.fc = nn.Linear(6, 6)
+            self.drop_rate = 0.25
+            self.drop = nn.Dropout(0.3)
+
+        def forward(self, x):
+            if x.sum() > 1e9:  # data-dependent: torch.fx cannot trace, so the dry run does the work
+                return x
+            h = nn.functional.dropout(self.bn(self.fc(x)), p=self.drop_rate, training=self.training)
+            return self.drop(h)
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    model.bn.train()  # a mixed mode must come back as it was
+    x = torch.randn(4, 6)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    report = cd.plan(model, example_inputs=(x,))
+    assert {r.kind for r in report.rows} == {"module", "functional"}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert (model.training, model.bn.training, model.fc.training) == (False, True, False)
+    assert model.drop_rate == 0.25 and model.drop.p == 0.3
+    functional = next(r for r in report.rows if r.kind == "functional")
+    assert functional.original.startswith("F.dropout") and functional.p == 0.25
+
+
+def test_a_failing_dry_run_is_a_clear_error_and_changes_nothing():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.2), nn.Linear(3, 2)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(cd.ConversionError, match=r"dry run of Sequential on inputs \(tensor\(2, 5\)\) failed"):
+        cd.convert(model, dataset_size=10, example_inputs=(torch.randn(2, 5),), inplace=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert type(model[1]) is nn.Dropout and model.training

@@ -316,3 +316,16 @@ def test_mc_predict_takes_keyword_inputs_and_model_outputs(converted_cases, fami
     again = cd.mc_predict(converted, inputs, samples=6, generator=torch.Generator().manual_seed(0))
     assert torch.equal(pred.probs, again.probs)
     assert converted.training  # modes restored
+
+
+def test_a_model_on_the_meta_device_converts_without_memory():
+    """Planning a large model: built on the meta device, converted in place, sites as on a real device."""
+    config = transformers.LlamaConfig(
+        vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=8,
+        num_key_value_heads=2, attention_dropout=0.1,
+    )
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    converted = cd.convert(model, dataset_size=100, inplace=True)
+    rows = [r for r in cd.report(converted).rows if r.kind == "attention"]
+    assert len(rows) == 3 and all(r.status == "converted" for r in rows)

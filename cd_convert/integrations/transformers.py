@@ -193,6 +193,10 @@ def example_inputs_for(model: nn.Module) -> Dict[str, Any]:
     for name in ("input_ids", "pixel_values"):
         if name != main and name in parameters and _has_sub_config_for(config, name):
             inputs[name] = builders[name](config)
+    if "input_ids" in inputs and "attention_mask" in parameters:
+        # An explicit all-ones mask: without one, masks are derived from positions (data-dependent code that
+        # a model on the meta device cannot run).
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in parameters:
         start = _config_value(config, "decoder_start_token_id", "bos_token_id", default=0)
         ids = _token_ids(config)
@@ -200,7 +204,21 @@ def example_inputs_for(model: nn.Module) -> Dict[str, Any]:
         inputs["decoder_input_ids"] = ids
     if "use_cache" in parameters:
         inputs["use_cache"] = False
-    return inputs
+    return _on_model_device(model, inputs)
+
+
+def _on_model_device(model: nn.Module, inputs: Dict[str, Any]) -> Dict[str, Any]:
+    """Inputs on the model's device, floating ones in its floating dtype (a bf16 model takes bf16 pixels)."""
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    if not params:
+        return inputs
+    device, dtype = params[0].device, params[0].dtype
+    moved = {}
+    for name, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+        moved[name] = value
+    return moved
 
 
 def _has_sub_config_for(config: Any, name: str) -> bool:

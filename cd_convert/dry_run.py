@@ -1,8 +1,9 @@
 """One forward pass on example inputs that confirms what discovery inferred and finds what it could not see.
 
 Runs on the model itself, borrowed in training mode with a forked RNG and restored exactly afterwards
-(modes, BatchNorm statistics and every other buffer, the global RNG), so no copy of a large model is needed. Forward hooks record which modules run; a ``TorchFunctionMode`` follows
-tensors through data-moving ops and records functional dropout calls, so that:
+(modes, BatchNorm statistics and every other buffer, the global RNG), so no copy of a large model is
+needed. Forward hooks record which modules run; a ``TorchFunctionMode`` follows tensors through
+data-moving ops and records functional dropout calls, so that:
 
 * every site and targeted layer is known to be called (or not);
 * sites found by module search get their consumer by tensor identity;

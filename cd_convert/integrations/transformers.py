@@ -156,8 +156,10 @@ def _token_ids(config: Any) -> torch.Tensor:
 def example_inputs_for(model: nn.Module) -> Dict[str, Any]:
     """Keyword arguments for one training-mode forward of a transformers model, built from its config.
 
-    Covers text (``input_ids``), vision (``pixel_values``), audio (``input_features``, raw ``input_values``), text-image models
-    (both) and encoder-decoders (``decoder_input_ids``); ``use_cache=False`` where accepted.
+    Covers text (``input_ids`` with an all-ones ``attention_mask``), vision (``pixel_values``), audio
+    (``input_features``, raw ``input_values``), text-image models (both) and encoder-decoders
+    (``decoder_input_ids``); ``use_cache=False`` where accepted. Tensors are put on the model's device, floating
+    ones in its floating dtype.
 
     Args:
         model: a transformers ``PreTrainedModel``.

@@ -9,6 +9,10 @@ Public API (everything else is internal)::
     metrics, losses (plots: ``import cd_convert.plots``; timm: ``import cd_convert.timm``)
 """
 
+import importlib
+import importlib.util
+from typing import Any, List
+
 from . import losses, metrics
 from .collector import dropout_rates, regularization
 from .convert import convert, freeze, plan, report, set_regularizer, unconvert
@@ -45,3 +49,51 @@ __all__ = [
     "losses",
 ]
 __version__ = "0.1.0"
+
+# Optional integrations, imported on first attribute access (``cd_convert.timm.create_model(...)`` without
+# ``import cd_convert.timm``). Their frameworks are optional extras: ``import cd_convert`` never imports them.
+# attribute -> (module, third-party framework it needs or None, pip extra that installs that framework)
+_LAZY_MODULES = {
+    "timm": ("cd_convert.timm", "timm", "timm"),
+    "transformers": ("cd_convert.integrations.transformers", "transformers", "transformers"),
+    "plots": ("cd_convert.plots", "matplotlib", "bench"),
+    "integrations": ("cd_convert.integrations", None, None),
+}
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module_name, framework, extra = _LAZY_MODULES[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    try:
+        if framework is not None:
+            importlib.import_module(framework)
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        # Only a missing framework becomes the install hint; an ImportError from our own code (or from
+        # inside an installed but broken framework) propagates as raised.
+        if framework is None or err.name != framework:
+            raise
+        raise ImportError(
+            f'cd_convert.{name} needs {framework}, which is not installed: pip install "cd_convert[{extra}]"',
+            name=framework,
+        ) from err
+    globals()[name] = module
+    return module
+
+
+def _available(module_name: str, framework: Any) -> bool:
+    try:
+        return (framework is None or importlib.util.find_spec(framework) is not None) and (
+            importlib.util.find_spec(module_name) is not None
+        )
+    except (ImportError, ValueError):
+        return False
+
+
+def __dir__() -> List[str]:
+    # Lazy names are listed when they can be imported (found without importing them), so that dir()-driven
+    # tools (help(), inspect.getmembers) do not stop on an optional integration whose extra is missing.
+    lazy = [name for name, (module_name, framework, _) in _LAZY_MODULES.items() if _available(module_name, framework)]
+    return sorted(set(globals()) | set(lazy))

@@ -79,7 +79,7 @@ class Report:
                     r.original,
                     "" if r.original_p is None else f"{r.original_p:.3g}",
                     "" if r.p is None else f"{r.p:.4f}",
-                    r.consumer or "-",
+                    _short_consumer(r.consumer),
                     r.found_by,
                     {True: "yes", False: "no", None: "?"}[r.called],
                 )
@@ -92,12 +92,31 @@ class Report:
         out.append(fmt.format(*header))
         out.append(fmt.format(*("-" * w for w in widths)))
         out.extend(fmt.format(*line) for line in lines)
-        noted = [(r.name, n) for r in self.rows for n in r.notes]
-        if noted or self.notes:
+        out.append("called: yes = seen running, no = never called (no site made), ? = not confirmed (no dry run)")
+        grouped: Dict[str, List[str]] = {}
+        for r in self.rows:
+            for note in r.notes:
+                grouped.setdefault(note, []).append(r.name)
+        if grouped or self.notes:
             out.append("notes:")
             out.extend(f"  - {n}" for n in self.notes)
-            out.extend(f"  - {name}: {n}" for name, n in noted)
+            out.extend(f"  - {_names(names)}: {note}" for note, names in grouped.items())
         return "\n".join(out)
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # IPython
         printer.text(str(self))
+
+
+def _short_consumer(consumer: str) -> str:
+    """The table cell of a consumer list: the first weight and how many more (``to_dict`` has them all)."""
+    weights = [w for part in consumer.split(" | ") for w in part.split(", ") if w]
+    if not weights:
+        return "-"
+    return weights[0] if len(weights) == 1 else f"{weights[0]} +{len(weights) - 1}"
+
+
+def _names(names: List[str]) -> str:
+    """Sites sharing one note: all of a few, or the first three and a count."""
+    if len(names) <= 3:
+        return ", ".join(names)
+    return f"{', '.join(names[:3])} and {len(names) - 3} more ({len(names)} sites)"

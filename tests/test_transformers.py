@@ -201,6 +201,8 @@ def test_rate_read_modules_are_reported_and_kept():
     assert type(converted.bert.encoder.layer[0].attention.self.dropout) is nn.Dropout
     site = rows["bert.encoder.layer.0.attention.self.forward_dropout"]
     assert site.kind == "attention" and site.status == "converted"
+    replanned = {r.name: r for r in cd.plan(converted).rows}
+    assert replanned["bert.encoder.layer.0.attention.self.dropout"].status == "rate read"
 
 
 def test_zero_rate_attention_policy():
@@ -321,11 +323,29 @@ def test_mc_predict_takes_keyword_inputs_and_model_outputs(converted_cases, fami
 def test_a_model_on_the_meta_device_converts_without_memory():
     """Planning a large model: built on the meta device, converted in place, sites as on a real device."""
     config = transformers.LlamaConfig(
-        vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=8,
-        num_key_value_heads=2, attention_dropout=0.1,
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        attention_dropout=0.1,
     )
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(config)
     converted = cd.convert(model, dataset_size=100, inplace=True)
     rows = [r for r in cd.report(converted).rows if r.kind == "attention"]
     assert len(rows) == 3 and all(r.status == "converted" for r in rows)
+
+
+@pytest.mark.parametrize("family", CORE_FAMILIES)
+def test_converting_twice_keeps_the_sites(converted_cases, family):
+    _, converted, inputs, loss_fn = converted_cases[family]
+    again = cd.convert(converted, dataset_size=100)
+    assert cd.dropout_rates(again).keys() == cd.dropout_rates(converted).keys()
+    rows = cd.report(again).rows
+    assert len({r.name for r in rows}) == len(rows)
+    assert {r.status for r in rows} <= {"existing", "rate read", "not called", "not a dropout site"}
+    again.train()
+    loss_fn(again(**inputs)).backward()
+    assert fixed_rate_dropout_calls(again, inputs) == []

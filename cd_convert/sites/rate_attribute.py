@@ -10,28 +10,39 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Dict
 
+from ..collector import get_collector
 from ..found import FoundSite
 from ..report import SiteRow
 from ..targets import is_dropout_module
-from .base import SiteKind
+from .base import SiteKind, joined
+from .routed import RoutedSite
 
 if TYPE_CHECKING:
     from ..planning import Planner
 
 
-def rates_read_by_calls(planner: "Planner") -> Dict[str, FoundSite]:
-    """Dropout modules whose ``p`` a call found by the dry run reads -> that call (cached on the planner)."""
+def rates_read_by_calls(planner: "Planner") -> Dict[str, str]:
+    """Dropout modules whose ``p`` a call reads -> ``"owner.method"`` of that call (cached on the planner).
+
+    The calls are those the dry run traced, and, on a model converted before, the routed sites that write
+    their learned rate into a dropout module's ``p`` (their calls now go to the site, not to the module).
+    """
     cached = planner.cache.get("rates_read")
     if cached is None:
         cached = {}
         for found in planner.discovery.sites:
             holder = found.rate_holder
             if found.module_name is None and holder and holder.endswith(".p"):
-                module = planner.modules.get(holder[: -len(".p")])
-                if module is not None and is_dropout_module(module):
-                    cached[holder[: -len(".p")]] = found
-        planner.cache["rates_read"] = cached
-    return cached
+                cached[holder[: -len(".p")]] = f"{found.owner or '<root>'}.{found.method}"
+        collector = get_collector(planner.model)
+        for change in collector.changes if collector is not None else ():
+            rate = getattr(change, "rate_attribute", None)
+            if isinstance(change, RoutedSite) and rate and rate.endswith(".p"):
+                cached[joined(change.owner, rate[: -len(".p")])] = f"{change.owner or '<root>'}.{change.method}"
+        planner.cache["rates_read"] = {
+            path: where for path, where in cached.items() if is_dropout_module(planner.modules.get(path, None))
+        }
+    return planner.cache["rates_read"]
 
 
 class RateAttributeKind(SiteKind):
@@ -47,8 +58,7 @@ class RateAttributeKind(SiteKind):
         )
 
     def plan(self, planner: "Planner", found: FoundSite) -> None:
-        reader = rates_read_by_calls(planner)[found.module_name]
-        where = f"{reader.owner or '<root>'}.{reader.method}"
+        where = rates_read_by_calls(planner)[found.module_name]
         planner.rows.append(
             SiteRow(
                 found.module_name or "",

@@ -230,5 +230,6 @@ def plan_routed_site(
     planner.add(name, entry).add_application(found)
     if found.rate_holder:
         planner.shared_rates[share_key] = entry
-        row.notes.append(f"rate read from {found.rate_holder}; freeze writes the learned rate there")
+        if not found.rate_holder.endswith(".p"):  # a dropout module's p has a "rate read" row of its own
+            row.notes.append(f"rate read from {found.rate_holder}; freeze writes the learned rate there")
     return entry

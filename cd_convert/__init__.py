@@ -6,7 +6,8 @@ Public API (everything else is internal)::
     regularization, dropout_rates, RateLogger                      training
     mc_mode, mc_predict                                            Monte Carlo prediction
     ConcreteDropout, ConcreteDropout1d/2d/3d, concrete_dropout     the layers
-    metrics, losses (plots: ``import cd_convert.plots``; timm: ``import cd_convert.timm``)
+    metrics, losses; plots, timm, transformers, integrations (imported on first use; timm and
+    transformers need their extras)
 """
 
 import importlib

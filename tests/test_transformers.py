@@ -270,6 +270,7 @@ def test_transposed_linear_is_a_consumer():
 
 
 def test_trainer_adds_the_regulariser_once_per_step(tmp_path):
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
     from cd_convert.integrations.transformers import ConcreteDropoutTrainer
 
     original, inputs, _ = HF_FAMILIES["bert"]()

@@ -353,7 +353,15 @@ def eager_switches(model: nn.Module, attention_sites: Dict[str, str]) -> List[Ea
 def __getattr__(name: str) -> Any:
     # The Trainer subclass needs transformers at import time; everything above does not.
     if name == "ConcreteDropoutTrainer":
-        from .hf_trainer import ConcreteDropoutTrainer
-
+        try:
+            from .hf_trainer import ConcreteDropoutTrainer
+        except ImportError as err:
+            if err.name not in ("transformers", "accelerate"):
+                raise
+            raise ImportError(
+                f"ConcreteDropoutTrainer needs transformers' Trainer, which needs {err.name}: "
+                'pip install "cd_convert[transformers]" "transformers[torch]"',
+                name=err.name,
+            ) from err
         return ConcreteDropoutTrainer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

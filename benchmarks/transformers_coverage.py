@@ -71,6 +71,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cd_convert
+from benchmarks.overhead import SavedTensorCounter
 
 BATCH = 2
 SEQ = 8
@@ -83,32 +84,39 @@ MIB = 1024.0**2
 
 # ------------------------------------------------------------------------------------------------ families
 
-#: Shape fields of the BERT-like encoders.
-_BERT = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    max_position_embeddings=64,
-    num_labels=LABELS,
-    pad_token_id=1,
+
+def _body(hidden: int = 32, layers: int = 2, heads: int = 4, ffn: int = 64, **fields: Any) -> Dict[str, Any]:
+    """The body fields that most configs name alike (BERT's names), with further fields.
+
+    Args:
+        hidden: ``hidden_size``.
+        layers: ``num_hidden_layers``.
+        heads: ``num_attention_heads``.
+        ffn: ``intermediate_size``, the feed-forward width.
+        **fields: any other config fields (vocabulary, positions, special-token ids ...).
+
+    Returns:
+        Keyword arguments for a config class (or a sub-config dict).
+    """
+    return dict(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=ffn, **fields
+    )
+
+
+#: Input fields of the patch-based image encoders (ViT and CLIP's vision tower).
+_IMAGE_INPUT = dict(image_size=IMAGE, patch_size=PATCH, num_channels=3)
+#: Config of the BERT-like encoders.
+_BERT = _body(vocab_size=VOCAB, max_position_embeddings=64, num_labels=LABELS, pad_token_id=1)
+#: Config of the Llama-like decoders (grouped-query attention: 4 query heads, 2 key/value heads).
+_LLAMA = _body(
+    vocab_size=VOCAB, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2
 )
-#: Shape fields of the Llama-like decoders (grouped-query attention: 4 query heads, 2 key/value heads).
-_LLAMA = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
+#: Config of the GPT-2-like decoders, which name their fields n_*.
+_GPT2 = dict(
+    vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=64, bos_token_id=1, eos_token_id=2
 )
-#: Shape fields of the BART-like encoder-decoders.
-_BART = dict(
+#: Body of the BART-like encoder-decoders (Whisper's too); LayerDrop skips whole layers, no dropout mask: off.
+_ENCODER_DECODER = dict(
     vocab_size=VOCAB,
     d_model=32,
     encoder_layers=2,
@@ -117,21 +125,15 @@ _BART = dict(
     decoder_attention_heads=4,
     encoder_ffn_dim=64,
     decoder_ffn_dim=64,
-    max_position_embeddings=64,
     encoder_layerdrop=0.0,
     decoder_layerdrop=0.0,
 )
-#: Shape fields of the ViT-like image encoders.
-_VIT = dict(
-    image_size=IMAGE,
-    patch_size=PATCH,
-    num_channels=3,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    num_labels=LABELS,
-)
+#: Config of the BART-like encoder-decoders, without their special-token ids.
+_BART = dict(_ENCODER_DECODER, max_position_embeddings=64)
+#: Special-token ids of BART and mBART.
+_BART_IDS = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2)
+#: Config of the ViT-like image classifiers.
+_VIT = _body(num_labels=LABELS, **_IMAGE_INPUT)
 
 
 @dataclass(frozen=True)
@@ -193,15 +195,7 @@ FAMILIES: List[Family] = [
     Family(
         "longformer", "LongformerForTokenClassification", "LongformerConfig", dict(_BERT, attention_window=4), "text"
     ),
-    Family(
-        "gpt2",
-        "GPT2LMHeadModel",
-        "GPT2Config",
-        dict(
-            vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=64, bos_token_id=1, eos_token_id=2
-        ),
-        "causal",
-    ),
+    Family("gpt2", "GPT2LMHeadModel", "GPT2Config", _GPT2, "causal"),
     Family(
         "gpt-neo",
         "GPTNeoForCausalLM",
@@ -220,23 +214,7 @@ FAMILIES: List[Family] = [
         ),
         "causal",
     ),
-    Family(
-        "gpt-j",
-        "GPTJForCausalLM",
-        "GPTJConfig",
-        dict(
-            vocab_size=VOCAB,
-            n_positions=64,
-            n_embd=32,
-            n_layer=2,
-            n_head=4,
-            n_inner=64,
-            rotary_dim=4,
-            bos_token_id=1,
-            eos_token_id=2,
-        ),
-        "causal",
-    ),
+    Family("gpt-j", "GPTJForCausalLM", "GPTJConfig", dict(_GPT2, rotary_dim=4), "causal"),
     Family(
         "gpt-neox",
         "GPTNeoXForCausalLM",
@@ -317,20 +295,8 @@ FAMILIES: List[Family] = [
         ),
         "seq2seq",
     ),
-    Family(
-        "bart",
-        "BartForConditionalGeneration",
-        "BartConfig",
-        dict(_BART, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2),
-        "seq2seq",
-    ),
-    Family(
-        "mbart",
-        "MBartForConditionalGeneration",
-        "MBartConfig",
-        dict(_BART, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2),
-        "seq2seq",
-    ),
+    Family("bart", "BartForConditionalGeneration", "BartConfig", dict(_BART, **_BART_IDS), "seq2seq"),
+    Family("mbart", "MBartForConditionalGeneration", "MBartConfig", dict(_BART, **_BART_IDS), "seq2seq"),
     Family(
         "pegasus",
         "PegasusForConditionalGeneration",
@@ -379,45 +345,27 @@ FAMILIES: List[Family] = [
         "CLIPConfig",
         dict(
             projection_dim=16,
-            text_config=dict(
-                vocab_size=VOCAB,
-                hidden_size=32,
-                intermediate_size=64,
+            text_config=_body(
                 projection_dim=16,
-                num_hidden_layers=2,
-                num_attention_heads=4,
+                vocab_size=VOCAB,
                 max_position_embeddings=64,
                 pad_token_id=1,
                 bos_token_id=0,
                 eos_token_id=2,
             ),
-            vision_config=dict(
-                image_size=IMAGE,
-                patch_size=PATCH,
-                num_channels=3,
-                hidden_size=32,
-                intermediate_size=64,
-                projection_dim=16,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-            ),
+            vision_config=_body(projection_dim=16, **_IMAGE_INPUT),
         ),
         "text-image",
     ),
+    # 8 mel bins x 16 frames (the encoder's two convolutions halve them to max_source_positions); the
+    # special-token ids lie inside the tiny vocabulary. SpecAugment is no dropout mask: off.
     Family(
         "whisper",
         "WhisperForConditionalGeneration",
         "WhisperConfig",
         dict(
-            vocab_size=VOCAB,
+            _ENCODER_DECODER,
             num_mel_bins=8,
-            d_model=32,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=64,
-            decoder_ffn_dim=64,
             max_source_positions=8,
             max_target_positions=16,
             pad_token_id=0,
@@ -426,8 +374,6 @@ FAMILIES: List[Family] = [
             decoder_start_token_id=1,
             suppress_tokens=None,
             begin_suppress_tokens=None,
-            encoder_layerdrop=0.0,
-            decoder_layerdrop=0.0,
             apply_spec_augment=False,
         ),
         "speech-seq2seq",
@@ -436,12 +382,8 @@ FAMILIES: List[Family] = [
         "wav2vec2",
         "Wav2Vec2ForCTC",
         "Wav2Vec2Config",
-        dict(
+        _body(
             vocab_size=VOCAB,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
             conv_dim=(16, 16),
             conv_kernel=(10, 3),
             conv_stride=(5, 2),
@@ -499,17 +441,38 @@ def set_dropout_rates(config: Any) -> List[str]:
     return set_fields
 
 
+def instantiate(model_cls: type, config: Any) -> nn.Module:
+    """``model_cls(config)`` with random weights from seed 0, with SDPA attention where the class supports it.
+
+    Args:
+        model_cls: a transformers model class.
+        config: its config; ``_attn_implementation`` is set on it.
+
+    Returns:
+        The model, the same on every call with the same config.
+    """
+    if getattr(model_cls, "_supports_sdpa", False):
+        config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return model_cls(config)
+
+
 def build(family: Family) -> Tuple[nn.Module, List[str]]:
-    """The family's model with random weights and every dropout rate nonzero, SDPA attention where supported."""
+    """The family's model with random weights and every dropout rate nonzero, SDPA attention where supported.
+
+    Args:
+        family: the family to build.
+
+    Returns:
+        The model (in training mode, the same on every call) and the dropout fields set (see
+        :func:`set_dropout_rates`).
+    """
     import transformers
 
     model_cls = getattr(transformers, family.model_class)
     config = getattr(transformers, family.config_class)(**family.config)
     fields = set_dropout_rates(config)
-    if getattr(model_cls, "_supports_sdpa", False):
-        config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    return model_cls(config), fields
+    return instantiate(model_cls, config), fields
 
 
 def make_inputs(kind: str, config: Any) -> Dict[str, Any]:
@@ -566,6 +529,15 @@ def data_loss(output: Any) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------- fixed-dropout detector
+#
+# What a dispatch mode sees (torch 2.14): F.dropout / nn.Dropout are CompositeImplicitAutograd, so on the CPU
+# they arrive decomposed into ``aten.bernoulli_.float(mask, 1 - p)`` then a div and a mul; on CUDA (fused
+# kernel) as ``aten.native_dropout(x, p, train)``. F.scaled_dot_product_attention with dropout_p > 0 takes the
+# math path on the CPU, decomposed the same way (one ``bernoulli_`` on the attention probabilities); on an
+# accelerator it reaches a fused kernel such as ``aten._scaled_dot_product_efficient_attention`` that carries
+# ``dropout_p``. The composite ops (aten.dropout, feature_dropout, alpha_dropout, scaled_dot_product_attention)
+# are matched too, for dispatch levels that see them undecomposed. Kernels run inside the mode do not re-enter
+# it, so each dropout is listed once, whichever way it arrives.
 
 #: aten ops whose schema carries the drop rate ``p`` (and maybe a ``train`` flag).
 _DROPOUT_OPS = frozenset(
@@ -600,12 +572,25 @@ def _shape(value: Any) -> str:
 
 
 def fixed_dropout(func: Any, args: Sequence[Any], kwargs: Dict[str, Any]) -> Optional[str]:
-    """A description when the aten op ``func`` draws a dropout mask at a fixed nonzero rate, else None."""
+    """Whether an aten op call draws a dropout mask at a fixed nonzero rate.
+
+    Args:
+        func: the aten op overload, as a dispatch mode receives it.
+        args: its positional arguments.
+        kwargs: its keyword arguments.
+
+    Returns:
+        A one-line description of the dropout (op, rate, input shape), or None when the call drops nothing
+        at a fixed rate: ``native_dropout`` / ``dropout`` / ``feature_dropout`` (and the alpha variants) with
+        p > 0 and train not False; a ``bernoulli`` draw with a keep probability below 1 or a tensor of
+        probabilities; a scaled-dot-product-attention kernel with ``dropout_p`` > 0.
+    """
     namespace, _, name = func._schema.name.partition("::")
     if namespace != "aten":
         return None
     op = f"aten.{func.__name__}"
     if name in _DROPOUT_OPS:
+        # native_dropout's train=None means training.
         p, train = _argument(func, args, kwargs, "p"), _argument(func, args, kwargs, "train")
         return None if train is False or not p else f"{op} p={float(p):g} on {_shape(args[0])}"
     if name in ("bernoulli", "bernoulli_"):
@@ -620,7 +605,7 @@ def fixed_dropout(func: Any, args: Sequence[Any], kwargs: Dict[str, Any]) -> Opt
 
 
 class FixedDropoutDetector(TorchDispatchMode):
-    """Lists every aten op run inside it that drops at a fixed rate (see :func:`fixed_dropout`)."""
+    """Lists every aten op run inside it that drops at a fixed rate (see :func:`fixed_dropout`) in ``calls``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -632,6 +617,23 @@ class FixedDropoutDetector(TorchDispatchMode):
         if found is not None:
             self.calls.append(found)
         return func(*args, **kwargs)
+
+
+def fixed_rate_dropout_calls(model: nn.Module, inputs: Dict[str, Any]) -> List[str]:
+    """The fixed-rate dropouts of one forward ``model(**inputs)``, in the model's current train/eval mode.
+
+    The pass runs without grad and on a fork of the CPU RNG, so the caller's random state is left as it was.
+
+    Args:
+        model: the model to run.
+        inputs: its keyword inputs.
+
+    Returns:
+        One description per aten op that drew a mask at a fixed nonzero rate (see :func:`fixed_dropout`).
+    """
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), FixedDropoutDetector() as detector:
+        model(**inputs)
+    return detector.calls
 
 
 # ---------------------------------------------------------------------------------------------- the checks
@@ -735,10 +737,7 @@ def _run_family(family: Family, args: argparse.Namespace, res: FamilyResult) -> 
         original.eval()
         with torch.no_grad():
             reference = output_tensors(original(**inputs))
-        original.train()
-        with torch.no_grad(), FixedDropoutDetector() as detector:
-            original(**inputs)
-        res.original_fixed_dropout = len(detector.calls)
+        res.original_fixed_dropout = len(fixed_rate_dropout_calls(original.train(), inputs))
         original.eval()
     except Timeout:
         raise
@@ -895,77 +894,38 @@ def print_coverage(results: List[FamilyResult]) -> None:
 # ------------------------------------------------------------------------------------------------- memory
 
 
-class SavedTensorCounter:
-    """Bytes autograd saves for backward inside the block: unique storages, each once, ``exclude`` left out.
-
-    The graph must stay alive until :meth:`total` is read (a freed storage's address could be reused).
-    """
-
-    def __init__(self, exclude: Sequence[torch.Tensor] = ()) -> None:
-        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
-        self.storages: Dict[int, int] = {}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
-
-    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in self.exclude:
-            self.storages[ptr] = max(self.storages.get(ptr, 0), storage.nbytes())
-        return tensor
-
-    def __enter__(self) -> "SavedTensorCounter":
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._hooks.__exit__(*exc)
-
-    def total(self) -> int:
-        return sum(self.storages.values())
-
-
 MEMORY_VARIANTS = ("unconverted", "converted", "fused_attention=False")
 MEMORY_HEADS = 12
 MEMORY_VOCAB = 1024
 
 
 def memory_models(shape: str, layers: int, dataset_size: int) -> Tuple[Dict[str, nn.Module], str]:
-    """The three models of ``shape`` ("bert" or "llama") with the same weights, in training mode; a description."""
+    """The three models of one shape with the same weights, in training mode, and a description of them.
+
+    Args:
+        shape: ``"bert"`` (a BERT-base-shaped classifier) or ``"llama"`` (a Llama-shaped causal LM).
+        layers: their number of layers.
+        dataset_size: passed to :func:`cd_convert.convert`.
+
+    Returns:
+        The models by :data:`MEMORY_VARIANTS` name, and the description printed above their table.
+    """
     import transformers
 
-    torch.manual_seed(0)
+    # Hidden 768 and 12 heads as in BERT-base; the vocabulary is kept small so that the body dominates.
+    fields = dict(vocab_size=MEMORY_VOCAB, max_position_embeddings=512)
     if shape == "bert":
-        config = transformers.BertConfig(
-            vocab_size=MEMORY_VOCAB,
-            hidden_size=768,
-            num_hidden_layers=layers,
-            num_attention_heads=MEMORY_HEADS,
-            intermediate_size=3072,
-            max_position_embeddings=512,
-            num_labels=LABELS,
-        )
-        config._attn_implementation = "sdpa"
-        base: nn.Module = transformers.BertForSequenceClassification(config)
-        text = (
-            f"BertForSequenceClassification, hidden 768, 12 heads, {layers} layers, vocab 1024, dropout "
-            f"{config.hidden_dropout_prob:g}, attention dropout {config.attention_probs_dropout_prob:g}"
-        )
+        model_cls: type = transformers.BertForSequenceClassification
+        config = transformers.BertConfig(**_body(768, layers, MEMORY_HEADS, 3072, num_labels=LABELS, **fields))
+        rates = f"dropout {config.hidden_dropout_prob:g}, attention dropout {config.attention_probs_dropout_prob:g}"
     else:
+        model_cls = transformers.LlamaForCausalLM
         config = transformers.LlamaConfig(
-            vocab_size=MEMORY_VOCAB,
-            hidden_size=768,
-            num_hidden_layers=layers,
-            num_attention_heads=MEMORY_HEADS,
-            num_key_value_heads=MEMORY_HEADS,
-            intermediate_size=2048,
-            max_position_embeddings=512,
+            **_body(768, layers, MEMORY_HEADS, 2048, num_key_value_heads=MEMORY_HEADS, **fields)
         )
-        config._attn_implementation = "sdpa"
-        base = transformers.LlamaForCausalLM(config)
-        text = (
-            f"LlamaForCausalLM, hidden 768, 12 heads, {layers} layers, vocab 1024, attention dropout "
-            f"{config.attention_dropout:g} (config default)"
-        )
+        rates = f"attention dropout {config.attention_dropout:g} (config default)"
+    base = instantiate(model_cls, config)
+    text = f"{model_cls.__name__}, hidden 768, 12 heads, {layers} layers, vocab 1024, {rates}"
     models = {
         "unconverted": base,
         "converted": cd_convert.convert(base, dataset_size=dataset_size),

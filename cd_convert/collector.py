@@ -74,6 +74,11 @@ class Collector:
     def regularization(self, root: nn.Module) -> Tensor:
         """The whole regulariser of the sites under ``root``, from the current parameters, in fp32.
 
+        Everything that does not change from step to step (which modules and weights are read, bounds, K,
+        index and count tensors on the right device) comes from a cached :class:`_Plan`; each call reads the
+        parameters afresh, so the value is never stale. The plan is rebuilt when the applications, the scale, a
+        module on a site's or weight's path, or a logit's or weight's device, dtype or rank change.
+
         Args:
             root: the module this collector is attached to.
 
@@ -90,66 +95,245 @@ class Collector:
         if not self.applications:
             device = next((p.device for p in root.parameters()), torch.device("cpu"))
             return torch.zeros((), dtype=torch.float32, device=device)
-        # All applications at once: a handful of ops whatever the number of sites (the per-step cost of a
-        # site-by-site loop is noticeable on small networks).
-        sites = [_resolve_module(root, app.site) for app in self.applications]
-        device = sites[0].p_logit.device
-        logits = [site.p_logit for site in sites]
-        if all(t.dim() == 0 and t.device == device for t in logits):
-            raw = torch.stack(logits).float()  # one autograd node for all sites
+        plan: Optional[_Plan] = self.__dict__.get(_PLAN_ATTR)
+        if plan is not None and plan.describes(self, root):
+            logits, weights = plan.read_tensors()
+            if not plan.fits(logits, weights):
+                plan = None
+        else:
+            plan = None
+        if plan is None:
+            plan = _Plan.build(self, root)
+            self.__dict__[_PLAN_ATTR] = plan
+            logits, weights = plan.read_tensors()
+        return plan.compute(logits, weights)
+
+    def invalidate(self) -> None:
+        """Drop the cached plan of :meth:`regularization` (it is rebuilt on the next call).
+
+        Not needed after ordinary changes (they are detected); for code that edits an :class:`Application` in
+        place.
+        """
+        self.__dict__.pop(_PLAN_ATTR, None)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # The plan holds module references and device tensors: copies and pickles rebuild it instead.
+        state = dict(self.__dict__)
+        state.pop(_PLAN_ATTR, None)
+        return state
+
+
+#: Attribute of a :class:`Collector` that holds its cached :class:`_Plan` (not a dataclass field: not compared,
+#: not copied, not pickled).
+_PLAN_ATTR = "_plan"
+
+
+class _Plan:
+    """What :meth:`Collector.regularization` needs that does not change from step to step.
+
+    Built once by :meth:`build` (name lookups, ``torch.tensor`` of bounds/K/indices, checks), then each call
+    does only :meth:`describes` (identity checks on the applications, the scale and every module on the paths
+    to the sites and weights), :meth:`read_tensors`, :meth:`fits` (devices, dtypes and ranks of the tensors
+    read) and :meth:`compute` (the arithmetic, about twenty aten ops whatever the number of sites).
+
+    The plan refers to submodules of the root but not to the root itself (which holds the collector that
+    holds the plan): no reference cycle keeps a deleted model alive.
+    """
+
+    def __init__(self) -> None:
+        self.root_id = 0
+        self.applications: List[Application] = []
+        self.scale: Optional[RegularizerScale] = None
+        #: ``(parent, name, child)`` for every step of every path; parent None stands for the root.
+        self.edges: List[Tuple[Optional[nn.Module], str, nn.Module]] = []
+        self.sites: List[ConcreteDropoutBase] = []
+        self.eps: List[float] = []
+        #: ``(owner module, attribute)`` of each distinct consumer weight name, in first-seen order.
+        self.weight_refs: List[Tuple[nn.Module, str]] = []
+        self.meta: List[Tuple[torch.device, torch.dtype, int]] = []
+        self.device = torch.device("cpu")
+        self.stack_logits = False
+        self.foreach_norms = False
+        self.neg_bounds: Optional[Tensor] = None
+        self.bounds: Optional[Tensor] = None
+        self.units: Optional[Tensor] = None
+        self.dropout_regularizer: Optional[Tensor] = None
+        self.weight_regularizer: Optional[Tensor] = None
+        #: positions of the applications with consumer weights; None when all have them (no indexing).
+        self.index: Optional[Tensor] = None
+        #: ``counts[k, j]``: how often weighted application k reads weight j; None when it is the identity.
+        self.counts: Optional[Tensor] = None
+        self.has_weights = False
+
+    @classmethod
+    def build(cls, collector: Collector, root: nn.Module) -> "_Plan":
+        """Resolve every name and build the constant tensors.
+
+        Args:
+            collector: the collector (with a scale and at least one application).
+            root: the module its names are relative to.
+
+        Returns:
+            The plan; raises the collector's usual errors for missing modules, weights or units.
+        """
+        plan = cls()
+        plan.root_id = id(root)
+        plan.applications = list(collector.applications)
+        plan.scale = collector.scale
+        edges: Dict[Tuple[int, str], Tuple[Optional[nn.Module], str, nn.Module]] = {}
+        apps = plan.applications
+        plan.sites = [_resolve_module(root, app.site) for app in apps]
+        for app in apps:
+            _record_path(root, app.site, edges)
+        names: Dict[str, int] = {}
+        for app in apps:
+            for name in app.consumer_weights:
+                names.setdefault(name, len(names))
+        for name in names:
+            _resolve_parameter(root, name)  # the error messages of a missing weight
+            module_name, _, attr = name.rpartition(".")
+            owner = root.get_submodule(module_name) if module_name else root
+            if module_name:
+                _record_path(root, module_name, edges)
+            plan.weight_refs.append((owner, attr))
+        plan.edges = list(edges.values())
+        plan.eps = [site.eps for site in plan.sites]
+        logits, weights = plan.read_tensors()
+        plan.meta = _meta(logits, weights)
+        device = logits[0].device
+        plan.device = device
+        plan.stack_logits = all(t.dim() == 0 and t.device == device for t in logits)
+        plan.foreach_norms = all(w.device == device for w in weights)
+        bounds = torch.tensor([math.log1p(-eps) - math.log(eps) for eps in plan.eps], device=device)
+        plan.bounds, plan.neg_bounds = bounds, -bounds
+        plan.units = torch.tensor([float(_units(app, site)) for app, site in zip(apps, plan.sites)], device=device)
+        # 0-dim tensors rather than Python floats: a Python number is wrapped into a new tensor on every
+        # operation. In the dtype of the products they multiply (fp32, or the default dtype if wider: bounds
+        # and K follow it), where the Python number would have been rounded the same way.
+        dtype = torch.promote_types(torch.float32, bounds.dtype)
+        plan.dropout_regularizer = torch.tensor(collector.scale.dropout_regularizer, dtype=dtype, device=device)
+        plan.weight_regularizer = torch.tensor(collector.scale.weight_regularizer, dtype=dtype, device=device)
+        weighted = [i for i, app in enumerate(apps) if app.consumer_weights]
+        plan.has_weights = bool(weighted)
+        if weighted:
+            if len(weighted) < len(apps):
+                plan.index = torch.tensor(weighted, device=device)
+            owners = [k for k, i in enumerate(weighted) for _ in apps[i].consumer_weights]
+            members = [names[name] for i in weighted for name in apps[i].consumer_weights]
+            if owners != members:  # not one weight per application, each its own
+                # A product rather than index_add/scatter_add, which are nondeterministic on CUDA (and refused
+                # under torch.use_deterministic_algorithms).
+                counts = torch.zeros(len(weighted), len(names))
+                for owner, member in zip(owners, members):
+                    counts[owner, member] += 1.0
+                plan.counts = counts.to(device)
+        return plan
+
+    def describes(self, collector: Collector, root: nn.Module) -> bool:
+        """Whether the plan still fits the collector and the module tree (identity checks only).
+
+        Args:
+            collector: the collector the plan was built for.
+            root: the module passed to :meth:`Collector.regularization`.
+
+        Returns:
+            False when the applications or the scale were replaced or changed, or a module on a path to a
+            site or consumer weight was replaced or removed.
+        """
+        if id(root) != self.root_id or collector.scale is not self.scale:
+            return False
+        # List equality compares identical elements by identity first: a C loop when nothing changed.
+        if collector.applications != self.applications:
+            return False
+        for parent, name, child in self.edges:
+            if (root if parent is None else parent)._modules.get(name) is not child:
+                return False
+        return True
+
+    def read_tensors(self) -> Tuple[List[Tensor], List[Tensor]]:
+        """The current p-logits (one per application) and distinct consumer weights.
+
+        Read afresh every call: a parameter replaced in place of the old one (``load_state_dict(assign=True)``,
+        a parametrisation that builds the weight on access) is seen.
+        """
+        logits = [_read_attribute(site, "p_logit") for site in self.sites]
+        weights = [_read_attribute(owner, attr) for owner, attr in self.weight_refs]
+        return logits, weights
+
+    def fits(self, logits: Sequence[Tensor], weights: Sequence[Tensor]) -> bool:
+        """Whether the tensors have the devices, dtypes and ranks the plan was built for (and the same eps)."""
+        return _meta(logits, weights) == self.meta and [site.eps for site in self.sites] == self.eps
+
+    def compute(self, logits: List[Tensor], weights: List[Tensor]) -> Tensor:
+        """The regulariser from the current tensors (same operations and values as the uncached formula).
+
+        Args:
+            logits: from :meth:`read_tensors`.
+            weights: from :meth:`read_tensors`.
+
+        Returns:
+            A 0-dim fp32 tensor.
+        """
+        device = self.device
+        if self.stack_logits:
+            raw = torch.stack(logits)  # one autograd node for all sites
+            if raw.dtype != torch.float32:
+                raw = raw.float()
         else:
             raw = torch.stack([t.float().reshape(()).to(device) for t in logits])
-        bounds = torch.tensor([math.log1p(-site.eps) - math.log(site.eps) for site in sites], device=device)
-        theta = raw + (torch.maximum(torch.minimum(raw, bounds), -bounds) - raw).detach()  # straight-through clamp
+        detached = raw.detach()
+        theta = raw + (detached.clamp(self.neg_bounds, self.bounds) - detached)  # straight-through clamp
         p, one_minus_p = torch.sigmoid(theta), torch.sigmoid(-theta)
-        # p log p + (1 - p) log(1 - p) via log-sigmoid: finite for every clamped logit.
+        # p log p + (1 - p) log(1 - p) via log-sigmoid: finite for every clamped logit. (-theta twice, not one
+        # shared negation: that would sum the two gradients in another order, changing them in the last bit.)
         neg_entropy = p * F.logsigmoid(theta) + one_minus_p * F.logsigmoid(-theta)
-        units = torch.tensor([float(_units(app, site)) for app, site in zip(self.applications, sites)], device=device)
-        total = self.scale.dropout_regularizer * (units * neg_entropy).sum()
-        weighted = [i for i, app in enumerate(self.applications) if app.consumer_weights]
-        if weighted:
-            squared = _consumer_squared_norms(root, [self.applications[i] for i in weighted], device)
-            index = torch.tensor(weighted, device=device)
-            total = total + self.scale.weight_regularizer * (squared / one_minus_p[index]).sum()
+        total = self.dropout_regularizer * (self.units * neg_entropy).sum()
+        if self.has_weights:
+            squared = _squared_norms(weights, device, self.foreach_norms)
+            if self.counts is not None:
+                squared = self.counts @ squared
+            kept = one_minus_p if self.index is None else one_minus_p[self.index]
+            total = total + self.weight_regularizer * (squared / kept).sum()
         return total
 
 
-def _consumer_squared_norms(root: nn.Module, apps: Sequence[Application], device: torch.device) -> Tensor:
-    """Per application, the sum of ``||W||^2`` over its consumer weights, as an fp32 vector on ``device``.
+def _meta(logits: Sequence[Tensor], weights: Sequence[Tensor]) -> List[Tuple[torch.device, torch.dtype, int]]:
+    """Device, dtype and rank of each tensor: what the plan's constants and fast paths depend on."""
+    return [(t.device, t.dtype, t.dim()) for t in logits] + [(t.device, t.dtype, t.dim()) for t in weights]
 
-    Each distinct weight's norm is computed once and counted for every site that consumes it (the KL term is
-    per site, so a tied weight counts once per site), and the norms come from one ``torch._foreach_norm`` call
-    where possible: a site-by-site loop of ``pow``/``sum`` launches several kernels per weight, which in eager
-    mode on a GPU costs more CPU time than the arithmetic.
+
+def _record_path(root: nn.Module, name: str, edges: Dict[Tuple[int, str], Any]) -> None:
+    """Add each ``(parent, attribute, child)`` step from ``root`` to the module called ``name`` to ``edges``."""
+    parent: Optional[nn.Module] = None
+    module = root
+    for part in name.split("."):
+        child = module._modules.get(part)
+        if child is None:  # not a registered submodule (get_submodule accepted it): never cache it
+            child = getattr(module, part)
+        edges.setdefault((id(parent), part), (parent, part, child))
+        parent, module = child, child
+
+
+def _read_attribute(owner: nn.Module, attr: str) -> Tensor:
+    """``getattr(owner, attr)``, reading a registered parameter directly (Module.__getattr__ is Python code)."""
+    weight = owner._parameters.get(attr)
+    return weight if weight is not None else getattr(owner, attr)
+
+
+def _squared_norms(weights: Sequence[Tensor], device: torch.device, same_device: Optional[bool] = None) -> Tensor:
+    """``||w||^2`` of each weight in fp32 on ``device``: one fused call when all live there, else one by one.
 
     Args:
-        root: the module the applications' names are relative to.
-        apps: applications with at least one consumer weight.
-        device: where the result lives (the device of the first site's logit).
+        weights: the weights.
+        device: where the result lives.
+        same_device: whether every weight is on ``device`` (checked here when None).
 
     Returns:
-        A ``(len(apps),)`` fp32 tensor, differentiable w.r.t. every consumer weight.
+        A ``(len(weights),)`` fp32 tensor.
     """
-    names: Dict[str, int] = {}
-    for app in apps:
-        for name in app.consumer_weights:
-            names.setdefault(name, len(names))
-    squared = _squared_norms([_resolve_parameter(root, name) for name in names], device)
-    owners = [k for k, app in enumerate(apps) for _ in app.consumer_weights]
-    members = [names[name] for app in apps for name in app.consumer_weights]
-    if owners == members:  # one weight per application, each its own: already in order
-        return squared
-    # counts[k, j]: how often application k reads weight j. A product rather than index_add/scatter_add,
-    # which are nondeterministic on CUDA (and refused under torch.use_deterministic_algorithms).
-    counts = torch.zeros(len(apps), len(names))
-    for owner, member in zip(owners, members):
-        counts[owner, member] += 1.0
-    return counts.to(device) @ squared
-
-
-def _squared_norms(weights: Sequence[Tensor], device: torch.device) -> Tensor:
-    """``||w||^2`` of each weight in fp32 on ``device``: one fused call when all live there, else one by one."""
-    if all(w.device == device for w in weights):
+    if same_device is None:
+        same_device = all(w.device == device for w in weights)
+    if same_device:
         try:
             # The norm's gradient w / ||w|| is defined as 0 at w = 0 (PyTorch's norm backward), so zero-initialised
             # weights get the correct gradient 2w = 0 of ||w||^2.

@@ -27,14 +27,16 @@ with no autograd node. On a CUDA GPU in eager mode the relaxed mask runs as fuse
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from . import fused, noise
+from ._tracing import being_traced
 
 InitP = Union[float, Tuple[float, float], Sequence[float]]
 
@@ -98,6 +100,11 @@ def validate_temperature(temperature: float) -> float:
     return float(temperature)
 
 
+def _logit_bound(eps: float) -> float:
+    """``logit(1 - eps)``: the p-logit is kept inside ``[-bound, bound]``."""
+    return math.log1p(-eps) - math.log(eps)
+
+
 def clamped_logit(p_logit: Tensor, eps: float) -> Tensor:
     """Clamp a p-logit so that p stays in [eps, 1 - eps], letting the gradient pass straight through.
 
@@ -111,7 +118,7 @@ def clamped_logit(p_logit: Tensor, eps: float) -> Tensor:
     Returns:
         The clamped logit (same dtype), with the gradient of the identity.
     """
-    bound = math.log1p(-eps) - math.log(eps)
+    bound = _logit_bound(eps)
     return p_logit + (p_logit.clamp(-bound, bound) - p_logit).detach()
 
 
@@ -176,35 +183,130 @@ def _relaxed_without_grad(x: Tensor, theta: Tensor, uniform: Tensor, temperature
     return _to_input_dtype(x * keep, x.dtype)
 
 
+@functools.lru_cache(maxsize=64)
+def _scalar_tensor(value: float, dtype: torch.dtype) -> Tensor:
+    """A cached 0-dim CPU tensor holding ``value`` in ``dtype``, used as an operand in place of a Python number.
+
+    A Python number is wrapped into a new tensor on every call (about 3 us on the CPU, as much as the operation
+    itself on a small mask); a CPU scalar tensor of the operand's dtype gives identical results and is also
+    accepted by operations on other devices.
+    """
+    with torch.inference_mode(False):  # usable outside inference mode even when first built inside it
+        return torch.tensor(value, dtype=dtype, device="cpu")
+
+
+def _relaxed_forward(
+    x: Tensor, p_logit: Tensor, uniform: Tensor, temperature: float, bound: float, constants: bool = False
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The relaxed mask's forward pass, shared by both autograd functions (runs without autograd).
+
+    Args:
+        x: the input.
+        p_logit: the unclamped p-logit.
+        uniform: the noise, in the compute dtype.
+        temperature: Concrete temperature.
+        bound: the clamp on the logit (:func:`_logit_bound`).
+        constants: pass the temperature as a cached scalar tensor (:func:`_scalar_tensor`); eager mode only,
+            tracers get the Python number.
+
+    Returns:
+        ``(y, keep, theta, scale)``: the output, the mask ``w = 1 - z`` to save (in ``x``'s dtype unless it is
+        channel-wise, hence smaller), the clamped logit and ``1 / (1 - p)``, both in the compute dtype.
+    """
+    # The clamp of clamped_logit without its autograd nodes: the function's backward passes the logit's
+    # gradient straight through (the straight-through estimator), so only the value is needed here.
+    theta = p_logit.clamp(-bound, bound)
+    if theta.dtype != uniform.dtype:
+        theta = theta.to(uniform.dtype)
+    # w = 1 - z = sigmoid(-(theta + logit(u)) / t), computed in place on one fresh buffer.
+    factor = _scalar_tensor(-1.0 / temperature, uniform.dtype) if constants else -1.0 / temperature
+    keep = torch.logit(uniform).add_(theta).mul_(factor).sigmoid_()
+    scale = torch.sigmoid(-theta).reciprocal()
+    y = (x * keep).mul_(scale)
+    if y.dtype != x.dtype:
+        y = _to_input_dtype(y, x.dtype)
+    saved = keep if keep.numel() < x.numel() or keep.dtype == x.dtype else keep.to(x.dtype)
+    return y, saved, theta, scale
+
+
+def _relaxed_backward(
+    ctx: Any, grad_y: Optional[Tensor], theta: Tensor, scale: Tensor
+) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """Gradients of the relaxed mask w.r.t. ``x`` and the p-logit (see :class:`_ConcreteDropoutFunction`).
+
+    Args:
+        ctx: the autograd context (``saved_tensors``: p-logit, mask, x or y; ``temperature``, ``x_dtype``,
+            ``saved_output``).
+        grad_y: the output's gradient, or None when the output did not reach the loss.
+        theta: the clamped logit in the compute dtype.
+        scale: ``1 / (1 - p)`` in the compute dtype.
+
+    Returns:
+        ``(grad_x, grad_p_logit)``; None where not needed.
+    """
+    if grad_y is None:  # grads are not materialised: y did not reach the loss
+        return None, None
+    p_logit, keep, activation = ctx.saved_tensors
+    cdt = theta.dtype
+    # .to() is skipped where the dtype already matches: each no-op call still costs a dispatch on small tensors.
+    w = keep if keep.dtype == cdt else keep.to(cdt)
+    g = grad_y if grad_y.dtype == cdt else grad_y.to(cdt)
+    act = activation if activation.dtype == cdt else activation.to(cdt)
+    grad_x = grad_p_logit = None
+    if ctx.needs_input_grad[0]:
+        grad_x = (g * w).mul_(scale)
+        if grad_x.dtype != ctx.x_dtype:
+            grad_x = grad_x.to(ctx.x_dtype)
+    if ctx.needs_input_grad[1]:
+        # g * y, from the saved output or rebuilt from the input.
+        gy = g * act if ctx.saved_output else (g * act).mul_(w).mul_(scale)
+        if w.numel() < gy.numel():
+            # Channel-wise mask: reduce over the broadcast (spatial) dims before the dot products.
+            reduce_dims = [d for d in range(gy.dim()) if w.shape[d] == 1 and gy.shape[d] != 1]
+            gy = gy.sum(dim=reduce_dims, keepdim=True)
+        gy_sum = gy.sum()
+        gyw_sum = (gy * w).sum()  # sum of grad * y * (1 - z)
+        grad = torch.sigmoid(theta) * gy_sum - (gy_sum - gyw_sum) / ctx.temperature
+        if grad.dtype != p_logit.dtype:
+            grad = grad.to(p_logit.dtype)
+        # grad is 0-dim; an int test, because comparing torch.Size objects goes through Python (sym_eq).
+        grad_p_logit = grad if p_logit.dim() == 0 else grad.reshape(p_logit.shape)
+    return grad_x, grad_p_logit
+
+
 class _ConcreteDropoutFunction(torch.autograd.Function):
     """y = x * (1 - z) / (1 - p) with z the relaxed mask; saves only 1 - z and x for the backward pass.
 
-    With s = (theta + logit(u)) / t, z = sigmoid(s), w = 1 - z = sigmoid(-s) and p = sigmoid(theta):
-        dy/dx     = w / (1 - p)
-        dy/dtheta = y * (p - z / t) = x * w / (1 - p) * (p - (1 - w) / t)
+    With theta = clamp(p_logit), s = (theta + logit(u)) / t, z = sigmoid(s), w = 1 - z = sigmoid(-s) and
+    p = sigmoid(theta):
+        dy/dx       = w / (1 - p)
+        dy/dp_logit = y * (p - z / t) = x * w / (1 - p) * (p - (1 - w) / t)
+    (the clamp is straight-through: its gradient is the identity, as in :func:`clamped_logit`).
 
     Saved for the backward pass: ``w`` and either ``x`` (default: safe whatever follows the site) or ``y``
     (``save_output=True``: free when the next layer keeps ``y`` anyway, as Linear/Conv do, but an in-place op
     on ``y`` would then break the backward pass, so the converter only asks for it when the trace shows that
     weight layers alone read the output).
+
+    This is the ``setup_context`` form that ``torch.func`` transforms require. In eager mode
+    :class:`_EagerConcreteDropoutFunction` runs the same code: ``Function.apply`` binds the default arguments
+    of a ``setup_context``-style ``forward`` with ``inspect.signature`` on every call (measured: 60 us per call
+    against 10 us for the ``ctx`` form, more than the whole site costs at small shapes).
     """
 
     @staticmethod
     def forward(
-        x: Tensor, p_logit: Tensor, uniform: Tensor, temperature: float, save_output: bool = False
+        x: Tensor, p_logit: Tensor, uniform: Tensor, temperature: float, bound: float, save_output: bool
     ) -> Tuple[Tensor, Tensor]:
-        theta = p_logit.to(uniform.dtype)
-        # w = 1 - z = sigmoid(-(theta + logit(u)) / t), computed in place on one fresh buffer.
-        keep = torch.logit(uniform).add_(theta).mul_(-1.0 / temperature).sigmoid_()
-        y = _to_input_dtype((x * keep).mul_(torch.sigmoid(-theta).reciprocal()), x.dtype)
-        saved = keep if keep.numel() < x.numel() else keep.to(x.dtype)
+        y, saved, _theta, _scale = _relaxed_forward(x, p_logit, uniform, temperature, bound)
         return y, saved
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        x, p_logit, _uniform, temperature, save_output = inputs
+        x, p_logit, _uniform, temperature, bound, save_output = inputs
         y, keep = output
         ctx.temperature = temperature
+        ctx.bound = bound
         ctx.x_dtype = x.dtype
         ctx.saved_output = save_output
         ctx.save_for_backward(p_logit, keep, y if save_output else x)
@@ -214,30 +316,39 @@ class _ConcreteDropoutFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: Optional[Tensor], _grad_keep: Optional[Tensor]):
-        if grad_y is None:  # grads are not materialised: y did not reach the loss
-            return None, None, None, None, None
-        p_logit, keep, activation = ctx.saved_tensors
-        cdt = _compute_dtype(ctx.x_dtype)
-        theta = p_logit.to(cdt)
-        p = torch.sigmoid(theta)
-        scale = torch.sigmoid(-theta).reciprocal()
-        w = keep.to(cdt)
-        grad_x = grad_p_logit = None
-        g = grad_y.to(cdt)
-        if ctx.needs_input_grad[0]:
-            grad_x = (g * w).mul_(scale).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
-            # g * y, from the saved output or rebuilt from the input.
-            gy = g * activation.to(cdt) if ctx.saved_output else (g * activation.to(cdt)).mul_(w).mul_(scale)
-            if w.numel() < gy.numel():
-                # Channel-wise mask: reduce over the broadcast (spatial) dims before the dot products.
-                reduce_dims = [d for d in range(gy.dim()) if w.shape[d] == 1 and gy.shape[d] != 1]
-                gy = gy.sum(dim=reduce_dims, keepdim=True)
-            gy_sum = gy.sum()
-            gyw_sum = (gy * w).sum()  # sum of grad * y * (1 - z)
-            grad = p * gy_sum - (gy_sum - gyw_sum) / ctx.temperature
-            grad_p_logit = grad.to(p_logit.dtype).reshape(p_logit.shape)
-        return grad_x, grad_p_logit, None, None, None
+        p_logit = ctx.saved_tensors[0]
+        theta = p_logit.clamp(-ctx.bound, ctx.bound).to(_compute_dtype(ctx.x_dtype))
+        grad_x, grad_p_logit = _relaxed_backward(ctx, grad_y, theta, torch.sigmoid(-theta).reciprocal())
+        return grad_x, grad_p_logit, None, None, None, None
+
+
+class _EagerConcreteDropoutFunction(torch.autograd.Function):
+    """The eager-mode form of :class:`_ConcreteDropoutFunction` (``forward(ctx, ...)``, one output).
+
+    Same values and gradients; the clamped logit and ``1 / (1 - p)`` of the forward pass are kept on ``ctx``
+    (two 0-dim tensors) instead of being recomputed in the backward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, p_logit: Tensor, uniform: Tensor, temperature: float, bound: float,
+                save_output: bool) -> Tensor:
+        y, keep, theta, scale = _relaxed_forward(x, p_logit, uniform, temperature, bound, constants=True)
+        ctx.temperature = _scalar_tensor(temperature, theta.dtype)
+        ctx.x_dtype = x.dtype
+        ctx.saved_output = save_output
+        ctx.theta, ctx.scale = theta, scale
+        ctx.save_for_backward(p_logit, keep, y if save_output else x)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        grad_x, grad_p_logit = _relaxed_backward(ctx, grad_y, ctx.theta, ctx.scale)
+        return grad_x, grad_p_logit, None, None, None, None
+
+
+def _functorch_active() -> bool:
+    check = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(check()) if check is not None else False
 
 
 def concrete_dropout(
@@ -276,10 +387,11 @@ def concrete_dropout(
     """
     if not training:
         return x
-    if sampling == "relaxed" and uniform is None and generator is None and fused.supports(x, channelwise, channel_dim):
+    # x.is_cuda first: fused.supports is False for every other device, and this is the cheap test.
+    if (sampling == "relaxed" and uniform is None and generator is None and x.is_cuda
+            and fused.supports(x, channelwise, channel_dim)):
         return fused.fused_concrete_dropout(x, p_logit, temperature=temperature, eps=eps, channelwise=channelwise,
                                             channel_dim=channel_dim, save_output=save_output)
-    theta = clamped_logit(p_logit, eps)
     cdt = _compute_dtype(x.dtype)
     shape = noise_shape(x, channelwise, channel_dim)
     if uniform is None:
@@ -287,6 +399,13 @@ def concrete_dropout(
     else:
         # A private copy: the no-grad path computes the mask in place on the noise buffer.
         uniform = uniform.to(device=x.device, dtype=cdt, copy=True)
+    if sampling == "relaxed" and torch.is_grad_enabled() and (x.requires_grad or p_logit.requires_grad):
+        # The clamp happens inside the function (no autograd nodes for it); its gradient is straight-through.
+        if being_traced() or _functorch_active():
+            y, _ = _ConcreteDropoutFunction.apply(x, p_logit, uniform, temperature, _logit_bound(eps), save_output)
+            return y
+        return _EagerConcreteDropoutFunction.apply(x, p_logit, uniform, temperature, _logit_bound(eps), save_output)
+    theta = clamped_logit(p_logit, eps)
     if sampling == "hard":
         theta = theta.detach().to(cdt)
         # In place on the private noise buffer (kept where u >= p): temporaries of this size page-fault on the CPU.
@@ -294,10 +413,7 @@ def concrete_dropout(
         return _to_input_dtype(x * keep, x.dtype)
     if sampling != "relaxed":
         raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}.")
-    if not (torch.is_grad_enabled() and (x.requires_grad or theta.requires_grad)):
-        return _relaxed_without_grad(x, theta, uniform, temperature)
-    y, _ = _ConcreteDropoutFunction.apply(x, theta, uniform, temperature, save_output)
-    return y
+    return _relaxed_without_grad(x, theta, uniform, temperature)
 
 
 def reference_concrete_dropout(

@@ -39,6 +39,10 @@ _MANTISSA_MASK = (1 << 23) - 1
 _FLOAT32_ONE_BITS = 0x3F800000
 #: 1 + k * 2**-23 minus this is (k + 1/2) * 2**-23, computed exactly (Sterbenz: the operands are within 2x).
 _OFFSET = 1.0 - 2.0**-24
+#: The same three constants as CPU tensors (``_OFFSET`` is exact in float32: 24 significant bits).
+_MANTISSA_MASK_T = torch.tensor(_MANTISSA_MASK, dtype=torch.int32, device="cpu")
+_FLOAT32_ONE_BITS_T = torch.tensor(_FLOAT32_ONE_BITS, dtype=torch.int32, device="cpu")
+_OFFSET_T = torch.tensor(_OFFSET, dtype=torch.float32, device="cpu")
 
 
 def _generator_kwargs(generator: Optional[torch.Generator]) -> Dict[str, torch.Generator]:
@@ -59,9 +63,13 @@ def _packed_float32(shape: Sequence[int], numel: int, generator: Optional[torch.
         return None
     # random_() on int64 draws on [0, 2**63): each 32-bit half has at least 31 random low bits.
     words.random_(**_generator_kwargs(generator))
-    halves = words.view(torch.int32)[:numel]
-    halves.bitwise_and_(_MANTISSA_MASK).bitwise_or_(_FLOAT32_ONE_BITS)
-    return halves.view(torch.float32).sub_(_OFFSET).view(shape)
+    halves = words.view(torch.int32)
+    if numel % 2:
+        halves = halves[:numel]
+    # The constants are 0-dim tensors of the operand's dtype, not Python numbers: a Python scalar is wrapped
+    # into a tensor on every call, which costs more than the bit operation itself on small masks (same values).
+    halves = halves.view(shape).bitwise_and_(_MANTISSA_MASK_T).bitwise_or_(_FLOAT32_ONE_BITS_T)
+    return halves.view(torch.float32).sub_(_OFFSET_T)
 
 
 def uniform(

@@ -1,0 +1,360 @@
+"""Per-step overhead of Concrete Dropout on a small network: a UCI training epoch, one site, the regulariser.
+
+On small networks the per-step cost is fixed Python and dispatcher work (an autograd node, a handful of aten
+ops per site, the regulariser's bookkeeping), not arithmetic. Everything is measured side by side in one run
+(variants interleaved, the order rotating every repeat, median of the repeats) and printed as ratios:
+
+1. **A training epoch of the paper's UCI network**: ``Linear(F, 50) -> ReLU -> Linear(50, 1)``, 500 rows x
+   8 features, batch 32 (16 steps, the last one partial), MSE loss, Adam; each step is forward, loss,
+   ``zero_grad``, backward, ``step``. Variants: the network with ``nn.Dropout(0.1)`` in front of each Linear
+   (the baseline), the network converted with ``cd_convert.convert(model, targets=[nn.Linear],
+   dataset_size=500)`` trained on ``loss + cd_convert.regularization(model)``, and the converted network
+   trained on the loss alone (the difference of the last two is the regulariser's share).
+   Goal: <= 1.3x the ``nn.Dropout`` epoch.
+2. **One site, forward + backward** (``y = site(x); y.backward(g)``, ``x`` requiring grad) at a tiny shape
+   (32, 50) and a large one (64, 16384) fp32: ``ConcreteDropout(0.1)`` against ``nn.Dropout(0.1)``.
+   Goal: <= 2x at the tiny shape.
+3. **``cd_convert.regularization(model)`` forward + backward alone**, for 2 sites (the UCI network) and 50
+   sites (50 ``Linear(16, 16)`` layers, targeted), in ms per call and per site; and the number of aten ops one
+   call dispatches (forward and backward), counted with a ``TorchDispatchMode``.
+
+Run: ``python -m benchmarks.train_step [--device cpu] [--threads 1] [--repeats 30] [--json PATH]``.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import cd_convert
+from cd_convert.layers import ConcreteDropout
+
+TARGET_EPOCH = 1.3
+TARGET_SITE = 2.0
+ROWS, FEATURES, HIDDEN, BATCH, DATASET_P = 500, 8, 50, 32, 0.1
+
+
+# --------------------------------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved_times(
+    fns: Dict[str, Callable[[], None]], repeats: int, inner: int, warmup: int, device: torch.device
+) -> Dict[str, List[float]]:
+    """Seconds per call of each function, measured interleaved (the order rotates every repeat).
+
+    Args:
+        fns: name -> a no-argument function doing one unit of work.
+        repeats: samples per function.
+        inner: calls per sample (the sample is their mean).
+        warmup: untimed calls of each function first.
+        device: synchronised around each sample on CUDA.
+
+    Returns:
+        name -> ``repeats`` per-call times in seconds.
+    """
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    _sync(device)
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            fn = fns[name]
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - start) / inner)
+    return times
+
+
+def summarize(times: Dict[str, List[float]], base: str) -> Dict[str, Dict[str, float]]:
+    """Median and quartiles in ms, the ratio of medians to ``base`` and the median of per-repeat ratios.
+
+    Args:
+        times: name -> per-call seconds, as returned by :func:`interleaved_times`.
+        base: the name the ratios are taken against.
+
+    Returns:
+        name -> ``{"median_ms", "q1_ms", "q3_ms", "ratio", "paired_ratio"}``.
+    """
+    base_median = statistics.median(times[base])
+    out: Dict[str, Dict[str, float]] = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
+        out[name] = {
+            "median_ms": statistics.median(ts) * 1e3,
+            "q1_ms": q[0] * 1e3,
+            "q3_ms": q[2] * 1e3,
+            "ratio": statistics.median(ts) / base_median,
+            "paired_ratio": statistics.median(t / b for t, b in zip(ts, times[base])),
+        }
+    return out
+
+
+def print_table(title: str, rows: Dict[str, Dict[str, float]], text: Dict[str, str], base: str) -> None:
+    """A markdown table of median times and ratios to ``base``."""
+    print(f"\n{title}\n")
+    print(f"| variant | median ms | [q1, q3] ms | x {text[base]} | paired |")
+    print("|---|---|---|---|---|")
+    for name, row in rows.items():
+        print(f"| {text[name]} | {row['median_ms']:.3f} | [{row['q1_ms']:.3f}, {row['q3_ms']:.3f}] "
+              f"| {row['ratio']:.2f}x | {row['paired_ratio']:.2f}x |")
+
+
+# --------------------------------------------------------------------------------------------------- 1. epoch
+
+
+def uci_network(device: torch.device, variant: str, seed: int = 0) -> nn.Module:
+    """The UCI network with ``nn.Dropout`` (``"dropout"``) or converted with concrete sites (``"concrete*"``).
+
+    Args:
+        device: where the parameters live.
+        variant: ``"dropout"``, ``"concrete"`` or ``"concrete_noreg"``.
+        seed: weights are initialised from this seed (the same weights for every variant).
+
+    Returns:
+        The network in training mode.
+    """
+    torch.manual_seed(seed)
+    first, second = nn.Linear(FEATURES, HIDDEN), nn.Linear(HIDDEN, 1)
+    if variant == "dropout":
+        model: nn.Module = nn.Sequential(nn.Dropout(DATASET_P), first, nn.ReLU(), nn.Dropout(DATASET_P), second)
+    else:
+        model = cd_convert.convert(nn.Sequential(first, nn.ReLU(), second), targets=[nn.Linear],
+                                   dataset_size=ROWS, init_p=DATASET_P)
+    return model.to(device).train()
+
+
+def epoch_fn(model: nn.Module, x: Tensor, y: Tensor, regularise: bool) -> Callable[[], None]:
+    """One epoch (a fresh permutation, ``ceil(rows / BATCH)`` Adam steps) of ``model`` on ``(x, y)``.
+
+    Args:
+        model: the network.
+        x, y: the whole training set.
+        regularise: add ``cd_convert.regularization(model)`` to the loss.
+
+    Returns:
+        A no-argument function running one epoch.
+    """
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+
+    def fn() -> None:
+        order = torch.randperm(x.shape[0], generator=generator).to(x.device)
+        for start in range(0, x.shape[0], BATCH):
+            idx = order[start:start + BATCH]
+            loss = F.mse_loss(model(x[idx]), y[idx])
+            if regularise:
+                loss = loss + cd_convert.regularization(model)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    return fn
+
+
+EPOCH_TEXT = {
+    "dropout": "nn.Dropout network",
+    "concrete": "converted + regulariser",
+    "concrete_noreg": "converted, no regulariser",
+}
+
+
+def epoch_section(device: torch.device, repeats: int) -> Dict[str, Dict[str, float]]:
+    """Time one UCI epoch of each variant, interleaved."""
+    torch.manual_seed(0)
+    x = torch.randn(ROWS, FEATURES, device=device)
+    y = x.sum(dim=1, keepdim=True) + 0.1 * torch.randn(ROWS, 1, device=device)
+    fns = {
+        "dropout": epoch_fn(uci_network(device, "dropout"), x, y, regularise=False),
+        "concrete": epoch_fn(uci_network(device, "concrete"), x, y, regularise=True),
+        "concrete_noreg": epoch_fn(uci_network(device, "concrete_noreg"), x, y, regularise=False),
+    }
+    return summarize(interleaved_times(fns, repeats, inner=3, warmup=3, device=device), "dropout")
+
+
+# --------------------------------------------------------------------------------------------------- 2. site
+
+
+def site_fn(site: nn.Module, shape: Tuple[int, int], device: torch.device) -> Callable[[], None]:
+    """Forward + backward of one site on a fresh leaf input of ``shape``."""
+    x = torch.randn(shape, device=device, requires_grad=True)
+    grad = torch.randn(shape, device=device)
+
+    def fn() -> None:
+        x.grad = None
+        site(x).backward(grad)
+        if isinstance(site, ConcreteDropout):
+            site.p_logit.grad = None
+
+    return fn
+
+
+SITE_TEXT = {"dropout": "nn.Dropout(0.1)", "concrete": "ConcreteDropout(0.1)"}
+
+
+def site_section(shape: Tuple[int, int], device: torch.device, repeats: int) -> Dict[str, Dict[str, float]]:
+    """Time one site's forward + backward at ``shape`` against ``nn.Dropout``."""
+    numel = shape[0] * shape[1]
+    inner = max(1, min(200, 200_000 // numel))
+    fns = {
+        "dropout": site_fn(nn.Dropout(0.1).to(device).train(), shape, device),
+        "concrete": site_fn(ConcreteDropout(0.1).to(device).train(), shape, device),
+    }
+    return summarize(interleaved_times(fns, repeats, inner=inner, warmup=5, device=device), "dropout")
+
+
+# --------------------------------------------------------------------------------------------------- 3. regulariser
+
+
+def many_sites(count: int, device: torch.device, width: int = 16) -> nn.Module:
+    """``count`` targeted ``Linear(width, width)`` layers with ReLUs between, converted: ``count`` sites."""
+    torch.manual_seed(0)
+    layers: List[nn.Module] = []
+    for i in range(count):
+        layers += [nn.Linear(width, width)] + ([nn.ReLU()] if i + 1 < count else [])
+    return cd_convert.convert(nn.Sequential(*layers), targets=[nn.Linear], dataset_size=ROWS).to(device).train()
+
+
+def regularizer_fn(model: nn.Module) -> Callable[[], None]:
+    """``cd_convert.regularization(model).backward()``, gradients cleared each call."""
+    params = list(model.parameters())
+
+    def fn() -> None:
+        for p in params:
+            p.grad = None
+        cd_convert.regularization(model).backward()
+
+    return fn
+
+
+class AtenCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while active (by overload name)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(model: nn.Module) -> Dict[str, Any]:
+    """Aten ops of one steady-state ``regularization()`` call: forward and backward separately.
+
+    Args:
+        model: a converted model (a first call has already run, so any cache is warm).
+
+    Returns:
+        ``{"forward": n, "backward": m, "forward_ops": {...}, "backward_ops": {...}}``.
+    """
+    cd_convert.regularization(model).backward()  # warm
+    with AtenCounter() as fwd:
+        reg = cd_convert.regularization(model)
+    with AtenCounter() as bwd:
+        reg.backward()
+    return {"forward": sum(fwd.counts.values()), "backward": sum(bwd.counts.values()),
+            "forward_ops": dict(fwd.counts), "backward_ops": dict(bwd.counts)}
+
+
+def regularizer_section(device: torch.device, repeats: int) -> Dict[str, Any]:
+    """Time and count ``regularization()`` for 2 and 50 sites."""
+    models = {2: uci_network(device, "concrete"), 50: many_sites(50, device)}
+    fns = {f"{n} sites": regularizer_fn(m) for n, m in models.items()}
+    times = interleaved_times(fns, repeats, inner=20, warmup=5, device=device)
+    out: Dict[str, Any] = {}
+    for n, m in models.items():
+        name = f"{n} sites"
+        median = statistics.median(times[name]) * 1e3
+        out[name] = {"sites": n, "median_ms": median, "per_site_ms": median / n, **count_ops(m)}
+    return out
+
+
+def print_regularizer(res: Dict[str, Any]) -> None:
+    print("\n### 3. `regularization()` forward + backward alone\n")
+    print("| model | median ms | ms per site | aten ops forward | backward | forward per site |")
+    print("|---|---|---|---|---|---|")
+    for name, row in res.items():
+        print(f"| {name} | {row['median_ms']:.3f} | {row['per_site_ms']:.4f} | {row['forward']} | "
+              f"{row['backward']} | {row['forward'] / row['sites']:.1f} |")
+    for name, row in res.items():
+        ops = ", ".join(f"{k} {v}" for k, v in sorted(row["forward_ops"].items(), key=lambda kv: -kv[1]))
+        print(f"\n{name}, forward ops: {ops}")
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--repeats", type=int, default=30, help="samples per variant (default 30)")
+    parser.add_argument("--json", default=None, help="write every number to this JSON file")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("CUDA is not available on this machine: nothing measured (run with --device cpu).")
+        return None
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    try:
+        load: Optional[List[float]] = [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):  # pragma: no cover
+        load = None
+    print(f"cd_convert train-step benchmark: device {device}, torch {torch.__version__}, {args.threads} threads, "
+          f"repeats {args.repeats}, load average {load}")
+    results: Dict[str, Any] = {"device": str(device), "threads": args.threads, "torch": torch.__version__,
+                               "repeats": args.repeats, "load_average": load}
+
+    results["epoch"] = epoch_section(device, args.repeats)
+    print_table(f"### 1. UCI network epoch ({ROWS} x {FEATURES}, batch {BATCH}, Adam; goal <= {TARGET_EPOCH}x)",
+                results["epoch"], EPOCH_TEXT, "dropout")
+    share = results["epoch"]["concrete"]["median_ms"] - results["epoch"]["concrete_noreg"]["median_ms"]
+    print(f"\nregulariser's share of the converted epoch: {share:.3f} ms "
+          f"({share / results['epoch']['concrete']['median_ms']:.0%})")
+
+    results["site"] = {}
+    for shape in ((32, 50), (64, 16384)):
+        rows = site_section(shape, device, args.repeats)
+        results["site"][f"{shape[0]}x{shape[1]}"] = rows
+        goal = f"; goal <= {TARGET_SITE}x" if shape == (32, 50) else ""
+        print_table(f"### 2. One site forward + backward, {shape} fp32{goal}", rows, SITE_TEXT, "dropout")
+
+    results["regularizer"] = regularizer_section(device, args.repeats)
+    print_regularizer(results["regularizer"])
+
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+        print(f"\nwrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

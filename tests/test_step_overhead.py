@@ -17,7 +17,8 @@ import cd_convert as cd
 from cd_convert.collector import _PLAN_ATTR, get_collector
 from cd_convert.layers import ConcreteDropout
 
-#: Forward aten ops of one steady-state call: a constant plus at most this many per site (measured on torch 2.14: 26 + 1 per site).
+#: Forward aten ops of one steady-state call: a constant plus at most this many per site
+#: (measured on torch 2.14: 26 + 1 per site).
 FORWARD_BASE, FORWARD_PER_SITE = 30, 1
 #: Backward aten ops (measured: 30 + 9 per site, mostly the norm backward of each consumer weight).
 BACKWARD_BASE, BACKWARD_PER_SITE = 40, 9.5

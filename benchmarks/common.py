@@ -5,13 +5,15 @@ Everything here is plain torch/numpy. Long benchmark runs should use one thread
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import pathlib
 import random
+import signal
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -189,3 +191,29 @@ def save_figure(fig, path: str | os.PathLike) -> None:
 
 def call_quietly(fn: Callable, *a: Any, **k: Any) -> Any:
     return fn(*a, **k)
+
+
+# -- a wall-clock guard for the coverage sweeps ------------------------------------------------------------
+
+
+class Timeout(Exception):
+    """A family ran longer than its time guard."""
+
+
+@contextlib.contextmanager
+def guard(seconds: float) -> Iterator[None]:
+    """Raise :class:`Timeout` when the block runs longer than ``seconds`` (SIGALRM; 0 disables it)."""
+    if seconds <= 0 or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Timeout(f"took more than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import fnmatch
-import signal
 import sys
 import time
 import traceback
@@ -32,30 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from benchmarks.common import Timeout, guard
+
 FIELDS = ("name", "params_M", "status", "reason", "n_sites", "kinds", "convert_s", "method", "equal", "seconds", "note")
-
-
-class _Timeout(Exception):
-    pass
-
-
-@contextmanager
-def guard(seconds: float):
-    """Raise _Timeout if the block takes longer than ``seconds`` (SIGALRM; checked between torch ops)."""
-    if seconds <= 0 or not hasattr(signal, "SIGALRM"):
-        yield
-        return
-
-    def _handler(signum, frame):
-        raise _Timeout(f"took more than {seconds:g} s")
-
-    old = signal.signal(signal.SIGALRM, _handler)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def first_line(err: BaseException) -> str:
@@ -172,7 +150,7 @@ def run_one(timm, cd, name: str, args) -> Dict[str, Any]:
         row["status"], row["reason"] = "passed", ""
     except Failure as f:
         row["status"], row["reason"] = f.status, f.reason
-    except _Timeout as err:
+    except Timeout as err:
         row["status"], row["reason"] = "skipped", f"time guard: {err}"
     except Exception as err:  # noqa: BLE001 - unexpected: report the stage
         row["status"], row["reason"] = "failed:unexpected", first_line(err)
@@ -247,7 +225,7 @@ def _meta_leftover(converted: nn.Module, sizes, row) -> Optional[BaseException]:
         try:
             with LeftoverDropout() as leftover:
                 converted(x)
-        except _Timeout:
+        except Timeout:
             raise
         except Exception as err:  # noqa: BLE001
             error = err
@@ -377,7 +355,7 @@ def _real(timm, cd, name, args, row):
     # reference output (and whether the chosen size works at all)
     try:
         ref, fwd = forward(model, x)
-    except _Timeout:
+    except Timeout:
         raise
     except Exception as err:  # noqa: BLE001 - try the pretrained size
         if args.img_size is None:
@@ -386,7 +364,7 @@ def _real(timm, cd, name, args, row):
         x = torch.randn(2, *size)
         try:
             ref, fwd = forward(model, x)
-        except _Timeout:
+        except Timeout:
             raise
         except Exception as err2:  # noqa: BLE001
             raise Failure("failed:forward-original", first_line(err2))
@@ -452,7 +430,7 @@ def _real(timm, cd, name, args, row):
         loss.backward()
         if not torch.isfinite(loss):
             raise Failure("failed:train-step", "total loss not finite")
-    except (Failure, _Timeout):
+    except (Failure, Timeout):
         raise
     except Exception as err:  # noqa: BLE001
         raise Failure(f"failed:{stage}", first_line(err))
@@ -554,6 +532,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import warnings
     warnings.filterwarnings("ignore")
     import timm
+
     import cd_convert as cd
 
     names = select(timm, args)

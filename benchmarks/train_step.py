@@ -28,7 +28,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -38,6 +37,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cd_convert
+from benchmarks.overhead import interleaved_times
 from cd_convert.layers import ConcreteDropout
 
 TARGET_EPOCH = 1.3
@@ -46,44 +46,6 @@ ROWS, FEATURES, HIDDEN, BATCH, DATASET_P = 500, 8, 50, 32, 0.1
 
 
 # --------------------------------------------------------------------------------------------------- timing
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def interleaved_times(
-    fns: Dict[str, Callable[[], None]], repeats: int, inner: int, warmup: int, device: torch.device
-) -> Dict[str, List[float]]:
-    """Seconds per call of each function, measured interleaved (the order rotates every repeat).
-
-    Args:
-        fns: name -> a no-argument function doing one unit of work.
-        repeats: samples per function.
-        inner: calls per sample (the sample is their mean).
-        warmup: untimed calls of each function first.
-        device: synchronised around each sample on CUDA.
-
-    Returns:
-        name -> ``repeats`` per-call times in seconds.
-    """
-    names = list(fns)
-    for name in names:
-        for _ in range(warmup):
-            fns[name]()
-    _sync(device)
-    times: Dict[str, List[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            fn = fns[name]
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            _sync(device)
-            times[name].append((time.perf_counter() - start) / inner)
-    return times
 
 
 def summarize(times: Dict[str, List[float]], base: str) -> Dict[str, Dict[str, float]]:

@@ -54,16 +54,14 @@ import argparse
 import json
 import os
 import platform
-import signal
 import statistics
 import sys
 import time
 import traceback
 import warnings
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -71,6 +69,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cd_convert
+from benchmarks.common import Timeout, guard
 from benchmarks.overhead import SavedTensorCounter
 
 BATCH = 2
@@ -637,29 +636,6 @@ def fixed_rate_dropout_calls(model: nn.Module, inputs: Dict[str, Any]) -> List[s
 
 
 # ---------------------------------------------------------------------------------------------- the checks
-
-
-class Timeout(Exception):
-    """A family ran longer than its time guard."""
-
-
-@contextmanager
-def guard(seconds: float) -> Iterator[None]:
-    """Raise :class:`Timeout` when the block runs longer than ``seconds`` (SIGALRM; 0 disables it)."""
-    if seconds <= 0 or not hasattr(signal, "SIGALRM"):
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise Timeout(f"took more than {seconds:g} s")
-
-    previous = signal.signal(signal.SIGALRM, handler)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def error_text(err: BaseException) -> str:

@@ -99,3 +99,25 @@ def test_planning_dispatch_is_first_match_in_order():
     assert names.index("InterfaceAttentionKind") < names.index("FunctionalKind")
     detectors = [type(k).__name__ for k in registry.DETECTORS]
     assert detectors.index("FusedAttentionKind") < detectors.index("ModuleKind")
+
+
+def test_freeze_writes_the_learned_rate_into_multihead_attention():
+    class Attend(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.att = nn.MultiheadAttention(8, 2, dropout=0.2, batch_first=True)
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(self.att(x, x, x, need_weights=False)[0])
+
+    torch.manual_seed(0)
+    model = Attend()
+    converted = cd.convert(model, dataset_size=10)
+    with torch.no_grad():
+        converted.att.forward_attn_dropout.p_logit.fill_(-0.5)  # p = sigmoid(-0.5)
+    frozen = cd.freeze(converted)
+    assert type(frozen.att) is nn.MultiheadAttention and not hasattr(frozen.att, "forward_attn_dropout")
+    assert frozen.att.dropout == pytest.approx(torch.sigmoid(torch.tensor(-0.5)).item())
+    x = torch.randn(2, 5, 8)
+    assert torch.equal(model.eval()(x), frozen.eval()(x))

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import ConversionError
 from .layers import ConcreteDropoutBase
 from .prior import RegularizerScale
 
@@ -420,13 +421,31 @@ def regularization(model: nn.Module) -> Tensor:
         A 0-dim fp32 tensor.
 
     Raises:
+        TypeError: if ``model`` is not a module.
+        ConversionError: if the model holds concrete-dropout layers that no conversion registered (their
+            ``p_logit`` would train with no prior).
         RuntimeError: if no ``dataset_size`` (or explicit constants) was given for a model with sites.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"regularization expects the converted model (a torch.nn.Module), got {type(model).__name__}. "
+            "Pass the model itself, e.g. loss = loss_fn(model(x), y) + cd_convert.regularization(model)."
+        )
     total: Optional[Tensor] = None
     for owner, collector in iter_collectors(model):
         term = collector.regularization(owner)
         total = term if total is None else total + term.to(total.device)
     if total is None:
+        # Only here (no converted module at all), so a steady-state call pays nothing for the check.
+        unregistered = [name for name, m in model.named_modules() if isinstance(m, ConcreteDropoutBase)]
+        if unregistered:
+            shown = ", ".join(repr(n) for n in unregistered[:3]) + (" ..." if len(unregistered) > 3 else "")
+            raise ConversionError(
+                f"{type(model).__name__} holds {len(unregistered)} concrete-dropout layer(s) ({shown}) that no "
+                "conversion registered, so their rates would train with no prior. Call "
+                "model = cd_convert.convert(model, dataset_size=N) once before training: it registers the layers "
+                "written in the model's code and finds their consumers."
+            )
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         return torch.zeros((), dtype=torch.float32, device=device)
     return total

@@ -251,3 +251,20 @@ def test_several_consumer_weights_are_summed_per_site_and_fallback_agrees(monkey
 
     monkeypatch.setattr(torch, "_foreach_norm", unavailable)
     assert cd.regularization(model).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_regularization_refuses_unregistered_layers_and_non_modules():
+    """Layers written in the model's code but never registered would train p with no prior: an error."""
+    from cd_convert.errors import ConversionError
+    from cd_convert.layers import ConcreteDropout
+
+    model = nn.Sequential(nn.Linear(4, 4), ConcreteDropout(0.2), nn.Linear(4, 2))
+    with pytest.raises(ConversionError, match=r"1 concrete-dropout layer\(s\) \('1'\).*cd_convert.convert"):
+        cd.regularization(model)
+    with pytest.raises(TypeError, match="converted model"):
+        cd.regularization(model(torch.randn(2, 4)))
+    # A model with no dropout at all still gives an exact zero (nothing to regularise).
+    plain = nn.Sequential(nn.Linear(4, 2))
+    assert cd.regularization(plain).item() == 0.0
+    converted = cd.convert(model, dataset_size=10)
+    assert torch.isfinite(cd.regularization(converted))

@@ -9,7 +9,6 @@ then found again under its name.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import ConversionError
-from .layers import ConcreteDropoutBase
+from .layers import ConcreteDropoutBase, logit_bound
 from .prior import RegularizerScale
 
 COLLECTOR_ATTR = "_cd_convert_collector"
@@ -205,7 +204,7 @@ class _Plan:
         plan.device = device
         plan.stack_logits = all(t.dim() == 0 and t.device == device for t in logits)
         plan.foreach_norms = all(w.device == device for w in weights)
-        bounds = torch.tensor([math.log1p(-eps) - math.log(eps) for eps in plan.eps], device=device)
+        bounds = torch.tensor([logit_bound(eps) for eps in plan.eps], device=device)
         plan.bounds, plan.neg_bounds = bounds, -bounds
         plan.units = torch.tensor([float(_units(app, site)) for app, site in zip(apps, plan.sites)], device=device)
         # 0-dim tensors rather than Python floats: a Python number is wrapped into a new tensor on every

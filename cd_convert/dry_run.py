@@ -11,8 +11,8 @@ data-moving ops and records functional dropout calls, so that:
   function shared by several modules (an attention function called by every layer) gives one call per
   owning module instance;
 * the rate of each functional call is traced to the attribute it is read from (``self.dropout``,
-  ``self.attention_dropout``, ``self.dropout.p``): before the pass, each candidate rate attribute of the
-  copy is nudged to a value no other holds, so the value a call receives names its source;
+  ``self.attention_dropout``, ``self.dropout.p``): for the pass, each candidate rate attribute of the
+  model is nudged to a value no other holds, so the value a call receives names its source;
 * for transformers models, attention runs in its eager implementation (where attention dropout is a call),
   and calls made inside an attention interface are marked, so that conversion can select that path while
   the site is active.
@@ -33,6 +33,7 @@ from .consumers import TRANSPARENT_FUNCTIONS, TRANSPARENT_METHODS, ConsumerInfo,
 from .found import Discovery, FoundSite
 from .integrations import transformers as hf
 from .layers import ConcreteDropoutBase
+from .sites.base import ATTENTION_CONSUMER_NOTE
 from .targets import is_dropout_module
 
 #: Example inputs: positional arguments (a tuple or list) or keyword arguments (a dict).
@@ -63,7 +64,7 @@ class _Recorder(TorchFunctionMode):
 
 
 def _nudge_rates(model: nn.Module) -> Tuple[Dict[float, Tuple[str, float]], List[Tuple[nn.Module, str, float]]]:
-    """Give every nonzero dropout-rate attribute of ``model`` (a copy) a value of its own.
+    """Give every nonzero dropout-rate attribute of ``model`` a value of its own.
 
     Candidates are the ``p`` of dropout modules and float attributes whose name contains "drop". Rates of 0
     are left at 0 (code such as ``if self.drop_rate:`` must take the branch it takes in the real model).
@@ -257,7 +258,7 @@ def confirm_with_dry_run(model: nn.Module, discovery: Discovery, example_inputs:
         if found:
             _set_consumer(site, found)
         elif call["attention_interface"]:
-            site.consumer_note = "attention probabilities are multiplied by values, not by a weight"
+            site.consumer_note = ATTENTION_CONSUMER_NOTE
         else:
             site.consumer_note = "no weight layer read its output in the dry run"
         discovery.sites.append(site)

@@ -100,7 +100,7 @@ def validate_temperature(temperature: float) -> float:
     return float(temperature)
 
 
-def _logit_bound(eps: float) -> float:
+def logit_bound(eps: float) -> float:
     """``logit(1 - eps)``: the p-logit is kept inside ``[-bound, bound]``."""
     return math.log1p(-eps) - math.log(eps)
 
@@ -118,7 +118,7 @@ def clamped_logit(p_logit: Tensor, eps: float) -> Tensor:
     Returns:
         The clamped logit (same dtype), with the gradient of the identity.
     """
-    bound = _logit_bound(eps)
+    bound = logit_bound(eps)
     return p_logit + (p_logit.clamp(-bound, bound) - p_logit).detach()
 
 
@@ -205,7 +205,7 @@ def _relaxed_forward(
         p_logit: the unclamped p-logit.
         uniform: the noise, in the compute dtype.
         temperature: Concrete temperature.
-        bound: the clamp on the logit (:func:`_logit_bound`).
+        bound: the clamp on the logit (:func:`logit_bound`).
         constants: pass the temperature as a cached scalar tensor (:func:`_scalar_tensor`); eager mode only,
             tracers get the Python number.
 
@@ -402,9 +402,9 @@ def concrete_dropout(
     if sampling == "relaxed" and torch.is_grad_enabled() and (x.requires_grad or p_logit.requires_grad):
         # The clamp happens inside the function (no autograd nodes for it); its gradient is straight-through.
         if being_traced() or _functorch_active():
-            y, _ = _ConcreteDropoutFunction.apply(x, p_logit, uniform, temperature, _logit_bound(eps), save_output)
+            y, _ = _ConcreteDropoutFunction.apply(x, p_logit, uniform, temperature, logit_bound(eps), save_output)
             return y
-        return _EagerConcreteDropoutFunction.apply(x, p_logit, uniform, temperature, _logit_bound(eps), save_output)
+        return _EagerConcreteDropoutFunction.apply(x, p_logit, uniform, temperature, logit_bound(eps), save_output)
     theta = clamped_logit(p_logit, eps)
     if sampling == "hard":
         theta = theta.detach().to(cdt)

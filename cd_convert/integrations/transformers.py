@@ -46,18 +46,38 @@ def is_transformers_model(model: nn.Module) -> bool:
     return any(isinstance(m, PreTrainedModel) for m in model.modules())
 
 
+#: Where a config keeps its attention implementation (``_attn_implementation`` is a property over it whose setter
+#: also rewrites the sub-configs; writing the field itself lets each config be restored exactly).
+_IMPLEMENTATION = "_attn_implementation_internal"
+
+
+def _with_sub_configs(config: Any) -> List[Any]:
+    """``config`` and those of its sub-configs that select an attention implementation."""
+    subs = [getattr(config, key, None) for key in getattr(config, "sub_configs", {}) or {}]
+    return [config] + [s for s in subs if s is not None and hasattr(s, "_attn_implementation")]
+
+
 def _attention_configs(model: nn.Module) -> List[Any]:
     """Every distinct config object held by the model's modules that selects an attention implementation."""
     configs: Dict[int, Any] = {}
     for module in model.modules():
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "_attn_implementation"):
-            configs[id(config)] = config
-            for key in getattr(config, "sub_configs", {}) or {}:
-                sub = getattr(config, key, None)
-                if sub is not None and hasattr(sub, "_attn_implementation"):
-                    configs[id(sub)] = sub
+            configs.update((id(c), c) for c in _with_sub_configs(config))
     return list(configs.values())
+
+
+def _select_eager(configs: List[Any]) -> List[Tuple[Any, Optional[str]]]:
+    """Set every config to eager attention; return what each held, for :func:`_restore`."""
+    saved = [(config, config.__dict__.get(_IMPLEMENTATION)) for config in configs]
+    for config, _ in saved:
+        config.__dict__[_IMPLEMENTATION] = "eager"
+    return saved
+
+
+def _restore(saved: List[Tuple[Any, Optional[str]]]) -> None:
+    for config, value in saved:
+        config.__dict__[_IMPLEMENTATION] = value
 
 
 @contextlib.contextmanager
@@ -67,14 +87,11 @@ def eager_attention(model: nn.Module) -> Iterator[None]:
     Args:
         model: any model (a no-op for models without transformers configs).
     """
-    saved = [(config, config.__dict__.get("_attn_implementation_internal")) for config in _attention_configs(model)]
+    saved = _select_eager(_attention_configs(model))
     try:
-        for config, _ in saved:
-            config.__dict__["_attn_implementation_internal"] = "eager"
         yield
     finally:
-        for config, value in saved:
-            config.__dict__["_attn_implementation_internal"] = value
+        _restore(saved)
 
 
 def called_through_attention_interface(frame: Any) -> bool:
@@ -242,33 +259,19 @@ class EagerAttentionHook:
     """
 
     sites: List[nn.Module]
-    saved: List[Tuple[Any, Optional[str]]] = field(default_factory=list)
+    saved: List[List[Tuple[Any, Optional[str]]]] = field(default_factory=list)
 
     def before(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
-        config = module.config
-        current = config.__dict__.get("_attn_implementation_internal")
+        current = module.config.__dict__.get(_IMPLEMENTATION)
         if current not in (None, "eager") and any(site.active for site in self.sites):
             _refuse_packed_sequences(module, current, kwargs)
-            self.saved.append((config, current))
-            config.__dict__["_attn_implementation_internal"] = "eager"
-            for sub in _sub_configs(config):
-                sub.__dict__["_attn_implementation_internal"] = "eager"
+            self.saved.append(_select_eager(_with_sub_configs(module.config)))
         else:
-            self.saved.append((None, None))
+            self.saved.append([])
 
     def after(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
-        if not self.saved:
-            return
-        config, value = self.saved.pop()
-        if config is not None:
-            config.__dict__["_attn_implementation_internal"] = value
-            for sub in _sub_configs(config):
-                sub.__dict__["_attn_implementation_internal"] = value
-
-
-def _sub_configs(config: Any) -> List[Any]:
-    subs = [getattr(config, key, None) for key in getattr(config, "sub_configs", {}) or {}]
-    return [s for s in subs if s is not None and hasattr(s, "_attn_implementation")]
+        if self.saved:
+            _restore(self.saved.pop())
 
 
 def _refuse_packed_sequences(module: nn.Module, implementation: str, kwargs: Dict[str, Any]) -> None:

@@ -352,3 +352,26 @@ def test_converting_twice_keeps_the_sites(converted_cases, family):
     again.train()
     loss_fn(again(**inputs)).backward()
     assert fixed_rate_dropout_calls(again, inputs) == []
+
+
+def test_trainer_refuses_an_unconverted_model(tmp_path):
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    from cd_convert.integrations.transformers import ConcreteDropoutTrainer
+
+    original, _, _ = HF_FAMILIES["bert"]()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    with pytest.raises(cd.ConversionError, match="has not been converted"):
+        ConcreteDropoutTrainer(model=original, args=args)
+
+
+def test_trainer_without_transformers_names_the_extra():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "import cd_convert.integrations.transformers as hf\n"
+        "try:\n    hf.ConcreteDropoutTrainer\nexcept ImportError as err:\n    print(err)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert 'pip install "cd_convert[transformers]"' in out

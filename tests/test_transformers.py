@@ -375,3 +375,19 @@ def test_trainer_without_transformers_names_the_extra():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert 'pip install "cd_convert[transformers]"' in out
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "t5"])
+def test_a_mixed_precision_training_step_with_the_regulariser(family):
+    """What users run: bf16 autocast, data loss + regulariser, an optimizer step; every rate moves."""
+    original, inputs, loss_fn = HF_FAMILIES[family]()
+    converted = cd.convert(original, dataset_size=100).train()
+    optimizer = torch.optim.AdamW(converted.parameters(), lr=1e-2)
+    before = {n: p.detach().clone() for n, p in converted.named_parameters() if n.endswith("p_logit")}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_fn(converted(**inputs)) + cd.regularization(converted)
+    assert torch.isfinite(loss)
+    loss.backward()
+    optimizer.step()
+    after = dict(converted.named_parameters())
+    assert all(not torch.equal(before[n], after[n].detach()) for n in before)

@@ -44,7 +44,8 @@ Three methods per train/test split (Gal & Ghahramani 2016 protocol, rerun in Gal
       few cheap forward passes and no extra training, and it uses held-out data the grid uses as well.
       The price: the final model sees 80% of the training split, not 100% as the grid's refit does.
     * by default (``--no-calibrate-noise`` turns it off) the noise level alone is re-picked after training
-      by validation MC test LL (a 1-d search over the log-variance with the trained network's MC samples; no retraining).
+      by validation MC test LL (a 1-d search over the log-variance with the trained network's MC samples;
+      no retraining).
       On yacht the learned noise came out too large (tau about 0.4 against the grid's 0.75), because the
       training residuals include those of the occasional dropped input feature, which the MC mixture then
       counts a second time; this corrects it for the price of a few forward passes.
@@ -57,6 +58,7 @@ Usage::
     python -m benchmarks.uci --data-dir ../shared/datasets --datasets yacht --splits 20 --epochs 4000 \\
         --samples 10000 --json results/uci_full_yacht.json --plot results/uci_full_yacht.png
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,6 +66,7 @@ import copy
 import math
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,9 +144,127 @@ def mc_test_ll_tau(mu_samples: torch.Tensor, y: torch.Tensor, tau: float) -> flo
     ``logsumexp_t(-0.5 tau (y - mu_t)^2) - log T - 0.5 log 2pi + 0.5 log tau``."""
     mu = mu_samples.double()
     yy = y.double()[None]
-    ll = torch.logsumexp(-0.5 * tau * (yy - mu) ** 2, 0) - math.log(mu.shape[0]) - 0.5 * math.log(2 * math.pi) \
+    ll = (
+        torch.logsumexp(-0.5 * tau * (yy - mu) ** 2, 0)
+        - math.log(mu.shape[0])
+        - 0.5 * math.log(2 * math.pi)
         + 0.5 * math.log(tau)
+    )
     return float(ll.mean())
+
+
+# ------------------------------------------------------------------------------------------ decisions
+# The benchmark's choices as small pure functions, so that each can be tested on inputs with a known answer.
+
+
+def select_best(val_ll: np.ndarray | Sequence[float]) -> tuple[int, ...]:
+    """Index of the highest validation log-likelihood: the paper's rule for picking (p, tau) or tau.
+
+    Ties go to the first maximum in row-major order (for the grid: the earliest p, then the earliest tau, in
+    the order of ``dropout_rates.txt`` / ``tau_values.txt``), as ``np.argmax`` does. A NaN score counts as
+    the maximum (``np.argmax`` semantics, kept so that earlier results reproduce).
+
+    Args:
+        val_ll: validation LL per candidate, any shape (the grid is ``(len(p), len(tau))``).
+
+    Returns:
+        The multi-index of the chosen candidate (a 1-tuple for a 1-d input).
+    """
+    scores = np.asarray(val_ll)
+    return tuple(int(i) for i in np.unravel_index(np.argmax(scores), scores.shape))
+
+
+#: Offsets (log-variance, standardised units) around the trained value that noise calibration tries.
+CALIBRATION_OFFSETS = np.linspace(-3.0, 3.0, 121)
+
+
+def best_noise_log_variance(
+    mu: torch.Tensor, y: torch.Tensor, y_std: float, s0: float, offsets: np.ndarray = CALIBRATION_OFFSETS
+) -> float:
+    """The candidate homoscedastic log-variance with the highest MC log-likelihood on ``(mu, y)``.
+
+    Args:
+        mu: ``(T, N)`` sampled means in original units.
+        y: ``(N,)`` targets in original units.
+        y_std: the target's standard deviation; a log-variance ``s`` means variance ``exp(s) * y_std**2``.
+        s0: the trained log-variance (standardised units); the candidates are ``s0 + offsets``.
+        offsets: the search grid around ``s0``.
+
+    Returns:
+        The best candidate ``s0 + offset`` (the first of equal ones).
+    """
+    candidates = s0 + offsets
+    lls = [float(common.mc_gaussian_ll(mu, y, math.exp(c) * y_std**2).mean()) for c in candidates]
+    return float(candidates[int(np.argmax(lls))])
+
+
+def is_eval_epoch(epoch: int, eval_every: int, epochs: int) -> bool:
+    """Whether the (1-based) ``epoch`` gets a validation check: every ``eval_every`` epochs and the last one."""
+    return epoch % eval_every == 0 or epoch == epochs
+
+
+class BestState:
+    """The model state of the best validation score offered so far (a strictly better score replaces it).
+
+    Attributes:
+        score: the best score (``-inf`` before the first offer).
+        state: a deep copy of the model's ``state_dict`` at that score, or None.
+        epoch: the epoch of that score (0 before the first offer).
+    """
+
+    def __init__(self) -> None:
+        self.score = -math.inf
+        self.state: dict[str, torch.Tensor] | None = None
+        self.epoch = 0
+
+    def offer(self, model: nn.Module, score: float, epoch: int) -> bool:
+        """Keep ``model``'s state if ``score`` beats the best so far; ties keep the earlier state.
+
+        Returns:
+            Whether the state was kept.
+        """
+        if not score > self.score:
+            return False
+        # A copy: state_dict() aliases the live parameters, which training goes on changing.
+        self.score, self.state, self.epoch = score, copy.deepcopy(model.state_dict()), epoch
+        return True
+
+    def restore(self, model: nn.Module) -> None:
+        """Load the kept state into ``model`` (nothing to do if nothing was offered)."""
+        if self.state is not None:
+            model.load_state_dict(self.state)
+
+
+def train_keep_best(
+    model: nn.Module,
+    train: Callable[[Callable[[int], None]], None],
+    validate: Callable[[], float],
+    epochs: int,
+    eval_every: int,
+) -> BestState:
+    """Train with validation checks and end with the state of the best check (the checkpoint rule).
+
+    Args:
+        model: the model ``train`` updates; switched back to ``train()`` after each check.
+        train: runs the training, calling its argument ``on_epoch(epoch)`` after each epoch (1-based).
+        validate: the validation score of ``model`` as it is now (higher is better).
+        epochs: the number of epochs ``train`` runs (the last one is always checked).
+        eval_every: check interval in epochs.
+
+    Returns:
+        The kept best (score, state, epoch); its state has been loaded into ``model``.
+    """
+    best = BestState()
+
+    def on_epoch(epoch: int) -> None:
+        if not is_eval_epoch(epoch, eval_every, epochs):
+            return
+        best.offer(model, validate(), epoch)
+        model.train()
+
+    train(on_epoch)
+    best.restore(model)
+    return best
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -165,8 +286,9 @@ class Fold:
         _, _, (xf, xe) = standardize(ds.X[fit_idx], ds.X[eval_idx])
         ym, ys, (yf,) = standardize(ds.y[fit_idx])
         f32 = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
-        return Fold(f32(xf), f32(yf), f32(xe), torch.as_tensor(ds.y[eval_idx], dtype=torch.float64),
-                    float(ym), float(ys))
+        return Fold(
+            f32(xf), f32(yf), f32(xe), torch.as_tensor(ds.y[eval_idx], dtype=torch.float64), float(ym), float(ys)
+        )
 
 
 def _train(model: nn.Module, fold: Fold, epochs: int, seed: int, loss_fn, on_epoch=None) -> None:
@@ -210,8 +332,14 @@ def run_concrete_tau(fold: Fold, hidden: int, tau: float, epochs: int, samples: 
     """Variant (a): learned p, MSE with fixed tau (converted to standardised units). Returns (rmse, ll, rates)."""
     common.seed_all(seed)
     n = fold.x_fit.shape[0]
-    model = cd_convert.convert(PlainNet(fold.x_fit.shape[1], hidden), targets=[nn.Linear], dataset_size=n,
-                               length_scale=LENGTH_SCALE, loss="mse", tau=tau * fold.y_std**2)
+    model = cd_convert.convert(
+        PlainNet(fold.x_fit.shape[1], hidden),
+        targets=[nn.Linear],
+        dataset_size=n,
+        length_scale=LENGTH_SCALE,
+        loss="mse",
+        tau=tau * fold.y_std**2,
+    )
 
     def loss_fn(m, xb, yb):
         return F.mse_loss(m(xb), yb) + cd_convert.regularization(m)
@@ -223,8 +351,9 @@ def run_concrete_tau(fold: Fold, hidden: int, tau: float, epochs: int, samples: 
     return rmse, mc_test_ll_tau(mu, fold.y_eval, tau), _site_rates(model)
 
 
-def _hetero_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, y_mean: float, y_std: float,
-                 samples: int, seed: int) -> tuple[float, float]:
+def _hetero_eval(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, y_mean: float, y_std: float, samples: int, seed: int
+) -> tuple[float, float]:
     pred = common.mc_predict(model, x, samples, seed, return_samples=True)
     mu = pred.samples.double() * y_std + y_mean
     sigma2 = pred.log_variance_samples.detach().double().exp() * y_std**2
@@ -239,18 +368,25 @@ def calibrate_noise(model: NoiseNet, fold: Fold, samples: int, seed: int) -> flo
     """
     pred = common.mc_predict(model, fold.x_eval, samples, seed, return_samples=True)
     mu = pred.samples.double() * fold.y_std + fold.y_mean
-    s0 = float(model.log_var.detach())
-    candidates = s0 + np.linspace(-3.0, 3.0, 121)
-    lls = [float(common.mc_gaussian_ll(mu, fold.y_eval, math.exp(c) * fold.y_std**2).mean()) for c in candidates]
-    best = float(candidates[int(np.argmax(lls))])
+    best = best_noise_log_variance(mu, fold.y_eval, fold.y_std, float(model.log_var.detach()))
     with torch.no_grad():
         model.log_var.fill_(best)
     return best
 
 
-def run_concrete(ds: UCIDataset, train_idx: np.ndarray, test_idx: np.ndarray, hidden: int, epochs: int,
-                 samples: int, seed: int, eval_every: int, val_samples: int, noise_prior: float = 0.0,
-                 calibrate: bool = True):
+def run_concrete(
+    ds: UCIDataset,
+    train_idx: np.ndarray,
+    test_idx: np.ndarray,
+    hidden: int,
+    epochs: int,
+    samples: int,
+    seed: int,
+    eval_every: int,
+    val_samples: int,
+    noise_prior: float = 0.0,
+    calibrate: bool = True,
+):
     """Variant (b): one run, learned p and noise, best validation-LL state kept.
 
     Returns (rmse, ll, rates, tau_learned (original units), best validation ll, best epoch).
@@ -264,8 +400,13 @@ def run_concrete(ds: UCIDataset, train_idx: np.ndarray, test_idx: np.ndarray, hi
 
     common.seed_all(seed)
     n = fold.x_fit.shape[0]
-    model = cd_convert.convert(NoiseNet(fold.x_fit.shape[1], hidden), targets=[nn.Linear], dataset_size=n,
-                               length_scale=LENGTH_SCALE, loss="heteroscedastic")
+    model = cd_convert.convert(
+        NoiseNet(fold.x_fit.shape[1], hidden),
+        targets=[nn.Linear],
+        dataset_size=n,
+        length_scale=LENGTH_SCALE,
+        loss="heteroscedastic",
+    )
 
     def loss_fn(m, xb, yb):
         mean, log_var = m(xb)
@@ -274,32 +415,38 @@ def run_concrete(ds: UCIDataset, train_idx: np.ndarray, test_idx: np.ndarray, hi
             loss = loss + noise_prior * m.log_var.pow(2) / n
         return loss
 
-    best = {"ll": -math.inf, "state": None, "epoch": 0}
+    def validate() -> float:
+        return _hetero_eval(model, fold.x_eval, fold.y_eval, fold.y_mean, fold.y_std, val_samples, seed + 7)[1]
 
-    def on_epoch(epoch: int) -> None:
-        if epoch % eval_every and epoch != epochs:
-            return
-        _, ll = _hetero_eval(model, fold.x_eval, fold.y_eval, fold.y_mean, fold.y_std, val_samples, seed + 7)
-        if ll > best["ll"]:
-            best.update(ll=ll, state=copy.deepcopy(model.state_dict()), epoch=epoch)
-        model.train()
-
-    _train(model, fold, epochs, seed, loss_fn, on_epoch)
-    if best["state"] is not None:
-        model.load_state_dict(best["state"])
+    best = train_keep_best(
+        model, lambda on_epoch: _train(model, fold, epochs, seed, loss_fn, on_epoch), validate, epochs, eval_every
+    )
     if calibrate:
         calibrate_noise(model, fold, val_samples, seed + 9)
     rmse, ll = _hetero_eval(model, x_test, y_test, fold.y_mean, fold.y_std, samples, seed + 1)
     tau_learned = 1.0 / (math.exp(float(model.log_var.detach())) * fold.y_std**2)
-    return rmse, ll, _site_rates(model), tau_learned, best["ll"], best["epoch"]
+    return rmse, ll, _site_rates(model), tau_learned, best.score, best.epoch
 
 
 # ------------------------------------------------------------------------------------------ driver
 
 
-def run_dataset(ds: UCIDataset, splits: int, epochs: int, samples: int, seed: int, eval_every: int,
-                val_samples: int, noise_prior: float = 0.0, methods=METHODS, bar=None, log=None,
-                on_split=None, calibrate: bool = True, first_split: int = 0) -> dict:
+def run_dataset(
+    ds: UCIDataset,
+    splits: int,
+    epochs: int,
+    samples: int,
+    seed: int,
+    eval_every: int,
+    val_samples: int,
+    noise_prior: float = 0.0,
+    methods=METHODS,
+    bar=None,
+    log=None,
+    on_split=None,
+    calibrate: bool = True,
+    first_split: int = 0,
+) -> dict:
     """All methods on ``splits`` splits of ``ds`` from ``first_split`` on; returns per-split records and summaries.
 
     Every run is seeded by its split index, so a range of splits run on its own gives the same numbers as
@@ -319,16 +466,18 @@ def run_dataset(ds: UCIDataset, splits: int, epochs: int, samples: int, seed: in
             grid = np.full((len(ds.dropout_rates), len(ds.tau_values)), -np.inf)
             for i, p in enumerate(ds.dropout_rates):
                 for j, tau in enumerate(ds.tau_values):
-                    _, grid[i, j] = run_grid_point(val_fold, hidden, p, tau, epochs, samples,
-                                                   common.run_seed(seed, k, 1, i, j))
+                    _, grid[i, j] = run_grid_point(
+                        val_fold, hidden, p, tau, epochs, samples, common.run_seed(seed, k, 1, i, j)
+                    )
                     bar is not None and bar.update(1)
-            i, j = np.unravel_index(np.argmax(grid), grid.shape)
+            i, j = select_best(grid)
             p, tau = ds.dropout_rates[i], ds.tau_values[j]
             rmse, ll = run_grid_point(full_fold, hidden, p, tau, epochs, samples, common.run_seed(seed, k, 2))
             bar is not None and bar.update(1)
             val_grid.append(grid)
-            records["grid"].append(dict(split=k, rmse=rmse, ll=ll, p=p, tau=tau, train_runs=grid.size + 1,
-                                        wall_s=time.perf_counter() - t0))
+            records["grid"].append(
+                dict(split=k, rmse=rmse, ll=ll, p=p, tau=tau, train_runs=grid.size + 1, wall_s=time.perf_counter() - t0)
+            )
 
         if "concrete_tau" in methods:
             t0 = time.perf_counter()
@@ -337,35 +486,71 @@ def run_dataset(ds: UCIDataset, splits: int, epochs: int, samples: int, seed: in
                 _, ll, rates = run_concrete_tau(val_fold, hidden, tau, epochs, samples, common.run_seed(seed, k, 3, j))
                 vals.append((ll, rates))
                 bar is not None and bar.update(1)
-            j = int(np.argmax([v[0] for v in vals]))
+            (j,) = select_best([v[0] for v in vals])
             tau = ds.tau_values[j]
             rmse, ll, rates = run_concrete_tau(full_fold, hidden, tau, epochs, samples, common.run_seed(seed, k, 4))
             bar is not None and bar.update(1)
-            records["concrete_tau"].append(dict(split=k, rmse=rmse, ll=ll, tau=tau, rates=rates,
-                                                val_ll=vals[j][0], val_rates=vals[j][1],
-                                                train_runs=len(ds.tau_values) + 1,
-                                                wall_s=time.perf_counter() - t0))
+            records["concrete_tau"].append(
+                dict(
+                    split=k,
+                    rmse=rmse,
+                    ll=ll,
+                    tau=tau,
+                    rates=rates,
+                    val_ll=vals[j][0],
+                    val_rates=vals[j][1],
+                    train_runs=len(ds.tau_values) + 1,
+                    wall_s=time.perf_counter() - t0,
+                )
+            )
 
         if "concrete" in methods:
             t0 = time.perf_counter()
             rmse, ll, rates, tau_l, val_ll, best_epoch = run_concrete(
-                ds, train_idx, test_idx, hidden, epochs, samples, common.run_seed(seed, k, 5), eval_every,
-                val_samples, noise_prior, calibrate)
+                ds,
+                train_idx,
+                test_idx,
+                hidden,
+                epochs,
+                samples,
+                common.run_seed(seed, k, 5),
+                eval_every,
+                val_samples,
+                noise_prior,
+                calibrate,
+            )
             bar is not None and bar.update(1)
-            records["concrete"].append(dict(split=k, rmse=rmse, ll=ll, rates=rates, tau=tau_l, val_ll=val_ll,
-                                            best_epoch=best_epoch, train_runs=1,
-                                            wall_s=time.perf_counter() - t0))
+            records["concrete"].append(
+                dict(
+                    split=k,
+                    rmse=rmse,
+                    ll=ll,
+                    rates=rates,
+                    tau=tau_l,
+                    val_ll=val_ll,
+                    best_epoch=best_epoch,
+                    train_runs=1,
+                    wall_s=time.perf_counter() - t0,
+                )
+            )
         if log is not None:
-            parts = [f"{m}: rmse {records[m][-1]['rmse']:.3f} ll {records[m][-1]['ll']:.3f} "
-                     f"tau {records[m][-1]['tau']:.3g}" for m in methods]
+            parts = [
+                f"{m}: rmse {records[m][-1]['rmse']:.3f} ll {records[m][-1]['ll']:.3f} tau {records[m][-1]['tau']:.3g}"
+                for m in methods
+            ]
             if "concrete" in methods:
                 c = records["concrete"][-1]
                 parts.append(f"concrete p {[round(r, 3) for r in c['rates']]} best epoch {c['best_epoch']}")
             log(f"[{ds.name}] split {k}: " + "; ".join(parts))
-        result = {"summary": _summarise(records, methods), "records": records,
-                  "val_grid": np.mean(val_grid, 0).tolist() if val_grid else None,
-                  "dropout_rates": ds.dropout_rates, "tau_values": ds.tau_values, "splits": k + 1 - first_split,
-                  "first_split": first_split}
+        result = {
+            "summary": _summarise(records, methods),
+            "records": records,
+            "val_grid": np.mean(val_grid, 0).tolist() if val_grid else None,
+            "dropout_rates": ds.dropout_rates,
+            "tau_values": ds.tau_values,
+            "splits": k + 1 - first_split,
+            "first_split": first_split,
+        }
         if on_split is not None:
             on_split(result)
     return result
@@ -376,9 +561,14 @@ def _summarise(records: dict, methods) -> dict:
     for m in methods:
         rm, rs = common.mean_se([r["rmse"] for r in records[m]])
         lm, ls = common.mean_se([r["ll"] for r in records[m]])
-        summary[m] = dict(rmse_mean=rm, rmse_se=rs, ll_mean=lm, ll_se=ls,
-                          train_runs=int(sum(r["train_runs"] for r in records[m])),
-                          wall_s=float(sum(r["wall_s"] for r in records[m])))
+        summary[m] = dict(
+            rmse_mean=rm,
+            rmse_se=rs,
+            ll_mean=lm,
+            ll_se=ls,
+            train_runs=int(sum(r["train_runs"] for r in records[m])),
+            wall_s=float(sum(r["wall_s"] for r in records[m])),
+        )
     return summary
 
 
@@ -386,18 +576,26 @@ def format_table(name: str, result: dict) -> str:
     rows = []
     pub = PUBLISHED.get(name)
     if pub:
-        rows.append(["MC dropout grid (published)", common.pm(pub[0], pub[1]), common.pm(pub[2], pub[3]),
-                     "-", "-", "-"])
+        rows.append(
+            ["MC dropout grid (published)", common.pm(pub[0], pub[1]), common.pm(pub[2], pub[3]), "-", "-", "-"]
+        )
     for m, s in result["summary"].items():
         rec = result["records"][m]
         if m == "concrete_tau" or m == "concrete":
             rates = np.mean([r["rates"] for r in rec], 0)
-            extra = "p=" + "/".join(f"{r:.3f}" for r in rates) + (
-                f", tau={np.mean([r['tau'] for r in rec]):.3g}")
+            extra = "p=" + "/".join(f"{r:.3f}" for r in rates) + (f", tau={np.mean([r['tau'] for r in rec]):.3g}")
         else:
             extra = "p=" + f"{np.mean([r['p'] for r in rec]):.3f}" + f", tau={np.mean([r['tau'] for r in rec]):.3g}"
-        rows.append([m, common.pm(s["rmse_mean"], s["rmse_se"], 3), common.pm(s["ll_mean"], s["ll_se"], 3),
-                     s["train_runs"], f"{s['wall_s']:.1f}", extra])
+        rows.append(
+            [
+                m,
+                common.pm(s["rmse_mean"], s["rmse_se"], 3),
+                common.pm(s["ll_mean"], s["ll_se"], 3),
+                s["train_runs"],
+                f"{s['wall_s']:.1f}",
+                extra,
+            ]
+        )
     header = ["method", "RMSE", "test LL", "training runs", "wall-clock s", "mean chosen / learned (input/hidden)"]
     return f"### {name} ({result['splits']} splits)\n\n" + common.markdown_table(header, rows)
 
@@ -414,12 +612,26 @@ def plot(results: dict, path: str) -> None:
                 ax.plot(r["dropout_rates"], grid[:, j], marker="o", label=f"grid, tau={tau:.3g}")
         ct = r["records"].get("concrete_tau")
         if ct:
-            ax.scatter([np.mean([x["val_rates"][-1] for x in ct])], [np.mean([x["val_ll"] for x in ct])],
-                       marker="*", s=200, color="k", zorder=5, label="concrete_tau (hidden p)")
+            ax.scatter(
+                [np.mean([x["val_rates"][-1] for x in ct])],
+                [np.mean([x["val_ll"] for x in ct])],
+                marker="*",
+                s=200,
+                color="k",
+                zorder=5,
+                label="concrete_tau (hidden p)",
+            )
         cc = r["records"].get("concrete")
         if cc:
-            ax.scatter([np.mean([x["rates"][-1] for x in cc])], [np.mean([x["val_ll"] for x in cc])],
-                       marker="X", s=150, color="red", zorder=5, label="concrete (hidden p)")
+            ax.scatter(
+                [np.mean([x["rates"][-1] for x in cc])],
+                [np.mean([x["val_ll"] for x in cc])],
+                marker="X",
+                s=150,
+                color="red",
+                zorder=5,
+                label="concrete (hidden p)",
+            )
         ax.set_xscale("log")
         ax.set_xlabel("dropout probability p")
         ax.set_ylabel("validation log-likelihood (mean over splits)")
@@ -429,20 +641,30 @@ def plot(results: dict, path: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--data-dir", default=None, help="data folder (default $CD_CONVERT_DATA); none: sklearn diabetes")
-    ap.add_argument("--datasets", default=None, help="comma-separated UCI names (default: all four, or the embedded set)")
+    ap.add_argument(
+        "--datasets", default=None, help="comma-separated UCI names (default: all four, or the embedded set)"
+    )
     ap.add_argument("--splits", type=int, default=5, help="number of splits (protocol: 20)")
     ap.add_argument("--epochs", type=int, default=400, help="epochs per run (protocol: 4000)")
     ap.add_argument("--samples", type=int, default=1000, help="MC samples T at validation/test (protocol: 10000)")
-    ap.add_argument("--eval-every", type=int, default=None,
-                    help="concrete: validation check interval in epochs (default epochs // 40, at least 1)")
+    ap.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="concrete: validation check interval in epochs (default epochs // 40, at least 1)",
+    )
     ap.add_argument("--val-samples", type=int, default=200, help="concrete: MC samples per validation check")
     ap.add_argument("--noise-prior", type=float, default=0.0, help="concrete: weight of a prior on the log-variance")
-    ap.add_argument("--calibrate-noise", action=argparse.BooleanOptionalAction, default=True,
-                    help="concrete: after training, re-pick the noise level by validation LL (no extra training; "
-                    "default on)")
+    ap.add_argument(
+        "--calibrate-noise",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="concrete: after training, re-pick the noise level by validation LL (no extra training; default on)",
+    )
     ap.add_argument("--first-split", type=int, default=0, help="index of the first split to run")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--json", default=None)
@@ -460,8 +682,9 @@ def main(argv: list[str] | None = None) -> dict:
     if root is None:
         datasets = [load_embedded_regression(seed=args.seed)]
         if args.datasets:
-            print("note: no data directory; --datasets ignored, using the embedded sklearn diabetes set",
-                  file=sys.stderr)
+            print(
+                "note: no data directory; --datasets ignored, using the embedded sklearn diabetes set", file=sys.stderr
+            )
     else:
         names = args.datasets.split(",") if args.datasets else ["bostonHousing", "energy", "wine-quality-red", "yacht"]
         datasets = [load_uci(n, root) for n in names]
@@ -470,19 +693,35 @@ def main(argv: list[str] | None = None) -> dict:
     results, out = {}, {}
     for ds in datasets:
         splits = min(args.splits, ds.n_splits - args.first_split)
-        per_split = (len(ds.dropout_rates) * len(ds.tau_values) + 1 if "grid" in methods else 0) + \
-            (len(ds.tau_values) + 1 if "concrete_tau" in methods else 0) + (1 if "concrete" in methods else 0)
+        per_split = (
+            (len(ds.dropout_rates) * len(ds.tau_values) + 1 if "grid" in methods else 0)
+            + (len(ds.tau_values) + 1 if "concrete_tau" in methods else 0)
+            + (1 if "concrete" in methods else 0)
+        )
         bar = common.progress(total=splits * per_split, desc=f"{ds.name} runs", disable=args.no_progress)
+
         def partial(result: dict, name: str = ds.name) -> None:
             # Incremental JSON (summary and details), so an interrupted long run keeps its finished splits;
             # "_splits_done" marks an unfinished data set and is gone from the final file.
             common.write_json(args.json, {**out, name: {**result["summary"], "_splits_done": result["splits"]}})
             common.write_json(str(args.json).removesuffix(".json") + ".details.json", {**results, name: result})
 
-        r = run_dataset(ds, splits, args.epochs, args.samples, args.seed, eval_every, args.val_samples,
-                        args.noise_prior, methods, bar, log=lambda s: print(s, file=sys.stderr, flush=True),
-                        on_split=partial if args.json else None, calibrate=args.calibrate_noise,
-                        first_split=args.first_split)
+        r = run_dataset(
+            ds,
+            splits,
+            args.epochs,
+            args.samples,
+            args.seed,
+            eval_every,
+            args.val_samples,
+            args.noise_prior,
+            methods,
+            bar,
+            log=lambda s: print(s, file=sys.stderr, flush=True),
+            on_split=partial if args.json else None,
+            calibrate=args.calibrate_noise,
+            first_split=args.first_split,
+        )
         bar.close()
         results[ds.name] = r
         out[ds.name] = r["summary"]

@@ -1,10 +1,13 @@
 """Tests for the fused Triton kernels (cd_convert.fused) against the paper's formula written with autograd.
 
-The noise a call used is regenerated with ``launch_noise`` from the same seed, so forward values and both
-gradients are compared with ``reference_concrete_dropout`` on identical noise. On a machine with a CUDA GPU the
-tests run on it; without one they run on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` must
-be set before Triton is imported, so ``test_under_triton_interpreter`` reruns this file in a subprocess).
+The noise a call used is regenerated from the same seed by an independent Philox4x32-10 written from its
+specification (``fused_uniform_reference`` in ``test_noise_independence.py``, which also holds the statistics of
+the noise), so forward values and both gradients are compared with ``reference_concrete_dropout`` on identical
+noise. On a machine with a CUDA GPU the tests run on it; without one they run on CPU tensors under Triton's
+interpreter (``TRITON_INTERPRET=1`` must be set before Triton is imported, so ``test_under_triton_interpreter``
+reruns this file in a subprocess).
 """
+
 from __future__ import annotations
 
 import math
@@ -19,6 +22,7 @@ triton = pytest.importorskip("triton")
 
 from cd_convert import fused  # noqa: E402
 from cd_convert.layers import ConcreteDropout2d, concrete_dropout, reference_concrete_dropout  # noqa: E402
+from test_noise_independence import fused_uniform_reference  # noqa: E402  (tests/ is on sys.path, as for zoo)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else ("cpu" if INTERPRETED else None)
@@ -28,8 +32,13 @@ runs_kernels = pytest.mark.skipif(DEVICE is None, reason="needs a CUDA GPU or TR
 @pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="the kernels run directly here")
 def test_under_triton_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert " passed" in done.stdout and "skipped" in done.stdout  # this test itself is skipped there
 
@@ -40,15 +49,15 @@ def _run(x, p_logit, *, temperature, channelwise=False, save_output=False, eps=1
     seed = int(torch.randint(0, 2**31 - 1, ()))  # what the forward pass draws first
     torch.manual_seed(seed_state)
     assert fused.supports(x, channelwise, 1, interpret=INTERPRETED)
-    y = fused.fused_concrete_dropout(x, p_logit, temperature=temperature, eps=eps, channelwise=channelwise,
-                                     channel_dim=1, save_output=save_output)
+    y = fused.fused_concrete_dropout(
+        x, p_logit, temperature=temperature, eps=eps, channelwise=channelwise, channel_dim=1, save_output=save_output
+    )
     return y, seed
 
 
 def _noise(seed, count):
-    u = torch.empty(count, device=DEVICE, dtype=torch.float32)
-    fused._kernels().launch_noise(u, seed)
-    return u
+    """The uniforms of noise indices ``0 .. count - 1`` under ``seed``, from the independent Philox reference."""
+    return fused_uniform_reference(seed, count).to(DEVICE)
 
 
 def _assert_matches_reference(x, p_logit, y, grad_x, g, u, t):
@@ -94,7 +103,10 @@ def test_channelwise_values_gradients_and_layout_independence(channels_last):
 
 @runs_kernels
 def test_noise_is_strictly_inside_the_unit_interval_and_uniform():
-    u = _noise(12345, 1 << 16).double()
+    u = torch.empty(1 << 16, device=DEVICE, dtype=torch.float32)
+    fused._kernels().launch_noise(u, 12345)
+    u = u.double().cpu()
+    assert torch.equal(u, fused_uniform_reference(12345, u.numel()))
     k = u * 2.0**23 - 0.5
     assert torch.equal(k, k.round()) and 0 < u.min() and u.max() < 1
     n = u.numel()
@@ -107,17 +119,20 @@ def test_fraction_dropped_matches_p_and_seeds_differ_between_calls():
     x = torch.ones(200, 300, device=DEVICE)
     p_logit = torch.tensor(math.log(0.3 / 0.7), device=DEVICE)
     torch.manual_seed(0)
-    y1 = fused.fused_concrete_dropout(x, p_logit, temperature=0.1, eps=1e-6, channelwise=False, channel_dim=1,
-                                      save_output=False)
-    y2 = fused.fused_concrete_dropout(x, p_logit, temperature=0.1, eps=1e-6, channelwise=False, channel_dim=1,
-                                      save_output=False)
+    y1 = fused.fused_concrete_dropout(
+        x, p_logit, temperature=0.1, eps=1e-6, channelwise=False, channel_dim=1, save_output=False
+    )
+    y2 = fused.fused_concrete_dropout(
+        x, p_logit, temperature=0.1, eps=1e-6, channelwise=False, channel_dim=1, save_output=False
+    )
     assert not torch.equal(y1, y2)
     # keep < 1/2 <=> z > 1/2 <=> logistic > -logit(p): probability exactly p at any temperature.
     dropped = (y1 * 0.7 < 0.5).double().mean().item()
     assert abs(dropped - 0.3) < 5 * math.sqrt(0.3 * 0.7 / x.numel())
     torch.manual_seed(0)
-    y3 = fused.fused_concrete_dropout(x, p_logit, temperature=0.1, eps=1e-6, channelwise=False, channel_dim=1,
-                                      save_output=False)
+    y3 = fused.fused_concrete_dropout(
+        x, p_logit, temperature=0.1, eps=1e-6, channelwise=False, channel_dim=1, save_output=False
+    )
     assert torch.equal(y1, y3)  # torch.manual_seed makes it repeatable
 
 

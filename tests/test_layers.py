@@ -1,5 +1,6 @@
 """Tests for cd_convert.layers against independent facts: finite differences, the paper's formula,
 binomial statistics of the mask, nn.Dropout's eval behaviour, numerics at extreme logits."""
+
 from __future__ import annotations
 
 import math
@@ -8,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from cd_convert import noise
 from cd_convert.layers import (
     DEFAULT_EPS,
     ConcreteDropout,
@@ -27,7 +29,7 @@ def _logit(p: float) -> float:
 def _uniform(shape, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     # keep u away from 0 and 1 so the finite differences are well conditioned
-    return (torch.rand(shape, generator=g, dtype=dtype) * 0.98 + 0.01)
+    return torch.rand(shape, generator=g, dtype=dtype) * 0.98 + 0.01
 
 
 def _by_hand(x, theta, u, t):
@@ -47,24 +49,32 @@ def test_elementwise_gradcheck(t, p):
     x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     theta = torch.tensor(_logit(p), dtype=torch.float64, requires_grad=True)
     u = _uniform((3, 5))
-    fn = lambda x_, th_: concrete_dropout(x_, th_, uniform=u, temperature=t)
+
+    def fn(x_, th_):
+        return concrete_dropout(x_, th_, uniform=u, temperature=t)
+
     assert torch.autograd.gradcheck(fn, (x, theta), eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("shape,channel_dim,noise", [
-    ((2, 3, 4), 1, (2, 3, 1)),          # batched 1d
-    ((3, 4), 0, (3, 1)),                # unbatched 1d
-    ((2, 3, 4, 5), 1, (2, 3, 1, 1)),    # batched 2d
-    ((3, 4, 5), 0, (3, 1, 1)),          # unbatched 2d
-    ((2, 2, 3, 2, 2), 1, (2, 2, 1, 1, 1)),  # batched 3d
-])
+@pytest.mark.parametrize(
+    "shape,channel_dim,noise",
+    [
+        ((2, 3, 4), 1, (2, 3, 1)),  # batched 1d
+        ((3, 4), 0, (3, 1)),  # unbatched 1d
+        ((2, 3, 4, 5), 1, (2, 3, 1, 1)),  # batched 2d
+        ((3, 4, 5), 0, (3, 1, 1)),  # unbatched 2d
+        ((2, 2, 3, 2, 2), 1, (2, 2, 1, 1, 1)),  # batched 3d
+    ],
+)
 def test_channelwise_gradcheck(shape, channel_dim, noise):
     torch.manual_seed(1)
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     theta = torch.tensor(_logit(0.2), dtype=torch.float64, requires_grad=True)
     u = _uniform(noise, seed=3)
-    fn = lambda x_, th_: concrete_dropout(x_, th_, uniform=u, temperature=2 / 3, channelwise=True,
-                                          channel_dim=channel_dim)
+
+    def fn(x_, th_):
+        return concrete_dropout(x_, th_, uniform=u, temperature=2 / 3, channelwise=True, channel_dim=channel_dim)
+
     assert torch.autograd.gradcheck(fn, (x, theta), eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
@@ -108,16 +118,19 @@ def test_p_logit_gradient_matches_closed_form():
 # --------------------------------------------------------------------------- module forms
 
 
-@pytest.mark.parametrize("cls,shape", [
-    (ConcreteDropout, (4, 7)),
-    (ConcreteDropout, (7,)),
-    (ConcreteDropout1d, (4, 3, 6)),
-    (ConcreteDropout1d, (3, 6)),
-    (ConcreteDropout2d, (4, 3, 5, 5)),
-    (ConcreteDropout2d, (3, 5, 5)),
-    (ConcreteDropout3d, (2, 3, 2, 4, 4)),
-    (ConcreteDropout3d, (3, 2, 4, 4)),
-])
+@pytest.mark.parametrize(
+    "cls,shape",
+    [
+        (ConcreteDropout, (4, 7)),
+        (ConcreteDropout, (7,)),
+        (ConcreteDropout1d, (4, 3, 6)),
+        (ConcreteDropout1d, (3, 6)),
+        (ConcreteDropout2d, (4, 3, 5, 5)),
+        (ConcreteDropout2d, (3, 5, 5)),
+        (ConcreteDropout3d, (2, 3, 2, 4, 4)),
+        (ConcreteDropout3d, (3, 2, 4, 4)),
+    ],
+)
 def test_modules_batched_unbatched_shape_and_grad(cls, shape):
     torch.manual_seed(3)
     m = cls(init_p=0.3)
@@ -129,14 +142,17 @@ def test_modules_batched_unbatched_shape_and_grad(cls, shape):
     assert m.p_logit.grad is not None and m.p_logit.grad.item() != 0.0
 
 
-@pytest.mark.parametrize("cls,shape,spatial_dims", [
-    (ConcreteDropout1d, (8, 6, 20), (2,)),
-    (ConcreteDropout1d, (6, 20), (1,)),
-    (ConcreteDropout2d, (8, 6, 5, 5), (2, 3)),
-    (ConcreteDropout2d, (6, 5, 5), (1, 2)),
-    (ConcreteDropout3d, (4, 6, 3, 4, 4), (2, 3, 4)),
-    (ConcreteDropout3d, (6, 3, 4, 4), (1, 2, 3)),
-])
+@pytest.mark.parametrize(
+    "cls,shape,spatial_dims",
+    [
+        (ConcreteDropout1d, (8, 6, 20), (2,)),
+        (ConcreteDropout1d, (6, 20), (1,)),
+        (ConcreteDropout2d, (8, 6, 5, 5), (2, 3)),
+        (ConcreteDropout2d, (6, 5, 5), (1, 2)),
+        (ConcreteDropout3d, (4, 6, 3, 4, 4), (2, 3, 4)),
+        (ConcreteDropout3d, (6, 3, 4, 4), (1, 2, 3)),
+    ],
+)
 def test_channelwise_mask_constant_over_spatial_positions(cls, shape, spatial_dims):
     torch.manual_seed(4)
     m = cls(init_p=0.5)
@@ -169,8 +185,15 @@ def test_conv2d_site_wrong_rank_raises():
 # --------------------------------------------------------------------------- modes
 
 
-@pytest.mark.parametrize("cls,shape", [(ConcreteDropout, (3, 4)), (ConcreteDropout2d, (2, 3, 4, 4)),
-                                       (ConcreteDropout1d, (2, 3, 4)), (ConcreteDropout3d, (2, 3, 2, 2, 2))])
+@pytest.mark.parametrize(
+    "cls,shape",
+    [
+        (ConcreteDropout, (3, 4)),
+        (ConcreteDropout2d, (2, 3, 4, 4)),
+        (ConcreteDropout1d, (2, 3, 4)),
+        (ConcreteDropout3d, (2, 3, 2, 2, 2)),
+    ],
+)
 def test_eval_is_identity_like_nn_dropout(cls, shape):
     m = cls(0.4).eval()
     x = torch.randn(shape)
@@ -183,20 +206,42 @@ def test_eval_is_identity_like_nn_dropout(cls, shape):
 
 
 def test_fraction_dropped_at_temperature_01():
-    torch.manual_seed(5)
+    # Exact fact: z > 1/2  <=>  logit(u) > -theta  <=>  u > 1 - p, at any temperature; z > 1/2 <=> y * (1 - p) < 1/2.
     n = 400_000
     for p in (0.1, 0.5):
-        theta = torch.tensor(_logit(p))
-        u = torch.rand(n)
-        z = torch.sigmoid((theta + torch.log(u) - torch.log1p(-u)) / 0.1)
-        # exact fact: P(z > 0.5) = P(logit(u) > -theta) = p for any t; check via the module's output
-        m = ConcreteDropout(p)
-        y = m(torch.ones(n))
-        dropped = (y * (1 - p) < 0.5)  # z > 0.5  <=>  (1 - z) < 0.5  <=>  y*(1-p) < 0.5
-        frac = dropped.double().mean().item()
-        std = math.sqrt(p * (1 - p) / n)
-        assert abs(frac - p) < 5 * std, (p, frac)
-        assert abs((z > 0.5).double().mean().item() - p) < 5 * std
+        # Controlled noise: the quantile grid u_i = (i + 1/2) / n, of which exactly n * p lie above 1 - p (the
+        # nearest grid points are 1.25e-6 from 1 - p, far beyond float64 error).
+        grid = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        for with_grad in (False, True):  # the no-grad path (MC prediction) and the autograd one (training)
+            theta = torch.tensor(_logit(p), dtype=torch.float64, requires_grad=with_grad)
+            y = concrete_dropout(torch.ones(n, dtype=torch.float64), theta, uniform=grid, temperature=0.1)
+            assert int((y.detach() * (1 - p) < 0.5).sum()) == round(n * p), with_grad
+        # The module's own noise (seeded): the fraction is p within five binomial standard errors.
+        torch.manual_seed(5)
+        y = ConcreteDropout(p)(torch.ones(n))
+        frac = (y * (1 - p) < 0.5).double().mean().item()
+        assert abs(frac - p) < 5 * math.sqrt(p * (1 - p) / n), (p, frac)
+
+
+@pytest.mark.parametrize(
+    "cls,shape,noise_shape",
+    [
+        (ConcreteDropout, (6, 7), (6, 7)),
+        (ConcreteDropout2d, (3, 4, 2, 2), (3, 4, 1, 1)),
+        (ConcreteDropout1d, (4, 5), (4, 1)),  # unbatched: the channel is dim 0
+    ],
+)
+def test_module_output_is_the_formula_on_the_noise_it_draws(cls, shape, noise_shape):
+    """In training a site draws one uniform of the mask's shape from the global generator (CPU float32:
+    :func:`cd_convert.noise.uniform`) and returns the paper's formula on it."""
+    m = cls(0.3).train()
+    x = torch.randn(shape)
+    torch.manual_seed(13)
+    y = m(x)
+    torch.manual_seed(13)
+    u = noise.uniform(noise_shape, device=torch.device("cpu"), dtype=torch.float32).double()
+    expected = _by_hand(x.double(), torch.tensor(m.p_logit.item(), dtype=torch.float64), u, m.temperature)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_channelwise_fraction_dropped():
@@ -211,10 +256,17 @@ def test_channelwise_fraction_dropped():
 
 def test_output_mean_approximately_unbiased():
     torch.manual_seed(7)
+    # E[1 - z] under u ~ U(0, 1), by the midpoint rule on a fine grid of u.
+    grid = (torch.arange(200_000, dtype=torch.float64) + 0.5) / 200_000
     for p in (0.1, 0.3, 0.5):
         m = ConcreteDropout(p)  # t = 0.1
         x = torch.rand(500_000) + 1.0
-        y = m(x)
+        y = m(x).double()
+        theta = m.p_logit.item()
+        keep_mean = torch.sigmoid(-(theta + torch.log(grid) - torch.log1p(-grid)) / 0.1).mean().item()
+        # E[y] = E[x] E[1 - z] / (1 - p) (x and the mask independent), within five standard errors.
+        expected = x.double().mean().item() * keep_mean / (1 - torch.sigmoid(torch.tensor(theta)).item())
+        assert abs(y.mean().item() - expected) < 5 * y.std().item() / math.sqrt(y.numel())
         # at t=0.1 the relaxation's mean of z is close to p: within 3% of the input mean
         assert y.mean().item() == pytest.approx(x.mean().item(), rel=0.03)
 
@@ -370,26 +422,38 @@ def test_init_p_range_draws_within_range_in_logit_space():
     assert ConcreteDropout([0.1, 0.2]).init_p == (0.1, 0.2)
 
 
-@pytest.mark.parametrize("bad,exc,msg", [
-    (0.0, ValueError, r"strictly inside \(0, 1\)"),
-    (1.0, ValueError, r"strictly inside \(0, 1\)"),
-    (-0.1, ValueError, r"strictly inside \(0, 1\)"),
-    (1.5, ValueError, r"strictly inside \(0, 1\)"),
-    (True, TypeError, "must be a float"),
-    ("0.1", TypeError, "must be a float"),
-    ((0.1, 0.2, 0.3), ValueError, r"\(low, high\) pair"),
-    ((0.1,), ValueError, r"\(low, high\) pair"),
-    ((0.5, 0.1), ValueError, "low <= high"),
-    ((0.0, 0.5), ValueError, r"init_p low must lie strictly inside"),
-    ((0.1, 1.0), ValueError, r"init_p high must lie strictly inside"),
-])
+@pytest.mark.parametrize(
+    "bad,exc,msg",
+    [
+        (0.0, ValueError, r"strictly inside \(0, 1\)"),
+        (1.0, ValueError, r"strictly inside \(0, 1\)"),
+        (-0.1, ValueError, r"strictly inside \(0, 1\)"),
+        (1.5, ValueError, r"strictly inside \(0, 1\)"),
+        (True, TypeError, "must be a float"),
+        ("0.1", TypeError, "must be a float"),
+        ((0.1, 0.2, 0.3), ValueError, r"\(low, high\) pair"),
+        ((0.1,), ValueError, r"\(low, high\) pair"),
+        ((0.5, 0.1), ValueError, "low <= high"),
+        ((0.0, 0.5), ValueError, r"init_p low must lie strictly inside"),
+        ((0.1, 1.0), ValueError, r"init_p high must lie strictly inside"),
+    ],
+)
 def test_init_p_refusals(bad, exc, msg):
     with pytest.raises(exc, match=msg):
         ConcreteDropout(bad)
 
 
-@pytest.mark.parametrize("bad,exc", [(0.0, ValueError), (-1.0, ValueError), (float("nan"), ValueError),
-                                     (float("inf"), ValueError), (True, TypeError), ("0.1", TypeError)])
+@pytest.mark.parametrize(
+    "bad,exc",
+    [
+        (0.0, ValueError),
+        (-1.0, ValueError),
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        (True, TypeError),
+        ("0.1", TypeError),
+    ],
+)
 def test_temperature_refusals(bad, exc):
     with pytest.raises(exc, match="temperature must be"):
         ConcreteDropout(0.1, temperature=bad)
@@ -461,7 +525,10 @@ def test_saved_output_path_has_the_same_gradients(channelwise):
         y = concrete_dropout(x, logit, temperature=0.3, channelwise=channelwise, uniform=u, save_output=save_output)
         grads.append(torch.autograd.grad((y * torch.arange(60, dtype=torch.float64).view(3, 4, 5)).sum(), (x, logit)))
     torch.testing.assert_close(grads[0], grads[1])
-    check = lambda a, b: concrete_dropout(a, b, temperature=0.3, channelwise=channelwise, uniform=u, save_output=True)
+
+    def check(a, b):
+        return concrete_dropout(a, b, temperature=0.3, channelwise=channelwise, uniform=u, save_output=True)
+
     assert torch.autograd.gradcheck(check, (x, logit))
 
 

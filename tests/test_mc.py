@@ -1,4 +1,5 @@
 """Tests for cd_convert.mc: MC mode, batched MC prediction and its summaries."""
+
 from __future__ import annotations
 
 import math
@@ -9,6 +10,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from cd_convert import noise
 from cd_convert.layers import ConcreteDropout, ConcreteDropoutBase
 from cd_convert.mc import (
     DEFAULT_CHUNK_BYTES_CPU,
@@ -23,9 +25,7 @@ from cd_convert.metrics import gaussian_test_log_likelihood, mutual_information,
 
 def classifier(seed: int = 0, p: float = 0.3) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(20, 32), nn.BatchNorm1d(32), nn.ReLU(), ConcreteDropout(p), nn.Linear(32, 5)
-    )
+    return nn.Sequential(nn.Linear(20, 32), nn.BatchNorm1d(32), nn.ReLU(), ConcreteDropout(p), nn.Linear(32, 5))
 
 
 class HeteroscedasticNet(nn.Module):
@@ -192,9 +192,7 @@ def test_classification_agrees_with_a_loop_of_passes() -> None:
     # The summaries are those of the metrics module applied to the samples.
     torch.testing.assert_close(pred.probs, pred.samples.mean(0))
     torch.testing.assert_close(pred.entropy, predictive_entropy(pred.samples.mean(0)))
-    torch.testing.assert_close(
-        pred.mutual_information, mutual_information(pred.samples), atol=1e-5, rtol=1e-4
-    )
+    torch.testing.assert_close(pred.mutual_information, mutual_information(pred.samples), atol=1e-5, rtol=1e-4)
 
 
 def test_entropy_bounds() -> None:
@@ -242,9 +240,7 @@ def test_chunking_is_reproducible_and_agrees_within_mc_error() -> None:
     # Documented behaviour: chunk_size changes which noise each row gets (the sites draw per forward
     # pass), so different chunkings are different draws that agree within MC error; the same chunk_size
     # and seed reproduce exactly.
-    model = nn.Sequential(
-        ConcreteDropout(0.3), nn.Linear(20, 32), nn.ReLU(), ConcreteDropout(0.3), nn.Linear(32, 5)
-    )
+    model = nn.Sequential(ConcreteDropout(0.3), nn.Linear(20, 32), nn.ReLU(), ConcreteDropout(0.3), nn.Linear(32, 5))
     x = torch.randn(6, 20)
     samples = 400
     whole = mc_predict(model, x, samples, generator=seeded(0), return_samples=True)
@@ -270,9 +266,7 @@ def test_hard_sampling_gives_zero_or_scaled_input() -> None:
     site = ConcreteDropout(0.3)
     model = nn.Sequential(site)
     x = torch.rand(50, 40) + 0.5
-    pred = mc_predict(
-        model, x, 20, sampling="hard", task="regression", return_samples=True, generator=seeded(0)
-    )
+    pred = mc_predict(model, x, 20, sampling="hard", task="regression", return_samples=True, generator=seeded(0))
     out = pred.samples
     p = float(site.p.detach())
     scaled = x / (1 - p)
@@ -286,6 +280,59 @@ def test_hard_sampling_gives_zero_or_scaled_input() -> None:
     relaxed = mc_predict(model, x, 5, task="regression", return_samples=True, generator=seeded(0)).samples
     ratio = relaxed / scaled
     assert bool(((ratio > 1e-3) & (ratio < 1 - 1e-3)).any())
+
+
+# ------------------------------------------------------- mc_predict: the relaxed mask without autograd
+
+
+def test_relaxed_passes_are_the_formula_on_the_sites_noise() -> None:
+    """Each relaxed MC pass is ``x * (1 - z) / (1 - p)`` with ``z = sigmoid((logit(p) + logit(u)) / t)``.
+
+    With one chunk, the site draws one ``(T * B, D)`` CPU float32 noise tensor from the global generator,
+    which mc_predict seeds with ``derived_seed``: the test draws that tensor again and applies the formula.
+    """
+    site = ConcreteDropout(0.3)
+    samples, batch, features = 6, 4, 50
+    x = torch.rand(batch, features) + 0.5
+    pred = mc_predict(
+        nn.Sequential(site),
+        x,
+        samples,
+        chunk_size=samples * batch,
+        generator=seeded(4),
+        task="regression",
+        return_samples=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derived_seed(4))
+        u = noise.uniform((samples * batch, features), device=torch.device("cpu"), dtype=torch.float32).double()
+    theta = site.p_logit.item()
+    p = 1 / (1 + math.exp(-theta))
+    z = 1 / (1 + torch.exp(-(theta + torch.log(u) - torch.log(1 - u)) / site.temperature))
+    expected = x.double().repeat(samples, 1) * (1 - z) / (1 - p)
+    torch.testing.assert_close(pred.samples.double(), expected.view(samples, batch, features), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_relaxed_mc_mean_and_keep_probability_follow_the_mask_law(p: float) -> None:
+    """Over many passes: P(1 - z >= 1/2) = 1 - p exactly, and E[output] = x * E[1 - z] / (1 - p).
+
+    E[1 - z] (close to, but not exactly, 1 - p at t = 0.1) is the midpoint-rule integral over u ~ U(0, 1).
+    """
+    site = ConcreteDropout(p)
+    x = torch.full((8, 250), 2.0)
+    samples = 100
+    pred = mc_predict(nn.Sequential(site), x, samples, generator=seeded(9), task="regression", return_samples=True)
+    theta = site.p_logit.item()
+    p = 1 / (1 + math.exp(-theta))
+    ratio = pred.samples.double() / 2.0  # (1 - z) / (1 - p) per element
+    n = ratio.numel()
+    kept = (ratio * (1 - p) >= 0.5).double().mean().item()
+    assert abs(kept - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    u = (torch.arange(200_000, dtype=torch.float64) + 0.5) / 200_000
+    law = torch.sigmoid(-(theta + torch.log(u) - torch.log1p(-u)) / site.temperature) / (1 - p)
+    assert abs(ratio.mean().item() - law.mean().item()) < 5 * law.std().item() / math.sqrt(n)
+    assert abs(law.mean().item() - 1) < 0.03  # the inverted-dropout scaling keeps the mean near x
 
 
 def test_invalid_arguments() -> None:

@@ -1,0 +1,805 @@
+"""Mutation testing: plant known bugs, one at a time, in a copy of the repository and see which the tests catch.
+
+Each :class:`Mutation` replaces one exact snippet of one file by a wrong version (the kind of bug that would
+silently give a user wrong numbers) and names the test files that should catch it. For every mutant the
+repository is copied to a temporary folder, the snippet is replaced there (the checkout is never touched) and
+``python -m pytest -x -q -p no:cacheprovider <tests>`` runs in the copy with ``PYTHONPATH`` pointing at it.
+
+The virtual environment holds an editable install of the checkout, so a wrong setup would silently test the
+unmutated code. Two guards prevent that: a pytest plugin written into the copy only (``-p
+_cd_mutation_guard``) stops the run unless ``cd_convert`` and the mutated module are imported from the copy,
+and a baseline run of the unmutated copy must pass first (tests that already fail there are deselected from
+the mutant runs and listed in the report, so they cannot pass for "caught").
+
+Usage::
+
+    python -m tools.mutation                     # every mutant, its fast test selection, one at a time
+    python -m tools.mutation --list              # the mutants, and whether each still applies
+    python -m tools.mutation --only entropy-sign,mc-sites-not-sampling --jobs 2
+    python -m tools.mutation --full --timeout 1800   # the whole suite for every mutant (slow)
+
+Output: a markdown table ``id | bug | file | result | seconds``. Exit status 0 when every mutant was caught,
+1 when any survived, no longer applies, timed out or could not be run, 2 when the setup itself failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import glob
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Set, Tuple
+
+#: The repository this file belongs to (tools/ sits at its root).
+REPO_ROOT = Path(__file__).resolve().parents[1]
+#: What is not copied: environments, VCS data, caches and outputs (none of it is needed to run the tests).
+IGNORED = ("venv", ".venv", ".git", "__pycache__", "results", "*.egg-info", "build", ".pytest_cache", ".ruff_cache")
+#: Name of the guard plugin written into each copy (and nowhere else).
+GUARD_MODULE = "_cd_mutation_guard"
+#: Exit statuses of the guard plugin: the mutated code does not import / the copy is not what gets imported.
+IMPORT_ERROR_RC = 97
+GUARD_RC = 98
+DEFAULT_TIMEOUT_S = 300
+DEFAULT_FULL_TIMEOUT_S = 1800
+
+GUARD_SOURCE = f'''"""Written by tools/mutation.py into a temporary copy of the repository; never part of the checkout.
+
+Stops the pytest run unless cd_convert (and the mutated module) are imported from this copy, and tells a
+mutated module that does not import apart from a failing test.
+"""
+import importlib
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+
+
+def pytest_configure(config):
+    root = Path(os.environ["CD_MUTATION_ROOT"]).resolve()
+    names = ["cd_convert"] + [n for n in os.environ.get("CD_MUTATION_MODULE", "").split(",") if n]
+    for name in names:
+        try:
+            module = importlib.import_module(name)
+        except BaseException:  # a SyntaxError, NameError, ... raised while importing the mutated code
+            sys.stderr.write("CD-MUTATION-IMPORT-ERROR " + name + "\\n" + traceback.format_exc())
+            pytest.exit("the mutated code does not import", returncode={IMPORT_ERROR_RC})
+        path = Path(module.__file__).resolve()
+        if root not in path.parents:
+            sys.stderr.write(f"CD-MUTATION-GUARD {{name}} imported from {{path}}, not from the copy {{root}}\\n")
+            pytest.exit("the copy is not what gets imported", returncode={GUARD_RC})
+'''
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    """One planted bug.
+
+    Attributes:
+        id: short unique name (``--only`` takes it).
+        bug: one line: what a user would suffer.
+        file: path relative to the repository root.
+        old: snippet that must occur exactly once in ``file``.
+        new: its wrong replacement.
+        tests: test files (or globs, or node ids) that should catch it: the fast default selection.
+    """
+
+    id: str
+    bug: str
+    file: str
+    old: str
+    new: str
+    tests: Tuple[str, ...]
+
+
+# Test selections shared by several mutants. Globs pick up test files other people add later; a selection
+# entry that matches nothing is dropped (and listed in the result).
+_REGULARISER = ("tests/test_collector.py", "tests/test_regularizer*.py")
+_LAYERS = ("tests/test_layers.py", "tests/test_site_options.py")
+_CONVERT = ("tests/test_convert_basic.py", "tests/test_sites.py")
+_MC = ("tests/test_mc.py",)
+_UCI = ("tests/test_uci*.py", "tests/test_benchmarks_smoke.py")
+
+MUTATIONS: Tuple[Mutation, ...] = (
+    # --- K, the number of units the entropy term is multiplied by
+    Mutation(
+        "conv-k-out-channels",
+        "K of a conv consumer is its out_channels, not in_channels: wrong dropout prior for every conv site",
+        "cd_convert/consumers.py",
+        "return module.in_channels",
+        "return module.out_channels",
+        _REGULARISER + ("tests/test_convert_basic.py",),
+    ),
+    Mutation(
+        "k-from-batch-dim",
+        "K of a site without consumer is read from the batch dim: the prior changes with the batch size",
+        "cd_convert/layers.py",
+        "if cls.channelwise else shape[-1])",
+        "if cls.channelwise else shape[0])",
+        _REGULARISER + _LAYERS,
+    ),
+    # --- the regulariser's arithmetic
+    Mutation(
+        "weight-term-other-site",
+        "each site's squared weight norm is divided by its neighbour's (1 - p) (off-by-one gather of p)",
+        "cd_convert/collector.py",
+        "kept = one_minus_p if self.index is None else one_minus_p[self.index]",
+        "kept = one_minus_p.roll(1) if self.index is None else one_minus_p.roll(1)[self.index]",
+        _REGULARISER,
+    ),
+    Mutation(
+        "weight-term-p",
+        "the weight term divides by p instead of (1 - p): the weight decay shrinks as more units are kept",
+        "cd_convert/collector.py",
+        "kept = one_minus_p if self.index is None else one_minus_p[self.index]",
+        "kept = torch.sigmoid(theta) if self.index is None else torch.sigmoid(theta)[self.index]",
+        _REGULARISER,
+    ),
+    Mutation(
+        "entropy-sign",
+        "the entropy term's sign is flipped: the prior pushes p towards 0 or 1 instead of towards 1/2",
+        "cd_convert/collector.py",
+        "total = self.dropout_regularizer * (self.units * neg_entropy).sum()",
+        "total = -self.dropout_regularizer * (self.units * neg_entropy).sum()",
+        _REGULARISER,
+    ),
+    Mutation(
+        "entropy-without-k",
+        "the entropy term is not multiplied by K: the dropout prior is K times too weak on wide layers",
+        "cd_convert/collector.py",
+        "total = self.dropout_regularizer * (self.units * neg_entropy).sum()",
+        "total = self.dropout_regularizer * neg_entropy.sum()",
+        _REGULARISER,
+    ),
+    Mutation(
+        "collector-clamp-not-straight-through",
+        "the regulariser's logit clamp blocks the gradient: a p pushed past its bound never comes back",
+        "cd_convert/collector.py",
+        "theta = raw + (detached.clamp(self.neg_bounds, self.bounds) - detached)",
+        "theta = raw.clamp(self.neg_bounds, self.bounds)",
+        _REGULARISER,
+    ),
+    Mutation(
+        "clamped-logit-not-straight-through",
+        "clamped_logit (p, the no-grad and the reference paths) blocks the gradient beyond the bound",
+        "cd_convert/layers.py",
+        "return p_logit + (p_logit.clamp(-bound, bound) - p_logit).detach()",
+        "return p_logit.clamp(-bound, bound)",
+        _LAYERS + _REGULARISER,
+    ),
+    Mutation(
+        "norms-low-precision",
+        "consumer weight norms are computed in bf16/fp16 and cast afterwards: the weight term loses ~3 digits",
+        "cd_convert/collector.py",
+        "torch.stack(torch._foreach_norm(list(weights), 2, dtype=torch.float32)).square()",
+        "torch.stack(torch._foreach_norm(list(weights), 2)).square().float()",
+        _REGULARISER,
+    ),
+    Mutation(
+        "regularization-one-submodule",
+        "regularization() of a model holding several converted modules counts only the last one",
+        "cd_convert/collector.py",
+        "total = term if total is None else total + term.to(total.device)",
+        "total = term",
+        _REGULARISER,
+    ),
+    Mutation(
+        "plan-cache-stale",
+        "the regulariser's cached plan is kept when sites are added: new sites train without a prior",
+        "cd_convert/collector.py",
+        "if collector.applications != self.applications:",
+        "if len(collector.applications) < 0:  # mutant: added applications go unnoticed",
+        _REGULARISER + ("tests/test_convert_basic.py",),
+    ),
+    # --- prior constants and losses
+    Mutation(
+        "nll-preset-wr",
+        "the 'nll' preset's weight regulariser is l^2/N instead of l^2/(2N): twice the weight decay",
+        "cd_convert/prior.py",
+        "wr, dr = l2 / (2 * n), 1.0 / n",
+        "wr, dr = l2 / n, 1.0 / n",
+        ("tests/test_prior.py",) + _REGULARISER,
+    ),
+    Mutation(
+        "mse-preset-tau-ignored",
+        "the 'mse' preset's dropout regulariser ignores tau (2/N instead of 2/(tau N))",
+        "cd_convert/prior.py",
+        "wr, dr = l2 / (t * n), 2.0 / (t * n)",
+        "wr, dr = l2 / (t * n), 2.0 / n",
+        ("tests/test_prior.py",) + _REGULARISER,
+    ),
+    Mutation(
+        "gaussian-nll-constant",
+        "gaussian_nll drops the log(2 pi) constant: reported NLLs are off by 0.92 nats per output",
+        "cd_convert/losses.py",
+        "+ log_variance + LOG_2PI)",
+        "+ log_variance)",
+        ("tests/test_losses.py",),
+    ),
+    # --- the site's forward and backward
+    Mutation(
+        "nograd-drops-scale",
+        "the no-grad path (MC prediction) drops 1/(1 - p): MC predictions are shrunk by (1 - p) per site",
+        "cd_convert/layers.py",
+        "keep = s.sigmoid_().mul_(torch.sigmoid(-theta).reciprocal())",
+        "keep = s.sigmoid_()",
+        ("tests/test_noise.py",) + _LAYERS + _MC,
+    ),
+    Mutation(
+        "backward-temperature-dropped",
+        "the p-logit gradient ignores the temperature: p learns from a gradient t times too small",
+        "cd_convert/layers.py",
+        "grad = torch.sigmoid(theta) * gy_sum - (gy_sum - gyw_sum) / ctx.temperature",
+        "grad = torch.sigmoid(theta) * gy_sum - (gy_sum - gyw_sum)",
+        _LAYERS,
+    ),
+    Mutation(
+        "user-temperature-ignored",
+        "a temperature given to a site is ignored: the class default is always used",
+        "cd_convert/layers.py",
+        "validate_temperature(self.default_temperature if temperature is None else temperature)",
+        "validate_temperature(self.default_temperature)",
+        _LAYERS + _CONVERT,
+    ),
+    Mutation(
+        "channelwise-noise-per-sample",
+        "channel-wise sites draw one mask value per sample instead of per (sample, channel)",
+        "cd_convert/layers.py",
+        "return tuple(x.shape[: channel_dim + 1]) + (1,) * (x.dim() - channel_dim - 1)",
+        "return tuple(x.shape[:channel_dim]) + (1,) * (x.dim() - channel_dim)",
+        _LAYERS,
+    ),
+    Mutation(
+        "eval-applies-dropout",
+        "eval mode still applies the relaxed mask: deterministic predictions are noisy",
+        "cd_convert/layers.py",
+        "if not (is_training or self.sampling is not None):",
+        "if False:  # mutant: eval mode never short-circuits",
+        _LAYERS + ("tests/test_convert_basic.py",),
+    ),
+    Mutation(
+        "hard-mask-drops-1-minus-p",
+        "sampling='hard' drops each unit with probability 1 - p instead of p",
+        "cd_convert/layers.py",
+        "keep = uniform.ge_(torch.sigmoid(theta))",
+        "keep = uniform.ge_(torch.sigmoid(-theta))",
+        _LAYERS + _MC,
+    ),
+    # --- noise
+    Mutation(
+        "noise-half-interval",
+        "the CPU float32 noise uses 22 of 23 mantissa bits: u only covers (0, 1/2), far more units are dropped",
+        "cd_convert/noise.py",
+        "_MANTISSA_MASK = (1 << 23) - 1",
+        "_MANTISSA_MASK = (1 << 22) - 1",
+        ("tests/test_noise.py",) + _LAYERS,
+    ),
+    Mutation(
+        "fused-four-share-noise",
+        "the fused GPU kernels give four neighbouring elements (or channels) one shared noise value",
+        "cd_convert/_triton_kernels.py",
+        "return tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))",
+        "return tl.where(lane == lane, r0, r0)",
+        ("tests/test_noise_independence.py", "tests/test_fused.py"),
+    ),
+    # --- conversion
+    Mutation(
+        "original-rate-ignored",
+        "converted sites start at init_p instead of the model's original dropout rate",
+        "cd_convert/options.py",
+        "return p if p is not None and 0.0 < p < 1.0 else self.init_p",
+        "return self.init_p",
+        _CONVERT,
+    ),
+    Mutation(
+        "temperature-options-swapped",
+        "convert(temperature=...) sets the channel-wise sites and channel_temperature= the element-wise ones",
+        "cd_convert/options.py",
+        "return self.channel_temperature if site_type.channelwise else self.temperature",
+        "return self.temperature if site_type.channelwise else self.channel_temperature",
+        _CONVERT + _LAYERS,
+    ),
+    Mutation(
+        "save-output-always",
+        "sites keep their output for the backward pass even when an in-place op follows: backward breaks",
+        "cd_convert/convert.py",
+        "site.save_output = entry.exact_consumers and all(c is not None for c, _ in entry.applications)",
+        "site.save_output = True",
+        _LAYERS + ("tests/test_convert_basic.py",),
+    ),
+    Mutation(
+        "freeze-writes-keep-prob",
+        "freeze() writes the keep probability 1 - p into the plain nn.Dropout instead of p",
+        "cd_convert/sites/base.py",
+        "(p=float(site.p.detach()))",
+        "(p=1.0 - float(site.p.detach()))",
+        _CONVERT,
+    ),
+    # --- consumers, widths, targeting, planning
+    Mutation(
+        "channelwise-k-flattened-linear",
+        "a channel-wise site read by a Linear through a flatten counts the Linear's in_features (C*H*W), not C",
+        "cd_convert/consumers.py",
+        "    return consumer if convs else ConsumerInfo(consumer.modules, consumer.weights, None)",
+        "    return consumer",
+        _REGULARISER,
+    ),
+    Mutation(
+        "shape-read-hides-consumer",
+        "x.view(x.size(0), -1) counts as a reader: the site behind it loses its consumer and weight term",
+        "cd_convert/consumers.py",
+        "            if _reads_metadata_only(user):\n                continue\n",
+        "",
+        _REGULARISER,
+    ),
+    Mutation(
+        "width-at-convert-wrong-dim",
+        "K fixed at conversion from a Linear's in_features instead of the out_features it produces",
+        "cd_convert/consumers.py",
+        "        return module.out_features",
+        "        return module.in_features",
+        ("tests/test_width_at_convert.py", "tests/test_regularizer*.py"),
+    ),
+    Mutation(
+        "targeted-layer-double-dropout",
+        "targets=[nn.Linear] adds a second learned site behind the dropout already in front of the layer",
+        "cd_convert/sites/targeted.py",
+        "        absorber = _absorber(planner, module)\n",
+        "        absorber = None\n",
+        ("tests/test_absorb.py", "tests/test_targets.py"),
+    ),
+    Mutation(
+        "plan-lists-existing-site-twice",
+        "plan() on a converted model lists a site found two ways twice, at the default init_p",
+        "cd_convert/planning.py",
+        "            if previous is not None and previous.existing:\n                return previous\n",
+        "",
+        ("tests/test_plan_converted.py", "tests/test_convert_twice.py"),
+    ),
+    Mutation(
+        "freeze-keeps-handwritten-sites",
+        "freeze() leaves ConcreteDropout layers written in the model's code (and their p_logit keys) in place",
+        "cd_convert/sites/module.py",
+        "        pass\n\n    def freeze(self, root: nn.Module) -> None:\n        frozen = frozen_dropout(",
+        "        pass\n\n    def freeze(self, root: nn.Module) -> None:\n        frozen = (",
+        ("tests/test_freeze_handwritten.py",),
+    ),
+    # --- Monte Carlo prediction
+    Mutation(
+        "mc-sites-not-sampling",
+        "mc_mode does not switch the sites to sampling: mc_predict returns T identical deterministic passes",
+        "cd_convert/mc.py",
+        "            site.sampling = sampling\n",
+        "            site.sampling = None\n",
+        _MC,
+    ),
+    Mutation(
+        "mc-wrong-rows-averaged",
+        "mc_predict averages rows i*T..i*T+T-1 (the wrong axis of the pass-major layout) for example i",
+        "cd_convert/mc.py",
+        "examples = torch.arange(start, start + probs.shape[0], device=probs.device) % self.batch",
+        "examples = torch.arange(start, start + probs.shape[0], device=probs.device) // self.samples",
+        _MC,
+    ),
+    Mutation(
+        "mc-variance-without-aleatoric",
+        "the predictive variance of a heteroscedastic head leaves out the aleatoric part",
+        "cd_convert/mc.py",
+        "variance=epistemic + aleatoric,",
+        "variance=epistemic,",
+        _MC,
+    ),
+    # --- UCI benchmark (benchmarks/uci.py)
+    Mutation(
+        "uci-grid-worst",
+        "the UCI grid search (and tau selection) picks the (p, tau) with the worst validation LL",
+        "benchmarks/uci.py",
+        "np.unravel_index(np.argmax(scores), scores.shape)",
+        "np.unravel_index(np.argmin(scores), scores.shape)",
+        _UCI,
+    ),
+    Mutation(
+        "uci-calibration-worst",
+        "UCI noise calibration keeps the candidate noise level with the worst validation LL",
+        "benchmarks/uci.py",
+        "candidates[int(np.argmax(lls))]",
+        "candidates[int(np.argmin(lls))]",
+        _UCI,
+    ),
+    Mutation(
+        "uci-best-state-not-restored",
+        "the UCI concrete run tests the last epoch's weights, not the best-validation state it kept",
+        "benchmarks/uci.py",
+        "model.load_state_dict(self.state)",
+        "pass  # mutant: the kept state is never loaded",
+        _UCI,
+    ),
+)
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What happened to one mutant (or to the baseline).
+
+    Attributes:
+        status: ``caught``, ``import-error``, ``survived``, ``not-applied``, ``timeout``, ``no-tests`` or ``error``.
+        detail: the first failing test id, or why it was not run.
+        seconds: wall-clock time of the pytest run (0 when none ran).
+        output: pytest's combined output (for ``--log-dir``).
+    """
+
+    status: str
+    detail: str = ""
+    seconds: float = 0.0
+    output: str = ""
+
+    @property
+    def caught(self) -> bool:
+        return self.status in ("caught", "import-error")
+
+    def text(self) -> str:
+        """The result column of the table."""
+        return {
+            "caught": f"caught by {self.detail}",
+            "import-error": f"caught (import error: {self.detail})",
+            "survived": "SURVIVED",
+            "not-applied": f"does not apply ({self.detail})",
+            "timeout": f"timeout ({self.detail})",
+            "no-tests": f"not run ({self.detail})",
+            "error": f"error ({self.detail})",
+        }[self.status]
+
+
+# ------------------------------------------------------------------------------------------ copies
+
+
+def _ignore(directory: str, names: List[str]) -> Set[str]:
+    return set(shutil.ignore_patterns(*IGNORED)(directory, names))
+
+
+def make_copy(source: Path, workdir: Path, rev: Optional[str] = None) -> Path:
+    """Copy the repository into ``workdir/<name>`` (the working tree, or the commit ``rev``).
+
+    A ``shared`` folder beside the checkout (data sets the tests look for at ``<repo>/../shared``) is linked
+    beside the copy, so tests that would find it in the checkout find it in the copy too.
+
+    Args:
+        source: the repository root.
+        workdir: an empty temporary folder.
+        rev: a git revision to export instead of the working tree (``git archive``; read-only for the repo).
+
+    Returns:
+        The root of the copy.
+    """
+    dest = workdir / source.name
+    if rev is None:
+        shutil.copytree(source, dest, ignore=_ignore, symlinks=True)
+    else:
+        tar = subprocess.run(
+            ["git", "-C", str(source), "archive", "--format=tar", rev], capture_output=True, check=True
+        ).stdout
+        dest.mkdir()
+        with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+            if hasattr(tarfile, "data_filter"):
+                archive.extractall(dest, filter="data")
+            else:  # Python without extraction filters; the archive is our own repository's
+                archive.extractall(dest)
+    shared = source.parent / "shared"
+    if shared.is_dir() and not (workdir / "shared").exists():
+        (workdir / "shared").symlink_to(shared.resolve(), target_is_directory=True)
+    (dest / f"{GUARD_MODULE}.py").write_text(GUARD_SOURCE)
+    return dest
+
+
+def apply_mutation(root: Path, mutation: Mutation) -> Optional[str]:
+    """Replace the mutation's snippet in the copy at ``root``.
+
+    Args:
+        root: root of a copy (never the checkout).
+        mutation: the mutation.
+
+    Returns:
+        None when applied, else why not (the file is missing, or the snippet occurs 0 or several times).
+    """
+    path = root / mutation.file
+    if not path.is_file():
+        return "code changed: file missing"
+    text = path.read_text()
+    count = text.count(mutation.old)
+    if count != 1:
+        return f"code changed: snippet found {count} times"
+    path.write_text(text.replace(mutation.old, mutation.new))
+    return None
+
+
+def module_name(path: str) -> Optional[str]:
+    """Dotted module name of a repository file (``cd_convert/sites/base.py`` -> ``cd_convert.sites.base``)."""
+    if not path.endswith(".py") or path.startswith("tests/"):
+        return None
+    parts = path[: -len(".py")].split("/")
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts) or None
+
+
+def resolve_tests(root: Path, selection: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """Expand globs of a test selection in the copy.
+
+    Args:
+        root: root of the copy.
+        selection: paths, globs or node ids (``path::name``) relative to the root.
+
+    Returns:
+        ``(found, missing)``: the entries that exist (globs expanded, sorted) and those that matched nothing.
+    """
+    found: List[str] = []
+    missing: List[str] = []
+    for entry in selection:
+        path, sep, rest = entry.partition("::")
+        matches = sorted(glob.glob(path, root_dir=root)) if glob.has_magic(path) else [path]
+        matches = [m for m in matches if (root / m).exists()]
+        if not matches:
+            missing.append(entry)
+        found.extend(m + sep + rest for m in matches if m + sep + rest not in found)
+    return found, missing
+
+
+# ------------------------------------------------------------------------------------------ pytest runs
+
+_SUMMARY = re.compile(r"^(FAILED|ERROR) (\S.*?)(?: - .*)?$")
+
+
+def failing_tests(output: str) -> List[str]:
+    """Node ids (or file paths, for collection errors) of the FAILED/ERROR lines of pytest's short summary."""
+    ids = []
+    for line in output.splitlines():
+        match = _SUMMARY.match(line)
+        if match and match.group(2) not in ids:
+            ids.append(match.group(2))
+    return ids
+
+
+def run_pytest(
+    root: Path,
+    tests: Sequence[str],
+    *,
+    modules: Sequence[str],
+    timeout: float,
+    stop_first: bool,
+    excluded: Sequence[str] = (),
+) -> Tuple[Optional[int], str, float]:
+    """Run pytest in the copy at ``root`` with the current interpreter.
+
+    Args:
+        root: root of the copy (cwd and ``PYTHONPATH``).
+        tests: the test files / node ids.
+        modules: modules the guard must import from the copy (the mutated one).
+        timeout: seconds before the whole process group is killed.
+        stop_first: ``-x``.
+        excluded: node ids to ``--deselect`` and files to ``--ignore`` (tests that fail without a mutation).
+
+    Returns:
+        ``(returncode or None on timeout, combined output, seconds)``.
+    """
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", GUARD_MODULE, "-rfE"]
+    if stop_first:
+        command.insert(3, "-x")
+    for item in excluded:
+        command.append(f"--deselect={item}" if "::" in item else f"--ignore={item}")
+    command += list(tests)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["CD_MUTATION_ROOT"] = str(root)
+    env["CD_MUTATION_MODULE"] = ",".join(modules)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env["COLUMNS"] = "300"  # short-summary lines are cut to the terminal width
+    if not env.get("CD_CONVERT_DATA") and (root.parent / "shared" / "datasets").is_dir():
+        env["CD_CONVERT_DATA"] = str(root.parent / "shared" / "datasets")
+    start = time.perf_counter()
+    # A session of its own, so that a timeout kills pytest's subprocesses too.
+    proc = subprocess.Popen(
+        command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, output, time.perf_counter() - start
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        output, _ = proc.communicate()
+        return None, output, time.perf_counter() - start
+
+
+def classify(returncode: Optional[int], output: str, seconds: float, timeout: float) -> Outcome:
+    """Turn a mutant's pytest run into an :class:`Outcome`."""
+    if returncode is None:
+        return Outcome("timeout", f"> {timeout:g} s", seconds, output)
+    if returncode == IMPORT_ERROR_RC:
+        match = re.search(r"^(\w*Error)\b.*$", output.split("CD-MUTATION-IMPORT-ERROR", 1)[-1], re.M)
+        return Outcome("import-error", match.group(1) if match else "see log", seconds, output)
+    if returncode == GUARD_RC:
+        return Outcome("error", "guard: the copy was not imported", seconds, output)
+    if returncode == 0:
+        return Outcome("survived", "", seconds, output)
+    if returncode == 5:
+        return Outcome("no-tests", "no tests collected", seconds, output)
+    if returncode in (1, 2):  # tests failed / interrupted by a collection error
+        failed = failing_tests(output)
+        return Outcome("caught", failed[0] if failed else f"pytest exit {returncode}", seconds, output)
+    if returncode < 0:
+        return Outcome("caught", f"crash, signal {-returncode}", seconds, output)
+    return Outcome("error", f"pytest exit {returncode}", seconds, output)
+
+
+def run_mutant(mutation: Mutation, args: argparse.Namespace, excluded: Sequence[str]) -> Outcome:
+    """Copy, mutate, test, clean up."""
+    with tempfile.TemporaryDirectory(prefix=f"cd-mutant-{mutation.id}-") as tmp:
+        root = make_copy(args.snapshot, Path(tmp))
+        problem = apply_mutation(root, mutation)
+        if problem is not None:
+            return Outcome("not-applied", problem)
+        tests, missing = resolve_tests(root, ["tests"] if args.full else mutation.tests)
+        if not tests:
+            return Outcome("no-tests", "no test file of " + ", ".join(missing))
+        module = module_name(mutation.file)
+        code, output, seconds = run_pytest(
+            root, tests, modules=[module] if module else [], timeout=args.timeout, stop_first=True, excluded=excluded
+        )
+    return classify(code, output, seconds, args.timeout)
+
+
+def run_baseline(mutations: Sequence[Mutation], args: argparse.Namespace) -> Tuple[Optional[int], str, float]:
+    """Run every selected test once on the unmutated copy (all of them: no ``-x``), with the import guard.
+
+    Args:
+        mutations: the mutants about to run (their selections are united, their modules guarded).
+        args: the parsed command line.
+
+    Returns:
+        ``(returncode or None on timeout, output, seconds)``.
+    """
+    with tempfile.TemporaryDirectory(prefix="cd-mutant-baseline-") as tmp:
+        root = make_copy(args.snapshot, Path(tmp))
+        selection = ["tests"] if args.full else list(dict.fromkeys(t for m in mutations for t in m.tests))
+        tests, _ = resolve_tests(root, selection)
+        modules = sorted({module_name(m.file) for m in mutations if module_name(m.file) and (root / m.file).is_file()})
+        return run_pytest(root, tests, modules=modules, timeout=args.timeout * max(1, len(tests)), stop_first=False)
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def list_mutations(mutations: Sequence[Mutation], repo: Path) -> str:
+    """The ``--list`` table: id, bug, file, default tests, and whether the snippet still applies to ``repo``."""
+    rows = []
+    for m in mutations:
+        path = repo / m.file
+        count = path.read_text().count(m.old) if path.is_file() else -1
+        applies = "yes" if count == 1 else ("file missing" if count < 0 else f"no ({count} matches)")
+        rows.append([m.id, m.bug, m.file, ", ".join(m.tests), applies])
+    return table(rows, ["id", "bug", "file", "tests", "applies"])
+
+
+def select(mutations: Sequence[Mutation], only: Optional[str]) -> List[Mutation]:
+    """The mutations named by ``--only`` (all when None); unknown ids are an error."""
+    if not only:
+        return list(mutations)
+    wanted = [s.strip() for s in only.split(",") if s.strip()]
+    known = {m.id: m for m in mutations}
+    unknown = [w for w in wanted if w not in known]
+    if unknown:
+        raise SystemExit(f"unknown mutation id(s): {', '.join(unknown)}; see --list")
+    return [known[w] for w in wanted]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--only", default=None, help="comma-separated mutation ids (default: all)")
+    parser.add_argument("--full", action="store_true", help="run the whole suite for each mutant")
+    parser.add_argument("--jobs", type=int, default=1, help="mutants run in parallel (default 1)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and whether they apply; run nothing")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help=f"seconds per mutant (default {DEFAULT_TIMEOUT_S}, {DEFAULT_FULL_TIMEOUT_S} with --full)",
+    )
+    parser.add_argument("--repo", type=Path, default=REPO_ROOT, help="repository to copy (default: this one)")
+    parser.add_argument("--rev", default=None, help="mutate this git revision instead of the working tree")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run (trust the selection)")
+    parser.add_argument("--log-dir", type=Path, default=None, help="write each run's pytest output to DIR/<id>.log")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the mutants; print the markdown table.
+
+    Args:
+        argv: command-line arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        0 when every mutant was caught, 1 otherwise, 2 when the baseline could not be established.
+    """
+    args = build_parser().parse_args(argv)
+    args.repo = args.repo.resolve()
+    mutations = select(MUTATIONS, args.only)
+    if args.list:
+        print(list_mutations(mutations, args.repo))
+        return 0
+    if args.timeout is None:
+        args.timeout = DEFAULT_FULL_TIMEOUT_S if args.full else DEFAULT_TIMEOUT_S
+    if args.jobs < 1:
+        raise SystemExit("--jobs must be >= 1")
+    if args.log_dir is not None:
+        args.log_dir.mkdir(parents=True, exist_ok=True)
+
+    # One snapshot of the repository for the whole session: the baseline and every mutant see the same code
+    # even while someone goes on editing the checkout.
+    with tempfile.TemporaryDirectory(prefix="cd-mutation-snapshot-") as snapshot:
+        args.snapshot = make_copy(args.repo, Path(snapshot), args.rev)
+        excluded: List[str] = []
+        notes: List[str] = []
+        if not args.no_baseline:
+            print("baseline: the unmutated copy ...", file=sys.stderr, flush=True)
+            code, output, seconds = run_baseline(mutations, args)
+            if args.log_dir is not None:
+                (args.log_dir / "baseline.log").write_text(output)
+            excluded = failing_tests(output) if code in (1, 2) else []
+            print(f"baseline: pytest exit {code} in {seconds:.0f} s", file=sys.stderr, flush=True)
+            if code != 0 and not excluded:
+                print(output[-3000:], file=sys.stderr)
+                print(
+                    "the unmutated copy does not pass (or is not what gets imported); no mutant was run.",
+                    file=sys.stderr,
+                )
+                return 2
+            if excluded:
+                notes.append(
+                    "Tests failing without any mutation (left out of every mutant run): " + ", ".join(excluded)
+                )
+
+        outcomes: Dict[str, Outcome] = {}
+        with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = {pool.submit(run_mutant, m, args, excluded): m for m in mutations}
+            for future in concurrent.futures.as_completed(futures):
+                mutation = futures[future]
+                outcome = future.result()
+                outcomes[mutation.id] = outcome
+                if args.log_dir is not None:
+                    (args.log_dir / f"{mutation.id}.log").write_text(outcome.output)
+                print(f"{mutation.id}: {outcome.text()} ({outcome.seconds:.0f} s)", file=sys.stderr, flush=True)
+
+    rows = [[m.id, m.bug, m.file, outcomes[m.id].text(), f"{outcomes[m.id].seconds:.0f}"] for m in mutations]
+    print(table(rows, ["id", "bug", "file", "result", "seconds"]))
+    caught = sum(outcomes[m.id].caught for m in mutations)
+    print(f"\n{caught} of {len(mutations)} mutants caught" + ("" if args.full else " (default test selections)"))
+    for note in notes:
+        print("\n" + note)
+    return 0 if caught == len(mutations) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 
 import cd_convert
-from cd_convert.layers import ConcreteDropoutBase
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -67,10 +66,6 @@ class Timer:
 
     def __exit__(self, *exc: Any) -> None:
         self.seconds += time.perf_counter() - self._t0
-
-
-def concrete_sites(model: nn.Module) -> list[ConcreteDropoutBase]:
-    return [m for m in model.modules() if isinstance(m, ConcreteDropoutBase)]
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator, shuffle: bool = True) -> Iterable[torch.Tensor]:

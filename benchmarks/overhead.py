@@ -52,6 +52,7 @@ from torch import Tensor
 
 import cd_convert
 from cd_convert.layers import ConcreteDropout, reference_concrete_dropout
+from cd_convert.mc import concrete_sites
 
 TARGET_EAGER = 1.25
 TARGET_COMPILED = 1.10
@@ -260,8 +261,9 @@ def print_memory(mem: Dict[str, Any]) -> None:
             print("    GELU keeps its *input*, so nobody else keeps x: save_output=False pays a full activation")
             print("    for x, save_output=True shares y with the next Linear.")
         print("    total = all saved bytes of the block; marginal = total - block without a site (Identity).")
+        retained = f" {'CUDA retained MiB':>17s}" if "cuda_retained" in rows["none"] else ""
         print(f"  {'variant':36s} {'total MiB':>9s} {'marginal MiB':>12s} {'total/Dropout':>13s} "
-              f"{'marginal/Dropout':>16s}" + (f" {'CUDA retained MiB':>17s}" if "cuda_retained" in rows["none"] else ""))
+              f"{'marginal/Dropout':>16s}" + retained)
         for v, row in rows.items():
             extra = f" {row['cuda_retained'] / MIB:17.2f}" if "cuda_retained" in row else ""
             print(f"  {VARIANT_TEXT[v]:36s} {row['saved'] / MIB:9.2f} {row['marginal'] / MIB:12.2f} "
@@ -498,7 +500,7 @@ def step_section(
     torch.manual_seed(1)
     x = torch.randn(batch, 3, img_size, img_size, device=device)
     target = torch.randint(0, 10, (batch,), device=device)
-    sites = sum(isinstance(m, cd_convert.layers.ConcreteDropoutBase) for m in models["concrete"].modules())
+    sites = len(concrete_sites(models["concrete"]))
     memory = {name: step_memory(m, x, target, name == "concrete", device) for name, m in models.items()}
     fns = {name: train_step_fn(m, x, target, name == "concrete") for name, m in models.items()}
     times = interleaved_times(fns, repeats, inner, warmup=3, device=device)
@@ -529,9 +531,10 @@ def print_step(res: Dict[str, Any]) -> None:
           f"Median of {res['time_vs_fused']['concrete']['repeats']} interleaved samples "
           f"(each the mean of {res['inner']} steps).")
     cuda = "cuda_peak" in res["memory"]["concrete"]
+    cuda_note = ("; CUDA step peak above start = max_memory_allocated during one step minus memory_allocated "
+                 "before it (activations, gradients, temporaries).")
     print("Memory = saved-activation bytes of one training forward (saved_tensors_hooks, unique storages, "
-          "parameters excluded)" + ("; CUDA step peak above start = max_memory_allocated during one step minus "
-                                    "memory_allocated before it (activations, gradients, temporaries)." if cuda else "."))
+          "parameters excluded)" + (cuda_note if cuda else "."))
     fused = res["time_vs_fused"]
     explicit = res["time_vs_explicit"]
     mem = res["memory"]

@@ -319,10 +319,9 @@ def _num(p: Any) -> str:
 
 def _user_frame() -> str:
     import os
-    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
-    frame = sys._getframe(2)
-    while frame is not None and frame.f_code.co_filename.startswith(skip):
-        frame = frame.f_back
+
+    from cd_convert.callsites import caller_frame  # the frame cd_convert itself keys dropout calls by
+    frame = caller_frame(sys._getframe(2))
     if frame is None:
         return "?"
     code = frame.f_code

@@ -3,9 +3,11 @@
 Public API (everything else is internal)::
 
     convert, plan, report, unconvert, freeze, set_regularizer      conversion lifecycle
+    ConvertOptions                                                 convert()'s options as one object
     regularization, dropout_rates, RateLogger                      training
     mc_mode, mc_predict                                            Monte Carlo prediction
     ConcreteDropout, ConcreteDropout1d/2d/3d, concrete_dropout     the layers
+    ConcreteDropoutBase                                            their base class (isinstance checks)
     metrics, losses; plots, timm, transformers, integrations (imported on first use; timm and
     transformers need their extras)
 """
@@ -19,12 +21,21 @@ from .collector import dropout_rates, regularization
 from .convert import convert, freeze, plan, report, set_regularizer, unconvert
 from .errors import ConversionError, FreezeError, TargetError
 from .history import RateLogger
-from .layers import ConcreteDropout, ConcreteDropout1d, ConcreteDropout2d, ConcreteDropout3d, concrete_dropout
+from .layers import (
+    ConcreteDropout,
+    ConcreteDropout1d,
+    ConcreteDropout2d,
+    ConcreteDropout3d,
+    ConcreteDropoutBase,
+    concrete_dropout,
+)
 from .mc import ClassificationPrediction, RegressionPrediction, mc_mode, mc_predict
+from .options import ConvertOptions
 from .report import Report
 
 __all__ = [
     "convert",
+    "ConvertOptions",
     "plan",
     "report",
     "unconvert",
@@ -41,6 +52,7 @@ __all__ = [
     "ConcreteDropout1d",
     "ConcreteDropout2d",
     "ConcreteDropout3d",
+    "ConcreteDropoutBase",
     "concrete_dropout",
     "Report",
     "ConversionError",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Type
 
 import torch
@@ -17,6 +18,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import ConcreteDropout, ConcreteDropout1d, ConcreteDropout2d, ConcreteDropout3d, ConcreteDropoutBase
+
+__all__ = [
+    "FUNCTIONAL_DROPOUTS",
+    "CallKey",
+    "bind_functional",
+    "call_key",
+    "caller_frame",
+    "function_name",
+    "owner_method",
+    "warn_stacklevel",
+]
 
 CallKey = Tuple[str, int, str, int]
 
@@ -33,7 +45,8 @@ FUNCTIONAL_DROPOUTS: Dict[Callable, Tuple[Tuple[str, ...], Type[ConcreteDropoutB
 }
 _FUNCTIONAL_DEFAULTS = {"p": 0.5, "training": True, "train": True, "inplace": False}
 
-_SKIP_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+# With the separator: a user's file in a sibling folder such as ``cd_convert_examples/`` is not library code.
+_SKIP_DIRS = tuple(os.path.join(os.path.dirname(p), "") for p in (torch.__file__, os.path.abspath(__file__)))
 
 
 def _is_library_frame(frame) -> bool:
@@ -46,6 +59,24 @@ def caller_frame(start) -> Any:
     while frame is not None and _is_library_frame(frame):
         frame = frame.f_back
     return frame
+
+
+def warn_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the user's line: the first frame outside cd_convert and torch.
+
+    Called in the argument list of ``warnings.warn`` (``stacklevel=warn_stacklevel()``), so that level 1 is the
+    function that warns. torch's frames are skipped too: a warning raised while torch dispatches a call of the
+    user's model code (``F.dropout`` seen by a ``TorchFunctionMode``) belongs to that model code.
+
+    Returns:
+        The level of the first user frame; 1 when every frame is library code.
+    """
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and _is_library_frame(frame):
+        frame = frame.f_back
+        level += 1
+    return level if frame is not None else 1
 
 
 def call_key(frame) -> CallKey:

@@ -9,6 +9,7 @@ then found again under its name.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -20,6 +21,19 @@ from torch import Tensor
 from .errors import ConversionError
 from .layers import ConcreteDropoutBase, logit_bound
 from .prior import RegularizerScale
+from .report import SiteRow
+
+__all__ = [
+    "COLLECTOR_ATTR",
+    "Application",
+    "Collector",
+    "dropout_rates",
+    "get_collector",
+    "iter_collectors",
+    "regularization",
+    "require_collector",
+    "require_collectors",
+]
 
 COLLECTOR_ATTR = "_cd_convert_collector"
 
@@ -58,7 +72,7 @@ class Collector:
     scale: Optional[RegularizerScale] = None
     changes: List[Any] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
-    rows: List[Any] = field(default_factory=list)
+    rows: List[SiteRow] = field(default_factory=list)
     method: str = ""
 
     def site_names(self) -> List[str]:
@@ -203,7 +217,8 @@ class _Plan:
         device = logits[0].device
         plan.device = device
         plan.stack_logits = all(t.dim() == 0 and t.device == device for t in logits)
-        plan.foreach_norms = all(w.device == device for w in weights)
+        # Sharded weights (FSDP2's DTensors) take the per-weight path, which reduces each norm over its shards.
+        plan.foreach_norms = all(w.device == device and not _is_dtensor(w) for w in weights)
         bounds = torch.tensor([logit_bound(eps) for eps in plan.eps], device=device)
         plan.bounds, plan.neg_bounds = bounds, -bounds
         plan.units = torch.tensor([float(_units(app, site)) for app, site in zip(apps, plan.sites)], device=device)
@@ -261,7 +276,7 @@ class _Plan:
         return logits, weights
 
     def fits(self, logits: Sequence[Tensor], weights: Sequence[Tensor]) -> bool:
-        """Whether the tensors have the devices, dtypes and ranks the plan was built for (and the same eps)."""
+        """Whether the tensors have the types, devices, dtypes and ranks the plan was built for (and the same eps)."""
         return _meta(logits, weights) == self.meta and [site.eps for site in self.sites] == self.eps
 
     def compute(self, logits: List[Tensor], weights: List[Tensor]) -> Tensor:
@@ -281,6 +296,7 @@ class _Plan:
                 raw = raw.float()
         else:
             raw = torch.stack([t.float().reshape(()).to(device) for t in logits])
+
         detached = raw.detach()
         theta = raw + (detached.clamp(self.neg_bounds, self.bounds) - detached)  # straight-through clamp
         p, one_minus_p = torch.sigmoid(theta), torch.sigmoid(-theta)
@@ -297,9 +313,32 @@ class _Plan:
         return total
 
 
-def _meta(logits: Sequence[Tensor], weights: Sequence[Tensor]) -> List[Tuple[torch.device, torch.dtype, int]]:
-    """Device, dtype and rank of each tensor: what the plan's constants and fast paths depend on."""
-    return [(t.device, t.dtype, t.dim()) for t in logits] + [(t.device, t.dtype, t.dim()) for t in weights]
+def _meta(logits: Sequence[Tensor], weights: Sequence[Tensor]) -> List[Tuple[type, torch.device, torch.dtype, int]]:
+    """Type, device, dtype and rank of each tensor: what the plan's constants and fast paths depend on.
+
+    The type is there because FSDP2 swaps a module's parameters between sharded DTensors and plain unsharded
+    tensors around each forward: a plan built for one must not be used for the other.
+    """
+    return [(type(t), t.device, t.dtype, t.dim()) for t in logits] + [
+        (type(t), t.device, t.dtype, t.dim()) for t in weights
+    ]
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (e.g. a parameter sharded by FSDP2's ``fully_shard``).
+
+    Looked up in ``sys.modules`` rather than imported: no tensor is a DTensor unless that module was loaded, and
+    importing it costs time (and is impossible in torch builds without distributed support).
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(module, "DTensor", None)
+    return dtensor is not None and isinstance(t, dtensor)
+
+
+def _full(t: Tensor) -> Tensor:
+    """``t`` itself, or for a DTensor the whole tensor as a plain one (shards gathered or partial sums
+    all-reduced over the ranks, differentiably)."""
+    return t.full_tensor() if _is_dtensor(t) else t
 
 
 def _record_path(root: nn.Module, name: str, edges: Dict[Tuple[int, str], Any]) -> None:
@@ -323,16 +362,21 @@ def _read_attribute(owner: nn.Module, attr: str) -> Tensor:
 def _squared_norms(weights: Sequence[Tensor], device: torch.device, same_device: Optional[bool] = None) -> Tensor:
     """``||w||^2`` of each weight in fp32 on ``device``: one fused call when all live there, else one by one.
 
+    A sharded weight (a DTensor, as FSDP2's ``fully_shard`` leaves parameters between forward passes) gives
+    the squared norm of the whole weight: each rank sums the squares of its shard and the partial sums are
+    all-reduced (``full_tensor``). Its gradient on each rank is that rank's shard of ``2w``. Every rank must
+    then compute the regulariser (it is a collective), as it does when it is added to each rank's loss.
+
     Args:
         weights: the weights.
         device: where the result lives.
-        same_device: whether every weight is on ``device`` (checked here when None).
+        same_device: whether every weight is on ``device`` and none is a DTensor (checked here when None).
 
     Returns:
         A ``(len(weights),)`` fp32 tensor.
     """
     if same_device is None:
-        same_device = all(w.device == device for w in weights)
+        same_device = all(w.device == device and not _is_dtensor(w) for w in weights)
     if same_device:
         try:
             # The norm's gradient w / ||w|| is defined as 0 at w = 0 (PyTorch's norm backward), so zero-initialised
@@ -340,7 +384,8 @@ def _squared_norms(weights: Sequence[Tensor], device: torch.device, same_device:
             return torch.stack(torch._foreach_norm(list(weights), 2, dtype=torch.float32)).square()
         except (TypeError, RuntimeError, AttributeError):  # a torch without the dtype argument
             pass
-    return torch.stack([w.float().pow(2).sum().to(device) for w in weights])
+    # The sum is local (a partial sum per shard) before _full all-reduces it: only one number travels per weight.
+    return torch.stack([_full(w.float().pow(2).sum()).to(device) for w in weights])
 
 
 def _units(app: Application, site: ConcreteDropoutBase) -> int:
@@ -451,20 +496,33 @@ def regularization(model: nn.Module) -> Tensor:
 
 
 def dropout_rates(model: nn.Module) -> Dict[str, float]:
-    """The learned drop probability of every site, ``{site_name: p}``.
+    """The drop probability of every concrete-dropout site under ``model``, ``{qualified_name: p}``.
+
+    Sites known to a converted model's collector come first, in conversion order and under the collector's
+    names; every other :class:`~cd_convert.layers.ConcreteDropoutBase` found by ``named_modules`` follows (a
+    hand-written model that was never converted, a site added after conversion). Each site is listed once.
 
     Args:
-        model: a converted model (or a module containing converted ones).
+        model: any module: a converted model, a module containing converted ones, or a hand-written model.
 
     Returns:
-        Python floats keyed by the site's qualified name relative to ``model``.
+        Python floats keyed by the site's qualified name relative to ``model`` (``""`` for a bare site).
+
+    Raises:
+        RuntimeError: when a site a collector registered is no longer in the model.
     """
     rates: Dict[str, float] = {}
+    seen = set()
     for owner, collector in iter_collectors(model):
         prefix = _relative_prefix(model, owner)
         for name in collector.site_names():
             site = _resolve_module(owner, name)
             rates[prefix + name] = float(site.p.detach())
+            seen.add(id(site))
+    for name, module in model.named_modules():
+        # By identity: a shared site reached under another name than the collector's is still listed once.
+        if isinstance(module, ConcreteDropoutBase) and id(module) not in seen:
+            rates[name] = float(module.p.detach())
     return rates
 
 
@@ -475,3 +533,39 @@ def _relative_prefix(model: nn.Module, owner: nn.Module) -> str:
         if module is owner:
             return name + "."
     return ""
+
+
+def require_collector(model: Any, action: str) -> Collector:
+    """The collector of a converted ``model``; a :class:`ConversionError` when it was not converted.
+
+    Args:
+        model: the model passed to a public function.
+        action: what to do instead, appended to the message (e.g. ``"call cd_convert.convert(model) first."``).
+
+    Returns:
+        The collector attached to ``model`` itself.
+    """
+    collector = get_collector(model) if isinstance(model, nn.Module) else None
+    if collector is None:
+        raise _not_converted(model, action)
+    return collector
+
+
+def require_collectors(model: Any, action: str) -> List[Tuple[nn.Module, Collector]]:
+    """Like :func:`require_collector` for wrappers too: every ``(owner, collector)`` of :func:`iter_collectors`.
+
+    Args:
+        model: the model, or a module containing converted ones (DDP, a container).
+        action: what to do instead, appended to the message.
+
+    Returns:
+        At least one ``(owner, collector)``.
+    """
+    found = list(iter_collectors(model)) if isinstance(model, nn.Module) else []
+    if not found:
+        raise _not_converted(model, action)
+    return found
+
+
+def _not_converted(model: Any, action: str) -> ConversionError:
+    return ConversionError(f"{type(model).__name__} has not been converted; {action}")

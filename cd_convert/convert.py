@@ -14,38 +14,19 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .collector import COLLECTOR_ATTR, Collector, get_collector, iter_collectors
+from .callsites import warn_stacklevel
+from .collector import COLLECTOR_ATTR, Collector, get_collector, require_collector, require_collectors
 from .discover import discover
 from .errors import ConversionError, FreezeError
 from .integrations.timm import notrace_for
-from .layers import ConcreteDropoutBase, InitP, validate_init_p, validate_temperature
-from .planning import Options, Plan, PlannedSite, Planner
+from .layers import ConcreteDropoutBase, InitP
+from .options import ConvertOptions, explicit_options, resolve_options
+from .planning import Plan, PlannedSite, Planner
 from .prior import DEFAULT_LENGTH_SCALE, resolve_scale
 from .report import Report
 from .targets import parse_targets
 
-
-#: Keyword arguments of :func:`convert` that set the regulariser's scale.
-SCALE_OPTIONS = ("dataset_size", "length_scale", "loss", "tau", "weight_regularizer", "dropout_regularizer")
-#: Keyword arguments of :func:`convert` that shape discovery and the sites.
-SITE_OPTIONS = (
-    "exclude",
-    "init_p",
-    "temperature",
-    "channel_temperature",
-    "include_zero_rate",
-    "fused_attention",
-    "leaf_modules",
-    "autowrap_functions",
-    "example_inputs",
-)
-
-
-def _validate_common(init_p: InitP, temperature: Optional[float], channel_temperature: Optional[float]) -> None:
-    validate_init_p(init_p)
-    for value in (temperature, channel_temperature):
-        if value is not None:
-            validate_temperature(value)
+__all__ = ["convert", "plan", "report", "set_regularizer", "unconvert", "freeze"]
 
 
 def _reference_tensor(model: nn.Module, entry: PlannedSite) -> Tuple[torch.device, torch.dtype]:
@@ -65,9 +46,15 @@ def _reference_tensor(model: nn.Module, entry: PlannedSite) -> Tuple[torch.devic
 
 def _apply(model: nn.Module, plan: Plan, collector: Collector) -> None:
     done: List[Any] = []
+    # Sites an earlier conversion made have their change recorded; a site written in the model's own code does
+    # not: its change (which applies nothing) is recorded now, so that freeze turns it into nn.Dropout*.
+    recorded = {change.site_name for change in collector.changes}
     try:
         for entry in plan.sites:
             if entry.existing:
+                if entry.change is not None and entry.row.name not in recorded:
+                    entry.change.apply(model)
+                    done.append(entry.change)
                 continue
             device, dtype = _reference_tensor(model, entry)
             site = entry.site_type(entry.init, entry.temperature, device=device, dtype=dtype)
@@ -109,34 +96,30 @@ def _model_leaves_and_wraps(
     return leaves + list(extra_leaves), wraps + list(extra_wraps)
 
 
-def _prepare(
-    model: nn.Module,
-    targets: Any,
-    exclude: Any,
-    init_p: InitP,
-    temperature: Optional[float],
-    channel_temperature: Optional[float],
-    include_zero_rate: bool,
-    fused_attention: bool,
-    leaf_modules: Sequence[type],
-    autowrap_functions: Sequence[Callable],
-    example_inputs: Optional[Sequence[Any]],
-) -> Plan:
+def _prepare(model: nn.Module, targets: Any, options: ConvertOptions) -> Plan:
+    """Discover and plan (the model is only read).
+
+    Args:
+        model: the model.
+        targets: the ``targets`` argument.
+        options: the validated options.
+
+    Returns:
+        The plan.
+    """
     if not isinstance(model, nn.Module):
         raise ConversionError(f"convert expects a torch.nn.Module, got {type(model).__name__}.")
-    _validate_common(init_p, temperature, channel_temperature)
     matchers = parse_targets(targets, "targets")
-    excluders = parse_targets(exclude, "exclude")
-    options = Options(init_p, temperature, channel_temperature, include_zero_rate, fused_attention)
-    leaves, wraps = _model_leaves_and_wraps(model, leaf_modules, autowrap_functions)
+    leaves, wraps = _model_leaves_and_wraps(model, options.leaf_modules, options.autowrap_functions)
     notes: List[str] = []
+    example_inputs = options.example_inputs
     if example_inputs is None:
         example_inputs, note = _automatic_inputs(model)
         notes += [note] if note else []
     elif not isinstance(example_inputs, (tuple, list, dict)):
         example_inputs = (example_inputs,)
     discovery = discover(model, leaf_modules=leaves, autowrap_functions=wraps, example_inputs=example_inputs)
-    plan_ = Planner(model, discovery, matchers, excluders, options).build()
+    plan_ = Planner(model, discovery, matchers, options.exclude_matchers(), options).build()
     plan_.notes[:0] = notes
     return plan_
 
@@ -184,35 +167,27 @@ def convert(
     autowrap_functions: Sequence[Callable] = (),
     example_inputs: Optional[Any] = None,
     inplace: bool = False,
+    options: Optional[ConvertOptions] = None,
 ) -> nn.Module:
     """Turn a model's dropout (or the inputs of chosen layers) into learned Concrete Dropout sites.
+
+    The keyword arguments from ``exclude`` to ``example_inputs`` are the fields of
+    :class:`~cd_convert.options.ConvertOptions`, with the same defaults; each is documented there. They can
+    also be passed as one object, ``options=ConvertOptions(...)`` (then none of them may be set as well).
 
     Args:
         model: any ``nn.Module``; it keeps its class, methods and state_dict keys.
         targets: None converts every dropout site (``nn.Dropout*`` modules, functional dropout, attention
             dropout). Otherwise a list of module types (``nn.Linear``, ``nn.Conv2d``: a site on each such
-            layer's input), qualified-name globs, compiled regexes, predicates ``(name, module) -> bool``.
-        exclude: the same forms; matching sites/layers are left alone.
-        dataset_size: training-set size N; with ``length_scale`` and ``loss`` it sets the regulariser.
-        length_scale: prior length-scale l (default 1e-2).
-        loss: ``"nll"``, ``"mse"`` (with ``tau``) or ``"heteroscedastic"``: the loss you minimise.
-        tau: model precision for ``loss="mse"`` in the units of the loss.
-        weight_regularizer, dropout_regularizer: explicit constants instead of ``dataset_size``.
-        init_p: initial rate for sites without a usable original rate (and targeted layers): a float, or a
-            ``(low, high)`` pair drawn uniformly in logit space. Sites with 0 < p < 1 start at that p.
-        temperature: temperature of element-wise sites (default 0.1).
-        channel_temperature: temperature of channel-wise sites (default 2/3).
-        include_zero_rate: also convert dropout whose original rate is 0 (starting at ``init_p``).
-        fused_attention: convert dropout inside fused attention (explicit attention in training: costs the
-            memory of the attention matrix). False leaves it fused, reported.
-        leaf_modules: module types torch.fx should not trace into (their dropout modules are found by
-            module search); timm's notrace lists are added automatically for timm models.
-        autowrap_functions: functions torch.fx should not trace into.
-        example_inputs: optional inputs for one dry-run forward (on a copy) that confirms which sites run and
-            finds their consumers and functional dropout where torch.fx cannot trace: a tensor, a tuple of
-            positional arguments or a dict of keyword arguments. transformers models get inputs built from
-            their config when none are passed.
+            layer's input, or the dropout already in front of it, which becomes that site), qualified-name
+            globs, compiled regexes, predicates ``(name, module) -> bool``.
+        exclude: the same forms as ``targets``; matching sites/layers are left alone.
+        dataset_size, length_scale, loss, tau, weight_regularizer, dropout_regularizer: the regulariser's
+            scale (``dataset_size=len(train_set)`` with the default ``loss="nll"`` for a classifier).
+        init_p, temperature, channel_temperature, include_zero_rate, fused_attention: how sites start.
+        leaf_modules, autowrap_functions, example_inputs: how sites are found.
         inplace: change ``model`` itself instead of a deep copy.
+        options: all of the options above as one :class:`~cd_convert.options.ConvertOptions`.
 
     Returns:
         The converted model (``model`` itself when ``inplace=True``).
@@ -220,33 +195,17 @@ def convert(
     Raises:
         ConversionError / TargetError / ValueError / TypeError: before anything is changed.
     """
-    scale = resolve_scale(
-        dataset_size=dataset_size,
-        length_scale=length_scale,
-        loss=loss,
-        tau=tau,
-        weight_regularizer=weight_regularizer,
-        dropout_regularizer=dropout_regularizer,
-    )
-    plan_ = _prepare(
-        model,
-        targets,
-        exclude,
-        init_p,
-        temperature,
-        channel_temperature,
-        include_zero_rate,
-        fused_attention,
-        leaf_modules,
-        autowrap_functions,
-        example_inputs,
-    )
+    # The option keywords are this function's parameters: the ones set to other values than their defaults
+    # are the options given (a test keeps the parameters and ConvertOptions' fields the same).
+    options = resolve_options(options, explicit_options(locals()), "convert")
+    scale = options.regularizer_scale()
+    plan_ = _prepare(model, targets, options)
     if targets is None and not plan_.sites:
         warnings.warn(
             f"{type(model).__name__} applies no dropout that cd_convert can convert; nothing was changed. Pass "
             "targets=[nn.Linear] (or nn.Conv2d, globs, ...) to insert sites in front of layers, or create the model "
             "with a dropout rate > 0 (timm: drop_rate=0.1).",
-            stacklevel=2,
+            stacklevel=warn_stacklevel(),
         )
     target = model if inplace else copy.deepcopy(model)
     previous = get_collector(target)
@@ -259,8 +218,8 @@ def convert(
     _apply(target, plan_, collector)
     collector.applications = plan_.applications()
     collector.notes = list(plan_.notes)
-    collector.rows = plan_.rows  # type: ignore[attr-defined]
-    collector.method = plan_.method  # type: ignore[attr-defined]
+    collector.rows = plan_.rows
+    collector.method = plan_.method
     for module, _ in nested:
         module.__dict__.pop(COLLECTOR_ATTR, None)
     target.__dict__[COLLECTOR_ATTR] = collector
@@ -286,30 +245,16 @@ def plan(model: nn.Module, targets: Optional[Any] = None, **kwargs: Any) -> Repo
     Args:
         model: the model.
         targets: as for :func:`convert`.
-        **kwargs: the other keyword arguments of :func:`convert` (``inplace`` is ignored).
+        **kwargs: the other keyword arguments of :func:`convert`: the option keywords or ``options=``
+            (``inplace`` is ignored).
 
     Returns:
         A :class:`~cd_convert.report.Report` whose site rows have status "planned" (or "existing").
     """
     kwargs.pop("inplace", None)
-    scale_args = {k: kwargs.pop(k) for k in SCALE_OPTIONS if k in kwargs}
-    scale = resolve_scale(**scale_args)
-    unknown = set(kwargs) - set(SITE_OPTIONS)
-    if unknown:
-        raise TypeError(f"plan() got unexpected keyword arguments {sorted(unknown)}.")
-    p = _prepare(
-        model,
-        targets,
-        kwargs.get("exclude"),
-        kwargs.get("init_p", 0.1),
-        kwargs.get("temperature"),
-        kwargs.get("channel_temperature"),
-        kwargs.get("include_zero_rate", True),
-        kwargs.get("fused_attention", True),
-        kwargs.get("leaf_modules", ()),
-        kwargs.get("autowrap_functions", ()),
-        kwargs.get("example_inputs"),
-    )
+    options = resolve_options(kwargs.pop("options", None), kwargs, "plan")
+    scale = options.regularizer_scale()
+    p = _prepare(model, targets, options)
     for entry in p.sites:
         init = entry.init
         entry.row.p = init if isinstance(init, float) else None
@@ -325,10 +270,8 @@ def report(model: nn.Module) -> Report:
     Returns:
         A :class:`~cd_convert.report.Report`.
     """
-    collector = get_collector(model)
-    if collector is None:
-        raise ConversionError(f"{type(model).__name__} has not been converted; call cd_convert.convert(model) first.")
-    rows = copy.deepcopy(getattr(collector, "rows", []))
+    collector = require_collector(model, "call cd_convert.convert(model) first.")
+    rows = copy.deepcopy(collector.rows)
     for row in rows:
         if row.status in ("converted", "existing"):
             try:
@@ -337,7 +280,7 @@ def report(model: nn.Module) -> Report:
             except AttributeError:
                 row.notes.append("site no longer in the model")
     scale = collector.scale.description if collector.scale else "not set (pass dataset_size=)"
-    return Report(rows=rows, method=getattr(collector, "method", ""), notes=list(collector.notes), regularizer=scale)
+    return Report(rows=rows, method=collector.method, notes=list(collector.notes), regularizer=scale)
 
 
 def set_regularizer(
@@ -365,10 +308,7 @@ def set_regularizer(
     )
     if scale is None:
         raise ValueError("set_regularizer needs dataset_size=N (or weight_regularizer= and dropout_regularizer=).")
-    collectors = list(iter_collectors(model))
-    if not collectors:
-        raise ConversionError(f"{type(model).__name__} has not been converted; call cd_convert.convert(model) first.")
-    for _, collector in collectors:
+    for _, collector in require_collectors(model, "call cd_convert.convert(model) first."):
         collector.scale = scale
 
 
@@ -380,10 +320,9 @@ def unconvert(model: nn.Module) -> nn.Module:
 
     Returns:
         The same object, as it was before conversion (the learned rates are dropped; see :func:`freeze`).
+        Concrete sites written in the model's own code stay as they are, with their learned rates.
     """
-    collector = get_collector(model)
-    if collector is None:
-        raise ConversionError(f"{type(model).__name__} has not been converted; nothing to undo.")
+    collector = require_collector(model, "nothing to undo.")
     for change in reversed(collector.changes):
         change.undo(model)
     model.__dict__.pop(COLLECTOR_ATTR, None)
@@ -393,10 +332,11 @@ def unconvert(model: nn.Module) -> nn.Module:
 def freeze(model: nn.Module, *, strict: bool = True, inplace: bool = False) -> nn.Module:
     """A plain PyTorch model whose sites are ``nn.Dropout*`` with the learned rates.
 
-    Module sites become ``nn.Dropout*(p)`` at the same path; a targeted layer ``fc`` becomes
-    ``nn.Sequential(nn.Dropout(p), fc)`` (its keys gain ``.1``); a functional site writes ``p`` into the
-    owner's rate attribute (e.g. timm's ``drop_rate``). The result holds no cd_convert object and loads
-    without cd_convert installed.
+    Module sites (also concrete sites written in the model's own code, and dropout absorbed by a targeted
+    layer) become ``nn.Dropout*(p)`` at the same path, ``nn.Dropout1d/2d/3d`` for channel-wise ones; a targeted
+    layer ``fc`` with a site of its own becomes ``nn.Sequential(nn.Dropout(p), fc)`` (its keys gain ``.1``); a
+    functional site writes ``p`` into the owner's rate attribute (e.g. timm's ``drop_rate``). The result holds
+    no cd_convert object and loads without cd_convert installed.
 
     Args:
         model: a converted model.
@@ -407,9 +347,7 @@ def freeze(model: nn.Module, *, strict: bool = True, inplace: bool = False) -> n
     Returns:
         The frozen model.
     """
-    collector = get_collector(model)
-    if collector is None:
-        raise ConversionError(f"{type(model).__name__} has not been converted; nothing to freeze.")
+    collector = require_collector(model, "nothing to freeze.")
     blocked = [c for c in collector.changes if c.freeze_blocker is not None]
     if blocked and strict:
         raise FreezeError(
@@ -421,7 +359,8 @@ def freeze(model: nn.Module, *, strict: bool = True, inplace: bool = False) -> n
     for change in reversed(get_collector(target).changes):
         if change.freeze_blocker is not None:
             warnings.warn(
-                f"freeze: {change.site_name} keeps its original rate (no attribute to write p into).", stacklevel=2
+                f"freeze: {change.site_name} keeps its original rate (no attribute to write p into).",
+                stacklevel=warn_stacklevel(),
             )
             change.undo(target)
         else:

@@ -20,11 +20,20 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .callsites import FUNCTIONAL_DROPOUTS, call_key, caller_frame, owner_method
+from .callsites import FUNCTIONAL_DROPOUTS, bind_functional, call_key, caller_frame, owner_method
+from .consumers import per_mask_value_units, produced_width
 from .errors import ConversionError
-from .found import Discovery
+from .found import Discovery, FoundSite
+from .layers import ConcreteDropoutBase
 from .sites.base import SearchContext, TraceContext, any_of
 from .sites import registry
+from .targets import is_dropout_module
+
+#: Row note of a consumer-less site whose width K is known only once the model has run.
+WIDTH_UNKNOWN_NOTE = (
+    "its width K (entropy term) is learnt at the first training forward: cd_convert.regularization(model) "
+    "raises until one has run"
+)
 
 
 class SiteTracer(fx.Tracer):
@@ -167,6 +176,12 @@ def discover(
                 "example_inputs= that the model's forward accepts (a tuple of positional or a dict of keyword "
                 "arguments)."
             ) from err
+    for site in discovery.sites:
+        if site.consumer is not None and site.site_type.channelwise:
+            site.consumer = per_mask_value_units(site.consumer, model)
+        width_from_consumer = site.consumer is not None and site.consumer.units is not None
+        if not width_from_consumer and site.units_hint is None and site.called is not False:
+            site.notes.append(WIDTH_UNKNOWN_NOTE)
     return discovery
 
 
@@ -193,9 +208,37 @@ def _read_graph(model: nn.Module, graph: fx.Graph, discovery: Discovery) -> None
         if node.op == "call_module":
             discovery.called_modules.add(node.target)
         if node.op in ("call_module", "call_function"):
+            before = len(discovery.sites)
             any(kind.detect_node(ctx, node) for kind in registry.DETECTORS)
+            _set_widths(ctx, node, discovery.sites[before:])
     for kind in registry.DETECTORS:
         kind.after_trace(ctx)
+
+
+def _dropout_input(ctx: TraceContext, node: fx.Node) -> Optional[Any]:
+    """The input of a node that applies dropout (a dropout or concrete module, a functional call), else None."""
+    if node.op == "call_module":
+        module = ctx.modules.get(node.target)
+        if isinstance(module, ConcreteDropoutBase) or is_dropout_module(module):
+            return node.args[0] if node.args else node.kwargs.get("input")
+        return None
+    if node.op == "call_function" and node.target in FUNCTIONAL_DROPOUTS:
+        return bind_functional(node.target, node.args, node.kwargs).get("input")
+    return None
+
+
+def _set_widths(ctx: TraceContext, node: fx.Node, sites: Sequence[FoundSite]) -> None:
+    """Give the sites just found at ``node`` their width K when the graph fixes it (used when no consumer does).
+
+    Without it the regulariser learns K from the first training forward and raises until then. Attention
+    sites (kind "fused") drop probabilities whose width is the key length, which the model does not fix.
+    """
+    source = _dropout_input(ctx, node)
+    if source is None:
+        return
+    for site in sites:
+        if site.units_hint is None and site.kind != "fused":
+            site.units_hint = produced_width(source, ctx.modules, ctx.model, site.site_type.channelwise)
 
 
 def _module_search(model: nn.Module, discovery: Discovery, within: Optional[str]) -> None:

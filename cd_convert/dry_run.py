@@ -15,7 +15,10 @@ data-moving ops and records functional dropout calls, so that:
   model is nudged to a value no other holds, so the value a call receives names its source;
 * for transformers models, attention runs in its eager implementation (where attention dropout is a call),
   and calls made inside an attention interface are marked, so that conversion can select that path while
-  the site is active.
+  the site is active;
+* each site's width K (the dropped feature dim of its first call, as the first training forward records it)
+  is seen, so that the regulariser works before any forward; attention probabilities (a softmax's output,
+  or a call inside an attention interface) are left out: their width is the key length, not a feature.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from .consumers import TRANSPARENT_FUNCTIONS, TRANSPARENT_METHODS, ConsumerInfo,
 from .found import Discovery, FoundSite
 from .integrations import transformers as hf
 from .layers import ConcreteDropoutBase
-from .sites.base import ATTENTION_CONSUMER_NOTE
+from .sites.base import ATTENTION_CONSUMER_NOTE, site_type_for
 from .targets import is_dropout_module
 
 #: Example inputs: positional arguments (a tuple or list) or keyword arguments (a dict).
@@ -44,6 +47,9 @@ _TRANSPARENT_TENSOR_METHODS = {
 }
 #: Spacing of the nudged rates: far below any meaningful difference of dropout rates, far above fp64 rounding.
 _NUDGE = 2.0**-30
+_SOFTMAX_FUNCTIONS = {torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax}
+#: The "producer" of softmax outputs (attention probabilities), followed through data-moving ops like a site's.
+_SOFTMAX = "<softmax>"
 
 
 class _Recorder(TorchFunctionMode):
@@ -56,6 +62,8 @@ class _Recorder(TorchFunctionMode):
         result = func(*args, **kwargs)
         if func in FUNCTIONAL_DROPOUTS:
             self.run.functional_call(func, args, kwargs, result, sys._getframe(1))
+        elif func in _SOFTMAX_FUNCTIONS and isinstance(result, torch.Tensor):
+            self.run.remember(result, _SOFTMAX)
         elif (func in TRANSPARENT_FUNCTIONS or func in _TRANSPARENT_TENSOR_METHODS) and args:
             source = self.run.produced_by.get(id(args[0]))
             if source is not None and isinstance(result, torch.Tensor):
@@ -106,6 +114,8 @@ class _DryRun:
         self.keep_alive: List[torch.Tensor] = []
         self.consumers: Dict[str, List[ConsumerInfo]] = {}
         self.functional: Dict[Tuple[Any, str], Dict[str, Any]] = {}
+        #: module name -> K of its first call (None: attention probabilities).
+        self.widths: Dict[str, Optional[int]] = {}
 
     def remember(self, tensor: torch.Tensor, site: str) -> None:
         self.produced_by[id(tensor)] = site
@@ -119,6 +129,11 @@ class _DryRun:
             caller = caller_frame(sys._getframe(1))
             if caller is not None and hf.called_through_attention_interface(caller):
                 self.through_interface.add(name)
+        if (is_dropout_module(module) or isinstance(module, ConcreteDropoutBase)) and name not in self.widths:
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor):
+                attention = name in self.through_interface
+                self.widths[name] = self.width(site_type_for(module), x, attention)
         if args and isinstance(args[0], torch.Tensor):
             source = self.produced_by.get(id(args[0]))
             units = module_units(module)
@@ -141,6 +156,11 @@ class _DryRun:
         bound = bind_functional(func, args, kwargs)
         p = bound.get("p")
         label = f"functional:{owner_name}:{key}"
+        through_interface = hf.called_through_attention_interface(caller)
+        x, previous = bound.get("input"), self.functional.get((key, owner_name))
+        width = previous["width"] if previous is not None else None  # the first call's, as the site records it
+        if previous is None and isinstance(x, torch.Tensor):
+            width = self.width(FUNCTIONAL_DROPOUTS[func][1], x, through_interface)
         self.functional[(key, owner_name)] = {
             "func": func,
             "owner": owner_name,
@@ -149,10 +169,17 @@ class _DryRun:
             "training": bound.get("training"),
             "label": label,
             "rate_holder": self.rate_sources[p][0] if isinstance(p, float) and p in self.rate_sources else None,
-            "attention_interface": hf.called_through_attention_interface(caller),
+            "attention_interface": through_interface,
+            "width": width,
         }
         if isinstance(result, torch.Tensor):
             self.remember(result, label)
+
+    def width(self, site_type: Any, x: torch.Tensor, attention: bool) -> Optional[int]:
+        """K of a dropout call on ``x`` (as the site's first forward records it); None for attention probabilities."""
+        if attention or self.produced_by.get(id(x)) == _SOFTMAX:
+            return None
+        return site_type.feature_width(x.shape)
 
     def original_rate(self, p: Any) -> Optional[float]:
         """The rate a call would get in the real model (the nudge undone)."""
@@ -228,7 +255,7 @@ def confirm_with_dry_run(model: nn.Module, discovery: Discovery, example_inputs:
     discovery.method = f"{discovery.method} + dry run"
     discovery.dry_run = True
     for site in discovery.sites:
-        if site.module_name and site.kind == "module":
+        if site.module_name and site.kind in ("module", "targeted"):  # sites called as modules
             site.called = site.module_name in run.called
             site.attention_interface = site.module_name in run.through_interface
             found = run.consumers.get(site.module_name)
@@ -236,8 +263,12 @@ def confirm_with_dry_run(model: nn.Module, discovery: Discovery, example_inputs:
                 _set_consumer(site, found)
             elif site.consumer is None and site.called:
                 site.consumer_note = "no weight layer read its output in the dry run (a residual add, attention, ...)"
+            if site.module_name in run.widths:
+                site.units_hint = run.widths[site.module_name]
         elif site.kind == "functional" and site.key is not None:
             site.called = (site.key, site.owner) in run.functional
+            if site.called:
+                site.units_hint = run.functional[(site.key, site.owner)]["width"]
     known = {(s.key, s.owner) for s in discovery.sites if s.key is not None}
     for (key, owner), call in run.functional.items():
         if (key, owner) in known or call["training"] is False or call["method"] is None:
@@ -254,6 +285,7 @@ def confirm_with_dry_run(model: nn.Module, discovery: Discovery, example_inputs:
             rate_holder=call["rate_holder"],
             attention_interface=call["attention_interface"],
         )
+        site.units_hint = call["width"]
         found = run.consumers.get(call["label"])
         if found:
             _set_consumer(site, found)

@@ -30,7 +30,7 @@ class FoundSite:
         key: for functional sites, the call location.
         method: for functional/fused sites, the owner's method that contains the call.
         fused_op: for fused sites, e.g. "scaled_dot_product_attention" or "MultiheadAttention".
-        units_hint: size of the dropped feature dim, if known (for consumer-less sites).
+        units_hint: size of the dropped feature dim, if known (K for sites whose consumer does not give it).
         rate_holder: where the call's rate is read from, as ``"module.path.attribute"`` (e.g.
             ``"encoder.layer.0.attention.self.dropout.p"``), when a dry run traced it; freeze writes the
             learned rate there.

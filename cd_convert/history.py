@@ -22,32 +22,14 @@ import torch
 import torch.nn as nn
 
 from .collector import dropout_rates
-from .layers import ConcreteDropoutBase
 
-__all__ = ["RateLogger", "site_rates"]
+__all__ = ["RESERVED_KEYS", "RateLogger", "site_rates"]
 
 #: Keys of a history record that are not free scalars.
 RESERVED_KEYS = ("epoch", "rates")
 
-
-def site_rates(model: nn.Module) -> Dict[str, float]:
-    """The drop probability of every concrete-dropout site of ``model``, ``{qualified_name: p}``.
-
-    Sites known to a converted model's collector come first, under the collector's names
-    (:func:`cd_convert.collector.dropout_rates`); any other :class:`ConcreteDropoutBase` found by
-    ``named_modules`` (a hand-written model that was never converted, or sites added afterwards) follows.
-
-    Args:
-        model: any module.
-
-    Returns:
-        Python floats keyed by the site's qualified name (``""`` for a bare site passed as ``model``).
-    """
-    rates = dropout_rates(model)
-    for name, module in model.named_modules():
-        if isinstance(module, ConcreteDropoutBase) and name not in rates:
-            rates[name] = float(module.p.detach())
-    return rates
+#: The former name of :func:`cd_convert.dropout_rates` here (the same function): every site of any module.
+site_rates = dropout_rates
 
 
 class RateLogger:
@@ -83,7 +65,7 @@ class RateLogger:
             raise ValueError(f"{clash} are reserved record keys; pass other names for extra scalars.")
         record: Dict[str, Any] = {
             "epoch": len(self.history) if epoch is None else epoch,
-            "rates": site_rates(self.model),
+            "rates": dropout_rates(self.model),
             **{key: _scalar(value) for key, value in scalars.items()},
         }
         self.history.append(record)

@@ -23,7 +23,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .callsites import FUNCTIONAL_DROPOUTS, CallKey, call_key, caller_frame
+from .callsites import FUNCTIONAL_DROPOUTS, CallKey, call_key, caller_frame, warn_stacklevel
+
+__all__ = [
+    "INTERCEPTOR_ATTR",
+    "Handler",
+    "MethodInterceptor",
+    "Runner",
+    "install",
+    "interceptors",
+    "is_routable",
+    "uninstall",
+]
 
 INTERCEPTOR_ATTR = "_cd_convert_interceptors"
 
@@ -101,7 +112,7 @@ class MethodInterceptor:
                     f"a dropout call in {type(self.owner).__name__}.{self.method} was not seen when the model "
                     "was converted (a branch not taken at conversion time?); it keeps its fixed rate. "
                     "Convert again with example_inputs that take that branch.",
-                    stacklevel=4,
+                    stacklevel=warn_stacklevel(),
                 )
             return False, None
         child, handler = route

@@ -330,8 +330,9 @@ class _EagerConcreteDropoutFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, p_logit: Tensor, uniform: Tensor, temperature: float, bound: float,
-                save_output: bool) -> Tensor:
+    def forward(
+        ctx, x: Tensor, p_logit: Tensor, uniform: Tensor, temperature: float, bound: float, save_output: bool
+    ) -> Tensor:
         y, keep, theta, scale = _relaxed_forward(x, p_logit, uniform, temperature, bound, constants=True)
         ctx.temperature = _scalar_tensor(temperature, theta.dtype)
         ctx.x_dtype = x.dtype
@@ -388,10 +389,22 @@ def concrete_dropout(
     if not training:
         return x
     # x.is_cuda first: fused.supports is False for every other device, and this is the cheap test.
-    if (sampling == "relaxed" and uniform is None and generator is None and x.is_cuda
-            and fused.supports(x, channelwise, channel_dim)):
-        return fused.fused_concrete_dropout(x, p_logit, temperature=temperature, eps=eps, channelwise=channelwise,
-                                            channel_dim=channel_dim, save_output=save_output)
+    if (
+        sampling == "relaxed"
+        and uniform is None
+        and generator is None
+        and x.is_cuda
+        and fused.supports(x, channelwise, channel_dim)
+    ):
+        return fused.fused_concrete_dropout(
+            x,
+            p_logit,
+            temperature=temperature,
+            eps=eps,
+            channelwise=channelwise,
+            channel_dim=channel_dim,
+            save_output=save_output,
+        )
     cdt = _compute_dtype(x.dtype)
     shape = noise_shape(x, channelwise, channel_dim)
     if uniform is None:
@@ -506,8 +519,27 @@ class _ConcreteDropoutNd(nn.Module):
             )
 
     def _channel_dim(self, x: Tensor) -> int:
+        return self._channel_dim_of(x.dim())
+
+    @classmethod
+    def _channel_dim_of(cls, ndim: int) -> int:
         # Unbatched inputs ((C, ...), the smaller accepted rank) carry the channel in dim 0.
-        return 0 if self.expected_dims and x.dim() == min(self.expected_dims) else 1
+        return 0 if cls.expected_dims and ndim == min(cls.expected_dims) else 1
+
+    @classmethod
+    def feature_width(cls, shape: Sequence[int]) -> int:
+        """K for an input of ``shape``: the size of the dropped feature dim, as the first forward records it.
+
+        Args:
+            shape: the input's shape.
+
+        Returns:
+            The channel dim's size for channel-wise sites, the last dim's for element-wise ones (1 for a
+            0-dim input).
+        """
+        if not len(shape):
+            return 1
+        return int(shape[cls._channel_dim_of(len(shape))] if cls.channelwise else shape[-1])
 
     def forward(self, x: Tensor, *, training: Optional[bool] = None) -> Tensor:
         """Apply the mask.
@@ -524,7 +556,7 @@ class _ConcreteDropoutNd(nn.Module):
             return x
         self._check_input(x)
         if self.units_seen is None:
-            self.units_seen = int(x.shape[self._channel_dim(x)] if self.channelwise else x.shape[-1]) if x.dim() else 1
+            self.units_seen = self.feature_width(x.shape)
         sampling = "relaxed" if is_training and self.sampling is None else (self.sampling or "relaxed")
         return concrete_dropout(
             x,

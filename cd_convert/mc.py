@@ -11,7 +11,7 @@ do at test time (their Keras layer applies the same relaxed mask in training and
 
 :func:`mc_mode` is the context manager that switches a model into that state; :func:`mc_predict` runs the
 T passes batched (the input repeated T times along dim 0) and returns the predictive summaries described
-in ``docs/concrete-dropout.md``.
+in the README's "Monte Carlo prediction" section.
 """
 
 from __future__ import annotations

@@ -11,37 +11,20 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Type
+from typing import Any, Dict, List, Optional, Set, Tuple, Type
 
 import torch.nn as nn
 
-from .collector import Application
+from .callsites import warn_stacklevel
+from .collector import Application, get_collector
 from .consumers import ConsumerInfo
 from .errors import ConversionError, TargetError
 from .found import Discovery, FoundSite
 from .layers import ConcreteDropoutBase, InitP
+from .options import ConvertOptions
 from .report import SiteRow
 from .sites import registry
 from .targets import DROPOUT_TYPES, Matcher, first_match, is_targetable
-
-
-@dataclass
-class Options:
-    """The user's conversion options that shape each site."""
-
-    init_p: InitP
-    temperature: Optional[float]
-    channel_temperature: Optional[float]
-    include_zero_rate: bool
-    fused_attention: bool
-
-    def initial_rate(self, p: Optional[float]) -> InitP:
-        """A site starts at the original rate when it is usable (0 < p < 1), else at ``init_p``."""
-        return p if p is not None and 0.0 < p < 1.0 else self.init_p
-
-    def temperature_for(self, site_type: Type[ConcreteDropoutBase]) -> Optional[float]:
-        """The user's temperature for this kind of site (None: the class default)."""
-        return self.channel_temperature if site_type.channelwise else self.temperature
 
 
 @dataclass
@@ -53,7 +36,8 @@ class PlannedSite:
         site_type: the concrete class.
         init: the initial rate.
         temperature: None for the class default.
-        change: the change record that installs the site (None for existing sites).
+        change: the change record that installs the site (for an existing site: None, or the record that lets
+            ``freeze`` turn a site written in the model's own code into ``nn.Dropout*``).
         applications: ``(consumer, units_hint)`` per application.
         extra_changes: further changes (e.g. the fused-attention switch).
         existing: the site is already in the model.
@@ -105,7 +89,8 @@ class Plan:
                 if (entry.row.name, weights) in seen:
                     continue
                 seen.add((entry.row.name, weights))
-                apps.append(Application(entry.row.name, weights, consumer.units if consumer else units_hint))
+                units = consumer.units if consumer is not None and consumer.units is not None else units_hint
+                apps.append(Application(entry.row.name, weights, units))
         return apps
 
 
@@ -130,6 +115,8 @@ class Planner:
         used: which ``targets`` entries matched something (by ``id``).
         shared_rates: (owner, method, function, rate attribute) -> the site of calls sharing one rate.
         cache: per-conversion values the kinds compute once (keyed by the kind's choice of name).
+        absorbed: ``id(found)`` of the dropout sites that targeted layers read (each becomes their site).
+        current: the found site being planned (None outside that loop), for :meth:`selected`.
     """
 
     def __init__(
@@ -138,7 +125,7 @@ class Planner:
         discovery: Discovery,
         targets: Optional[List[Matcher]],
         exclude: Optional[List[Matcher]],
-        options: Options,
+        options: ConvertOptions,
     ) -> None:
         self.model = model
         self.discovery = discovery
@@ -146,24 +133,36 @@ class Planner:
         self.exclude = exclude
         self.options = options
         self.modules = dict(model.named_modules())
+        earlier = get_collector(model)
+        self._earlier_rows: Dict[str, SiteRow] = {row.name: row for row in earlier.rows} if earlier else {}
         self.rows: List[SiteRow] = []
         self.planned: Dict[str, PlannedSite] = {}
         self.used: Dict[int, bool] = {id(m): False for m in (targets or [])}
         self.shared_rates: Dict[Tuple[str, str, str, str], PlannedSite] = {}
         self.cache: Dict[str, Any] = {}
         self._child_counts: Dict[Tuple[str, str], int] = {}
+        # Dropout sites that targeted layers read (by id), and the site being planned: selection converts an
+        # absorbed dropout even when ``targets`` names only the layers.
+        self.absorbed: Set[int] = set()
+        self.current: Optional[FoundSite] = None
 
     def build(self) -> Plan:
         """Plan every site; raise :class:`TargetError` when ``targets`` matched nothing."""
+        layers = [
+            (name, module)
+            for name, module in self.modules.items()
+            if self.targets is not None and is_targetable(module) and not self._excluded(name, module)
+        ]
+        self.absorbed = registry.TARGETED.absorptions(self, layers)
         for found in self.discovery.sites:
             kind = next((k for k in registry.PLANNERS if k.claims(found, self)), None)
             if kind is None:
                 raise ConversionError(f"no kind of site plans {found.kind} site {found.module_name or found.owner!r}")
+            self.current = found
             kind.plan(self, found)
-        if self.targets is not None:
-            for name, module in self.modules.items():
-                if is_targetable(module) and not self._excluded(name, module):
-                    registry.TARGETED.plan_layer(self, name, module)
+        self.current = None
+        for name, module in layers:  # after the dropout sites, so that a layer can see the site it absorbs
+            registry.TARGETED.plan_layer(self, name, module)
         for finding in self.discovery.findings:
             self.rows.append(SiteRow(finding.name, "-", finding.status, finding.detail, found_by=self.discovery.method))
         self._check_targets_used()
@@ -182,13 +181,40 @@ class Planner:
 
     # -- what the kinds of site share --------------------------------------------------------------
     def add(self, name: str, entry: PlannedSite) -> PlannedSite:
-        """Record a planned site and its report row."""
+        """Record a planned site and its report row; return the entry to add applications to.
+
+        A site already in the model is listed once however many ways discovery reached it (an attention
+        module found by the trace and again by module search, a targeted layer's site found by module search
+        and by ``targets``): the first entry is returned. Its initial rate is its current learned rate.
+        """
+        if entry.existing:
+            previous = self.planned.get(name)
+            if previous is not None and previous.existing:
+                return previous
+            site = self.modules.get(name)
+            if isinstance(site, ConcreteDropoutBase) and not site.p_logit.is_meta:
+                entry.init = float(site.p.detach())
+            self._keep_first_description(entry.row)
         self.planned[name] = entry
         self.rows.append(entry.row)
         return entry
 
+    def _keep_first_description(self, row: SiteRow) -> None:
+        """Describe a site an earlier conversion made as that conversion did (kind, original, original rate).
+
+        Seen again, a routed call's site or a fused attention's site is a concrete module the second discovery
+        may reach as a plain module; what it was converted from is only known to the first conversion.
+        """
+        earlier = self._earlier_rows.get(row.name)
+        if earlier is not None:
+            row.kind, row.original, row.original_p = earlier.kind, earlier.original, earlier.original_p
+
     def selected(self, name: str, module: nn.Module) -> bool:
-        """Whether ``targets``/``exclude`` select the site ``name`` (on ``module``); marks the matching entry used."""
+        """Whether ``targets``/``exclude`` select the site ``name`` (on ``module``); marks the matching entry used.
+
+        A site that a targeted layer reads (absorbed) is selected unless ``exclude`` names it: excluding the
+        dropout keeps it fixed, and the layer then gets its own input site.
+        """
         if self._excluded(name, module):
             return False
         if self.targets is None:
@@ -196,7 +222,7 @@ class Planner:
         match = first_match(self.targets, name, module)
         if match is not None:
             self.used[id(match)] = True
-        return match is not None
+        return match is not None or (self.current is not None and id(self.current) in self.absorbed)
 
     def dropout_type_targeted(self) -> bool:
         """Whether ``targets`` names a dropout type (which then selects functional dropout too)."""
@@ -239,7 +265,8 @@ class Planner:
         for matcher in self.targets:
             if not self.used[id(matcher)]:
                 warnings.warn(
-                    f"targets entry {matcher.label} matched no dropout site or targetable layer.", stacklevel=5
+                    f"targets entry {matcher.label} matched no dropout site or targetable layer.",
+                    stacklevel=warn_stacklevel(),
                 )
         if not self.planned:
             raise TargetError(_nothing_matched_message(self.model, self.discovery, self.targets))

@@ -24,6 +24,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+__all__ = ["DEFAULT_LENGTH_SCALE", "LOSS_PRESETS", "RegularizerScale", "resolve_scale", "validate_dataset_size"]
+
 LOSS_PRESETS = ("nll", "mse", "heteroscedastic")
 DEFAULT_LENGTH_SCALE = 1e-2
 
@@ -43,7 +45,7 @@ class RegularizerScale:
     description: str
 
 
-def _positive_finite(name: str, value: float) -> float:
+def _positive_finite(name: str, value: Optional[float]) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
     if not (math.isfinite(value) and value > 0):
@@ -51,7 +53,7 @@ def _positive_finite(name: str, value: float) -> float:
     return float(value)
 
 
-def _non_negative_finite(name: str, value: float) -> float:
+def _non_negative_finite(name: str, value: Optional[float]) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
     if not (math.isfinite(value) and value >= 0):
@@ -113,8 +115,8 @@ def resolve_scale(
             )
         if None in explicit:
             raise ValueError("weight_regularizer= and dropout_regularizer= must be given together.")
-        wr = _non_negative_finite("weight_regularizer", weight_regularizer)  # type: ignore[arg-type]
-        dr = _non_negative_finite("dropout_regularizer", dropout_regularizer)  # type: ignore[arg-type]
+        wr = _non_negative_finite("weight_regularizer", weight_regularizer)
+        dr = _non_negative_finite("dropout_regularizer", dropout_regularizer)
         return RegularizerScale(wr, dr, f"explicit wr={wr:.3g}, dr={dr:.3g}")
     if loss not in LOSS_PRESETS:
         raise ValueError(f"loss must be one of {LOSS_PRESETS}, got {loss!r}.")
@@ -131,7 +133,7 @@ def resolve_scale(
     elif loss == "heteroscedastic":
         wr, dr = l2 / n, 2.0 / n
     else:
-        t = _positive_finite("tau", tau)  # type: ignore[arg-type]
+        t = _positive_finite("tau", tau)
         wr, dr = l2 / (t * n), 2.0 / (t * n)
     extra = f", tau={tau:.4g}" if loss == "mse" else ""
     return RegularizerScale(wr, dr, f"{loss} preset: N={n}, l={length_scale:.3g}{extra}")

@@ -10,7 +10,10 @@ from typing import Any, Optional
 
 import torch.nn as nn
 
-from .convert import SCALE_OPTIONS, SITE_OPTIONS, convert
+from .convert import convert
+from .options import OPTION_NAMES, resolve_options
+
+__all__ = ["create_model"]
 
 
 def create_model(name: str, *, targets: Optional[Any] = None, **kwargs: Any) -> nn.Module:
@@ -19,9 +22,10 @@ def create_model(name: str, *, targets: Optional[Any] = None, **kwargs: Any) -> 
     Args:
         name: a timm model name (``timm.list_models()``).
         targets: as for :func:`cd_convert.convert` (None: every dropout site).
-        **kwargs: :func:`cd_convert.convert` keywords (``dataset_size``, ``length_scale``, ``loss``,
-            ``include_zero_rate``, ``fused_attention``, ...); everything else goes to ``timm.create_model``
-            (``pretrained``, ``num_classes``, ``drop_rate``, ``features_only``, ...).
+        **kwargs: :func:`cd_convert.convert`'s option keywords (``dataset_size``, ``length_scale``, ``loss``,
+            ``include_zero_rate``, ``fused_attention``, ...) or ``options=ConvertOptions(...)``; everything
+            else goes to ``timm.create_model`` (``pretrained``, ``num_classes``, ``drop_rate``,
+            ``features_only``, ...). The options are checked before the timm model is built.
 
     Returns:
         The converted model, still an instance of the timm class.
@@ -36,6 +40,7 @@ def create_model(name: str, *, targets: Optional[Any] = None, **kwargs: Any) -> 
         import timm
     except ImportError as err:  # pragma: no cover - exercised only without the extra
         raise ImportError("cd_convert.timm needs timm: pip install 'cd_convert[timm]'") from err
-    convert_kwargs = {k: kwargs.pop(k) for k in SCALE_OPTIONS + SITE_OPTIONS if k in kwargs}
+    keywords = {k: kwargs.pop(k) for k in OPTION_NAMES if k in kwargs}
+    options = resolve_options(kwargs.pop("options", None), keywords, "create_model")
     model = timm.create_model(name, **kwargs)
-    return convert(model, targets, inplace=True, **convert_kwargs)
+    return convert(model, targets, inplace=True, options=options)

@@ -45,11 +45,12 @@ def test_targets_linear_hand_formula():
     model = cd.convert(_mlp(), targets=[nn.Linear], dataset_size=20, loss="heteroscedastic", length_scale=0.1)
     wr, dr = 0.01 / 20, 2 / 20
     rates = cd.dropout_rates(model)
-    assert set(rates) == {"0.concrete_dropout", "3.concrete_dropout", "6.concrete_dropout"}
-    # the site sits on the input of each Linear: its own weight consumes it, K = in_features
+    # Linear 0 gets a site on its input; Linears 3 and 6 read dropouts 2 and 5, which they absorb (starting
+    # from their own rates). Either way the layer's weight consumes the site, K = in_features
+    assert rates == pytest.approx({"0.concrete_dropout": 0.1, "2": 0.2, "5": 0.3}, rel=1e-5)
     pairs = [(model[0].weight, rates["0.concrete_dropout"], 4),
-             (model[3].weight, rates["3.concrete_dropout"], 8),
-             (model[6].weight, rates["6.concrete_dropout"], 6)]
+             (model[3].weight, rates["2"], 8),
+             (model[6].weight, rates["5"], 6)]
     assert cd.regularization(model).item() == pytest.approx(_hand(pairs, wr, dr), rel=1e-5)
 
 

@@ -125,7 +125,14 @@ def test_zero_rate_starts_at_init_p():
 
 def test_targets_linear_elementwise():
     model = CNN2d()
+    # fc reads drop2's output: it absorbs drop2 (element-wise, from its own rate) instead of adding a site
     converted = cd.convert(model, targets=[nn.Linear], dataset_size=100, init_p=0.2)
+    assert type(converted.drop2) is ConcreteDropout and not converted.drop2.channelwise
+    assert cd.dropout_rates(converted) == pytest.approx({"drop2": 0.5}, rel=1e-5)
+    assert not hasattr(converted.fc, "concrete_dropout")
+    assert type(converted.drop1) is nn.Dropout2d  # drop1 feeds a Conv2d, which is not targeted
+    # with drop2 excluded (kept fixed), fc gets its own element-wise input site at init_p
+    converted = cd.convert(model, targets=[nn.Linear], exclude=["drop2"], dataset_size=100, init_p=0.2)
     site = converted.fc.concrete_dropout
     assert type(site) is ConcreteDropout and not site.channelwise
     assert cd.dropout_rates(converted) == pytest.approx({"fc.concrete_dropout": 0.2}, rel=1e-5)
@@ -139,18 +146,20 @@ def test_targets_conv2d_channelwise():
     x = torch.randn(2, 3, 8, 8)
     ref = model(x)
     converted = cd.convert(model, targets=[nn.Conv2d], dataset_size=100)
-    assert set(cd.dropout_rates(converted)) == {"conv1.concrete_dropout", "conv2.concrete_dropout"}
+    # conv1 gets an input site; conv2 reads drop1's output, so it absorbs drop1 (channel-wise) instead
+    assert set(cd.dropout_rates(converted)) == {"conv1.concrete_dropout", "drop1"}
     assert type(converted.conv1.concrete_dropout) is ConcreteDropout2d
     assert converted.conv1.concrete_dropout.temperature == pytest.approx(2 / 3)
+    assert type(converted.drop1) is ConcreteDropout2d and converted.drop1.temperature == pytest.approx(2 / 3)
     assert torch.equal(converted(x), ref)  # eval: identity in front of the convs
     # K = in_channels for the channel-wise input site
     apps = {a.site: a for a in get_collector(converted).applications}
     assert apps["conv1.concrete_dropout"].units == 3
-    assert apps["conv2.concrete_dropout"].consumer_weights == ("conv2.weight",)
+    assert apps["drop1"].consumer_weights == ("conv2.weight",) and apps["drop1"].units == 8
     # in training the mask on conv2's input is constant over space: check through a forward hook
     converted.train()
     seen = {}
-    converted.conv2.concrete_dropout.register_forward_hook(lambda m, i, o: seen.update(i=i[0], o=o))
+    converted.drop1.register_forward_hook(lambda m, i, o: seen.update(i=i[0], o=o))
     converted(x)
     ratio = seen["o"] / torch.where(seen["i"] == 0, torch.ones_like(seen["i"]), seen["i"])
     nz = seen["i"] != 0
@@ -186,8 +195,8 @@ def test_class_methods_and_state_dict_keys_kept():
     assert all(k.endswith(".p_logit") for k in added)
     converted_t = cd.convert(model, targets=[nn.Linear], dataset_size=100)
     added_t = set(converted_t.state_dict()) - orig_keys
-    assert added_t == {"fc1.concrete_dropout.p_logit", "fc2.concrete_dropout.p_logit",
-                       "head.concrete_dropout.p_logit"}
+    # fc2 and head absorb drop1 and drop2 (their inputs); fc1's input has no dropout, so it gets a site
+    assert added_t == {"fc1.concrete_dropout.p_logit", "drop1.p_logit", "drop2.p_logit"}
 
 
 def test_inplace_false_leaves_original_untouched():
@@ -356,14 +365,14 @@ def test_freeze_plain_torch_with_learned_rates(targets):
         dropouts = [frozen.get_submodule(n) for n in sites]
         assert all(type(m) is nn.Dropout for m in dropouts)
     else:
-        # a targeted layer fc becomes nn.Sequential(nn.Dropout(p), fc); the original dropouts stay
-        dropouts = []
-        for n in sites:
-            layer = n.rsplit(".", 1)[0]
-            seq = frozen.get_submodule(layer)
-            assert type(seq) is nn.Sequential and type(seq[0]) is nn.Dropout and type(seq[1]) is nn.Linear
-            dropouts.append(seq[0])
-        assert frozen.drop1.p == 0.2 and frozen.drop2.p == 0.3
+        # a targeted layer fc1 becomes nn.Sequential(nn.Dropout(p), fc1); the dropouts absorbed by fc2 and
+        # head become nn.Dropout(p) at their own paths, and fc2 and head keep their keys
+        assert sorted(sites) == ["drop1", "drop2", "fc1.concrete_dropout"]
+        seq = frozen.fc1
+        assert type(seq) is nn.Sequential and type(seq[0]) is nn.Dropout and type(seq[1]) is nn.Linear
+        assert type(frozen.fc2) is nn.Linear and type(frozen.head) is nn.Linear
+        assert type(frozen.drop1) is nn.Dropout and type(frozen.drop2) is nn.Dropout
+        dropouts = [seq[0], frozen.drop1, frozen.drop2]
     assert len(dropouts) == len(sites)
     for m in dropouts:
         assert m.p == pytest.approx(learned[sites[0]], rel=1e-6)
@@ -526,7 +535,8 @@ def test_second_convert_with_more_targets_keeps_earlier_sites_in_regularizer():
     first = cd.convert(MLP(), targets=["fc1"], dataset_size=100)
     second = cd.convert(first, targets=[nn.Linear])
     sites = set(cd.dropout_rates(second))
-    assert sites == {"fc1.concrete_dropout", "fc2.concrete_dropout", "head.concrete_dropout"}
+    # fc1's earlier site is kept; fc2 and head absorb the dropouts in front of them
+    assert sites == {"fc1.concrete_dropout", "drop1", "drop2"}
     # every site still in the model must still be regularised (its application kept)
     regularised = {a.site for a in get_collector(second).applications}
     assert regularised == sites

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cd_convert.collector import COLLECTOR_ATTR, Application, Collector
-from cd_convert.history import RateLogger, site_rates
+from cd_convert.collector import COLLECTOR_ATTR, Application, Collector, dropout_rates
+from cd_convert.history import RateLogger
 from cd_convert.layers import ConcreteDropout, ConcreteDropout2d
 
 
@@ -85,9 +85,9 @@ def test_converted_model_uses_collector_names_and_adds_other_sites() -> None:
     # A converted model: the collector knows one site; a site it does not know is still reported.
     net = model()
     setattr(net, COLLECTOR_ATTR, Collector(applications=[Application("3", "4.weight", 16)]))
-    rates = site_rates(net)
+    rates = dropout_rates(net)
     assert list(rates) == ["3", "0"]
     assert rates == pytest.approx({"3": 0.3, "0": 0.1})
     wrapper = nn.Sequential(net)
-    assert site_rates(wrapper) == pytest.approx({"0.3": 0.3, "0.0": 0.1})
-    assert site_rates(nn.Linear(2, 2)) == {}
+    assert dropout_rates(wrapper) == pytest.approx({"0.3": 0.3, "0.0": 0.1})
+    assert dropout_rates(nn.Linear(2, 2)) == {}

@@ -27,10 +27,12 @@ def _sites(model, **kwargs):
 
 
 def test_glob_regex_predicate_and_types_mixed():
-    assert _sites(None, targets=["classifier.*"]) == ["classifier.1.concrete_dropout", "classifier.3", "classifier.4.concrete_dropout"]
+    # A targeted Linear whose input is a dropout's output (classifier.1 reads features.2 through Flatten,
+    # classifier.4 reads classifier.3) absorbs that dropout: one site per tensor, no second site in front.
+    assert _sites(None, targets=["classifier.*"]) == ["classifier.3", "features.2"]
     assert _sites(None, targets=[re.compile(r"classifier\.\d")]) == _sites(None, targets=["classifier.?"])
     assert _sites(None, targets=[lambda name, m: isinstance(m, nn.Conv2d)]) == ["features.0.concrete_dropout"]
-    assert _sites(None, targets=[nn.Conv2d, "classifier.4"]) == ["classifier.4.concrete_dropout", "features.0.concrete_dropout"]
+    assert _sites(None, targets=[nn.Conv2d, "classifier.4"]) == ["classifier.3", "features.0.concrete_dropout"]
     assert _sites(None, targets=[nn.Dropout]) == ["classifier.3"]  # nn.Dropout2d is not an nn.Dropout
 
 
@@ -41,14 +43,15 @@ def test_regex_must_match_whole_name():
 
 
 def test_exclude_forms():
-    assert _sites(None, targets=[nn.Linear], exclude=["classifier.4"]) == ["classifier.1.concrete_dropout"]
+    # classifier.4 excluded: classifier.3 stays fixed; classifier.1 absorbs features.2 (through Flatten)
+    assert _sites(None, targets=[nn.Linear], exclude=["classifier.4"]) == ["features.2"]
     assert _sites(None, exclude=[re.compile(r"features\..*")]) == ["classifier.3"]
     assert _sites(None, exclude=[lambda name, m: isinstance(m, nn.Dropout)]) == ["features.2"]
 
 
 def test_entry_matching_nothing_warns_with_its_name():
     with pytest.warns(UserWarning, match="'nothing.here'"):
-        assert _sites(None, targets=[nn.Linear, "nothing.here"]) == ["classifier.1.concrete_dropout", "classifier.4.concrete_dropout"]
+        assert _sites(None, targets=[nn.Linear, "nothing.here"]) == ["classifier.3", "features.2"]
 
 
 def test_nothing_matched_lists_the_model():
@@ -80,6 +83,6 @@ def test_unsupported_entries_refused_with_reason(entry, reason):
 def test_plan_reports_without_changing():
     model = Net()
     report = cd_convert.plan(model, targets=[nn.Linear], exclude=["classifier.1"])
-    assert [r.name for r in report.sites] == ["classifier.4.concrete_dropout"]
+    assert [r.name for r in report.sites] == ["classifier.3"]  # absorbed by classifier.4
     assert all(not hasattr(m, "concrete_dropout") for m in model.modules())
     assert "planned" in str(report)

@@ -16,9 +16,10 @@ import torch
 import torch.nn as nn
 from transformers import Trainer
 
-from ..collector import get_collector, regularization
+from ..collector import regularization, require_collector
 from ..convert import set_regularizer
-from ..errors import ConversionError
+
+__all__ = ["ConcreteDropoutTrainer"]
 
 
 class ConcreteDropoutTrainer(Trainer):
@@ -42,12 +43,9 @@ class ConcreteDropoutTrainer(Trainer):
 
     def __init__(self, *args: Any, dataset_size: Optional[int] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if get_collector(self.model) is None:
-            raise ConversionError(
-                f"{type(self.model).__name__} has not been converted: call cd_convert.convert(model, "
-                "dataset_size=N) before building the ConcreteDropoutTrainer."
-            )
-        collector = get_collector(self.model)
+        collector = require_collector(
+            self.model, "call cd_convert.convert(model, dataset_size=N) before building the ConcreteDropoutTrainer."
+        )
         if dataset_size is None and collector.scale is None and self.train_dataset is not None:
             try:
                 dataset_size = len(self.train_dataset)

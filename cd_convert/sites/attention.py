@@ -26,9 +26,18 @@ from torch import Tensor
 from ..found import FoundSite
 from ..integrations.timm import FusedAttentionSwitch, fused_attention_dropout
 from ..layers import ConcreteDropout
-from .base import ATTENTION_CONSUMER_NOTE, SearchContext, SiteKind, TraceContext, joined, original_rate, site_type_for
+from .base import (
+    ATTENTION_CONSUMER_NOTE,
+    SearchContext,
+    SiteKind,
+    TraceContext,
+    joined,
+    original_rate,
+    site_type_for,
+    submodule,
+)
 from .module import plan_module_site
-from .routed import plan_routed_site
+from .routed import plan_routed_site, rate_attribute_of
 
 if TYPE_CHECKING:
     from ..planning import Planner
@@ -161,7 +170,9 @@ class FusedAttentionKind(SiteKind):
 
     def plan(self, planner: "Planner", found: FoundSite) -> None:
         if found.module_name is None:
-            plan_routed_site(planner, found, kind=self.name, handler=route_attention)
+            owner = submodule(planner.model, found.owner)
+            rate_attribute = rate_attribute_of(owner, found)  # where freeze writes the learned rate (self.p)
+            plan_routed_site(planner, found, kind=self.name, handler=route_attention, rate_attribute=rate_attribute)
             return
         first = found.module_name not in planner.planned
         entry = plan_module_site(planner, found, kind=self.name)

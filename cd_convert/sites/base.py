@@ -75,10 +75,32 @@ def original_rate(module: nn.Module) -> float:
     return float(module.p.detach()) if isinstance(module, ConcreteDropoutBase) else float(module.p)
 
 
+#: Input rank of a batched channel-wise input -> the plain module that drops whole channels of it.
+_CHANNEL_DROPOUT_BY_RANK: Dict[int, Type[nn.Module]] = {3: nn.Dropout1d, 4: nn.Dropout2d, 5: nn.Dropout3d}
+
+
+def frozen_type(site_type: Type[ConcreteDropoutBase]) -> Type[nn.Module]:
+    """The plain ``torch.nn`` class a concrete site class freezes to.
+
+    Args:
+        site_type: a concrete site class (a user's subclass too).
+
+    Returns:
+        The class of its nearest listed base (``ConcreteDropout2d`` -> ``nn.Dropout2d``); for a direct subclass
+        of :class:`ConcreteDropoutBase`, ``nn.Dropout`` when element-wise, else the channel dropout of its
+        batched input rank (``nn.Dropout2d`` when it declares none).
+    """
+    for klass in site_type.__mro__:
+        if klass in FROZEN_TYPES:
+            return FROZEN_TYPES[klass]
+    if not site_type.channelwise:
+        return nn.Dropout
+    return _CHANNEL_DROPOUT_BY_RANK.get(max(site_type.expected_dims, default=4), nn.Dropout2d)
+
+
 def frozen_dropout(site: ConcreteDropoutBase) -> nn.Module:
     """The plain ``nn.Dropout*`` with the site's learned rate (and its train/eval mode)."""
-    klass = next(FROZEN_TYPES[k] for k in type(site).__mro__ if k in FROZEN_TYPES)
-    module = klass(p=float(site.p.detach()))
+    module = frozen_type(type(site))(p=float(site.p.detach()))
     module.train(site.training)
     return module
 

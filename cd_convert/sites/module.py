@@ -1,7 +1,9 @@
 """``nn.Dropout*`` modules called as modules: replaced by a concrete site at every path they are held under.
 
 A module called at several places stays one site with one rate; each distinct consumer adds its weight
-term. A module that a dry run saw never called gets no site (its parameter would get no gradient).
+term. A module that a dry run saw never called gets no site (its parameter would get no gradient). A
+concrete site written in the model's own code is kept as it is (:class:`OwnSite`): conversion only registers
+it, ``unconvert`` leaves it, ``freeze`` turns it into the plain ``nn.Dropout*`` with its learned rate.
 """
 
 from __future__ import annotations
@@ -12,17 +14,19 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 import torch.fx as fx
 import torch.nn as nn
 
-from ..consumers import ConsumerInfo, find_consumer
+from ..consumers import ConsumerInfo, find_consumer, module_units
 from ..found import FoundSite
 from ..layers import ConcreteDropoutBase
 from ..report import SiteRow
 from ..targets import is_dropout_module
 from .base import Change, SearchContext, SiteKind, TraceContext, frozen_dropout, original_rate, parent_of, site_type_for
+from .targeted import INPUT_SITE_CHILD, TargetedLayerKind
 
 if TYPE_CHECKING:
     from ..planning import PlannedSite, Planner
 
-#: Consumers inside torch.nn's transformer layers, which torch.fx cannot trace: dropout -> weight layer.
+#: Consumers inside torch.nn's transformer layers, which torch.fx cannot trace: dropout -> weight layer (None:
+#: a residual add, whose width is d_model, ``linear2.out_features``).
 _KNOWN_LAYOUTS: Dict[type, Dict[str, Optional[str]]] = {
     nn.TransformerEncoderLayer: {"dropout": "linear2", "dropout1": None, "dropout2": None},
     nn.TransformerDecoderLayer: {"dropout": "linear2", "dropout1": None, "dropout2": None, "dropout3": None},
@@ -60,23 +64,77 @@ class ModuleSwap(Change):
         return self.original
 
 
+@dataclass
+class OwnSite(Change):
+    """A concrete site written in the model's own code, registered at every path it is held under.
+
+    Conversion changes nothing but its ``save_output`` flag, which ``unconvert`` puts back, leaving the module
+    itself (it is the user's); ``freeze`` replaces it by the plain ``nn.Dropout*`` of its kind with the
+    learned rate, as for a swapped ``nn.Dropout``.
+    """
+
+    site_name: str
+    paths: List[str]
+    kind: str = "module"
+    #: The site's own ``save_output`` before conversion (the converter may set it): undo puts it back.
+    original_save_output: Optional[bool] = None
+
+    PATH_FIELDS = ("paths",)
+
+    def apply(self, root: nn.Module, site: Optional[nn.Module] = None) -> None:
+        self.original_save_output = root.get_submodule(self.site_name).save_output
+
+    def undo(self, root: nn.Module) -> None:
+        if self.original_save_output is not None:
+            root.get_submodule(self.site_name).save_output = self.original_save_output
+
+    def freeze(self, root: nn.Module) -> None:
+        frozen = frozen_dropout(root.get_submodule(self.site_name))
+        for path in self.paths:
+            parent, attr = parent_of(root, path)
+            setattr(parent, attr, frozen)
+
+
 def is_dropout_site_module(module: nn.Module) -> bool:
     """A plain ``nn.Dropout*`` or a concrete site written in the model's code."""
     return isinstance(module, ConcreteDropoutBase) or is_dropout_module(module)
 
 
-def known_consumer(model: nn.Module, name: str) -> Tuple[Optional[ConsumerInfo], str]:
-    """The consumer of a dropout inside torch.nn's transformer layers (which torch.fx cannot trace)."""
+def is_input_site(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` is the input site an earlier conversion put on a targeted Linear/ConvNd layer."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return (
+        attr == INPUT_SITE_CHILD
+        and module_units(parent) is not None
+        and isinstance(getattr(parent, attr, None), ConcreteDropoutBase)
+    )
+
+
+def known_consumer(model: nn.Module, name: str) -> Tuple[Optional[ConsumerInfo], str, Optional[int]]:
+    """What module search knows of a dropout's consumer: inside torch.nn's transformer layers (which torch.fx
+    cannot trace), and for the input site of a layer targeted by an earlier conversion.
+
+    Args:
+        model: the model.
+        name: the dropout module's qualified name.
+
+    Returns:
+        ``(consumer, note, width)``: the consumer or None with the reason, and the width K when there is no
+        consumer but the layout fixes it.
+    """
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     for klass, layout in _KNOWN_LAYOUTS.items():
         if isinstance(parent, klass) and attr in layout:
             target = layout[attr]
             if target is None:
-                return None, f"output goes to a residual add in {klass.__name__}"
+                return None, f"output goes to a residual add in {klass.__name__}", parent.linear2.out_features
             full = f"{parent_name}.{target}" if parent_name else target
-            return ConsumerInfo((full,), (f"{full}.weight",), getattr(parent, target).in_features), ""
-    return None, "found by module search: consumer unknown (pass example_inputs for a dry run)"
+            return ConsumerInfo((full,), (f"{full}.weight",), getattr(parent, target).in_features), "", None
+    if is_input_site(model, name):  # a targeted layer's pre-hook feeds the site's output to the layer
+        return ConsumerInfo((parent_name,), (f"{parent_name}.weight",), module_units(parent)), "", None
+    return None, "found by module search: consumer unknown (pass example_inputs for a dry run)", None
 
 
 class ModuleKind(SiteKind):
@@ -109,10 +167,10 @@ class ModuleKind(SiteKind):
     def detect_module(self, ctx: SearchContext, name: str, module: nn.Module) -> bool:
         if not is_dropout_site_module(module):
             return False
-        consumer, note = known_consumer(ctx.model, name)
+        consumer, note, width = known_consumer(ctx.model, name)
         ctx.add(
             FoundSite(
-                kind=self.name,
+                kind=TargetedLayerKind.name if is_input_site(ctx.model, name) else self.name,
                 owner=name.rpartition(".")[0],
                 module_name=name,
                 site_type=site_type_for(module),
@@ -121,6 +179,7 @@ class ModuleKind(SiteKind):
                 consumer=consumer,
                 consumer_note=note,
                 called=None,
+                units_hint=width,
             )
         )
         return True
@@ -191,7 +250,7 @@ def plan_module_site(planner: "Planner", found: FoundSite, *, kind: str) -> Opti
                 found.site_type,
                 planner.options.initial_rate(found.p),
                 planner.options.temperature_for(found.site_type),
-                None if existing else ModuleSwap(name, paths, module, kind=kind),
+                OwnSite(name, paths, kind=kind) if existing else ModuleSwap(name, paths, module, kind=kind),
                 existing=existing,
             ),
         )

@@ -3,24 +3,32 @@
 The layer gets a child ``concrete_dropout`` and a forward pre-hook (its own state_dict keys are unchanged);
 ``freeze`` turns it into ``nn.Sequential(nn.Dropout(p), layer)``. A layer that never runs as a module
 (``nn.MultiheadAttention``'s ``out_proj``) gets no site: its parameter would get no gradient.
+
+A targeted layer whose input already comes from a dropout site (directly or through ops that only move
+data, :mod:`cd_convert.consumers`) **absorbs** it: that dropout becomes the layer's learned site, converted
+by its own kind (module swap, routed call) from its own rate, and no input site is added, so each tensor is
+dropped once. The planner selects such a dropout (:meth:`TargetedLayerKind.absorptions`) before the
+targeted layers are planned; the layer's row then says "absorbed". A dropout that stays fixed (excluded,
+rate 0 with ``include_zero_rate=False``) is not absorbed: the layer gets its own input site, as does a layer
+that is excluded, already has an input site, or is reached only through other ops (ReLU, add, norm).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Type
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set, Tuple, Type
 
 import torch.nn as nn
 
 from ..consumers import ConsumerInfo
-from ..found import Discovery
+from ..found import Discovery, FoundSite
 from ..layers import ConcreteDropout, ConcreteDropout1d, ConcreteDropout2d, ConcreteDropout3d, ConcreteDropoutBase
 from ..report import SiteRow
 from ..targets import first_match
 from .base import Change, SiteKind, frozen_dropout, parent_of, submodule
 
 if TYPE_CHECKING:
-    from ..planning import Planner
+    from ..planning import PlannedSite, Planner
 
 #: Child name of the site inserted in front of a targeted layer.
 INPUT_SITE_CHILD = "concrete_dropout"
@@ -100,6 +108,43 @@ def layer_called(model: nn.Module, name: str, discovery: Discovery) -> Optional[
     return False
 
 
+def _consumer_modules(model: nn.Module, consumer: Optional[ConsumerInfo]) -> List[nn.Module]:
+    """The weight layers of a site's consumer (they read its output through data-moving ops only)."""
+    modules = []
+    for name in consumer.modules if consumer is not None else ():
+        try:
+            modules.append(submodule(model, name))
+        except AttributeError:  # a consumer named by a path the model no longer has
+            continue
+    return modules
+
+
+def _dropout_label(found: FoundSite) -> str:
+    """A found dropout site as report text."""
+    if found.module_name:
+        return found.module_name
+    return f"{found.owner or '<root>'}.{found.method or '?'} ({found.function or found.fused_op})"
+
+
+def _absorber(planner: "Planner", module: nn.Module) -> Optional["PlannedSite"]:
+    """The planned (or existing) site whose output ``module`` reads through data-moving ops, if any."""
+    for entry in planner.planned.values():
+        for consumer, _ in entry.applications:
+            if any(reader is module for reader in _consumer_modules(planner.model, consumer)):
+                return entry
+    return None
+
+
+def _note_site_for(row: SiteRow, layer: str) -> None:
+    """Say on an absorbing site's row which targeted layers it is the site for (one note, layers appended)."""
+    prefix = "site for targeted "
+    for i, note in enumerate(row.notes):
+        if note.startswith(prefix):
+            row.notes[i] = f"{note}, {layer}"
+            return
+    row.notes.append(f"{prefix}{layer}")
+
+
 def _not_called_reason(model: nn.Module, name: str) -> str:
     if isinstance(submodule(model, name.rpartition(".")[0]), nn.MultiheadAttention):
         return "nn.MultiheadAttention uses this layer's weight directly and never calls it: no site created"
@@ -111,8 +156,39 @@ class TargetedLayerKind(SiteKind):
 
     name = "targeted"
 
+    def absorptions(self, planner: "Planner", layers: Sequence[Tuple[str, nn.Module]]) -> Set[int]:
+        """The found dropout sites that targeted layers absorb (to be selected even if ``targets`` names
+        only the layers).
+
+        A site is absorbed when a layer that ``targets`` selects reads its output directly or through
+        data-moving ops, unless the layer already has an input site (converted earlier: the dropout in
+        front of it stays as it was). A dropout module is one site for all its calls, so when one call is
+        absorbed every call of that module is.
+
+        Args:
+            planner: the planner (no ``targets`` entry is marked used here).
+            layers: the targetable layers that ``exclude`` leaves, as ``(name, module)``.
+
+        Returns:
+            ``id(found)`` of every absorbed site of ``planner.discovery``.
+        """
+        targeted = {
+            id(module)
+            for name, module in layers
+            if first_match(planner.targets or [], name, module) is not None
+            and not isinstance(getattr(module, INPUT_SITE_CHILD, None), ConcreteDropoutBase)
+        }
+        read = {
+            id(found): found.module_name
+            for found in planner.discovery.sites
+            if any(id(m) in targeted for m in _consumer_modules(planner.model, found.consumer))
+        }
+        modules = {name for name in read.values() if name}
+        return {id(found) for found in planner.discovery.sites if id(found) in read or found.module_name in modules}
+
     def plan_layer(self, planner: "Planner", name: str, module: nn.Module) -> None:
-        """Plan the site in front of ``module`` when ``targets`` selects it."""
+        """Plan the site in front of ``module`` when ``targets`` selects it, or note that the dropout site
+        already in front of it is its site (absorbed)."""
         from ..planning import PlannedSite, consumer_text
 
         match = first_match(planner.targets, name, module)
@@ -140,6 +216,22 @@ class TargetedLayerKind(SiteKind):
             entry.applications.append((consumer, None))
             return
         called = layer_called(planner.model, name, planner.discovery)
+        absorber = _absorber(planner, module)
+        if absorber is not None:  # the dropout feeding the layer is its site: one site per tensor
+            planner.rows.append(
+                SiteRow(
+                    name,
+                    self.name,
+                    "absorbed",
+                    original,
+                    consumer=consumer_text(consumer),
+                    found_by="targets",
+                    called=called,
+                    notes=[f"absorbed: learned by site {absorber.row.name}"],
+                )
+            )
+            _note_site_for(absorber.row, name)
+            return
         if called is False:
             planner.rows.append(
                 SiteRow(
@@ -164,6 +256,11 @@ class TargetedLayerKind(SiteKind):
             found_by="targets",
             called=called,
         )
+        fixed = [
+            _dropout_label(f) for f in planner.discovery.sites if module in _consumer_modules(planner.model, f.consumer)
+        ]
+        if fixed:  # the dropout in front was left as it is (excluded, rate 0 kept): this site comes after it
+            row.notes.append(f"input comes from dropout {', '.join(dict.fromkeys(fixed))}, which stays fixed")
         entry = planner.add(
             site_name,
             PlannedSite(

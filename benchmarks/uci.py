@@ -610,28 +610,22 @@ def plot(results: dict, path: str) -> None:
             grid = np.asarray(r["val_grid"])
             for j, tau in enumerate(r["tau_values"]):
                 ax.plot(r["dropout_rates"], grid[:, j], marker="o", label=f"grid, tau={tau:.3g}")
-        ct = r["records"].get("concrete_tau")
-        if ct:
-            ax.scatter(
-                [np.mean([x["val_rates"][-1] for x in ct])],
-                [np.mean([x["val_ll"] for x in ct])],
-                marker="*",
-                s=200,
-                color="k",
-                zorder=5,
-                label="concrete_tau (hidden p)",
-            )
-        cc = r["records"].get("concrete")
-        if cc:
-            ax.scatter(
-                [np.mean([x["rates"][-1] for x in cc])],
-                [np.mean([x["val_ll"] for x in cc])],
-                marker="X",
-                s=150,
-                color="red",
-                zorder=5,
-                label="concrete (hidden p)",
-            )
+        # (method, record key of its learned rates, marker, size, colour): one point at its mean hidden p
+        for method, rates_key, marker, size, color in (
+            ("concrete_tau", "val_rates", "*", 200, "k"),
+            ("concrete", "rates", "X", 150, "red"),
+        ):
+            records = r["records"].get(method)
+            if records:
+                ax.scatter(
+                    [np.mean([x[rates_key][-1] for x in records])],
+                    [np.mean([x["val_ll"] for x in records])],
+                    marker=marker,
+                    s=size,
+                    color=color,
+                    zorder=5,
+                    label=f"{method} (hidden p)",
+                )
         ax.set_xscale("log")
         ax.set_xlabel("dropout probability p")
         ax.set_ylabel("validation log-likelihood (mean over splits)")

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,6 +21,7 @@ triton = pytest.importorskip("triton")
 from cd_convert import fused  # noqa: E402
 from cd_convert.layers import ConcreteDropout2d, concrete_dropout, reference_concrete_dropout  # noqa: E402
 from test_noise_independence import fused_uniform_reference  # noqa: E402  (tests/ is on sys.path, as for zoo)
+from triton_interpreter import assert_passes_under_interpreter  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else ("cpu" if INTERPRETED else None)
@@ -31,16 +30,7 @@ runs_kernels = pytest.mark.skipif(DEVICE is None, reason="needs a CUDA GPU or TR
 
 @pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="the kernels run directly here")
 def test_under_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert " passed" in done.stdout and "skipped" in done.stdout  # this test itself is skipped there
+    assert_passes_under_interpreter(__file__)
 
 
 def _run(x, p_logit, *, temperature, channelwise=False, save_output=False, eps=1e-6, seed_state=0):

@@ -19,8 +19,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import subprocess
-import sys
 from typing import Tuple
 
 import numpy as np
@@ -28,6 +26,7 @@ import pytest
 import torch
 
 from cd_convert import fused
+from triton_interpreter import assert_passes_under_interpreter
 
 _MASK32 = np.uint64(0xFFFFFFFF)
 #: Philox4x32 round multipliers and Weyl key increments (Salmon et al. 2011, Random123 ``philox.h``).
@@ -114,16 +113,7 @@ runs_kernels = pytest.mark.skipif(
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 @pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="the kernels run directly here")
 def test_under_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert " passed" in done.stdout and "skipped" in done.stdout  # this test itself is skipped there
+    assert_passes_under_interpreter(__file__)
 
 
 def _forward_noise(count: int, seed_state: int) -> Tuple[torch.Tensor, int]:

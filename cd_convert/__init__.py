@@ -1,6 +1,6 @@
 """cd_convert: turn any PyTorch model into a Concrete Dropout model.
 
-Public API (everything else is internal)::
+Public API, exported here::
 
     convert, plan, report, unconvert, freeze, set_regularizer      conversion lifecycle
     ConvertOptions                                                 convert()'s options as one object
@@ -10,6 +10,12 @@ Public API (everything else is internal)::
     ConcreteDropoutBase                                            their base class (isinstance checks)
     metrics, losses; plots, timm, transformers, integrations (imported on first use; timm and
     transformers need their extras)
+
+Public modules: what ``cd_convert`` exports above, and the modules ``cd_convert.metrics``, ``losses``,
+``plots``, ``mc``, ``prior``, ``options``, ``report``, ``errors``, ``layers``, ``timm`` and
+``integrations.transformers`` (each lists its public names in ``__all__``). Every other module (``discover``,
+``planning``, ``sites/``, ``consumers``, ``dry_run``, ``callsites``, ``interception``, ``fused``,
+``_triton_kernels``, ...) is internal: it may change in any release.
 """
 
 import importlib

@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+__all__ = ["launch_forward", "launch_backward", "launch_noise"]
+
 #: 2**-23: spacing of the noise lattice u = (k + 1/2) * 2**-23.
 _LATTICE = tl.constexpr(1.1920928955078125e-07)
 _FP16_MAX = tl.constexpr(65504.0)

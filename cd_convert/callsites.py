@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import ConcreteDropout, ConcreteDropout1d, ConcreteDropout2d, ConcreteDropout3d, ConcreteDropoutBase
+from .layers import ConcreteDropoutBase
+from .targets import MODULE_SITE_TYPES
 
 __all__ = [
     "FUNCTIONAL_DROPOUTS",
@@ -32,16 +33,19 @@ __all__ = [
 
 CallKey = Tuple[str, int, str, int]
 
-#: Functional dropouts: function -> (parameter names, site type).
+_F_PARAMS = ("input", "p", "training", "inplace")
+_TORCH_PARAMS = ("input", "p", "train")
+#: Functional dropouts: function -> (parameter names, site type); the site type is that of the ``nn.Dropout*``
+#: module that drops the same units (channels, for the feature dropouts).
 FUNCTIONAL_DROPOUTS: Dict[Callable, Tuple[Tuple[str, ...], Type[ConcreteDropoutBase]]] = {
-    F.dropout: (("input", "p", "training", "inplace"), ConcreteDropout),
-    F.dropout1d: (("input", "p", "training", "inplace"), ConcreteDropout1d),
-    F.dropout2d: (("input", "p", "training", "inplace"), ConcreteDropout2d),
-    F.dropout3d: (("input", "p", "training", "inplace"), ConcreteDropout3d),
-    torch.dropout: (("input", "p", "train"), ConcreteDropout),
-    torch.dropout_: (("input", "p", "train"), ConcreteDropout),
-    torch.feature_dropout: (("input", "p", "train"), ConcreteDropout2d),
-    torch.feature_dropout_: (("input", "p", "train"), ConcreteDropout2d),
+    F.dropout: (_F_PARAMS, MODULE_SITE_TYPES[nn.Dropout]),
+    F.dropout1d: (_F_PARAMS, MODULE_SITE_TYPES[nn.Dropout1d]),
+    F.dropout2d: (_F_PARAMS, MODULE_SITE_TYPES[nn.Dropout2d]),
+    F.dropout3d: (_F_PARAMS, MODULE_SITE_TYPES[nn.Dropout3d]),
+    torch.dropout: (_TORCH_PARAMS, MODULE_SITE_TYPES[nn.Dropout]),
+    torch.dropout_: (_TORCH_PARAMS, MODULE_SITE_TYPES[nn.Dropout]),
+    torch.feature_dropout: (_TORCH_PARAMS, MODULE_SITE_TYPES[nn.Dropout2d]),
+    torch.feature_dropout_: (_TORCH_PARAMS, MODULE_SITE_TYPES[nn.Dropout2d]),
 }
 _FUNCTIONAL_DEFAULTS = {"p": 0.5, "training": True, "train": True, "inplace": False}
 

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._modules import parent_of, submodule
 from .errors import ConversionError
 from .layers import ConcreteDropoutBase, logit_bound
 from .prior import RegularizerScale
@@ -206,7 +207,7 @@ class _Plan:
         for name in names:
             _resolve_parameter(root, name)  # the error messages of a missing weight
             module_name, _, attr = name.rpartition(".")
-            owner = root.get_submodule(module_name) if module_name else root
+            owner = submodule(root, module_name)
             if module_name:
                 _record_path(root, module_name, edges)
             plan.weight_refs.append((owner, attr))
@@ -418,9 +419,8 @@ def _resolve_module(root: nn.Module, name: str) -> ConcreteDropoutBase:
 
 
 def _resolve_parameter(root: nn.Module, name: str) -> Tensor:
-    module_name, _, attr = name.rpartition(".")
     try:
-        owner = root.get_submodule(module_name) if module_name else root
+        owner, attr = parent_of(root, name)
         weight = getattr(owner, attr)
     except AttributeError as err:
         raise RuntimeError(

@@ -19,6 +19,16 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+__all__ = [
+    "ConsumerInfo",
+    "TRANSPARENT_FUNCTIONS",
+    "TRANSPARENT_METHODS",
+    "find_consumer",
+    "module_units",
+    "per_mask_value_units",
+    "produced_width",
+]
+
 #: Tensor methods and functions that only move data: a site's consumer is looked for through them.
 TRANSPARENT_METHODS = frozenset(
     {

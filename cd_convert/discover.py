@@ -20,6 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._modules import submodule
 from .callsites import FUNCTIONAL_DROPOUTS, bind_functional, call_key, caller_frame, owner_method
 from .consumers import per_mask_value_units, produced_width
 from .errors import ConversionError
@@ -28,6 +29,8 @@ from .layers import ConcreteDropoutBase
 from .sites.base import SearchContext, TraceContext, any_of
 from .sites import registry
 from .targets import is_dropout_module
+
+__all__ = ["discover"]
 
 #: Row note of a consumer-less site whose width K is known only once the model has run.
 WIDTH_UNKNOWN_NOTE = (
@@ -77,7 +80,7 @@ class SiteTracer(fx.Tracer):
             return self.root
         path = list(stack.values())[-1][0]
         try:
-            return self.root.get_submodule(path) if path else self.root
+            return submodule(self.root, path)
         except AttributeError:
             return None
 
@@ -243,7 +246,7 @@ def _set_widths(ctx: TraceContext, node: fx.Node, sites: Sequence[FoundSite]) ->
 
 def _module_search(model: nn.Module, discovery: Discovery, within: Optional[str]) -> None:
     """Module-by-module search (whole model, or inside one leaf): each module offered to the kinds in order."""
-    root = model.get_submodule(within) if within else model
+    root = submodule(model, within or "")
     prefix = f"{within}." if within else ""
     ctx = SearchContext(model, discovery, {s.module_name for s in discovery.sites if s.module_name})
     for rel, module in root.named_modules():

@@ -39,6 +39,8 @@ from .layers import ConcreteDropoutBase
 from .sites.base import ATTENTION_CONSUMER_NOTE, site_type_for
 from .targets import is_dropout_module
 
+__all__ = ["confirm_with_dry_run"]
+
 #: Example inputs: positional arguments (a tuple or list) or keyword arguments (a dict).
 ExampleInputs = Union[Sequence[Any], Dict[str, Any]]
 

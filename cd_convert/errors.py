@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+__all__ = ["ConversionError", "TargetError", "FreezeError"]
+
 
 class ConversionError(ValueError):
     """The model or the arguments cannot be converted as asked; the model was not changed."""

@@ -10,6 +10,8 @@ from .callsites import CallKey
 from .consumers import ConsumerInfo
 from .layers import ConcreteDropoutBase
 
+__all__ = ["FoundSite", "Finding", "Discovery"]
+
 
 @dataclass
 class FoundSite:

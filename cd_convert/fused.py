@@ -177,5 +177,7 @@ def fused_concrete_dropout(x: Tensor, p_logit: Tensor, *, temperature: float, ep
     Returns:
         ``x * (1 - z) / (1 - p)``, a new tensor of ``x``'s shape, dtype and layout.
     """
-    bound = math.log1p(-eps) - math.log(eps)
+    from .layers import logit_bound  # here: layers imports this module at its top
+
+    bound = logit_bound(eps)
     return _FusedConcreteDropout.apply(x, p_logit, temperature, bound, channelwise, channel_dim, save_output)

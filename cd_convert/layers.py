@@ -38,6 +38,23 @@ from torch import Tensor
 from . import fused, noise
 from ._tracing import being_traced
 
+__all__ = [
+    "ConcreteDropout",
+    "ConcreteDropout1d",
+    "ConcreteDropout2d",
+    "ConcreteDropout3d",
+    "ConcreteDropoutBase",
+    "concrete_dropout",
+    "reference_concrete_dropout",
+    "clamped_logit",
+    "logit_bound",
+    "validate_init_p",
+    "validate_temperature",
+    "InitP",
+    "DEFAULT_EPS",
+    "SAMPLING_MODES",
+]
+
 InitP = Union[float, Tuple[float, float], Sequence[float]]
 
 #: Default bound on p: the learned rate stays inside [DEFAULT_EPS, 1 - DEFAULT_EPS].

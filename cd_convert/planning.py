@@ -26,6 +26,8 @@ from .report import SiteRow
 from .sites import registry
 from .targets import DROPOUT_TYPES, Matcher, first_match, is_targetable
 
+__all__ = ["Planner", "Plan", "PlannedSite", "consumer_text"]
+
 
 @dataclass
 class PlannedSite:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
+__all__ = ["Report", "SiteRow"]
+
 
 @dataclass
 class SiteRow:

@@ -8,7 +8,8 @@ An entry is one of:
 * a predicate ``(name, module) -> bool``.
 
 Types are restricted to what a site can be placed in front of (``nn.Linear`` and ``nn.ConvNd``
-subclasses) or converted (``nn.Dropout*``); anything else is refused with the reason.
+subclasses) or converted (``nn.Dropout*``); anything else is refused with the reason. The table of those
+dropout types and the site class each becomes (:data:`MODULE_SITE_TYPES`) is here, the one the package reads.
 """
 
 from __future__ import annotations
@@ -16,18 +17,37 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union, cast
 
 import torch.nn as nn
 
 from .errors import TargetError
+from .layers import ConcreteDropout, ConcreteDropout1d, ConcreteDropout2d, ConcreteDropout3d, ConcreteDropoutBase
+
+__all__ = [
+    "MODULE_SITE_TYPES",
+    "DROPOUT_TYPES",
+    "Matcher",
+    "parse_targets",
+    "first_match",
+    "is_dropout_module",
+    "is_targetable",
+]
 
 TargetEntry = Union[type, str, "re.Pattern[str]", Callable[[str, nn.Module], bool]]
 
 #: Layers a site can be inserted in front of (their weight then consumes the site's output).
 TARGETABLE_TYPES: Tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: Dropout module type -> the concrete site type that replaces it (a subclass maps to its nearest listed base).
+#: The one table of dropout types: functional dropouts and targeted layers name their site type through it.
+MODULE_SITE_TYPES: Dict[Type[nn.Module], Type[ConcreteDropoutBase]] = {
+    nn.Dropout: ConcreteDropout,
+    nn.Dropout1d: ConcreteDropout1d,
+    nn.Dropout2d: ConcreteDropout2d,
+    nn.Dropout3d: ConcreteDropout3d,
+}
 #: Dropout modules that become concrete sites.
-DROPOUT_TYPES: Tuple[type, ...] = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+DROPOUT_TYPES: Tuple[type, ...] = tuple(MODULE_SITE_TYPES)
 
 _UNSUPPORTED_REASONS = {
     nn.RNNBase: "recurrent layers apply their weights inside a fused kernel, so no site can be placed on the "
@@ -123,7 +143,7 @@ def parse_targets(
     if entries is None:
         return None
     if isinstance(entries, (type, str, re.Pattern)) or (callable(entries) and not isinstance(entries, (list, tuple))):
-        entries = [entries]  # type: ignore[list-item]
+        entries = [cast(TargetEntry, entries)]  # one entry passed alone
     if not isinstance(entries, (list, tuple, set, frozenset)):
         raise TargetError(f"{arg} must be a list of entries, got {type(entries).__name__}.")
     if len(entries) == 0:

@@ -138,6 +138,23 @@ def test_half_precision_saturates_and_clamp_is_straight_through(logit):
 
 
 @runs_kernels
+@pytest.mark.parametrize("logit", [-6.0, 6.0])
+def test_logit_beyond_the_bound_uses_the_bound(logit):
+    # eps = 0.01 bounds p to [0.01, 0.99]: theta = clamp(logit, -b, b) with b = log(0.99 / 0.01), written out
+    # here, so a wrong bound (or none) in the kernels' launch parameters changes every output value.
+    eps, t = 0.01, 0.5
+    bound = math.log((1 - eps) / eps)
+    x = torch.randn(41, 29, device=DEVICE)
+    p_logit = torch.tensor(logit, device=DEVICE)
+    y, seed = _run(x, p_logit, temperature=t, eps=eps)
+    u = _noise(seed, x.numel()).view_as(x).double()
+    theta = max(-bound, min(bound, logit))
+    keep = torch.sigmoid(-(theta + torch.log(u) - torch.log1p(-u)) / t)
+    expected = x.double() * keep / (1 - 1 / (1 + math.exp(-theta)))
+    torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+@runs_kernels
 def test_only_the_needed_gradient_is_computed():
     x = torch.randn(10, 20, device=DEVICE)
     p_logit = torch.tensor(0.0, device=DEVICE, requires_grad=True)

@@ -229,6 +229,14 @@ MUTATIONS: Tuple[Mutation, ...] = (
     ),
     # --- the site's forward and backward
     Mutation(
+        "fused-bound-wrong",
+        "the fused GPU kernels clamp the logit at a wrong bound: p beyond [eps, 1 - eps] on the GPU only",
+        "cd_convert/fused.py",
+        "    bound = logit_bound(eps)\n",
+        "    bound = logit_bound(eps) + 1.0\n",
+        ("tests/test_fused.py",),
+    ),
+    Mutation(
         "nograd-drops-scale",
         "the no-grad path (MC prediction) drops 1/(1 - p): MC predictions are shrunk by (1 - p) per site",
         "cd_convert/layers.py",
@@ -371,8 +379,8 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "freeze-keeps-handwritten-sites",
         "freeze() leaves ConcreteDropout layers written in the model's code (and their p_logit keys) in place",
         "cd_convert/sites/module.py",
-        "        pass\n\n    def freeze(self, root: nn.Module) -> None:\n        frozen = frozen_dropout(",
-        "        pass\n\n    def freeze(self, root: nn.Module) -> None:\n        frozen = (",
+        "self.original_save_output\n\n    def freeze(self, root: nn.Module) -> None:\n        frozen = frozen_dropout(",
+        "self.original_save_output\n\n    def freeze(self, root: nn.Module) -> None:\n        frozen = (",
         ("tests/test_freeze_handwritten.py",),
     ),
     # --- Monte Carlo prediction

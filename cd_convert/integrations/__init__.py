@@ -1,1 +1,3 @@
 """Optional integrations with model libraries (imported lazily; their packages are optional extras)."""
+
+__all__ = ["timm", "transformers"]

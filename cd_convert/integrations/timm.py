@@ -10,6 +10,8 @@ import torch.nn as nn
 
 from ..sites.base import Change, submodule
 
+__all__ = ["notrace_for", "fused_attention_dropout", "FusedAttentionSwitch"]
+
 
 def is_timm_model(model: nn.Module) -> bool:
     """Whether ``model`` (or one of its modules) comes from timm."""

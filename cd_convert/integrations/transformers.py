@@ -30,6 +30,16 @@ import torch.nn as nn
 from ..errors import ConversionError
 from ..sites.base import Change, submodule
 
+# ConcreteDropoutTrainer (module __getattr__ below) is public too, but not listed: a star import would then need
+# transformers' Trainer and accelerate, which nothing else here needs.
+__all__ = [
+    "is_transformers_model",
+    "example_inputs_for",
+    "eager_attention",
+    "called_through_attention_interface",
+    "eager_switches",
+]
+
 #: Name of the local variable in which transformers' attention modules hold the chosen attention function.
 _INTERFACE_LOCAL = "attention_interface"
 #: Keyword arguments of packed (padding-free) batches for flash attention, which eager attention cannot honour.
@@ -345,7 +355,7 @@ def eager_switches(model: nn.Module, attention_sites: Dict[str, str]) -> List[Ea
             if below:
                 holders[name] = below
     for site, owner in attention_sites.items():
-        module = model.get_submodule(owner) if owner else model
+        module = submodule(model, owner)
         if hasattr(getattr(module, "config", None), "_attn_implementation"):
             holders.setdefault(owner, [])
             if site not in holders[owner]:

@@ -2,3 +2,5 @@
 
 See :mod:`cd_convert.sites.base` for the protocol a kind implements.
 """
+
+__all__ = ["registry"]

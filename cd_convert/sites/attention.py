@@ -42,6 +42,8 @@ from .routed import plan_routed_site, rate_attribute_of
 if TYPE_CHECKING:
     from ..planning import Planner
 
+__all__ = ["FusedAttentionKind", "explicit_attention"]
+
 _SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _EXPLICIT_PATH_NOTE = (
     "attention takes its explicit path (fused_attn=False) while the site is active (training, MC prediction); "
@@ -159,7 +161,7 @@ class FusedAttentionKind(SiteKind):
 
     def detect_module(self, ctx: SearchContext, name: str, module: nn.Module) -> bool:
         parent_name, _, attr = name.rpartition(".")
-        parent = ctx.model.get_submodule(parent_name) if parent_name else ctx.model
+        parent = submodule(ctx.model, parent_name)
         if name == "" or fused_attention_dropout(parent, None) != (attr, module):
             return False
         ctx.add(_fused_module_site(parent_name, name, module, ctx.found_by, called=None))

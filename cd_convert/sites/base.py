@@ -25,34 +25,33 @@ from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Tuple, Ty
 import torch.fx as fx
 import torch.nn as nn
 
+from .._modules import parent_of, submodule
 from ..found import Discovery, Finding, FoundSite
-from ..layers import ConcreteDropout, ConcreteDropout1d, ConcreteDropout2d, ConcreteDropout3d, ConcreteDropoutBase
+from ..layers import ConcreteDropout, ConcreteDropoutBase
+from ..targets import MODULE_SITE_TYPES
 
 if TYPE_CHECKING:  # the planner imports the kinds; the kinds only need its type
     from ..planning import Planner
 
-#: Module type -> concrete site type (a subclass maps to its nearest listed base).
-MODULE_SITE_TYPES: Dict[Type[nn.Module], Type[ConcreteDropoutBase]] = {
-    nn.Dropout: ConcreteDropout,
-    nn.Dropout1d: ConcreteDropout1d,
-    nn.Dropout2d: ConcreteDropout2d,
-    nn.Dropout3d: ConcreteDropout3d,
-}
+__all__ = [
+    "SiteKind",
+    "Change",
+    "TraceContext",
+    "SearchContext",
+    "ATTENTION_CONSUMER_NOTE",
+    "any_of",
+    "frozen_dropout",
+    "joined",
+    "original_rate",
+    "parent_of",
+    "site_type_for",
+    "submodule",
+]
+
 #: Concrete site class -> the plain torch.nn module a frozen site becomes.
 FROZEN_TYPES: Dict[Type[ConcreteDropoutBase], Type[nn.Module]] = {v: k for k, v in MODULE_SITE_TYPES.items()}
 #: Why attention dropout has no consuming weight (report text).
 ATTENTION_CONSUMER_NOTE = "attention probabilities are multiplied by values, not by a weight"
-
-
-def submodule(root: nn.Module, path: str) -> nn.Module:
-    """``root.get_submodule(path)``, with ``""`` meaning ``root``."""
-    return root.get_submodule(path) if path else root
-
-
-def parent_of(root: nn.Module, path: str) -> Tuple[nn.Module, str]:
-    """The module holding ``path`` and the attribute name under which it holds it."""
-    parent_name, _, attr = path.rpartition(".")
-    return submodule(root, parent_name), attr
 
 
 def joined(prefix: str, name: str) -> str:

@@ -22,6 +22,8 @@ from .routed import plan_routed_site, rate_attribute_of
 if TYPE_CHECKING:
     from ..planning import Planner
 
+__all__ = ["FunctionalKind", "route_functional"]
+
 
 def route_functional(owner: nn.Module, site: nn.Module, func: Callable, args: Tuple, kwargs: Dict[str, Any]) -> Any:
     """A routed functional-dropout call, computed by its site (which honours the call's ``training=``)."""

@@ -20,6 +20,8 @@ from .routed import plan_routed_site, rate_attribute_of
 if TYPE_CHECKING:
     from ..planning import Planner
 
+__all__ = ["InterfaceAttentionKind"]
+
 _EAGER_NOTE = (
     "attention runs in its eager implementation while the site is active (training, MC prediction): that keeps "
     "a batch x heads x L x L probability tensor per layer for the backward pass; in eval the model's own "

@@ -25,6 +25,8 @@ from .routed import plan_routed_site
 if TYPE_CHECKING:
     from ..planning import Planner
 
+__all__ = ["MultiheadAttentionKind"]
+
 _ORIGINAL_DROPOUT = F.dropout
 _ORIGINAL_SDPA = F.scaled_dot_product_attention
 _routing = threading.local()

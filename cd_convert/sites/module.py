@@ -19,11 +19,24 @@ from ..found import FoundSite
 from ..layers import ConcreteDropoutBase
 from ..report import SiteRow
 from ..targets import is_dropout_module
-from .base import Change, SearchContext, SiteKind, TraceContext, frozen_dropout, original_rate, parent_of, site_type_for
+from .base import (
+    Change,
+    SearchContext,
+    SiteKind,
+    TraceContext,
+    frozen_dropout,
+    joined,
+    original_rate,
+    parent_of,
+    site_type_for,
+    submodule,
+)
 from .targeted import INPUT_SITE_CHILD, TargetedLayerKind
 
 if TYPE_CHECKING:
     from ..planning import PlannedSite, Planner
+
+__all__ = ["ModuleKind", "ModuleSwap", "plan_module_site"]
 
 #: Consumers inside torch.nn's transformer layers, which torch.fx cannot trace: dropout -> weight layer (None:
 #: a residual add, whose width is d_model, ``linear2.out_features``).
@@ -102,8 +115,7 @@ def is_dropout_site_module(module: nn.Module) -> bool:
 
 def is_input_site(model: nn.Module, name: str) -> bool:
     """Whether ``name`` is the input site an earlier conversion put on a targeted Linear/ConvNd layer."""
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
+    parent, attr = parent_of(model, name)
     return (
         attr == INPUT_SITE_CHILD
         and module_units(parent) is not None
@@ -124,13 +136,13 @@ def known_consumer(model: nn.Module, name: str) -> Tuple[Optional[ConsumerInfo],
         consumer but the layout fixes it.
     """
     parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
+    parent = submodule(model, parent_name)
     for klass, layout in _KNOWN_LAYOUTS.items():
         if isinstance(parent, klass) and attr in layout:
             target = layout[attr]
             if target is None:
                 return None, f"output goes to a residual add in {klass.__name__}", parent.linear2.out_features
-            full = f"{parent_name}.{target}" if parent_name else target
+            full = joined(parent_name, target)
             return ConsumerInfo((full,), (f"{full}.weight",), getattr(parent, target).in_features), "", None
     if is_input_site(model, name):  # a targeted layer's pre-hook feeds the site's output to the layer
         return ConsumerInfo((parent_name,), (f"{parent_name}.weight",), module_units(parent)), "", None

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from ..found import Finding
 from .base import SearchContext, SiteKind, TraceContext
 
+__all__ = ["NonSiteKind"]
+
 NON_SITE_NAMES = ("DropPath", "StochasticDepth", "DropBlock", "AlphaDropout", "FeatureAlphaDropout", "DropConnect")
 NON_SITE_FUNCTIONS = {F.alpha_dropout: "F.alpha_dropout", F.feature_alpha_dropout: "F.feature_alpha_dropout"}
 

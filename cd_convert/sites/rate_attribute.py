@@ -20,6 +20,8 @@ from .routed import RoutedSite
 if TYPE_CHECKING:
     from ..planning import Planner
 
+__all__ = ["RateAttributeKind"]
+
 
 def rates_read_by_calls(planner: "Planner") -> Dict[str, str]:
     """Dropout modules whose ``p`` a call reads -> ``"owner.method"`` of that call (cached on the planner).

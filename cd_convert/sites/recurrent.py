@@ -11,6 +11,8 @@ import torch.nn as nn
 
 from .base import SearchContext, SiteKind, TraceContext
 
+__all__ = ["RecurrentKind"]
+
 
 class RecurrentKind(SiteKind):
     """Reports recurrent inter-layer dropout as unsupported; plans nothing."""

@@ -19,6 +19,8 @@ from .rate_attribute import RateAttributeKind
 from .recurrent import RecurrentKind
 from .targeted import TargetedLayerKind
 
+__all__ = ["DETECTORS", "PLANNERS", "TARGETED"]
+
 #: Detection order: a timm attention module's dropout is a fused site before it is a plain module.
 DETECTORS: Tuple[SiteKind, ...] = (
     FusedAttentionKind(),

@@ -18,10 +18,12 @@ from ..found import FoundSite
 from ..interception import Handler, Runner, install, interceptors, uninstall
 from ..report import SiteRow
 from ..targets import DROPOUT_TYPES
-from .base import Change, joined, submodule
+from .base import Change, joined, parent_of, submodule
 
 if TYPE_CHECKING:
     from ..planning import PlannedSite, Planner
+
+__all__ = ["RoutedSite", "plan_routed_site", "rate_attribute_of"]
 
 
 @dataclass
@@ -80,8 +82,8 @@ class RoutedSite(Change):
         owner = submodule(root, self.owner)
         p = float(getattr(owner, self.child).p.detach())
         self.undo(root)
-        holder, _, attribute = self.rate_attribute.rpartition(".")
-        setattr(submodule(owner, holder), attribute, p)
+        holder, attribute = parent_of(owner, self.rate_attribute)
+        setattr(holder, attribute, p)
 
     def follows(self, root: nn.Module) -> nn.Module:
         return submodule(root, self.owner)

@@ -22,20 +22,23 @@ import torch.nn as nn
 
 from ..consumers import ConsumerInfo
 from ..found import Discovery, FoundSite
-from ..layers import ConcreteDropout, ConcreteDropout1d, ConcreteDropout2d, ConcreteDropout3d, ConcreteDropoutBase
+from ..layers import ConcreteDropoutBase
 from ..report import SiteRow
-from ..targets import first_match
+from ..targets import MODULE_SITE_TYPES, first_match
 from .base import Change, SiteKind, frozen_dropout, parent_of, submodule
 
 if TYPE_CHECKING:
     from ..planning import PlannedSite, Planner
 
+__all__ = ["TargetedLayerKind", "INPUT_SITE_CHILD"]
+
 #: Child name of the site inserted in front of a targeted layer.
 INPUT_SITE_CHILD = "concrete_dropout"
+#: Layer type -> the site type on its input: a ConvNd's drops whole channels, as ``nn.DropoutNd`` does.
 _INPUT_SITE_TYPES: Dict[type, Type[ConcreteDropoutBase]] = {
-    nn.Conv1d: ConcreteDropout1d,
-    nn.Conv2d: ConcreteDropout2d,
-    nn.Conv3d: ConcreteDropout3d,
+    nn.Conv1d: MODULE_SITE_TYPES[nn.Dropout1d],
+    nn.Conv2d: MODULE_SITE_TYPES[nn.Dropout2d],
+    nn.Conv3d: MODULE_SITE_TYPES[nn.Dropout3d],
 }
 
 
@@ -98,8 +101,8 @@ def layer_called(model: nn.Module, name: str, discovery: Discovery) -> Optional[
     """Whether a targeted layer runs as a module: True (seen), False (known not to), None (not known)."""
     if name in discovery.called_modules:
         return True
-    parent_name, _, attr = name.rpartition(".")
-    if isinstance(submodule(model, parent_name), nn.MultiheadAttention) and attr == "out_proj":
+    parent, attr = parent_of(model, name)
+    if isinstance(parent, nn.MultiheadAttention) and attr == "out_proj":
         return False
     if discovery.dry_run:
         return False  # the dry run saw every module that ran
@@ -146,7 +149,7 @@ def _note_site_for(row: SiteRow, layer: str) -> None:
 
 
 def _not_called_reason(model: nn.Module, name: str) -> str:
-    if isinstance(submodule(model, name.rpartition(".")[0]), nn.MultiheadAttention):
+    if isinstance(parent_of(model, name)[0], nn.MultiheadAttention):
         return "nn.MultiheadAttention uses this layer's weight directly and never calls it: no site created"
     return "never called as a module in the forward pass: no site created (its parameter would get no gradient)"
 
@@ -245,7 +248,8 @@ class TargetedLayerKind(SiteKind):
                 )
             )
             return
-        site_type = next((t for k, t in _INPUT_SITE_TYPES.items() if isinstance(module, k)), ConcreteDropout)
+        default = MODULE_SITE_TYPES[nn.Dropout]  # nn.Linear: element-wise
+        site_type = next((t for k, t in _INPUT_SITE_TYPES.items() if isinstance(module, k)), default)
         row = SiteRow(
             site_name,
             self.name,

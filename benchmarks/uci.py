@@ -52,6 +52,31 @@ Three methods per train/test split (Gal & Ghahramani 2016 protocol, rerun in Gal
     * optionally (``--noise-prior W``) a weak Gaussian prior on the log-variance towards log(1) = 0 (the
       variance of the standardised targets), ``W * s^2 / N`` added to the loss. Off by default.
 
+``grid_calibrated`` (opt-in: ``--methods grid,grid_calibrated,concrete``; the grid given concrete's extras)
+    The grid above with the two advantages ``concrete`` has, so that the three compare like with like:
+
+    * **the same checkpoint rule**: each of the 12 grid points is trained on the first 80% of the training
+      split exactly as the grid's validation runs (same seeds, so the same training trajectory: the checks
+      draw their dropout masks from a forked RNG) and every ``--eval-every`` epochs (and at the last) scored
+      by MC test LL with the point's tau on the last 20% (``--val-samples`` passes); each point keeps its
+      best-validation state (:func:`train_keep_best`). The (p, tau) with the best kept validation LL wins,
+      and its kept state is tested; nothing is refitted (as in ``concrete``; the grid's refit is dropped).
+    * **the same noise calibration** (``--calibrate-noise``, default; ``--no-calibrate-noise`` turns it off
+      here too): the network has no noise parameter, so its tau is re-picked by validation MC LL with
+      :func:`best_noise_log_variance` over the same candidates as ``concrete`` (``CALIBRATION_OFFSETS``
+      around the chosen tau's log-variance, ``log(1 / (tau std(y_fit)^2))`` in standardised units), from
+      ``--val-samples`` fresh MC passes. The test LL uses the calibrated tau. 12 training runs per split.
+
+Cost: besides wall-clock and training runs, every record counts forward passes: ``train_batches`` (training
+mini-batches, ``ceil(N_fit / 128)`` per epoch per run), ``mc_passes`` (one per MC sample of every
+validation, checkpoint, calibration and test evaluation) and their sum ``forward_passes``. An MC pass is over
+a whole evaluation set, a training batch over at most 128 rows: the two parts are reported separately.
+
+Published per-split results: with ``<data dir>/uci-published/<name>/`` present
+(:func:`benchmarks.datasets.load_published`), each method's summary gets ``vs_published``: the mean over the
+splits run of (method - published grid) in test LL and RMSE on the *same* split indices, its standard error
+(paired differences), and the published mean over those same splits (:func:`compare_with_published`).
+
 Usage::
 
     python -m benchmarks.uci                                  # embedded sklearn diabetes, quick settings
@@ -78,11 +103,20 @@ import cd_convert
 from cd_convert.losses import heteroscedastic_gaussian
 
 from . import common
-from .datasets import UCIDataset, data_root, load_embedded_regression, load_uci, standardize, validation_split
+from .datasets import (
+    UCIDataset,
+    data_root,
+    load_embedded_regression,
+    load_published,
+    load_uci,
+    standardize,
+    validation_split,
+)
 
 LENGTH_SCALE = 1e-2
 BATCH_SIZE = 128
-METHODS = ("grid", "concrete_tau", "concrete")
+METHODS = ("grid", "concrete_tau", "concrete")  # the default run; ``grid_calibrated`` is opt-in
+ALL_METHODS = ("grid", "grid_calibrated", "concrete_tau", "concrete")
 
 #: Published MC-dropout grid-search results (rmse, rmse_se, ll, ll_se), from the reference doc.
 PUBLISHED = {
@@ -267,6 +301,38 @@ def train_keep_best(
     return best
 
 
+# ------------------------------------------------------------------------------------------ cost
+
+
+@dataclass
+class PassCount:
+    """Forward passes run so far: training mini-batches and MC evaluation passes (one per MC sample)."""
+
+    train_batches: int = 0
+    mc_passes: int = 0
+
+    def since(self, before: "PassCount") -> dict[str, int]:
+        """The passes run after the snapshot ``before``, as record fields (with their sum ``forward_passes``)."""
+        train, mc = self.train_batches - before.train_batches, self.mc_passes - before.mc_passes
+        return dict(train_batches=train, mc_passes=mc, forward_passes=train + mc)
+
+
+#: The running count; every training batch and MC pass of this module adds to it.
+PASSES = PassCount()
+
+
+def _mc_plain(model: nn.Module, x: torch.Tensor, samples: int) -> torch.Tensor:
+    """``samples`` MC passes of a plain-dropout model (global RNG), counted."""
+    PASSES.mc_passes += samples
+    return common.mc_passes_plain_dropout(model, x, samples)
+
+
+def _mc_concrete(model: nn.Module, x: torch.Tensor, samples: int, seed: int):
+    """``samples`` seeded MC passes of a converted model (with the samples), counted."""
+    PASSES.mc_passes += samples
+    return common.mc_predict(model, x, samples, seed, return_samples=True)
+
+
 # ------------------------------------------------------------------------------------------ training
 
 
@@ -304,22 +370,28 @@ def _train(model: nn.Module, fold: Fold, epochs: int, seed: int, loss_fn, on_epo
             loss = loss_fn(model, fold.x_fit[idx], fold.y_fit[idx])
             loss.backward()
             opt.step()
+            PASSES.train_batches += 1
         if on_epoch is not None:
             on_epoch(epoch + 1)
+
+
+def _grid_loss(p: float, tau: float, n: int) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The grid's loss: mean squared error plus Keras-style weight decay on both kernels."""
+    reg = grid_weight_decay(p, tau, n)
+
+    def loss_fn(m: GridNet, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(m(xb), yb) + reg * (m.fc1.weight.pow(2).sum() + m.fc2.weight.pow(2).sum())
+
+    return loss_fn
 
 
 def run_grid_point(fold: Fold, hidden: int, p: float, tau: float, epochs: int, samples: int, seed: int):
     """Train one grid point on ``fold.x_fit`` and return (rmse, ll) on ``fold.x_eval``."""
     common.seed_all(seed)
     model = GridNet(fold.x_fit.shape[1], hidden, p)
-    reg = grid_weight_decay(p, tau, fold.x_fit.shape[0])
-
-    def loss_fn(m: GridNet, xb, yb):
-        return F.mse_loss(m(xb), yb) + reg * (m.fc1.weight.pow(2).sum() + m.fc2.weight.pow(2).sum())
-
-    _train(model, fold, epochs, seed, loss_fn)
+    _train(model, fold, epochs, seed, _grid_loss(p, tau, fold.x_fit.shape[0]))
     common.seed_all(seed + 1)
-    mu = common.mc_passes_plain_dropout(model, fold.x_eval, samples).double() * fold.y_std + fold.y_mean
+    mu = _mc_plain(model, fold.x_eval, samples).double() * fold.y_std + fold.y_mean
     rmse = float((mu.mean(0) - fold.y_eval).pow(2).mean().sqrt())
     return rmse, mc_test_ll_tau(mu, fold.y_eval, tau)
 
@@ -345,7 +417,7 @@ def run_concrete_tau(fold: Fold, hidden: int, tau: float, epochs: int, samples: 
         return F.mse_loss(m(xb), yb) + cd_convert.regularization(m)
 
     _train(model, fold, epochs, seed, loss_fn)
-    pred = common.mc_predict(model, fold.x_eval, samples, seed + 1, return_samples=True)
+    pred = _mc_concrete(model, fold.x_eval, samples, seed + 1)
     mu = pred.samples.double() * fold.y_std + fold.y_mean
     rmse = float((mu.mean(0) - fold.y_eval).pow(2).mean().sqrt())
     return rmse, mc_test_ll_tau(mu, fold.y_eval, tau), _site_rates(model)
@@ -354,7 +426,7 @@ def run_concrete_tau(fold: Fold, hidden: int, tau: float, epochs: int, samples: 
 def _hetero_eval(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, y_mean: float, y_std: float, samples: int, seed: int
 ) -> tuple[float, float]:
-    pred = common.mc_predict(model, x, samples, seed, return_samples=True)
+    pred = _mc_concrete(model, x, samples, seed)
     mu = pred.samples.double() * y_std + y_mean
     sigma2 = pred.log_variance_samples.detach().double().exp() * y_std**2
     rmse = float((mu.mean(0) - y).pow(2).mean().sqrt())
@@ -366,12 +438,20 @@ def calibrate_noise(model: NoiseNet, fold: Fold, samples: int, seed: int) -> flo
 
     Returns the new log-variance (standardised units), which is also written into ``model.log_var``.
     """
-    pred = common.mc_predict(model, fold.x_eval, samples, seed, return_samples=True)
+    pred = _mc_concrete(model, fold.x_eval, samples, seed)
     mu = pred.samples.double() * fold.y_std + fold.y_mean
     best = best_noise_log_variance(mu, fold.y_eval, fold.y_std, float(model.log_var.detach()))
     with torch.no_grad():
         model.log_var.fill_(best)
     return best
+
+
+def _test_set(ds: UCIDataset, fit_idx: np.ndarray, test_idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Test inputs standardised with the fitting set's statistics (the model was trained on those), and the
+    test targets in original units."""
+    x_mean, x_std, _ = standardize(ds.X[fit_idx])
+    x_test = torch.as_tensor((ds.X[test_idx] - x_mean) / x_std, dtype=torch.float32)
+    return x_test, torch.as_tensor(ds.y[test_idx], dtype=torch.float64)
 
 
 def run_concrete(
@@ -393,10 +473,7 @@ def run_concrete(
     """
     fit_idx, val_idx = validation_split(train_idx)
     fold = Fold.make(ds, fit_idx, val_idx)
-    # Test inputs standardised with the fitting set's statistics (the model was trained on those).
-    x_mean, x_std, _ = standardize(ds.X[fit_idx])
-    x_test = torch.as_tensor((ds.X[test_idx] - x_mean) / x_std, dtype=torch.float32)
-    y_test = torch.as_tensor(ds.y[test_idx], dtype=torch.float64)
+    x_test, y_test = _test_set(ds, fit_idx, test_idx)
 
     common.seed_all(seed)
     n = fold.x_fit.shape[0]
@@ -428,6 +505,158 @@ def run_concrete(
     return rmse, ll, _site_rates(model), tau_learned, best.score, best.epoch
 
 
+def run_grid_point_keep_best(
+    fold: Fold, hidden: int, p: float, tau: float, epochs: int, seed: int, eval_every: int, val_samples: int
+) -> tuple[GridNet, BestState]:
+    """One grid point trained as :func:`run_grid_point` trains it, under concrete's checkpoint rule.
+
+    Every ``eval_every`` epochs (and at the last) the model is scored by MC test LL with the fixed ``tau``
+    on ``fold.x_eval`` (``val_samples`` passes); the best state is kept and loaded at the end. The checks
+    draw their masks from a forked, seeded RNG, so the training trajectory is the one the same ``seed`` gives
+    :func:`run_grid_point`.
+
+    Args:
+        fold: fitting set and validation set.
+        hidden: hidden units.
+        p: dropout rate of both layers.
+        tau: model precision (original units) of the weight decay and of the validation LL.
+        epochs: training epochs.
+        seed: the run's seed.
+        eval_every: check interval in epochs.
+        val_samples: MC passes per check.
+
+    Returns:
+        The model (holding its best state) and the kept :class:`BestState`.
+    """
+    common.seed_all(seed)
+    model = GridNet(fold.x_fit.shape[1], hidden, p)
+    loss_fn = _grid_loss(p, tau, fold.x_fit.shape[0])
+
+    def validate() -> float:
+        with torch.random.fork_rng(devices=[]):  # the training's own RNG stream is left untouched
+            torch.manual_seed(seed + 7)
+            mu = _mc_plain(model, fold.x_eval, val_samples).double() * fold.y_std + fold.y_mean
+        return mc_test_ll_tau(mu, fold.y_eval, tau)
+
+    best = train_keep_best(
+        model, lambda on_epoch: _train(model, fold, epochs, seed, loss_fn, on_epoch), validate, epochs, eval_every
+    )
+    return model, best
+
+
+def calibrate_grid_tau(model: GridNet, fold: Fold, tau: float, samples: int, seed: int) -> float:
+    """Re-pick a plain-dropout model's tau by validation MC LL over concrete's calibration candidates.
+
+    The candidates are the log-variances ``s0 + CALIBRATION_OFFSETS`` (standardised units) around
+    ``s0 = log(1 / (tau * y_std^2))``, scored by :func:`best_noise_log_variance` as in :func:`calibrate_noise`.
+
+    Args:
+        model: the trained grid network.
+        fold: its fitting set's scale and the validation set (``x_eval``, ``y_eval``).
+        tau: the precision it was trained and selected with (original units).
+        samples: MC passes on the validation set.
+        seed: seed of those passes.
+
+    Returns:
+        The calibrated tau (original units).
+    """
+    common.seed_all(seed)
+    mu = _mc_plain(model, fold.x_eval, samples).double() * fold.y_std + fold.y_mean
+    s0 = math.log(1.0 / (tau * fold.y_std**2))
+    best = best_noise_log_variance(mu, fold.y_eval, fold.y_std, s0)
+    return 1.0 / (math.exp(best) * fold.y_std**2)
+
+
+def run_grid_calibrated(
+    ds: UCIDataset,
+    train_idx: np.ndarray,
+    test_idx: np.ndarray,
+    hidden: int,
+    epochs: int,
+    samples: int,
+    seeds: Callable[[int, int], int],
+    test_seed: int,
+    eval_every: int,
+    val_samples: int,
+    calibrate: bool = True,
+    bar=None,
+) -> dict:
+    """The grid with concrete's checkpoint rule and noise calibration (see the module docstring).
+
+    Args:
+        ds: the data set (its p and tau grids).
+        train_idx, test_idx: the split.
+        hidden: hidden units.
+        epochs: epochs per grid point.
+        samples: MC passes at test.
+        seeds: ``seeds(i, j)``: the training seed of grid point (p index i, tau index j).
+        test_seed: seed of the calibration and test passes.
+        eval_every: checkpoint interval in epochs.
+        val_samples: MC passes per check and for the calibration.
+        calibrate: re-pick tau on validation after the selection.
+        bar: optional progress bar, updated per training run.
+
+    Returns:
+        Record fields: rmse, ll, p, tau (used at test), tau_grid (selected), val_ll (its best check),
+        best_epoch, val_grid (kept validation LL per point, nested list) and train_runs.
+    """
+    fit_idx, val_idx = validation_split(train_idx)
+    fold = Fold.make(ds, fit_idx, val_idx)
+    x_test, y_test = _test_set(ds, fit_idx, test_idx)
+    grid = np.full((len(ds.dropout_rates), len(ds.tau_values)), -np.inf)
+    kept: dict[tuple[int, int], tuple[GridNet, BestState]] = {}
+    for i, p in enumerate(ds.dropout_rates):
+        for j, tau in enumerate(ds.tau_values):
+            model, best = run_grid_point_keep_best(fold, hidden, p, tau, epochs, seeds(i, j), eval_every, val_samples)
+            grid[i, j] = best.score
+            kept[i, j] = (model, best)
+            bar is not None and bar.update(1)
+    i, j = select_best(grid)
+    (model, best), p, tau_grid = kept[i, j], ds.dropout_rates[i], ds.tau_values[j]
+    tau = calibrate_grid_tau(model, fold, tau_grid, val_samples, test_seed + 9) if calibrate else tau_grid
+    common.seed_all(test_seed + 1)
+    mu = _mc_plain(model, x_test, samples).double() * fold.y_std + fold.y_mean
+    rmse = float((mu.mean(0) - y_test).pow(2).mean().sqrt())
+    return dict(
+        rmse=rmse,
+        ll=mc_test_ll_tau(mu, y_test, tau),
+        p=p,
+        tau=tau,
+        tau_grid=tau_grid,
+        val_ll=best.score,
+        best_epoch=best.epoch,
+        val_grid=grid.tolist(),
+        train_runs=grid.size,
+    )
+
+
+# ------------------------------------------------------------------------------------------ published
+
+
+def compare_with_published(records: Sequence[dict], published: dict[str, Sequence[float]]) -> dict | None:
+    """Paired comparison of per-split records with the published grid on the same split indices.
+
+    Args:
+        records: one method's per-split records (``split``, ``ll``, ``rmse``).
+        published: ``{"ll": [...], "rmse": [...]}`` indexed by split (:func:`benchmarks.datasets.load_published`).
+
+    Returns:
+        ``{"splits", "ll_diff_mean", "ll_diff_se", "ll_published", "rmse_diff_mean", "rmse_diff_se",
+        "rmse_published"}``: mean and standard error (``common.mean_se``) over the splits of
+        (method - published), and the published mean over those same splits; None when no record has a
+        published counterpart. Splits beyond the published files are left out.
+    """
+    recs = [r for r in records if 0 <= r["split"] < len(published["ll"])]
+    if not recs:
+        return None
+    out: dict = {"splits": [int(r["split"]) for r in recs]}
+    for key in ("ll", "rmse"):
+        pub = [float(published[key][r["split"]]) for r in recs]
+        out[f"{key}_diff_mean"], out[f"{key}_diff_se"] = common.mean_se([r[key] - q for r, q in zip(recs, pub)])
+        out[f"{key}_published"] = float(np.mean(pub))
+    return out
+
+
 # ------------------------------------------------------------------------------------------ driver
 
 
@@ -446,11 +675,15 @@ def run_dataset(
     on_split=None,
     calibrate: bool = True,
     first_split: int = 0,
+    published: dict[str, list[float]] | None = None,
 ) -> dict:
     """All methods on ``splits`` splits of ``ds`` from ``first_split`` on; returns per-split records and summaries.
 
     Every run is seeded by its split index, so a range of splits run on its own gives the same numbers as
-    the same splits inside a longer run (long protocols can be split across processes and merged).
+    the same splits inside a longer run (long protocols can be split across processes and merged). Each
+    record carries its cost (``wall_s``, ``train_runs``, ``train_batches``, ``mc_passes``,
+    ``forward_passes``). With ``published`` (per-split published grid results) the summary of each method
+    gets ``vs_published`` (:func:`compare_with_published`) and the result keeps ``published``.
     """
     hidden = ds.n_hidden
     records: dict[str, list[dict]] = {m: [] for m in methods}
@@ -462,7 +695,7 @@ def run_dataset(
         full_fold = Fold.make(ds, train_idx, test_idx)
 
         if "grid" in methods:
-            t0 = time.perf_counter()
+            t0, passes0 = time.perf_counter(), copy.copy(PASSES)
             grid = np.full((len(ds.dropout_rates), len(ds.tau_values)), -np.inf)
             for i, p in enumerate(ds.dropout_rates):
                 for j, tau in enumerate(ds.tau_values):
@@ -476,11 +709,41 @@ def run_dataset(
             bar is not None and bar.update(1)
             val_grid.append(grid)
             records["grid"].append(
-                dict(split=k, rmse=rmse, ll=ll, p=p, tau=tau, train_runs=grid.size + 1, wall_s=time.perf_counter() - t0)
+                dict(
+                    split=k,
+                    rmse=rmse,
+                    ll=ll,
+                    p=p,
+                    tau=tau,
+                    train_runs=grid.size + 1,
+                    wall_s=time.perf_counter() - t0,
+                    **PASSES.since(passes0),
+                )
+            )
+
+        if "grid_calibrated" in methods:
+            t0, passes0 = time.perf_counter(), copy.copy(PASSES)
+            rec = run_grid_calibrated(
+                ds,
+                train_idx,
+                test_idx,
+                hidden,
+                epochs,
+                samples,
+                # The grid's own validation-run seeds: the same networks, only checkpoint and calibration differ.
+                lambda i, j: common.run_seed(seed, k, 1, i, j),
+                common.run_seed(seed, k, 6),
+                eval_every,
+                val_samples,
+                calibrate,
+                bar,
+            )
+            records["grid_calibrated"].append(
+                dict(split=k, **rec, wall_s=time.perf_counter() - t0, **PASSES.since(passes0))
             )
 
         if "concrete_tau" in methods:
-            t0 = time.perf_counter()
+            t0, passes0 = time.perf_counter(), copy.copy(PASSES)
             vals = []
             for j, tau in enumerate(ds.tau_values):
                 _, ll, rates = run_concrete_tau(val_fold, hidden, tau, epochs, samples, common.run_seed(seed, k, 3, j))
@@ -501,11 +764,12 @@ def run_dataset(
                     val_rates=vals[j][1],
                     train_runs=len(ds.tau_values) + 1,
                     wall_s=time.perf_counter() - t0,
+                    **PASSES.since(passes0),
                 )
             )
 
         if "concrete" in methods:
-            t0 = time.perf_counter()
+            t0, passes0 = time.perf_counter(), copy.copy(PASSES)
             rmse, ll, rates, tau_l, val_ll, best_epoch = run_concrete(
                 ds,
                 train_idx,
@@ -531,6 +795,7 @@ def run_dataset(
                     best_epoch=best_epoch,
                     train_runs=1,
                     wall_s=time.perf_counter() - t0,
+                    **PASSES.since(passes0),
                 )
             )
         if log is not None:
@@ -543,7 +808,7 @@ def run_dataset(
                 parts.append(f"concrete p {[round(r, 3) for r in c['rates']]} best epoch {c['best_epoch']}")
             log(f"[{ds.name}] split {k}: " + "; ".join(parts))
         result = {
-            "summary": _summarise(records, methods),
+            "summary": _summarise(records, methods, published),
             "records": records,
             "val_grid": np.mean(val_grid, 0).tolist() if val_grid else None,
             "dropout_rates": ds.dropout_rates,
@@ -551,12 +816,25 @@ def run_dataset(
             "splits": k + 1 - first_split,
             "first_split": first_split,
         }
+        if published is not None:
+            result["published"] = published
         if on_split is not None:
             on_split(result)
     return result
 
 
-def _summarise(records: dict, methods) -> dict:
+def _summarise(records: dict, methods, published: dict[str, list[float]] | None = None) -> dict:
+    """Mean and standard error of test RMSE and LL per method, summed costs, and the published comparison.
+
+    Args:
+        records: per-method lists of per-split records.
+        methods: the methods to summarise.
+        published: per-split published grid results, or None.
+
+    Returns:
+        ``{method: {rmse_mean, rmse_se, ll_mean, ll_se, train_runs, wall_s, forward_passes[, vs_published]}}``;
+        ``forward_passes`` is None when a record lacks the count (files written before it was recorded).
+    """
     summary = {}
     for m in methods:
         rm, rs = common.mean_se([r["rmse"] for r in records[m]])
@@ -568,16 +846,43 @@ def _summarise(records: dict, methods) -> dict:
             ll_se=ls,
             train_runs=int(sum(r["train_runs"] for r in records[m])),
             wall_s=float(sum(r["wall_s"] for r in records[m])),
+            forward_passes=(
+                int(sum(r["forward_passes"] for r in records[m]))
+                if all("forward_passes" in r for r in records[m])
+                else None
+            ),
         )
+        versus = compare_with_published(records[m], published) if published is not None else None
+        if versus is not None:
+            summary[m]["vs_published"] = versus
     return summary
 
 
+def _format_passes(records: Sequence[dict]) -> str:
+    """Total forward passes as ``total (train + MC)``, or ``-`` for records without the count."""
+    if not records or not all("forward_passes" in r for r in records):
+        return "-"
+    train, mc = (sum(r[k] for r in records) for k in ("train_batches", "mc_passes"))
+    return f"{train + mc:,} ({train:,} + {mc:,})"
+
+
+def _format_versus(v: dict | None, key: str) -> str:
+    """``diff +- se (published mean over the same splits)`` of one metric, or ``-``."""
+    if v is None:
+        return "-"
+    return f"{common.pm(v[f'{key}_diff_mean'], v[f'{key}_diff_se'], 3)} (pub. {v[f'{key}_published']:.3f})"
+
+
 def format_table(name: str, result: dict) -> str:
+    """A markdown table of one data set's result: metrics, costs, chosen/learned settings, and, when the
+    published per-split results were loaded, the paired differences with the published grid."""
     rows = []
+    versus = any("vs_published" in s for s in result["summary"].values())
     pub = PUBLISHED.get(name)
     if pub:
         rows.append(
-            ["MC dropout grid (published)", common.pm(pub[0], pub[1]), common.pm(pub[2], pub[3]), "-", "-", "-"]
+            ["MC dropout grid (published)", common.pm(pub[0], pub[1]), common.pm(pub[2], pub[3]), "-", "-", "-", "-"]
+            + (["-", "-"] if versus else [])
         )
     for m, s in result["summary"].items():
         rec = result["records"][m]
@@ -592,11 +897,25 @@ def format_table(name: str, result: dict) -> str:
                 common.pm(s["rmse_mean"], s["rmse_se"], 3),
                 common.pm(s["ll_mean"], s["ll_se"], 3),
                 s["train_runs"],
+                _format_passes(rec),
                 f"{s['wall_s']:.1f}",
                 extra,
             ]
+            + (
+                [_format_versus(s.get("vs_published"), "ll"), _format_versus(s.get("vs_published"), "rmse")]
+                if versus
+                else []
+            )
         )
-    header = ["method", "RMSE", "test LL", "training runs", "wall-clock s", "mean chosen / learned (input/hidden)"]
+    header = [
+        "method",
+        "RMSE",
+        "test LL",
+        "training runs",
+        "forward passes (train + MC)",
+        "wall-clock s",
+        "mean chosen / learned (input/hidden)",
+    ] + (["test LL - published, same splits", "RMSE - published, same splits"] if versus else [])
     return f"### {name} ({result['splits']} splits)\n\n" + common.markdown_table(header, rows)
 
 
@@ -649,18 +968,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-every",
         type=int,
         default=None,
-        help="concrete: validation check interval in epochs (default epochs // 40, at least 1)",
+        help="concrete, grid_calibrated: validation check interval in epochs (default epochs // 40, at least 1)",
     )
-    ap.add_argument("--val-samples", type=int, default=200, help="concrete: MC samples per validation check")
+    ap.add_argument(
+        "--val-samples",
+        type=int,
+        default=200,
+        help="concrete, grid_calibrated: MC samples per validation check and calibration",
+    )
     ap.add_argument("--noise-prior", type=float, default=0.0, help="concrete: weight of a prior on the log-variance")
     ap.add_argument(
         "--calibrate-noise",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="concrete: after training, re-pick the noise level by validation LL (no extra training; default on)",
+        help="concrete, grid_calibrated: re-pick the noise level by validation LL after training (default on)",
     )
     ap.add_argument("--first-split", type=int, default=0, help="index of the first split to run")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(ALL_METHODS)}")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -687,8 +1011,12 @@ def main(argv: list[str] | None = None) -> dict:
     results, out = {}, {}
     for ds in datasets:
         splits = min(args.splits, ds.n_splits - args.first_split)
+        unknown = set(methods) - set(ALL_METHODS)
+        if unknown:
+            raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {', '.join(ALL_METHODS)}")
         per_split = (
             (len(ds.dropout_rates) * len(ds.tau_values) + 1 if "grid" in methods else 0)
+            + (len(ds.dropout_rates) * len(ds.tau_values) if "grid_calibrated" in methods else 0)
             + (len(ds.tau_values) + 1 if "concrete_tau" in methods else 0)
             + (1 if "concrete" in methods else 0)
         )
@@ -715,6 +1043,7 @@ def main(argv: list[str] | None = None) -> dict:
             on_split=partial if args.json else None,
             calibrate=args.calibrate_noise,
             first_split=args.first_split,
+            published=load_published(ds.name, root) if root is not None else None,
         )
         bar.close()
         results[ds.name] = r

@@ -10,8 +10,11 @@ Usage::
         --json results/uci_yacht_merged.json
 
 A method present in a later file replaces the same split's record from an earlier file; ``--methods`` picks
-which methods to keep from each file as ``file:method,method`` (default: all).
+which methods to keep from each file as ``file:method,method`` (default: all). When a file carries the
+published per-split results (``"published"``, written by runs with the published files present), the merged
+summary compares every method with them on the merged splits.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +34,7 @@ def merge(paths: list[str], only: dict[str, set[str]] | None = None) -> dict:
         only: optional ``{path: {methods}}`` restricting what is taken from a file.
 
     Returns:
-        ``{dataset: {"summary", "records", "splits", "val_grid", "dropout_rates", "tau_values"}}``.
+        ``{dataset: {"summary", "records", "splits", "val_grid", "dropout_rates", "tau_values"[, "published"]}}``.
     """
     merged: dict[str, dict] = {}
     for path in paths:
@@ -41,6 +44,8 @@ def merge(paths: list[str], only: dict[str, set[str]] | None = None) -> dict:
             target = merged.setdefault(name, {"records": {}, "val_grids": []})
             for key in ("dropout_rates", "tau_values"):
                 target[key] = result.get(key)
+            if result.get("published") is not None:
+                target["published"] = result["published"]
             if result.get("val_grid") is not None:
                 target["val_grids"].append((result["splits"], np.asarray(result["val_grid"])))
             for method, records in result["records"].items():
@@ -55,13 +60,15 @@ def merge(paths: list[str], only: dict[str, set[str]] | None = None) -> dict:
         weights = sum(w for w, _ in target["val_grids"])
         val_grid = sum(w * g for w, g in target["val_grids"]) / weights if target["val_grids"] else None
         out[name] = {
-            "summary": _summarise(records, list(records)),
+            "summary": _summarise(records, list(records), target.get("published")),
             "records": records,
             "splits": max(len(r) for r in records.values()),
             "val_grid": None if val_grid is None else val_grid.tolist(),
             "dropout_rates": target["dropout_rates"],
             "tau_values": target["tau_values"],
         }
+        if target.get("published") is not None:
+            out[name]["published"] = target["published"]
     return out
 
 

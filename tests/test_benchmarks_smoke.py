@@ -17,7 +17,7 @@ import torch
 from benchmarks import mnist, uci
 from benchmarks.datasets import load_embedded_regression
 
-SUMMARY_KEYS = {"rmse_mean", "rmse_se", "ll_mean", "ll_se", "train_runs", "wall_s"}
+SUMMARY_KEYS = {"rmse_mean", "rmse_se", "ll_mean", "ll_se", "train_runs", "wall_s", "forward_passes"}
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,7 @@ test log-likelihood against values worked out by hand. No real training beyond a
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -16,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cd_convert
-from benchmarks import uci
-from benchmarks.datasets import UCIDataset
+from benchmarks import uci, uci_merge
+from benchmarks.datasets import UCIDataset, load_published
 from cd_convert.metrics import gaussian_test_log_likelihood
 
 
@@ -254,3 +255,121 @@ def test_run_concrete_tests_the_best_validation_state(monkeypatch):
     for k, v in seen[-1].items():
         torch.testing.assert_close(v, seen[1][k], rtol=0, atol=0)
     assert not torch.equal(seen[3]["fc1.weight"], seen[1]["fc1.weight"])  # epoch 4 differs from epoch 2
+
+
+# ------------------------------------------------------------------------------------------ grid_calibrated
+
+
+def test_calibrate_grid_tau_on_a_model_with_a_constant_output():
+    """Zero weights make every pass output fc2's bias: the best tau is 1 / (mean square residual)."""
+    y_mean, y_std = 1.0, 2.0
+    y_eval = torch.tensor([2.0 + 3.0, 2.0 - 3.0, 2.0 + 1.0, 2.0 - 1.0], dtype=torch.float64)  # residuals +-3, +-1
+    s_star = _best_log_variance((9 + 9 + 1 + 1) / 4, y_std)
+    net = uci.GridNet(3, 4, p=0.5)
+    with torch.no_grad():
+        net.fc1.weight.zero_()
+        net.fc2.weight.zero_()
+        net.fc2.bias.fill_(0.5)  # 0.5 * y_std + y_mean = 2.0 in original units
+    # Trained tau whose log-variance sits 0.8 above the optimum (a candidate at offset -0.8).
+    tau0 = 1.0 / (math.exp(s_star + 0.8) * y_std**2)
+    fold = uci.Fold(torch.zeros(1, 3), torch.zeros(1), torch.randn(4, 3), y_eval, y_mean, y_std)
+    assert uci.calibrate_grid_tau(net, fold, tau0, samples=3, seed=0) == pytest.approx(1 / 5.0, rel=1e-9)
+
+
+# ------------------------------------------------------------------------------------------ published results
+
+
+def _write_published(root, name: str, ll: list[float], rmse: list[float]) -> None:
+    """The real format: one value per line, split K on line K+1, in ``uci-published/<name>/``."""
+    folder = root / "uci-published" / name
+    folder.mkdir(parents=True)
+    (folder / "test_ll.txt").write_text("".join(f"{v!r}\n" for v in ll))
+    (folder / "test_MC_rmse.txt").write_text("".join(f"{v!r}\n" for v in rmse))
+
+
+def test_load_published_reads_one_value_per_split(tmp_path, monkeypatch):
+    _write_published(tmp_path, "yacht", [-1.3110059312080142, -1.25, -0.5], [0.885646995095317, 0.6, 2.0])
+    got = load_published("yacht", tmp_path)
+    assert got == {"ll": [-1.3110059312080142, -1.25, -0.5], "rmse": [0.885646995095317, 0.6, 2.0]}
+    monkeypatch.setenv("CD_CONVERT_DATA", str(tmp_path))  # the data directory from the environment
+    assert load_published("yacht") == got
+    assert load_published("energy", tmp_path) is None  # absent: no comparison, no error
+    _write_published(tmp_path, "short", [-1.0, -2.0], [1.0])
+    with pytest.raises(ValueError, match="2 LL values but 1 RMSE"):
+        load_published("short", tmp_path)
+
+
+def test_compare_with_published_pairs_the_same_splits():
+    published = {"ll": [-1.0, -2.0, -3.0, -4.0, -5.0], "rmse": [1.0, 2.0, 3.0, 4.0, 5.0]}
+    records = [dict(split=3, ll=-3.5, rmse=3.0), dict(split=0, ll=0.0, rmse=1.5)]
+    v = uci.compare_with_published(records, published)
+    assert v["splits"] == [3, 0]
+    # LL differences: -3.5 - (-4) = 0.5 and 0 - (-1) = 1.0 -> mean 0.75, se = std(ddof=0) / sqrt(2) = 0.25 / 1.414
+    assert v["ll_diff_mean"] == pytest.approx(0.75, abs=1e-12)
+    assert v["ll_diff_se"] == pytest.approx(0.25 / math.sqrt(2), abs=1e-12)
+    assert v["ll_published"] == pytest.approx(-2.5, abs=1e-12)  # mean of splits 3 and 0, not of all five (-3)
+    # RMSE differences: 3 - 4 = -1 and 1.5 - 1 = 0.5 -> mean -0.25, se 0.75 / sqrt(2).
+    assert v["rmse_diff_mean"] == pytest.approx(-0.25, abs=1e-12)
+    assert v["rmse_diff_se"] == pytest.approx(0.75 / math.sqrt(2), abs=1e-12)
+    assert v["rmse_published"] == pytest.approx(2.5, abs=1e-12)
+    assert uci.compare_with_published([dict(split=7, ll=0.0, rmse=0.0)], published) is None  # no such split
+
+
+def test_run_dataset_summary_and_table_compare_with_published(monkeypatch):
+    ds = _tiny_dataset()
+    monkeypatch.setattr(uci, "run_grid_point", lambda fold, hidden, p, tau, *a: (2.0, -1.0))
+    published = {"ll": [-1.5], "rmse": [2.5]}
+    r = uci.run_dataset(ds, 1, 1, 2, seed=0, eval_every=1, val_samples=2, methods=("grid",), published=published)
+    v = r["summary"]["grid"]["vs_published"]
+    assert (v["ll_diff_mean"], v["rmse_diff_mean"], v["splits"]) == (0.5, -0.5, [0])
+    assert "| 0.500 ± 0.000 (pub. -1.500) | -0.500 ± 0.000 (pub. 2.500) |" in uci.format_table("tiny", r)
+    assert r["published"] == published  # kept for uci_merge
+
+
+# ------------------------------------------------------------------------------------------ cost
+
+
+def test_forward_pass_count_of_a_tiny_run(monkeypatch):
+    """Counts worked out by hand for batch 10: the fit set (25 rows) has 3 batches, the training split (32) 4."""
+    monkeypatch.setattr(uci, "BATCH_SIZE", 10)
+    ds = _tiny_dataset()
+    epochs, samples, eval_every, val_samples = 3, 3, 2, 2  # checks at epochs 2 and 3
+    r = uci.run_dataset(ds, 1, epochs, samples, 0, eval_every, val_samples, methods=uci.ALL_METHODS)
+    want = {
+        # 12 points x 3 batches x 3 epochs + refit 4 x 3; MC: 12 validations x 3 + test 3.
+        "grid": (12 * 3 * 3 + 4 * 3, 12 * 3 + 3),
+        # 12 points x 3 x 3; MC: 12 points x 2 checks x 2 + calibration 2 + test 3.
+        "grid_calibrated": (12 * 3 * 3, 12 * 2 * 2 + 2 + 3),
+        # 3 taus x 3 x 3 + refit 4 x 3; MC: 3 validations x 3 + test 3.
+        "concrete_tau": (3 * 3 * 3 + 4 * 3, 3 * 3 + 3),
+        # 3 x 3; MC: 2 checks x 2 + calibration 2 + test 3.
+        "concrete": (3 * 3, 2 * 2 + 2 + 3),
+    }
+    for m, (train, mc) in want.items():
+        rec = r["records"][m][0]
+        assert (rec["train_batches"], rec["mc_passes"], rec["forward_passes"]) == (train, mc, train + mc), m
+        assert r["summary"][m]["forward_passes"] == train + mc
+
+
+def test_merge_compares_the_merged_splits_with_published(tmp_path):
+    """Two pieces of a protocol (splits 0 and 2) merge into one comparison over exactly those splits."""
+    published = {"ll": [-1.0, -2.0, -3.0], "rmse": [1.0, 2.0, 3.0]}
+    paths = []
+    for k, ll in ((0, -1.5), (2, -2.0)):
+        piece = {
+            "tiny": {
+                "records": {"grid": [dict(split=k, ll=ll, rmse=1.0, train_runs=1, wall_s=0.0)]},
+                "splits": 1,
+                "val_grid": None,
+                "published": published,
+            }
+        }
+        paths.append(str(tmp_path / f"piece{k}.details.json"))
+        with open(paths[-1], "w") as fh:
+            json.dump(piece, fh)
+    v = uci_merge.merge(paths)["tiny"]["summary"]["grid"]["vs_published"]
+    # LL differences -0.5 and +1.0 -> mean 0.25, se 0.75 / sqrt(2); published mean over splits 0 and 2: -2.
+    assert v["splits"] == [0, 2]
+    assert v["ll_diff_mean"] == pytest.approx(0.25, abs=1e-12)
+    assert v["ll_diff_se"] == pytest.approx(0.75 / math.sqrt(2), abs=1e-12)
+    assert v["ll_published"] == pytest.approx(-2.0, abs=1e-12)

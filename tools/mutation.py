@@ -410,6 +410,14 @@ MUTATIONS: Tuple[Mutation, ...] = (
     ),
     # --- UCI benchmark (benchmarks/uci.py)
     Mutation(
+        "uci-published-wrong-splits",
+        "the UCI table compares a run's splits with the first published splits, not the same split indices",
+        "benchmarks/uci.py",
+        "        pub = [float(published[key][r[\"split\"]]) for r in recs]\n",
+        "        pub = [float(published[key][i]) for i, _ in enumerate(recs)]\n",
+        _UCI,
+    ),
+    Mutation(
         "uci-grid-worst",
         "the UCI grid search (and tau selection) picks the (p, tau) with the worst validation LL",
         "benchmarks/uci.py",

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ._modules import parent_of, submodule
 from .errors import ConversionError
@@ -149,7 +150,8 @@ class _Plan:
     Built once by :meth:`build` (name lookups, ``torch.tensor`` of bounds/K/indices, checks), then each call
     does only :meth:`describes` (identity checks on the applications, the scale and every module on the paths
     to the sites and weights), :meth:`read_tensors`, :meth:`fits` (devices, dtypes and ranks of the tensors
-    read) and :meth:`compute` (the arithmetic, about twenty aten ops whatever the number of sites).
+    read) and :meth:`compute` (the arithmetic: one autograd node, about sixteen aten ops forward and twelve
+    backward whatever the number of sites).
 
     The plan refers to submodules of the root but not to the root itself (which holds the collector that
     holds the plan): no reference cycle keeps a deleted model alive.
@@ -179,6 +181,14 @@ class _Plan:
         #: ``counts[k, j]``: how often weighted application k reads weight j; None when it is the identity.
         self.counts: Optional[Tensor] = None
         self.has_weights = False
+        #: ``app_counts[a, j]``: how often application a reads weight j (zero rows for applications without
+        #: weights), for the analytic path; None when it is the identity.
+        self.app_counts: Optional[Tensor] = None
+        #: For the analytic path: ``dropout_regularizer * K`` per application, the weight regulariser as a
+        #: Python number (an ``addcmul`` factor) and ``2 * weight_regularizer`` (the weight gradient's factor).
+        self.dropout_units: Optional[Tensor] = None
+        self.weight_regularizer_value = 0.0
+        self.two_weight_regularizer: Optional[Tensor] = None
 
     @classmethod
     def build(cls, collector: Collector, root: nn.Module) -> "_Plan":
@@ -243,6 +253,15 @@ class _Plan:
                 for owner, member in zip(owners, members):
                     counts[owner, member] += 1.0
                 plan.counts = counts.to(device)
+            if plan.index is not None or plan.counts is not None:
+                app_counts = torch.zeros(len(apps), len(names))
+                for i in weighted:
+                    for name in apps[i].consumer_weights:
+                        app_counts[i, names[name]] += 1.0
+                plan.app_counts = app_counts.to(device)
+        plan.dropout_units = plan.dropout_regularizer * plan.units
+        plan.weight_regularizer_value = float(collector.scale.weight_regularizer)
+        plan.two_weight_regularizer = 2.0 * plan.weight_regularizer
         return plan
 
     def describes(self, collector: Collector, root: nn.Module) -> bool:
@@ -281,7 +300,33 @@ class _Plan:
         return _meta(logits, weights) == self.meta and [site.eps for site in self.sites] == self.eps
 
     def compute(self, logits: List[Tensor], weights: List[Tensor]) -> Tensor:
-        """The regulariser from the current tensors (same operations and values as the uncached formula).
+        """The regulariser from the current tensors: :class:`_Regularizer` where it applies, else autograd.
+
+        Args:
+            logits: from :meth:`read_tensors`.
+            weights: from :meth:`read_tensors`.
+
+        Returns:
+            A 0-dim fp32 tensor.
+        """
+        # The analytic Function takes plain tensors on one device (a DTensor's norm is a collective: the
+        # autograd path reduces it explicitly), in eager mode: compiled code fuses the autograd formula anyway,
+        # so the Function would save nothing there.
+        if self.foreach_norms and not torch.compiler.is_compiling():
+            if self.stack_logits:
+                return _Regularizer.apply(self, True, *logits, *weights)
+            return _Regularizer.apply(self, False, self._stacked(logits), *weights)
+        return self._compute_autograd(logits, weights)
+
+    def _stacked(self, logits: List[Tensor]) -> Tensor:
+        """The logits as one fp32 vector on the plan's device (one autograd node when they are 0-dim there)."""
+        if self.stack_logits:
+            raw = torch.stack(logits)
+            return raw if raw.dtype == torch.float32 else raw.float()
+        return torch.stack([t.float().reshape(()).to(self.device) for t in logits])
+
+    def _compute_autograd(self, logits: List[Tensor], weights: List[Tensor]) -> Tensor:
+        """The regulariser as a graph of aten ops, differentiated by autograd (DTensors, torch.compile).
 
         Args:
             logits: from :meth:`read_tensors`.
@@ -291,13 +336,7 @@ class _Plan:
             A 0-dim fp32 tensor.
         """
         device = self.device
-        if self.stack_logits:
-            raw = torch.stack(logits)  # one autograd node for all sites
-            if raw.dtype != torch.float32:
-                raw = raw.float()
-        else:
-            raw = torch.stack([t.float().reshape(()).to(device) for t in logits])
-
+        raw = self._stacked(logits)
         detached = raw.detach()
         theta = raw + (detached.clamp(self.neg_bounds, self.bounds) - detached)  # straight-through clamp
         p, one_minus_p = torch.sigmoid(theta), torch.sigmoid(-theta)
@@ -312,6 +351,96 @@ class _Plan:
             kept = one_minus_p if self.index is None else one_minus_p[self.index]
             total = total + self.weight_regularizer * (squared / kept).sum()
         return total
+
+
+class _Regularizer(torch.autograd.Function):
+    """The regulariser of a :class:`_Plan` as one autograd node with an analytic backward.
+
+    Forward computes, without recording a graph,
+
+        sum_a  wr * S_a / (1 - p_a) + dr * K_a * (p_a log p_a + (1 - p_a) log(1 - p_a)),
+
+    ``p = sigmoid(theta)``, ``theta`` the clamped logit and ``S_a`` the summed ``||W||^2`` of application a's
+    consumer weights. Backward writes the derivatives out (the clamp straight-through):
+
+        d/d logit_a = wr * S_a * p_a / (1 - p_a) + dr * K_a * theta_a * p_a (1 - p_a)
+        d/d W       = 2 W * wr * sum over the applications a reading W of 1 / (1 - p_a)
+
+    which costs a handful of ops however many sites, where autograd replays every forward op (and the norm
+    backward of each weight). Only for plain tensors on the plan's device in eager mode: see :meth:`_Plan.compute`.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, plan: _Plan, separate: bool, *tensors: Tensor) -> Tensor:  # type: ignore[override]
+        """The value.
+
+        Args:
+            ctx: the autograd context.
+            plan: the plan (constants: bounds, K, counts, regulariser constants).
+            separate: True when ``tensors`` starts with one 0-dim logit per application; False when it starts
+                with their fp32 vector on the plan's device.
+            tensors: the logit(s), then the distinct consumer weights in the plan's order.
+
+        Returns:
+            A 0-dim tensor (fp32).
+        """
+        count = len(plan.sites) if separate else 1
+        logits, weights = tensors[:count], tensors[count:]
+        raw = torch.stack(logits) if separate else logits[0]
+        if raw.dtype != torch.float32:
+            raw = raw.float()
+        theta = raw.clamp(plan.neg_bounds, plan.bounds)
+        neg_theta = theta.neg()
+        p, one_minus_p = torch.sigmoid(theta), torch.sigmoid(neg_theta)
+        # log-sigmoid rather than log(p): finite at every clamped logit, and as accurate as the autograd path.
+        neg_entropy = torch.addcmul(p * F.logsigmoid(theta), one_minus_p, F.logsigmoid(neg_theta))
+        terms = plan.dropout_units * neg_entropy  # one term per application, summed once at the end
+        squared: Optional[Tensor] = None
+        inverse_kept: Optional[Tensor] = None
+        if plan.has_weights:
+            squared = _squared_norms(weights, plan.device, True)
+            if plan.app_counts is not None:
+                # A product and a sum rather than a matmul, which autocast would run in low precision.
+                squared = (plan.app_counts * squared).sum(1)
+            inverse_kept = one_minus_p.reciprocal()
+            terms = torch.addcmul(terms, squared, inverse_kept, value=plan.weight_regularizer_value)
+        total = terms.sum()
+        ctx.plan, ctx.separate = plan, separate
+        ctx.count = count
+        ctx.save_for_backward(theta, p, one_minus_p, squared, inverse_kept, *weights)
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
+        """The gradients w.r.t. the logit(s) and the weights, written out (see the class docstring).
+
+        Args:
+            ctx: the autograd context saved by :meth:`forward`.
+            grad: the gradient of the loss w.r.t. the regulariser (0-dim).
+
+        Returns:
+            None for ``plan`` and ``separate``, then one gradient per tensor input.
+        """
+        plan: _Plan = ctx.plan
+        theta, p, one_minus_p, squared, inverse_kept, *weights = ctx.saved_tensors
+        # d[p log p + (1 - p) log(1 - p)]/dtheta = (log p - log(1 - p)) p (1 - p) = theta p (1 - p).
+        grad_theta = plan.dropout_units * (theta * p * one_minus_p)
+        weight_grads: List[Optional[Tensor]] = [None] * len(weights)
+        if plan.has_weights:
+            # d[1 / (1 - p)]/dtheta = p (1 - p) / (1 - p)^2 = p / (1 - p).
+            grad_theta = torch.addcmul(grad_theta, squared, p * inverse_kept, value=plan.weight_regularizer_value)
+            if any(ctx.needs_input_grad[2 + ctx.count :]):
+                per_weight = inverse_kept
+                if plan.app_counts is not None:  # sum 1/(1 - p_a) over the applications reading each weight
+                    per_weight = (plan.app_counts * inverse_kept.unsqueeze(1)).sum(0)
+                scale = (plan.two_weight_regularizer * grad) * per_weight
+                # 0-dim factors keep each gradient in its weight's dtype; 2 W * 0 = 0 for a zero weight.
+                weight_grads = list(torch._foreach_mul(list(weights), list(scale.unbind())))
+        grad_theta = grad_theta * grad
+        # fp32 gradients: autograd casts each to its input's dtype.
+        logit_grads = grad_theta.unbind() if ctx.separate else (grad_theta,)
+        return (None, None, *logit_grads, *weight_grads)
 
 
 def _meta(logits: Sequence[Tensor], weights: Sequence[Tensor]) -> List[Tuple[type, torch.device, torch.dtype, int]]:

@@ -254,6 +254,117 @@ def test_several_consumer_weights_are_summed_per_site_and_fallback_agrees(monkey
     assert cd.regularization(model).item() == pytest.approx(expected, rel=1e-5)
 
 
+class _Shared(nn.Module):
+    """d0: no consumer (K = 5, the dropped dim); d1: read by q and k; d2, d3: both read by ``head``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.d0 = nn.Linear(5, 5), nn.Dropout(0.1)
+        self.d1, self.q, self.k = nn.Dropout(0.1), nn.Linear(5, 4), nn.Linear(5, 4)
+        self.d2, self.d3, self.head = nn.Dropout(0.1), nn.Dropout(0.1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        g = self.d1(x + self.d0(self.fc0(x)))
+        return self.head(self.d2(self.q(g))) + self.head(self.d3(self.k(g)))
+
+
+#: (site, its consumer weights, K, p), written from the architecture of _Shared.
+SHARED_SPEC = [
+    ("d0", (), 5, 0.45),
+    ("d1", ("q.weight", "k.weight"), 5, 0.08),
+    ("d2", ("head.weight",), 4, 0.3),
+    ("d3", ("head.weight",), 4, 0.7),
+]
+
+
+def _shared_model(dtype, logit_shape=()):
+    torch.manual_seed(0)
+    model = cd.convert(_Shared().to(dtype), weight_regularizer=0.05, dropout_regularizer=0.02)
+    for site, _, _, p in SHARED_SPEC:
+        logit = torch.full(logit_shape, math.log(p / (1 - p)), dtype=dtype)
+        model.get_submodule(site).p_logit = nn.Parameter(logit)
+    model(torch.randn(2, 5, dtype=dtype))  # d0's K is seen in the first forward
+    return model
+
+
+@pytest.mark.parametrize("path", ["analytic", "autograd"])
+@pytest.mark.parametrize(
+    "dtype, logit_shape, rel",
+    [(torch.float32, (), 1e-5), (torch.float64, (), 1e-5), (torch.bfloat16, (), 2e-2), (torch.float32, (1,), 1e-5)],
+    ids=["fp32", "fp64", "bf16", "logits-of-shape-1"],
+)
+def test_value_and_gradients_of_every_logit_and_weight_are_the_written_out_formulas(
+    dtype, logit_shape, rel, path, monkeypatch
+):
+    """d/dW = 2 W wr * sum over the sites reading W of 1/(1 - p); d/dlogit = wr S p/(1-p) + dr K theta p (1-p).
+
+    Every weight-sharing case at once (no consumer, two weights for one site, one weight for two sites), in
+    each parameter dtype (the gradient keeps it) and with 1-element logits (the stacked, non-0-dim path). Both
+    ways of computing it: the analytic autograd Function (eager, plain tensors) and the autograd graph that
+    DTensors and torch.compile take (forced here by reporting a compile in progress).
+    """
+    wr, dr = 0.05, 0.02
+    model = _shared_model(dtype, logit_shape)
+    if path == "autograd":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    reg = cd.regularization(model)
+    assert (type(reg.grad_fn).__name__ == "_RegularizerBackward") == (path == "analytic")
+    (reg * 3.0).backward()  # an upstream gradient of 3 scales every gradient
+    value, pulls = 0.0, {}  # pulls: weight name -> sum over the sites reading it of 1/(1 - p)
+    for site, weights, k, _ in SHARED_SPEC:
+        logit = float(model.get_submodule(site).p_logit.detach().double().reshape(()))
+        p = 1 / (1 + math.exp(-logit))
+        squared = sum(float(model.get_parameter(w).detach().double().pow(2).sum()) for w in weights)
+        value += wr * squared / (1 - p) + dr * k * (p * math.log(p) + (1 - p) * math.log(1 - p))
+        expected = 3.0 * (wr * squared * p / (1 - p) + dr * k * logit * p * (1 - p))
+        grad = model.get_submodule(site).p_logit.grad
+        assert grad.dtype == dtype and grad.shape == logit_shape, site
+        assert float(grad.double().reshape(())) == pytest.approx(expected, rel=rel), site
+        for w in weights:
+            pulls[w] = pulls.get(w, 0.0) + 1 / (1 - p)
+    assert reg.dtype == torch.float32 and reg.item() == pytest.approx(value, rel=rel)
+    assert set(pulls) == {"q.weight", "k.weight", "head.weight"}
+    for name, pull in pulls.items():
+        weight = model.get_parameter(name)
+        assert weight.grad.dtype == dtype, name
+        expected = 3.0 * 2 * wr * pull * weight.detach().double()
+        torch.testing.assert_close(weight.grad.double(), expected, rtol=rel, atol=0, msg=name)
+    # Not consumers: no gradient from the regulariser.
+    assert model.fc0.weight.grad is None and model.head.bias.grad is None
+
+
+@pytest.mark.parametrize("path", ["analytic", "autograd"])
+@pytest.mark.parametrize("logit", [20.0, -20.0], ids=["above", "below"])
+def test_logit_past_the_bound_gradient_passes_straight_through(logit, path, monkeypatch):
+    """p is taken at the bound theta = +-logit(1 - eps), and the gradient is the formula's there (not 0)."""
+    wr, dr = 0.05, 0.02
+    model = _shared_model(torch.float32)
+    with torch.no_grad():
+        model.d2.p_logit.fill_(logit)
+    if path == "autograd":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    cd.regularization(model).backward()
+    theta = math.copysign(math.log((1 - 1e-6) / 1e-6), logit)  # the sites' default eps = 1e-6, written out
+    p = 1 / (1 + math.exp(-theta))
+    squared = float(model.head.weight.detach().double().pow(2).sum())
+    expected = wr * squared * p / (1 - p) + dr * 4 * theta * p * (1 - p)
+    # A blocked clamp gives exactly 0. The autograd graph differentiates 1/(1 - p) through sigmoid(-theta),
+    # whose backward forms 1 - (1 - p) in fp32 (a few % off in that term at p = 1e-6): a looser tolerance.
+    rel = 1e-4 if path == "analytic" else 1e-2
+    assert model.d2.p_logit.grad.item() == pytest.approx(expected, rel=rel)
+
+
+def test_value_and_gradients_under_autocast_stay_fp32():
+    """Called inside an autocast region (as a loss often is), the regulariser is still computed in fp32."""
+    model = _shared_model(torch.float32)
+    expected = cd.regularization(model).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reg = cd.regularization(model)
+    reg.backward()
+    assert reg.dtype == torch.float32 and reg.item() == expected
+    assert model.head.weight.grad.dtype == torch.float32
+
+
 def test_regularization_refuses_unregistered_layers_and_non_modules():
     """Layers written in the model's code but never registered would train p with no prior: an error."""
     from cd_convert.errors import ConversionError

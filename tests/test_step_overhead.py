@@ -17,11 +17,12 @@ import cd_convert as cd
 from cd_convert.collector import _PLAN_ATTR, get_collector
 from cd_convert.layers import ConcreteDropout
 
-#: Forward aten ops of one steady-state call: a constant plus at most this many per site
-#: (measured on torch 2.14: 26 + 1 per site).
-FORWARD_BASE, FORWARD_PER_SITE = 30, 1
-#: Backward aten ops (measured: 30 + 9 per site, mostly the norm backward of each consumer weight).
-BACKWARD_BASE, BACKWARD_PER_SITE = 40, 9.5
+#: Forward aten ops of one steady-state call: a constant, whatever the number of sites (measured on torch 2.14:
+#: 16; before the analytic regulariser, 26 + 1 per site).
+FORWARD_BASE, FORWARD_PER_SITE = 20, 0
+#: Backward aten ops (measured: 12 + 2 per site, the 2 being the accumulation into each site's p_logit.grad and
+#: weight.grad; before the analytic backward, 30 + 9 per site, mostly each consumer weight's norm backward).
+BACKWARD_BASE, BACKWARD_PER_SITE = 18, 2
 
 
 class _Ops(TorchDispatchMode):
@@ -97,10 +98,14 @@ def test_steady_state_call_dispatches_a_bounded_number_of_aten_ops(sites):
     assert backward.total <= BACKWARD_BASE + BACKWARD_PER_SITE * sites, backward.counts
 
 
-def test_op_count_grows_at_most_one_forward_op_per_site():
-    small, _ = _steady_counts(_deep(2))
-    large, _ = _steady_counts(_deep(40))
+def test_op_count_grows_only_by_the_gradient_accumulation_per_site():
+    small, small_backward = _steady_counts(_deep(2))
+    large, large_backward = _steady_counts(_deep(40))
     assert large.total - small.total <= FORWARD_PER_SITE * 38, (small.counts, large.counts)
+    # Backward: one add_ into .grad per parameter (a p_logit and a weight per site); the derivatives themselves
+    # are a fixed handful of vector ops, not a replay of the forward per site.
+    assert large_backward.total - small_backward.total <= 2 * 38, (small_backward.counts, large_backward.counts)
+    assert large_backward.counts["add_"] - small_backward.counts["add_"] == 2 * 38
     # What grows with the sites is bookkeeping (one detach per logit in the dispatch trace), not arithmetic.
     for name in ("sigmoid", "log_sigmoid_forward", "clamp", "_foreach_norm", "stack", "sum"):
         assert large.counts[name] == small.counts[name], name

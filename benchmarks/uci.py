@@ -396,6 +396,20 @@ def run_grid_point(fold: Fold, hidden: int, p: float, tau: float, epochs: int, s
     return rmse, mc_test_ll_tau(mu, fold.y_eval, tau)
 
 
+def _concrete_net(net: nn.Module, n: int, **scale) -> nn.Module:
+    """The paper's Concrete network: a learned site on the input of every Linear, the prior set for n examples.
+
+    Args:
+        net: the network without dropout.
+        n: the number of examples it is fitted on.
+        **scale: ``loss=`` and, for ``"mse"``, ``tau=`` (in the units of the loss).
+
+    Returns:
+        The converted network.
+    """
+    return cd_convert.convert(net, targets=[nn.Linear], dataset_size=n, length_scale=LENGTH_SCALE, **scale)
+
+
 def _site_rates(model: nn.Module) -> list[float]:
     return [float(v) for v in cd_convert.dropout_rates(model).values()]
 
@@ -404,14 +418,7 @@ def run_concrete_tau(fold: Fold, hidden: int, tau: float, epochs: int, samples: 
     """Variant (a): learned p, MSE with fixed tau (converted to standardised units). Returns (rmse, ll, rates)."""
     common.seed_all(seed)
     n = fold.x_fit.shape[0]
-    model = cd_convert.convert(
-        PlainNet(fold.x_fit.shape[1], hidden),
-        targets=[nn.Linear],
-        dataset_size=n,
-        length_scale=LENGTH_SCALE,
-        loss="mse",
-        tau=tau * fold.y_std**2,
-    )
+    model = _concrete_net(PlainNet(fold.x_fit.shape[1], hidden), n, loss="mse", tau=tau * fold.y_std**2)
 
     def loss_fn(m, xb, yb):
         return F.mse_loss(m(xb), yb) + cd_convert.regularization(m)
@@ -477,13 +484,7 @@ def run_concrete(
 
     common.seed_all(seed)
     n = fold.x_fit.shape[0]
-    model = cd_convert.convert(
-        NoiseNet(fold.x_fit.shape[1], hidden),
-        targets=[nn.Linear],
-        dataset_size=n,
-        length_scale=LENGTH_SCALE,
-        loss="heteroscedastic",
-    )
+    model = _concrete_net(NoiseNet(fold.x_fit.shape[1], hidden), n, loss="heteroscedastic")
 
     def loss_fn(m, xb, yb):
         mean, log_var = m(xb)

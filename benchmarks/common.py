@@ -24,6 +24,29 @@ import cd_convert
 LOG_2PI = math.log(2 * math.pi)
 
 
+def requested_device(name: str) -> torch.device | None:
+    """The device a benchmark was asked to measure on, or None (with a message) when it is a missing GPU.
+
+    Args:
+        name: ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        The device, or None when ``name`` is ``"cuda"`` and no GPU is available.
+    """
+    if name == "cuda" and not torch.cuda.is_available():
+        print("CUDA is not available on this machine: nothing measured (run with --device cpu).")
+        return None
+    return torch.device(name)
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (rounded), to print beside timings; None where unavailable."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):  # pragma: no cover  (Windows)
+        return None
+
+
 def set_threads(n: int | None) -> None:
     """Limit torch's intra-op threads (None leaves torch's default)."""
     if n is not None and n > 0:

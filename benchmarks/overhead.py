@@ -54,6 +54,8 @@ import cd_convert
 from cd_convert.layers import ConcreteDropout, reference_concrete_dropout
 from cd_convert.mc import concrete_sites
 
+from benchmarks import common
+
 TARGET_EAGER = 1.25
 TARGET_COMPILED = 1.10
 TARGET_STEP = 1.10
@@ -584,13 +586,6 @@ def environment(device: torch.device, threads: int) -> Dict[str, Any]:
     return env
 
 
-def load_average() -> Optional[List[float]]:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):  # pragma: no cover
-        return None
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -608,10 +603,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("CUDA is not available on this machine: nothing measured (run with --device cpu).")
+    device = common.requested_device(args.device)
+    if device is None:
         return None
-    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     quick = args.quick
     repeats = args.repeats or (5 if quick else 40)
@@ -627,7 +621,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
           + (f" ({results['environment']['cuda_device_name']})" if device.type == "cuda" else "")
           + f", torch {torch.__version__}, {args.threads} threads, repeats {repeats}"
           + (", QUICK (smoke run: not a measurement)" if quick else ""))
-    load = load_average()
+    load = common.load_average()
     print(f"load average at start: {load}")
     cores = os.cpu_count() or 1
     if device.type == "cpu" and load and load[0] + args.threads > cores:
@@ -642,7 +636,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
 
     results["site_time"] = timing_section(shape, device, repeats, inner_site, compile_)
     print_timing(results["site_time"])
-    results["load_average_after_site_time"] = load_average()
+    results["load_average_after_site_time"] = common.load_average()
     print(f"load average: {results['load_average_after_site_time']}")
 
     if not args.skip_step:
@@ -650,7 +644,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
         results["train_step"] = step_section(img_size, args.batch, device, repeats, inner_step, depth)
         print_step(results["train_step"])
 
-    results["load_average_end"] = load_average()
+    results["load_average_end"] = common.load_average()
     results["wall_s"] = time.perf_counter() - wall
     print(f"\nload average at end: {results['load_average_end']}; wall {results['wall_s']:.0f} s")
     if args.json:

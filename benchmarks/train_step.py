@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cd_convert
+from benchmarks import common
 from benchmarks.overhead import interleaved_times
 from cd_convert.layers import ConcreteDropout
 
@@ -278,15 +279,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("CUDA is not available on this machine: nothing measured (run with --device cpu).")
+    device = common.requested_device(args.device)
+    if device is None:
         return None
-    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    try:
-        load: Optional[List[float]] = [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):  # pragma: no cover
-        load = None
+    load = common.load_average()
     print(f"cd_convert train-step benchmark: device {device}, torch {torch.__version__}, {args.threads} threads, "
           f"repeats {args.repeats}, load average {load}")
     results: Dict[str, Any] = {"device": str(device), "threads": args.threads, "torch": torch.__version__,

@@ -246,19 +246,17 @@ class _Plan:
                 plan.index = torch.tensor(weighted, device=device)
             owners = [k for k, i in enumerate(weighted) for _ in apps[i].consumer_weights]
             members = [names[name] for i in weighted for name in apps[i].consumer_weights]
-            if owners != members:  # not one weight per application, each its own
-                # A product rather than index_add/scatter_add, which are nondeterministic on CUDA (and refused
-                # under torch.use_deterministic_algorithms).
-                counts = torch.zeros(len(weighted), len(names))
-                for owner, member in zip(owners, members):
-                    counts[owner, member] += 1.0
-                plan.counts = counts.to(device)
-            if plan.index is not None or plan.counts is not None:
+            one_weight_each = owners == members  # one weight per weighted application, each its own
+            if plan.index is not None or not one_weight_each:
+                # How often each application reads each weight. A product rather than index_add/scatter_add,
+                # which are nondeterministic on CUDA (and refused under torch.use_deterministic_algorithms).
                 app_counts = torch.zeros(len(apps), len(names))
                 for i in weighted:
                     for name in apps[i].consumer_weights:
                         app_counts[i, names[name]] += 1.0
                 plan.app_counts = app_counts.to(device)
+                if not one_weight_each:  # the autograd path's table: the weighted applications' rows only
+                    plan.counts = app_counts[weighted].to(device)
         plan.dropout_units = plan.dropout_regularizer * plan.units
         plan.weight_regularizer_value = float(collector.scale.weight_regularizer)
         plan.two_weight_regularizer = 2.0 * plan.weight_regularizer

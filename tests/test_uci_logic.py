@@ -251,10 +251,114 @@ def test_run_concrete_tests_the_best_validation_state(monkeypatch):
         ds, train_idx, test_idx, hidden=8, epochs=4, samples=4, seed=0, eval_every=1, val_samples=2, calibrate=False
     )
     assert len(seen) == 5  # 4 validation checks, then the test evaluation
-    assert out[4:] == (-1.0, 2)  # best validation ll and epoch
+    assert (out["val_ll"], out["best_epoch"], out["epochs_run"], out["noise_offset"]) == (-1.0, 2, 4, 0.0)
     for k, v in seen[-1].items():
         torch.testing.assert_close(v, seen[1][k], rtol=0, atol=0)
     assert not torch.equal(seen[3]["fc1.weight"], seen[1]["fc1.weight"])  # epoch 4 differs from epoch 2
+
+
+@pytest.mark.parametrize(
+    "epoch, best_epoch, patience, stop",
+    [(10, 4, 6, True), (10, 5, 6, False), (10, 4, 0, False), (4, 4, 1, False), (5, 4, 1, True)],
+)
+def test_should_stop_after_patience_epochs_without_improvement(epoch, best_epoch, patience, stop):
+    assert uci.should_stop(epoch, best_epoch, patience) is stop
+
+
+def test_train_keep_best_stops_early_and_keeps_the_best_state():
+    """Scores peak at the 2nd check (epoch 4 of 20, checks every 2): with patience 4, training ends at the
+    check of epoch 8 (4 epochs later) and epoch 4's weights come back."""
+    torch.manual_seed(0)
+    model = _Line()
+    x = torch.randn(16, 2)
+    fold = uci.Fold(x, x @ torch.tensor([1.0, -2.0]) + 0.5, x, torch.zeros(16, dtype=torch.float64), 0.0, 1.0)
+    scores = [0.1, 0.5, 0.4, 0.3, 0.9, 1.0]  # the later, better checks are never reached
+    trained: list[int] = []
+    snapshots: list[dict[str, torch.Tensor]] = []
+
+    def validate() -> float:
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return scores[len(snapshots) - 1]
+
+    def train(on_epoch):
+        def counting(epoch: int) -> bool:
+            trained.append(epoch)
+            return on_epoch(epoch)
+
+        uci._train(model, fold, 20, 0, lambda m, xb, yb: F.mse_loss(m(xb), yb), counting)
+
+    best = uci.train_keep_best(model, train, validate, epochs=20, eval_every=2, patience=4)
+    assert trained == list(range(1, 9))
+    assert (best.score, best.epoch, best.last_epoch, len(snapshots)) == (0.5, 4, 8, 4)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, snapshots[1][k], rtol=0, atol=0)
+
+
+def test_refit_trains_on_the_whole_split_for_the_chosen_epochs_and_moves_the_noise(monkeypatch):
+    """The refit's fitting set is the whole training split (not its first 80%), it runs the given number of
+    epochs, and its log-variance at test is the trained one plus the offset."""
+    ds = _tiny_dataset()
+    train_idx, test_idx = ds.split(0)
+    calls: dict = {}
+    real_train, real_eval = uci._train, uci._hetero_eval
+
+    def spy_train(model, fold, epochs, seed, loss_fn, on_epoch=None):
+        calls["rows"], calls["epochs"] = fold.x_fit.shape[0], epochs
+        real_train(model, fold, epochs, seed, loss_fn, on_epoch)
+        calls["trained_log_var"] = float(model.log_var.detach())
+
+    def spy_eval(model, x, y, y_mean, y_std, samples, seed):
+        calls["test_log_var"], calls["test_rows"] = float(model.log_var.detach()), x.shape[0]
+        return real_eval(model, x, y, y_mean, y_std, samples, seed)
+
+    monkeypatch.setattr(uci, "_train", spy_train)
+    monkeypatch.setattr(uci, "_hetero_eval", spy_eval)
+    out = uci.refit_concrete(ds, train_idx, test_idx, hidden=8, epochs=3, samples=4, seed=0, noise_offset=-0.75)
+    assert (calls["rows"], calls["epochs"], calls["test_rows"]) == (32, 3, 8)
+    assert calls["test_log_var"] == pytest.approx(calls["trained_log_var"] - 0.75, abs=1e-6)
+    y_std = float(np.std(ds.y[train_idx]))
+    assert out["tau"] == pytest.approx(1 / (math.exp(calls["test_log_var"]) * y_std**2), rel=1e-5)
+
+
+def test_concrete_refit_reuses_the_first_run_and_refits_its_best_epoch(monkeypatch):
+    """``concrete`` and ``concrete_refit`` share one first run; the refit gets its best epoch and offset."""
+    ds = _tiny_dataset()
+    first = dict(
+        rmse=1.0, ll=-2.0, rates=[0.1, 0.2], tau=3.0, val_ll=-1.5, best_epoch=7, epochs_run=9, noise_offset=0.25
+    )
+    runs, refits = [], []
+    monkeypatch.setattr(uci, "run_concrete", lambda *a, **k: runs.append(a) or dict(first))
+    monkeypatch.setattr(
+        uci, "refit_concrete", lambda *a: refits.append(a) or dict(rmse=0.5, ll=-1.0, rates=[0.1, 0.1], tau=4.0)
+    )
+    r = uci.run_dataset(ds, 1, 10, 2, 0, 1, 2, methods=("concrete", "concrete_refit"), patience=3)
+    assert len(runs) == 1 and runs[0][-1] == 3  # one first run, with the patience passed on
+    (_, _, _, _, epochs, _, _, offset, _) = refits[0]
+    assert (epochs, offset) == (7, 0.25)
+    c, rf = r["records"]["concrete"][0], r["records"]["concrete_refit"][0]
+    assert (c["ll"], c["train_runs"], rf["ll"], rf["train_runs"], rf["refit_epochs"]) == (-2.0, 1, -1.0, 2, 7)
+    assert rf["first_run"]["best_epoch"] == 7
+
+
+def test_concrete_tau_stop_picks_tau_by_its_best_check_and_refits_for_that_many_epochs(monkeypatch):
+    ds = _tiny_dataset()  # tau grid 1, 4, 16
+    checks = {1.0: (-3.0, 50), 4.0: (-1.0, 30), 16.0: (-2.0, 90)}
+    refits = []
+    monkeypatch.setattr(
+        uci,
+        "run_concrete_tau_keep_best",
+        lambda fold, hidden, tau, *a: dict(val_ll=checks[tau][0], best_epoch=checks[tau][1], rates=[0.1, 0.2]),
+    )
+
+    def fake_refit(fold, hidden, tau, epochs, samples, seed):
+        refits.append((fold.x_fit.shape[0], tau, epochs))
+        return 1.0, -1.5, [0.1, 0.1]
+
+    monkeypatch.setattr(uci, "run_concrete_tau", fake_refit)
+    r = uci.run_dataset(ds, 1, 100, 2, 0, 10, 2, methods=("concrete_tau_stop",), patience=25)
+    assert refits == [(32, 4.0, 30)]  # the whole training split, the chosen tau, its best check's epoch
+    rec = r["records"]["concrete_tau_stop"][0]
+    assert (rec["tau"], rec["best_epoch"], rec["val_ll"], rec["ll"], rec["train_runs"]) == (4.0, 30, -1.0, -1.5, 4)
 
 
 # ------------------------------------------------------------------------------------------ grid_calibrated
@@ -308,10 +412,12 @@ def test_compare_with_published_pairs_the_same_splits():
     assert v["ll_diff_mean"] == pytest.approx(0.75, abs=1e-12)
     assert v["ll_diff_se"] == pytest.approx(0.25 / math.sqrt(2), abs=1e-12)
     assert v["ll_published"] == pytest.approx(-2.5, abs=1e-12)  # mean of splits 3 and 0, not of all five (-3)
+    assert v["ll_published_se"] == pytest.approx(1.5 / math.sqrt(2), abs=1e-12)  # -4 and -1: std 1.5
     # RMSE differences: 3 - 4 = -1 and 1.5 - 1 = 0.5 -> mean -0.25, se 0.75 / sqrt(2).
     assert v["rmse_diff_mean"] == pytest.approx(-0.25, abs=1e-12)
     assert v["rmse_diff_se"] == pytest.approx(0.75 / math.sqrt(2), abs=1e-12)
     assert v["rmse_published"] == pytest.approx(2.5, abs=1e-12)
+    assert v["rmse_published_se"] == pytest.approx(1.5 / math.sqrt(2), abs=1e-12)
     assert uci.compare_with_published([dict(split=7, ll=0.0, rmse=0.0)], published) is None  # no such split
 
 
@@ -344,6 +450,10 @@ def test_forward_pass_count_of_a_tiny_run(monkeypatch):
         "concrete_tau": (3 * 3 * 3 + 4 * 3, 3 * 3 + 3),
         # 3 x 3; MC: 2 checks x 2 + calibration 2 + test 3.
         "concrete": (3 * 3, 2 * 2 + 2 + 3),
+        # concrete's run, then the refit: best epoch (2 or 3) x 4 batches; MC: concrete's + test 3.
+        "concrete_refit": (3 * 3 + r["records"]["concrete"][0]["best_epoch"] * 4, 2 * 2 + 2 + 3 + 3),
+        # 3 taus x 3 x 3 + refit at the chosen run's best epoch x 4; MC: 3 taus x 2 checks x 2 + test 3.
+        "concrete_tau_stop": (3 * 3 * 3 + r["records"]["concrete_tau_stop"][0]["best_epoch"] * 4, 3 * 2 * 2 + 3),
     }
     for m, (train, mc) in want.items():
         rec = r["records"][m][0]
@@ -383,3 +493,18 @@ def test_unknown_method_is_refused_before_any_run(monkeypatch):
     monkeypatch.setattr(uci, "load_uci", no_data, raising=False)
     with pytest.raises(SystemExit, match=r"unknown methods \['grid_search'\]; choose from grid"):
         uci.main(["--methods", "grid,grid_search"])
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+def test_protocol_epochs_are_100_times_the_data_sets_n_epochs():
+    ds = _tiny_dataset()  # n_epochs 1
+    assert uci.epochs_for(ds, "protocol") == 100
+    assert uci.epochs_for(ds, 37) == 37
+    parser = uci.build_parser()
+    assert parser.parse_args(["--epochs", "protocol"]).epochs == "protocol"
+    assert parser.parse_args(["--epochs", "12"]).epochs == 12
+    for bad in ("0", "many"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--epochs", bad])

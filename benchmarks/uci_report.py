@@ -1,0 +1,190 @@
+"""The whole UCI table and its figure, from any number of ``benchmarks.uci`` runs.
+
+Takes the ``*.details.json`` files of runs over any data sets and split ranges (merged as
+:mod:`benchmarks.uci_merge` merges them) and prints one markdown table: per data set the published grid and
+every method run, with the paired difference from the published grid on the same splits, whether the method
+reaches the grid's quality (:func:`reaches_grid`), its cost per split, and, where our grid ran on the same
+splits, the grid's wall-clock over the method's (:func:`cost_ratio`). ``--plot`` draws the test-LL and
+RMSE differences per data set with their standard errors, one marker per method.
+
+Usage::
+
+    python -m benchmarks.uci_report results/full/*.details.json --json docs/results/uci_full.json \\
+        --plot docs/figures/uci_full.png
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from benchmarks import common
+from benchmarks.uci_merge import merge
+
+__all__ = ["reaches_grid", "cost_ratio", "whole_table", "plot", "main"]
+
+#: Row order and plot markers of the methods.
+METHOD_STYLE = {
+    "grid": ("o", "tab:blue"),
+    "grid_calibrated": ("s", "tab:cyan"),
+    "concrete_tau": ("*", "black"),
+    "concrete_tau_stop": ("P", "tab:gray"),
+    "concrete": ("X", "tab:red"),
+    "concrete_refit": ("D", "tab:orange"),
+}
+
+
+def reaches_grid(versus: dict) -> tuple[bool, bool]:
+    """Whether a method reaches the published grid's quality on the same splits.
+
+    The criterion: mean test LL at least the published mean minus one standard error of the published
+    values, and mean RMSE at most the published mean plus one standard error (both over the same splits).
+
+    Args:
+        versus: a summary's ``vs_published`` (:func:`benchmarks.uci.compare_with_published`).
+
+    Returns:
+        ``(ll_ok, rmse_ok)``.
+    """
+    ll_ok = versus["ll_diff_mean"] >= -versus["ll_published_se"]
+    rmse_ok = versus["rmse_diff_mean"] <= versus["rmse_published_se"]
+    return bool(ll_ok), bool(rmse_ok)
+
+
+def _per_split(records: list[dict], key: str) -> float:
+    return float(np.mean([r[key] for r in records])) if records and all(key in r for r in records) else float("nan")
+
+
+def cost_ratio(grid: list[dict], other: list[dict]) -> float | None:
+    """The grid's total wall-clock over another method's, on the splits both ran (None without common splits).
+
+    Both come from the same runs of ``benchmarks.uci`` when the methods were run together, which is what makes
+    the ratio a side-by-side measurement.
+
+    Args:
+        grid: the grid's per-split records.
+        other: the other method's per-split records.
+
+    Returns:
+        ``sum(grid wall_s) / sum(other wall_s)`` over the common splits.
+    """
+    mine = {r["split"]: r["wall_s"] for r in other}
+    common_splits = [r["split"] for r in grid if r["split"] in mine]
+    if not common_splits:
+        return None
+    theirs = {r["split"]: r["wall_s"] for r in grid}
+    return sum(theirs[k] for k in common_splits) / sum(mine[k] for k in common_splits)
+
+
+def whole_table(merged: dict) -> str:
+    """One markdown table over all data sets and methods of ``merged`` (:func:`benchmarks.uci_merge.merge`)."""
+    header = [
+        "data set",
+        "method",
+        "splits",
+        "RMSE",
+        "test LL",
+        "LL - published",
+        "RMSE - published",
+        "reaches grid (LL, RMSE)",
+        "training runs / split",
+        "forward passes / split",
+        "wall-clock s / split",
+        "grid's wall-clock / this (same splits)",
+    ]
+    rows = []
+    for name, result in merged.items():
+        methods = [m for m in METHOD_STYLE if m in result["records"]]
+        # The published row over the splits of the method that ran the most (each row's differences are
+        # paired over that method's own splits).
+        compared = [result["summary"][m]["vs_published"] for m in methods if "vs_published" in result["summary"][m]]
+        first = max(compared, key=lambda v: len(v["splits"]), default=None)
+        grid = result["records"].get("grid")
+        if first is not None:
+            rows.append(
+                [
+                    name,
+                    "published grid (same splits)",
+                    len(first["splits"]),
+                    common.pm(first["rmse_published"], first["rmse_published_se"], 3),
+                    common.pm(first["ll_published"], first["ll_published_se"], 3),
+                    *["-"] * 7,
+                ]
+            )
+        for m in methods:
+            s, recs = result["summary"][m], result["records"][m]
+            v = s.get("vs_published")
+            reach = "-" if v is None else " / ".join("yes" if ok else "no" for ok in reaches_grid(v))
+            rows.append(
+                [
+                    name,
+                    m,
+                    len(recs),
+                    common.pm(s["rmse_mean"], s["rmse_se"], 3),
+                    common.pm(s["ll_mean"], s["ll_se"], 3),
+                    "-" if v is None else common.pm(v["ll_diff_mean"], v["ll_diff_se"], 3),
+                    "-" if v is None else common.pm(v["rmse_diff_mean"], v["rmse_diff_se"], 3),
+                    reach,
+                    f"{s['train_runs'] / len(recs):.0f}",
+                    f"{_per_split(recs, 'forward_passes'):,.0f}",
+                    f"{_per_split(recs, 'wall_s'):.1f}",
+                    "-" if grid is None or m == "grid" or (r := cost_ratio(grid, recs)) is None else f"{r:.1f}x",
+                ]
+            )
+    return common.markdown_table(header, rows)
+
+
+def plot(merged: dict, path: str) -> None:
+    """Test-LL and relative RMSE differences from the published grid (same splits) per data set, with the
+    standard error of the paired differences; the grey bar is the published grid's own standard error."""
+    names = [n for n, r in merged.items() if any("vs_published" in s for s in r["summary"].values())]
+    fig, axes = common.new_figure(1, 2, figsize=(max(7.0, 1.6 * len(names) + 3), 4.2), squeeze=False)
+    x = np.arange(len(names))
+    offsets = np.linspace(-0.25, 0.25, len(METHOD_STYLE))
+    for ax, key, label in (
+        (axes[0][0], "ll", "test LL - published grid (nats)"),
+        (axes[0][1], "rmse", "RMSE - published grid (relative)"),
+    ):
+        for i, name in enumerate(names):
+            v0 = next(s["vs_published"] for s in merged[name]["summary"].values() if "vs_published" in s)
+            se = v0[f"{key}_published_se"] / (abs(v0["rmse_published"]) if key == "rmse" else 1.0)
+            ax.bar(i, 2 * se, bottom=-se, width=0.7, color="0.85", zorder=1)
+        for (method, (marker, color)), dx in zip(METHOD_STYLE.items(), offsets):
+            xs, ys, es = [], [], []
+            for i, name in enumerate(names):
+                v = merged[name]["summary"].get(method, {}).get("vs_published")
+                if v is None:
+                    continue
+                scale = abs(v["rmse_published"]) if key == "rmse" else 1.0
+                xs.append(i + dx)
+                ys.append(v[f"{key}_diff_mean"] / scale)
+                es.append(v[f"{key}_diff_se"] / scale)
+            if xs:
+                ax.errorbar(xs, ys, yerr=es, fmt=marker, color=color, label=method, zorder=3, capsize=2)
+        ax.axhline(0.0, color="0.4", lw=0.8)
+        ax.set_xticks(x)
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+    axes[0][0].set_title("higher is better; grey: published grid ± 1 se", fontsize=9)
+    axes[0][1].set_title("lower is better", fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    common.save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("details", nargs="+", help="details.json files of benchmarks.uci runs")
+    ap.add_argument("--json", default=None, help="write the merged summaries here")
+    ap.add_argument("--plot", default=None, help="write the figure here")
+    args = ap.parse_args(argv)
+    merged = merge(args.details)
+    print(whole_table(merged))
+    common.write_json(args.json, {name: r["summary"] for name, r in merged.items()})
+    if args.plot:
+        plot(merged, args.plot)
+    return merged
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""The whole UCI table: the grid-quality criterion, the side-by-side cost ratio, the table and figure."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import uci_report
+
+
+def _versus(ll_diff: float, ll_se: float, rmse_diff: float, rmse_se: float) -> dict:
+    return dict(ll_diff_mean=ll_diff, ll_published_se=ll_se, rmse_diff_mean=rmse_diff, rmse_published_se=rmse_se)
+
+
+@pytest.mark.parametrize(
+    "versus, want",
+    [
+        (_versus(-0.04, 0.04, 0.18, 0.18), (True, True)),  # exactly one standard error behind: reached
+        (_versus(-0.0401, 0.04, 0.1801, 0.18), (False, False)),  # just past it
+        (_versus(0.3, 0.01, -0.5, 0.05), (True, True)),  # better than the grid
+        (_versus(-0.07, 0.043, 0.0, 0.181), (False, True)),  # LL behind by more than its se, RMSE level
+    ],
+)
+def test_reaches_grid_is_one_published_standard_error(versus, want):
+    assert uci_report.reaches_grid(versus) == want
+
+
+def test_cost_ratio_uses_only_the_common_splits():
+    grid = [dict(split=0, wall_s=100.0), dict(split=1, wall_s=300.0), dict(split=2, wall_s=1e6)]
+    one_run = [dict(split=0, wall_s=10.0), dict(split=1, wall_s=30.0), dict(split=5, wall_s=1.0)]
+    assert uci_report.cost_ratio(grid, one_run) == pytest.approx(400.0 / 40.0)
+    assert uci_report.cost_ratio(grid, [dict(split=9, wall_s=1.0)]) is None
+
+
+def _details(tmp_path, name: str, split: int, ll: float, rmse: float, wall: float, method: str = "concrete") -> str:
+    published = {"ll": [-1.0, -2.0], "rmse": [1.0, 2.0]}
+    rec = dict(split=split, ll=ll, rmse=rmse, train_runs=1, wall_s=wall, forward_passes=10)
+    data = {name: {"records": {method: [rec]}, "splits": 1, "val_grid": None, "published": published}}
+    path = tmp_path / f"{name}_{method}_{split}.details.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_whole_table_and_figure_from_pieces(tmp_path):
+    """Two pieces of one data set (splits 0 and 1) and the grid on split 0: one table, differences paired."""
+    paths = [
+        _details(tmp_path, "toy", 0, -0.5, 1.0, 2.0),
+        _details(tmp_path, "toy", 1, -2.5, 3.0, 2.0),
+        _details(tmp_path, "toy", 0, -1.0, 1.0, 30.0, method="grid"),
+    ]
+    out = uci_report.main([*paths, "--plot", str(tmp_path / "fig.png"), "--json", str(tmp_path / "s.json")])
+    table = uci_report.whole_table(out)
+    # Published over splits 0-1: LL -1.5 +- 0.354, RMSE 1.5 +- 0.354 (std 0.5 / sqrt 2). concrete: LL diffs
+    # +0.5, -0.5 -> 0.000 +- 0.354 (reached); RMSE diffs 0, +1 -> 0.5 +- 0.354, more than 0.354 behind.
+    assert "| toy | published grid (same splits) | 2 | 1.500 ± 0.354 | -1.500 ± 0.354 |" in table
+    row = "| toy | concrete | 2 | 2.000 ± 0.707 | -1.500 ± 0.707 | 0.000 ± 0.354 | 0.500 ± 0.354 | yes / no |"
+    assert row in table
+    assert table.rstrip().endswith("| 2.0 | 15.0x |")  # grid 30 s against concrete's 2 s on split 0
+    assert (tmp_path / "fig.png").stat().st_size > 0
+    assert set(json.loads((tmp_path / "s.json").read_text())["toy"]) == {"concrete", "grid"}

@@ -43,6 +43,9 @@ Three methods per train/test split (Gal & Ghahramani 2016 protocol, rerun in Gal
       failure seen (over-fitting of the noise level shows up directly as a falling held-out LL), it costs a
       few cheap forward passes and no extra training, and it uses held-out data the grid uses as well.
       The price: the final model sees 80% of the training split, not 100% as the grid's refit does.
+      The run ends ``--patience`` epochs after its best check (default a quarter of the budget;
+      :func:`should_stop`): the kept state cannot change after that point unless the validation LL recovers
+      past its peak, and on the data sets whose best epoch is early most of the budget is saved.
     * by default (``--no-calibrate-noise`` turns it off) the noise level alone is re-picked after training
       by validation MC test LL (a 1-d search over the log-variance with the trained network's MC samples;
       no retraining).
@@ -51,6 +54,19 @@ Three methods per train/test split (Gal & Ghahramani 2016 protocol, rerun in Gal
       counts a second time; this corrects it for the price of a few forward passes.
     * optionally (``--noise-prior W``) a weak Gaussian prior on the log-variance towards log(1) = 0 (the
       variance of the standardised targets), ``W * s^2 / N`` added to the loss. Off by default.
+
+``concrete_refit`` (opt-in; variant (b) with the grid's refit: two training runs per split)
+    ``concrete``'s run, then the same recipe trained again on the whole training split for the first run's
+    best epoch (the held-out 20% is used, as the grid uses it, to choose a setting, here the epoch count).
+    Nothing is left to check the refit on, so its learned log-variance is moved by the first run's calibration
+    offset (calibrated minus trained log-variance) and it is tested as it is (:func:`refit_concrete`).
+
+``concrete_tau_stop`` (opt-in; variant (a) with the epoch count chosen on validation)
+    ``concrete_tau``'s objective and tau grid, with each tau's validation run under the checkpoint rule
+    (:func:`run_concrete_tau_keep_best`); the tau whose best check is highest wins and the refit on the whole
+    training split trains for that check's epoch. ``python -m benchmarks.uci_terms`` shows why this matters:
+    the learned rates keep falling as the network fits the training data, and the validation LL peaks long
+    before the 4000th epoch.
 
 ``grid_calibrated`` (opt-in: ``--methods grid,grid_calibrated,concrete``; the grid given concrete's extras)
     The grid above with the two advantages ``concrete`` has, so that the three compare like with like:

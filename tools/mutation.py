@@ -482,6 +482,38 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "pass  # mutant: the kept state is never loaded",
         _UCI,
     ),
+    Mutation(
+        "uci-early-stop-one-check-late",
+        "the UCI early stop waits one epoch more than its patience",
+        "benchmarks/uci.py",
+        "return patience > 0 and epoch - best_epoch >= patience",
+        "return patience > 0 and epoch - best_epoch > patience",
+        _UCI,
+    ),
+    Mutation(
+        "uci-refit-on-the-fitting-set",
+        "concrete_refit's second run fits the first 80% of the training split again, not the whole split",
+        "benchmarks/uci.py",
+        "    fold = Fold.make(ds, train_idx, test_idx)\n    common.seed_all(seed)\n",
+        "    fold = Fold.make(ds, validation_split(train_idx)[0], test_idx)\n    common.seed_all(seed)\n",
+        _UCI,
+    ),
+    Mutation(
+        "uci-refit-noise-offset-ignored",
+        "concrete_refit tests with its trained noise level, without the first run's calibration offset",
+        "benchmarks/uci.py",
+        "model.log_var.add_(noise_offset)",
+        "model.log_var.add_(0.0)",
+        _UCI,
+    ),
+    Mutation(
+        "uci-reaches-grid-without-se",
+        "the whole UCI table's grid-quality criterion leaves out the published standard error",
+        "benchmarks/uci_report.py",
+        'll_ok = versus["ll_diff_mean"] >= -versus["ll_published_se"]',
+        'll_ok = versus["ll_diff_mean"] >= 0.0',
+        _UCI,
+    ),
 )
 
 

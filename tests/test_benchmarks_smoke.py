@@ -123,3 +123,22 @@ def test_uci_noise_calibration_changes_only_the_noise():
     # ... the noise moved, within the search window of +-3 in log-variance.
     assert on["tau"] != off["tau"] and on["ll"] != off["ll"]
     assert abs(math.log(on["tau"] / off["tau"])) <= 3.0 + 1e-9
+
+
+def test_main_job_writes_both_comparisons(tmp_path):
+    """README command 1's job at tiny settings: every regression method and the digits comparison, and files."""
+    from benchmarks import main as main_job
+
+    argv = "--splits 1 --epochs 4 --samples 6 --digits-epochs 1 --digits-samples 2 --no-progress".split()
+    out = main_job.main([*argv, "--out", str(tmp_path)])
+    summary = out["regression"]["sklearn-diabetes"]
+    assert list(summary) == ["grid", "concrete_tau", "concrete", "concrete_refit"]
+    assert {m: s["train_runs"] for m, s in summary.items()} == {
+        "grid": 13,
+        "concrete_tau": 4,
+        "concrete": 1,
+        "concrete_refit": 2,
+    }
+    assert set(out["classification"]) >= {"grid", "concrete"}
+    for name in ("main.json", "uci_diabetes.png", "digits.png"):
+        assert (tmp_path / name).stat().st_size > 0

@@ -16,6 +16,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import math
 
 import numpy as np
 
@@ -50,6 +51,11 @@ def reaches_grid(versus: dict) -> tuple[bool, bool]:
     ll_ok = versus["ll_diff_mean"] >= -versus["ll_published_se"]
     rmse_ok = versus["rmse_diff_mean"] <= versus["rmse_published_se"]
     return bool(ll_ok), bool(rmse_ok)
+
+
+def _digits(scale: float) -> int:
+    """Decimals that show about three significant digits of values of size ``scale`` (at least 3)."""
+    return max(3, 2 - math.floor(math.log10(abs(scale)))) if scale and math.isfinite(scale) else 3
 
 
 def _per_split(records: list[dict], key: str) -> float:
@@ -101,13 +107,14 @@ def whole_table(merged: dict) -> str:
         compared = [result["summary"][m]["vs_published"] for m in methods if "vs_published" in result["summary"][m]]
         first = max(compared, key=lambda v: len(v["splits"]), default=None)
         grid = result["records"].get("grid")
+        rmse_digits = _digits(first["rmse_published"]) if first is not None else 3
         if first is not None:
             rows.append(
                 [
                     name,
                     "published grid (same splits)",
                     len(first["splits"]),
-                    common.pm(first["rmse_published"], first["rmse_published_se"], 3),
+                    common.pm(first["rmse_published"], first["rmse_published_se"], rmse_digits),
                     common.pm(first["ll_published"], first["ll_published_se"], 3),
                     *["-"] * 7,
                 ]
@@ -121,10 +128,10 @@ def whole_table(merged: dict) -> str:
                     name,
                     m,
                     len(recs),
-                    common.pm(s["rmse_mean"], s["rmse_se"], 3),
+                    common.pm(s["rmse_mean"], s["rmse_se"], rmse_digits),
                     common.pm(s["ll_mean"], s["ll_se"], 3),
                     "-" if v is None else common.pm(v["ll_diff_mean"], v["ll_diff_se"], 3),
-                    "-" if v is None else common.pm(v["rmse_diff_mean"], v["rmse_diff_se"], 3),
+                    "-" if v is None else common.pm(v["rmse_diff_mean"], v["rmse_diff_se"], rmse_digits),
                     reach,
                     f"{s['train_runs'] / len(recs):.0f}",
                     f"{_per_split(recs, 'forward_passes'):,.0f}",

@@ -976,7 +976,7 @@ def run_dataset(
                 )
                 bar is not None and bar.update(1)
             (j,) = select_best([c["val_ll"] for c in checks])
-            tau, best_epoch = ds.tau_values[j], checks[j]["best_epoch"]
+            tau, best_epoch = ds.tau_values[j], checks[j]["best_epoch"] or epochs  # 0: no finite check
             rmse, ll, rates = run_concrete_tau(full_fold, hidden, tau, best_epoch, samples, common.run_seed(seed, k, 4))
             bar is not None and bar.update(1)
             records["concrete_tau_stop"].append(
@@ -1021,7 +1021,8 @@ def run_dataset(
                     train_idx,
                     test_idx,
                     hidden,
-                    first["best_epoch"],
+                    # No finite validation score (a diverged run) leaves best_epoch 0: refit the epochs it ran.
+                    first["best_epoch"] or first["epochs_run"],
                     samples,
                     common.run_seed(seed, k, 7),
                     first["noise_offset"],
@@ -1034,7 +1035,7 @@ def run_dataset(
                     dict(
                         split=k,
                         **second,
-                        refit_epochs=first["best_epoch"],
+                        refit_epochs=first["best_epoch"] or first["epochs_run"],
                         first_run=first,
                         train_runs=2,
                         wall_s=time.perf_counter() - t0,

@@ -338,6 +338,10 @@ def test_concrete_refit_reuses_the_first_run_and_refits_its_best_epoch(monkeypat
     c, rf = r["records"]["concrete"][0], r["records"]["concrete_refit"][0]
     assert (c["ll"], c["train_runs"], rf["ll"], rf["train_runs"], rf["refit_epochs"]) == (-2.0, 1, -1.0, 2, 7)
     assert rf["first_run"]["best_epoch"] == 7
+    # A run whose checks were all NaN (diverged) kept no state (best epoch 0): the refit trains the epochs it ran.
+    first.update(best_epoch=0, val_ll=-math.inf)
+    uci.run_dataset(ds, 1, 10, 2, 0, 1, 2, methods=("concrete_refit",), patience=3)
+    assert refits[-1][4] == 9
 
 
 def test_concrete_tau_stop_picks_tau_by_its_best_check_and_refits_for_that_many_epochs(monkeypatch):

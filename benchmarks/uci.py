@@ -519,12 +519,20 @@ def run_concrete_tau_keep_best(
     return dict(val_ll=best.score, best_epoch=best.epoch, rates=_site_rates(model))
 
 
+def _hetero_samples(
+    model: nn.Module, x: torch.Tensor, y_mean: float, y_std: float, samples: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded MC samples of a learned-noise model: ``(mu, sigma2)``, each ``(T, N)`` in original units."""
+    pred = _mc_concrete(model, x, samples, seed)
+    mu = pred.samples.double() * y_std + y_mean
+    return mu, pred.log_variance_samples.detach().double().exp() * y_std**2
+
+
 def _hetero_eval(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, y_mean: float, y_std: float, samples: int, seed: int
 ) -> tuple[float, float]:
-    pred = _mc_concrete(model, x, samples, seed)
-    mu = pred.samples.double() * y_std + y_mean
-    sigma2 = pred.log_variance_samples.detach().double().exp() * y_std**2
+    """RMSE of the MC mean and MC test log-likelihood of a learned-noise model on ``(x, y)``."""
+    mu, sigma2 = _hetero_samples(model, x, y_mean, y_std, samples, seed)
     rmse = float((mu.mean(0) - y).pow(2).mean().sqrt())
     return rmse, float(common.mc_gaussian_ll(mu, y, sigma2).mean())
 
@@ -651,6 +659,7 @@ def refit_concrete(
     seed: int,
     noise_offset: float,
     noise_prior: float = 0.0,
+    first_tau: float | None = None,
 ) -> dict:
     """``concrete_refit``'s second run: the same network on the whole training split, as the grid refits.
 
@@ -667,9 +676,12 @@ def refit_concrete(
         seed: the run's seed.
         noise_offset: the first run's ``noise_offset``.
         noise_prior: as in :func:`run_concrete`.
+        first_tau: the first run's calibrated precision (original units); when given, the record also has
+            ``ll_first_noise``, the test LL of the same MC samples with that precision instead (a diagnostic
+            of the noise rule, not part of the method).
 
     Returns:
-        Record fields: ``rmse``, ``ll``, ``rates``, ``tau`` (used at test, original units).
+        Record fields: ``rmse``, ``ll``, ``rates``, ``tau`` (used at test, original units)[, ``ll_first_noise``].
     """
     fold = Fold.make(ds, train_idx, test_idx)
     common.seed_all(seed)
@@ -677,8 +689,16 @@ def refit_concrete(
     _train(model, fold, epochs, seed, _concrete_loss(fold.x_fit.shape[0], noise_prior))
     with torch.no_grad():
         model.log_var.add_(noise_offset)
-    rmse, ll = _hetero_eval(model, fold.x_eval, fold.y_eval, fold.y_mean, fold.y_std, samples, seed + 1)
-    return dict(rmse=rmse, ll=ll, rates=_site_rates(model), tau=_tau_of(model, fold.y_std))
+    mu, sigma2 = _hetero_samples(model, fold.x_eval, fold.y_mean, fold.y_std, samples, seed + 1)
+    out = dict(
+        rmse=float((mu.mean(0) - fold.y_eval).pow(2).mean().sqrt()),
+        ll=float(common.mc_gaussian_ll(mu, fold.y_eval, sigma2).mean()),
+        rates=_site_rates(model),
+        tau=_tau_of(model, fold.y_std),
+    )
+    if first_tau is not None:
+        out["ll_first_noise"] = float(common.mc_gaussian_ll(mu, fold.y_eval, 1.0 / first_tau).mean())
+    return out
 
 
 def run_grid_point_keep_best(
@@ -1027,6 +1047,7 @@ def run_dataset(
                     common.run_seed(seed, k, 7),
                     first["noise_offset"],
                     noise_prior,
+                    first["tau"],
                 )
                 bar is not None and bar.update(1)
                 # The first run's test evaluation is not part of this method's procedure: its passes are

@@ -300,24 +300,34 @@ def test_refit_trains_on_the_whole_split_for_the_chosen_epochs_and_moves_the_noi
     ds = _tiny_dataset()
     train_idx, test_idx = ds.split(0)
     calls: dict = {}
-    real_train, real_eval = uci._train, uci._hetero_eval
+    real_train, real_samples = uci._train, uci._hetero_samples
 
     def spy_train(model, fold, epochs, seed, loss_fn, on_epoch=None):
         calls["rows"], calls["epochs"] = fold.x_fit.shape[0], epochs
         real_train(model, fold, epochs, seed, loss_fn, on_epoch)
         calls["trained_log_var"] = float(model.log_var.detach())
 
-    def spy_eval(model, x, y, y_mean, y_std, samples, seed):
+    def spy_samples(model, x, y_mean, y_std, samples, seed):
         calls["test_log_var"], calls["test_rows"] = float(model.log_var.detach()), x.shape[0]
-        return real_eval(model, x, y, y_mean, y_std, samples, seed)
+        calls["mu"], calls["sigma2"] = real_samples(model, x, y_mean, y_std, samples, seed)
+        return calls["mu"], calls["sigma2"]
 
     monkeypatch.setattr(uci, "_train", spy_train)
-    monkeypatch.setattr(uci, "_hetero_eval", spy_eval)
-    out = uci.refit_concrete(ds, train_idx, test_idx, hidden=8, epochs=3, samples=4, seed=0, noise_offset=-0.75)
+    monkeypatch.setattr(uci, "_hetero_samples", spy_samples)
+    out = uci.refit_concrete(
+        ds, train_idx, test_idx, hidden=8, epochs=3, samples=4, seed=0, noise_offset=-0.75, first_tau=2.0
+    )
     assert (calls["rows"], calls["epochs"], calls["test_rows"]) == (32, 3, 8)
     assert calls["test_log_var"] == pytest.approx(calls["trained_log_var"] - 0.75, abs=1e-6)
     y_std = float(np.std(ds.y[train_idx]))
     assert out["tau"] == pytest.approx(1 / (math.exp(calls["test_log_var"]) * y_std**2), rel=1e-5)
+    # The diagnostic: the same samples scored with the first run's precision, by the hand formula.
+    y = torch.as_tensor(ds.y[test_idx], dtype=torch.float64)
+    per_point = (
+        torch.logsumexp(-0.5 * 2.0 * (y - calls["mu"]) ** 2, 0) - math.log(4) + 0.5 * math.log(2.0 / (2 * math.pi))
+    )
+    assert out["ll_first_noise"] == pytest.approx(float(per_point.mean()), rel=1e-9)
+    assert out["ll"] == pytest.approx(uci.common.mc_gaussian_ll(calls["mu"], y, calls["sigma2"]).mean().item())
 
 
 def test_concrete_refit_reuses_the_first_run_and_refits_its_best_epoch(monkeypatch):
@@ -333,8 +343,8 @@ def test_concrete_refit_reuses_the_first_run_and_refits_its_best_epoch(monkeypat
     )
     r = uci.run_dataset(ds, 1, 10, 2, 0, 1, 2, methods=("concrete", "concrete_refit"), patience=3)
     assert len(runs) == 1 and runs[0][-1] == 3  # one first run, with the patience passed on
-    (_, _, _, _, epochs, _, _, offset, _) = refits[0]
-    assert (epochs, offset) == (7, 0.25)
+    (_, _, _, _, epochs, _, _, offset, _, first_tau) = refits[0]
+    assert (epochs, offset, first_tau) == (7, 0.25, 3.0)
     c, rf = r["records"]["concrete"][0], r["records"]["concrete_refit"][0]
     assert (c["ll"], c["train_runs"], rf["ll"], rf["train_runs"], rf["refit_epochs"]) == (-2.0, 1, -1.0, 2, 7)
     assert rf["first_run"]["best_epoch"] == 7

@@ -419,6 +419,32 @@ def _train(model: nn.Module, fold: Fold, epochs: int, seed: int, loss_fn, on_epo
             return
 
 
+def _fit_keep_best(
+    model: nn.Module,
+    fold: Fold,
+    epochs: int,
+    seed: int,
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+    validate: Callable[[], float],
+    eval_every: int,
+    patience: int,
+) -> BestState:
+    """:func:`_train` on ``fold`` under the checkpoint rule and early stop of :func:`train_keep_best`."""
+    return train_keep_best(
+        model,
+        lambda on_epoch: _train(model, fold, epochs, seed, loss_fn, on_epoch),
+        validate,
+        epochs,
+        eval_every,
+        patience,
+    )
+
+
+def _mse_with_regularizer(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    """``concrete_tau``'s loss: mean squared error plus the regulariser (preset ``loss="mse"``)."""
+    return F.mse_loss(model(xb), yb) + cd_convert.regularization(model)
+
+
 def _grid_loss(p: float, tau: float, n: int) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
     """The grid's loss: mean squared error plus Keras-style weight decay on both kernels."""
     reg = grid_weight_decay(p, tau, n)
@@ -464,10 +490,7 @@ def run_concrete_tau(fold: Fold, hidden: int, tau: float, epochs: int, samples: 
     n = fold.x_fit.shape[0]
     model = _concrete_net(PlainNet(fold.x_fit.shape[1], hidden), n, loss="mse", tau=tau * fold.y_std**2)
 
-    def loss_fn(m, xb, yb):
-        return F.mse_loss(m(xb), yb) + cd_convert.regularization(m)
-
-    _train(model, fold, epochs, seed, loss_fn)
+    _train(model, fold, epochs, seed, _mse_with_regularizer)
     pred = _mc_concrete(model, fold.x_eval, samples, seed + 1)
     mu = pred.samples.double() * fold.y_std + fold.y_mean
     rmse = float((mu.mean(0) - fold.y_eval).pow(2).mean().sqrt())
@@ -501,21 +524,11 @@ def run_concrete_tau_keep_best(
     n = fold.x_fit.shape[0]
     model = _concrete_net(PlainNet(fold.x_fit.shape[1], hidden), n, loss="mse", tau=tau * fold.y_std**2)
 
-    def loss_fn(m, xb, yb):
-        return F.mse_loss(m(xb), yb) + cd_convert.regularization(m)
-
     def validate() -> float:
         mu = _mc_concrete(model, fold.x_eval, val_samples, seed + 7).samples.double() * fold.y_std + fold.y_mean
         return mc_test_ll_tau(mu, fold.y_eval, tau)
 
-    best = train_keep_best(
-        model,
-        lambda on_epoch: _train(model, fold, epochs, seed, loss_fn, on_epoch),
-        validate,
-        epochs,
-        eval_every,
-        patience,
-    )
+    best = _fit_keep_best(model, fold, epochs, seed, _mse_with_regularizer, validate, eval_every, patience)
     return dict(val_ll=best.score, best_epoch=best.epoch, rates=_site_rates(model))
 
 
@@ -626,14 +639,7 @@ def run_concrete(
     def validate() -> float:
         return _hetero_eval(model, fold.x_eval, fold.y_eval, fold.y_mean, fold.y_std, val_samples, seed + 7)[1]
 
-    best = train_keep_best(
-        model,
-        lambda on_epoch: _train(model, fold, epochs, seed, loss_fn, on_epoch),
-        validate,
-        epochs,
-        eval_every,
-        patience,
-    )
+    best = _fit_keep_best(model, fold, epochs, seed, loss_fn, validate, eval_every, patience)
     trained = float(model.log_var.detach())
     offset = calibrate_noise(model, fold, val_samples, seed + 9) - trained if calibrate else 0.0
     rmse, ll = _hetero_eval(model, x_test, y_test, fold.y_mean, fold.y_std, samples, seed + 1)
@@ -743,14 +749,7 @@ def run_grid_point_keep_best(
             mu = _mc_plain(model, fold.x_eval, val_samples).double() * fold.y_std + fold.y_mean
         return mc_test_ll_tau(mu, fold.y_eval, tau)
 
-    best = train_keep_best(
-        model,
-        lambda on_epoch: _train(model, fold, epochs, seed, loss_fn, on_epoch),
-        validate,
-        epochs,
-        eval_every,
-        patience,
-    )
+    best = _fit_keep_best(model, fold, epochs, seed, loss_fn, validate, eval_every, patience)
     return model, best
 
 
@@ -959,56 +958,44 @@ def run_dataset(
                 dict(split=k, **rec, wall_s=time.perf_counter() - t0, **PASSES.since(passes0))
             )
 
-        if "concrete_tau" in methods:
-            t0, passes0 = time.perf_counter(), copy.copy(PASSES)
-            vals = []
-            for j, tau in enumerate(ds.tau_values):
-                _, ll, rates = run_concrete_tau(val_fold, hidden, tau, epochs, samples, common.run_seed(seed, k, 3, j))
-                vals.append((ll, rates))
-                bar is not None and bar.update(1)
-            (j,) = select_best([v[0] for v in vals])
-            tau = ds.tau_values[j]
-            rmse, ll, rates = run_concrete_tau(full_fold, hidden, tau, epochs, samples, common.run_seed(seed, k, 4))
-            bar is not None and bar.update(1)
-            records["concrete_tau"].append(
-                dict(
-                    split=k,
-                    rmse=rmse,
-                    ll=ll,
-                    tau=tau,
-                    rates=rates,
-                    val_ll=vals[j][0],
-                    val_rates=vals[j][1],
-                    train_runs=len(ds.tau_values) + 1,
-                    wall_s=time.perf_counter() - t0,
-                    **PASSES.since(passes0),
-                )
-            )
-
-        if "concrete_tau_stop" in methods:
+        # concrete_tau and concrete_tau_stop: one run per tau on the fitting set, the best tau refitted on the
+        # whole split; _stop also chooses the epoch count on validation (and refits for that many epochs).
+        for method in ("concrete_tau", "concrete_tau_stop"):
+            if method not in methods:
+                continue
+            stop = method == "concrete_tau_stop"
             t0, passes0 = time.perf_counter(), copy.copy(PASSES)
             checks = []
             for j, tau in enumerate(ds.tau_values):
-                checks.append(
-                    run_concrete_tau_keep_best(
-                        val_fold, hidden, tau, epochs, common.run_seed(seed, k, 3, j), eval_every, val_samples, patience
+                run = common.run_seed(seed, k, 3, j)
+                if stop:
+                    check = run_concrete_tau_keep_best(
+                        val_fold, hidden, tau, epochs, run, eval_every, val_samples, patience
                     )
-                )
+                    checks.append(check)
+                else:
+                    _, ll, rates = run_concrete_tau(val_fold, hidden, tau, epochs, samples, run)
+                    checks.append(dict(val_ll=ll, best_epoch=epochs, rates=rates))
                 bar is not None and bar.update(1)
             (j,) = select_best([c["val_ll"] for c in checks])
-            tau, best_epoch = ds.tau_values[j], checks[j]["best_epoch"] or epochs  # 0: no finite check
-            rmse, ll, rates = run_concrete_tau(full_fold, hidden, tau, best_epoch, samples, common.run_seed(seed, k, 4))
+            tau, refit_epochs = ds.tau_values[j], checks[j]["best_epoch"] or epochs  # 0: no finite check
+            refit_seed = common.run_seed(seed, k, 4)
+            rmse, ll, rates = run_concrete_tau(full_fold, hidden, tau, refit_epochs, samples, refit_seed)
             bar is not None and bar.update(1)
-            records["concrete_tau_stop"].append(
+            record = dict(
+                split=k,
+                rmse=rmse,
+                ll=ll,
+                tau=tau,
+                rates=rates,
+                val_ll=checks[j]["val_ll"],
+                val_rates=checks[j]["rates"],
+            )
+            if stop:
+                record["best_epoch"] = refit_epochs
+            records[method].append(
                 dict(
-                    split=k,
-                    rmse=rmse,
-                    ll=ll,
-                    tau=tau,
-                    rates=rates,
-                    val_ll=checks[j]["val_ll"],
-                    val_rates=checks[j]["rates"],
-                    best_epoch=best_epoch,
+                    **record,
                     train_runs=len(ds.tau_values) + 1,
                     wall_s=time.perf_counter() - t0,
                     **PASSES.since(passes0),

@@ -9,7 +9,8 @@ Usage::
     python -m benchmarks.uci_merge results/uci_full_yacht.details.json results/uci_full_yacht_s19.details.json \\
         --json results/uci_yacht_merged.json
 
-A method present in a later file replaces the same split's record from an earlier file; ``--methods`` picks
+Each merged record gets ``source``, the file it came from. A method present in a later file replaces the
+same split's record from an earlier file; ``--methods`` picks
 which methods to keep from each file as ``file:method,method`` (default: all). When a file carries the
 published per-split results (``"published"``, written by runs with the published files present), the merged
 summary compares every method with them on the merged splits.
@@ -53,7 +54,8 @@ def merge(paths: list[str], only: dict[str, set[str]] | None = None) -> dict:
                     continue
                 by_split = target["records"].setdefault(method, {})
                 for record in records:
-                    by_split[record["split"]] = record
+                    # The file it came from: wall-clock is only comparable between records of one run.
+                    by_split[record["split"]] = {**record, "source": path}
     out = {}
     for name, target in merged.items():
         records = {m: [r[k] for k in sorted(r)] for m, r in target["records"].items()}

@@ -63,24 +63,28 @@ def _per_split(records: list[dict], key: str) -> float:
 
 
 def cost_ratio(grid: list[dict], other: list[dict]) -> float | None:
-    """The grid's total wall-clock over another method's, on the splits both ran (None without common splits).
+    """The grid's total wall-clock over another method's, on the splits both ran in the same run.
 
-    Both come from the same runs of ``benchmarks.uci`` when the methods were run together, which is what makes
-    the ratio a side-by-side measurement.
+    Only records of one run of ``benchmarks.uci`` (the same ``source`` file, when merged records carry it) are
+    paired: methods run together share the machine's load, which is what makes the ratio a side-by-side
+    measurement.
 
     Args:
         grid: the grid's per-split records.
         other: the other method's per-split records.
 
     Returns:
-        ``sum(grid wall_s) / sum(other wall_s)`` over the common splits.
+        ``sum(grid wall_s) / sum(other wall_s)`` over those splits; None when there are none.
     """
-    mine = {r["split"]: r["wall_s"] for r in other}
-    common_splits = [r["split"] for r in grid if r["split"] in mine]
-    if not common_splits:
+    mine = {r["split"]: r for r in other}
+    pairs = [
+        (r["wall_s"], mine[r["split"]]["wall_s"])
+        for r in grid
+        if r["split"] in mine and r.get("source") == mine[r["split"]].get("source")
+    ]
+    if not pairs:
         return None
-    theirs = {r["split"]: r["wall_s"] for r in grid}
-    return sum(theirs[k] for k in common_splits) / sum(mine[k] for k in common_splits)
+    return sum(g for g, _ in pairs) / sum(o for _, o in pairs)
 
 
 def whole_table(merged: dict) -> str:
@@ -97,7 +101,7 @@ def whole_table(merged: dict) -> str:
         "training runs / split",
         "forward passes / split",
         "wall-clock s / split",
-        "grid's wall-clock / this (same splits)",
+        "grid's wall-clock / this (same splits, same run)",
     ]
     rows = []
     for name, result in merged.items():

@@ -26,28 +26,37 @@ def test_reaches_grid_is_one_published_standard_error(versus, want):
     assert uci_report.reaches_grid(versus) == want
 
 
-def test_cost_ratio_uses_only_the_common_splits():
+def test_cost_ratio_uses_only_the_common_splits_of_one_run():
     grid = [dict(split=0, wall_s=100.0), dict(split=1, wall_s=300.0), dict(split=2, wall_s=1e6)]
     one_run = [dict(split=0, wall_s=10.0), dict(split=1, wall_s=30.0), dict(split=5, wall_s=1.0)]
     assert uci_report.cost_ratio(grid, one_run) == pytest.approx(400.0 / 40.0)
     assert uci_report.cost_ratio(grid, [dict(split=9, wall_s=1.0)]) is None
+    # Records merged from two runs: only split 0 was timed in the same run as the grid.
+    grid = [dict(split=0, wall_s=100.0, source="a"), dict(split=1, wall_s=300.0, source="a")]
+    other = [dict(split=0, wall_s=20.0, source="a"), dict(split=1, wall_s=1.0, source="b")]
+    assert uci_report.cost_ratio(grid, other) == pytest.approx(5.0)
+    assert uci_report.cost_ratio(grid[1:], other) is None
 
 
-def _details(tmp_path, name: str, split: int, ll: float, rmse: float, wall: float, method: str = "concrete") -> str:
+def _details(tmp_path, name: str, split: int, **methods: tuple[float, float, float]) -> str:
+    """A details file of one run: ``method=(ll, rmse, wall_s)`` on one split."""
     published = {"ll": [-1.0, -2.0], "rmse": [1.0, 2.0]}
-    rec = dict(split=split, ll=ll, rmse=rmse, train_runs=1, wall_s=wall, forward_passes=10)
-    data = {name: {"records": {method: [rec]}, "splits": 1, "val_grid": None, "published": published}}
-    path = tmp_path / f"{name}_{method}_{split}.details.json"
+    records = {
+        method: [dict(split=split, ll=ll, rmse=rmse, train_runs=1, wall_s=wall, forward_passes=10)]
+        for method, (ll, rmse, wall) in methods.items()
+    }
+    data = {name: {"records": records, "splits": 1, "val_grid": None, "published": published}}
+    path = tmp_path / f"{name}_{'_'.join(methods)}_{split}.details.json"
     path.write_text(json.dumps(data))
     return str(path)
 
 
 def test_whole_table_and_figure_from_pieces(tmp_path):
-    """Two pieces of one data set (splits 0 and 1) and the grid on split 0: one table, differences paired."""
+    """Two runs of one data set (the grid beside concrete on split 0, concrete alone on split 1): one table,
+    differences paired, the cost ratio from the run that timed both."""
     paths = [
-        _details(tmp_path, "toy", 0, -0.5, 1.0, 2.0),
-        _details(tmp_path, "toy", 1, -2.5, 3.0, 2.0),
-        _details(tmp_path, "toy", 0, -1.0, 1.0, 30.0, method="grid"),
+        _details(tmp_path, "toy", 0, grid=(-1.0, 1.0, 30.0), concrete=(-0.5, 1.0, 2.0)),
+        _details(tmp_path, "toy", 1, concrete=(-2.5, 3.0, 2.0)),
     ]
     out = uci_report.main([*paths, "--plot", str(tmp_path / "fig.png"), "--json", str(tmp_path / "s.json")])
     table = uci_report.whole_table(out)

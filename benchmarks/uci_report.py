@@ -154,7 +154,7 @@ def plot(merged: dict, path: str) -> None:
     x = np.arange(len(names))
     offsets = np.linspace(-0.25, 0.25, len(METHOD_STYLE))
     for ax, key, label in (
-        (axes[0][0], "ll", "test LL - published grid (nats)"),
+        (axes[0][0], "ll", "test LL - published grid (nats; symlog beyond 0.1)"),
         (axes[0][1], "rmse", "RMSE - published grid (relative)"),
     ):
         for i, name in enumerate(names):
@@ -173,6 +173,9 @@ def plot(merged: dict, path: str) -> None:
                 es.append(v[f"{key}_diff_se"] / scale)
             if xs:
                 ax.errorbar(xs, ys, yerr=es, fmt=marker, color=color, label=method, zorder=3, capsize=2)
+        if key == "ll":
+            # Linear within +-0.1 nats, logarithmic beyond: one set far ahead (naval) keeps the others readable.
+            ax.set_yscale("symlog", linthresh=0.1)
         ax.axhline(0.0, color="0.4", lw=0.8)
         ax.set_xticks(x)
         ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)

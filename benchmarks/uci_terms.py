@@ -83,6 +83,9 @@ def objective_terms(model: nn.Module, scale_to_mse: float = 1.0) -> dict[str, fl
         weight += scale.weight_regularizer * float(linear.weight.detach().pow(2).sum()) / (1 - p)
         entropy += scale.dropout_regularizer * linear.in_features * (p * math.log(p) + (1 - p) * math.log1p(-p))
     library = float(cd_convert.regularization(model).detach())
+    # The library computes the same sum in fp32: a mismatch beyond rounding means one of the two is wrong.
+    if not math.isclose(weight + entropy, library, rel_tol=1e-5, abs_tol=1e-9):
+        raise RuntimeError(f"regulariser by definition {weight + entropy!r} != cd_convert.regularization {library!r}")
     return {"weight": weight * scale_to_mse, "entropy": entropy * scale_to_mse, "library": library * scale_to_mse}
 
 

@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     ds = load_embedded_regression(seed=args.seed)
     methods = (*uci.METHODS, "concrete_refit")
-    per_split = len(ds.dropout_rates) * len(ds.tau_values) + 1 + len(ds.tau_values) + 1 + 1 + 1
-    bar = common.progress(total=args.splits * per_split, desc="regression runs", disable=args.no_progress)
+    bar = common.progress(total=args.splits * uci.runs_per_split(ds, methods), desc="regression runs",
+                          disable=args.no_progress)
     # The benchmark's defaults: a check every epochs // 40 with 200 MC passes, early stop after epochs // 4.
     reg = uci.run_dataset(ds, args.splits, args.epochs, args.samples, args.seed, max(1, args.epochs // 40),
                           200, methods=methods, bar=bar, patience=args.epochs // 4)

@@ -208,6 +208,11 @@ def mc_test_ll_tau(mu_samples: torch.Tensor, y: torch.Tensor, tau: float) -> flo
     return float(ll.mean())
 
 
+def mc_rmse(mu: torch.Tensor, y: torch.Tensor) -> float:
+    """RMSE of the MC mean: ``mu`` is ``(T, N)`` sampled means, ``y`` the ``(N,)`` targets (same units)."""
+    return float((mu.mean(0) - y).pow(2).mean().sqrt())
+
+
 # ------------------------------------------------------------------------------------------ decisions
 # The benchmark's choices as small pure functions, so that each can be tested on inputs with a known answer.
 
@@ -364,6 +369,12 @@ class PassCount:
 PASSES = PassCount()
 
 
+def _cost_since(t0: float, passes0: PassCount) -> dict:
+    """A record's cost fields since the snapshot (``time.perf_counter()``, ``copy.copy(PASSES)``):
+    ``wall_s`` and the forward-pass counts."""
+    return dict(wall_s=time.perf_counter() - t0, **PASSES.since(passes0))
+
+
 def _mc_plain(model: nn.Module, x: torch.Tensor, samples: int) -> torch.Tensor:
     """``samples`` MC passes of a plain-dropout model (global RNG), counted."""
     PASSES.mc_passes += samples
@@ -462,7 +473,7 @@ def run_grid_point(fold: Fold, hidden: int, p: float, tau: float, epochs: int, s
     _train(model, fold, epochs, seed, _grid_loss(p, tau, fold.x_fit.shape[0]))
     common.seed_all(seed + 1)
     mu = _mc_plain(model, fold.x_eval, samples).double() * fold.y_std + fold.y_mean
-    rmse = float((mu.mean(0) - fold.y_eval).pow(2).mean().sqrt())
+    rmse = mc_rmse(mu, fold.y_eval)
     return rmse, mc_test_ll_tau(mu, fold.y_eval, tau)
 
 
@@ -493,7 +504,7 @@ def run_concrete_tau(fold: Fold, hidden: int, tau: float, epochs: int, samples: 
     _train(model, fold, epochs, seed, _mse_with_regularizer)
     pred = _mc_concrete(model, fold.x_eval, samples, seed + 1)
     mu = pred.samples.double() * fold.y_std + fold.y_mean
-    rmse = float((mu.mean(0) - fold.y_eval).pow(2).mean().sqrt())
+    rmse = mc_rmse(mu, fold.y_eval)
     return rmse, mc_test_ll_tau(mu, fold.y_eval, tau), _site_rates(model)
 
 
@@ -546,8 +557,7 @@ def _hetero_eval(
 ) -> tuple[float, float]:
     """RMSE of the MC mean and MC test log-likelihood of a learned-noise model on ``(x, y)``."""
     mu, sigma2 = _hetero_samples(model, x, y_mean, y_std, samples, seed)
-    rmse = float((mu.mean(0) - y).pow(2).mean().sqrt())
-    return rmse, float(common.mc_gaussian_ll(mu, y, sigma2).mean())
+    return mc_rmse(mu, y), float(common.mc_gaussian_ll(mu, y, sigma2).mean())
 
 
 def calibrate_noise(model: NoiseNet, fold: Fold, samples: int, seed: int) -> float:
@@ -697,7 +707,7 @@ def refit_concrete(
         model.log_var.add_(noise_offset)
     mu, sigma2 = _hetero_samples(model, fold.x_eval, fold.y_mean, fold.y_std, samples, seed + 1)
     out = dict(
-        rmse=float((mu.mean(0) - fold.y_eval).pow(2).mean().sqrt()),
+        rmse=mc_rmse(mu, fold.y_eval),
         ll=float(common.mc_gaussian_ll(mu, fold.y_eval, sigma2).mean()),
         rates=_site_rates(model),
         tau=_tau_of(model, fold.y_std),
@@ -829,7 +839,7 @@ def run_grid_calibrated(
     tau = calibrate_grid_tau(model, fold, tau_grid, val_samples, test_seed + 9) if calibrate else tau_grid
     common.seed_all(test_seed + 1)
     mu = _mc_plain(model, x_test, samples).double() * fold.y_std + fold.y_mean
-    rmse = float((mu.mean(0) - y_test).pow(2).mean().sqrt())
+    rmse = mc_rmse(mu, y_test)
     return dict(
         rmse=rmse,
         ll=mc_test_ll_tau(mu, y_test, tau),
@@ -931,8 +941,7 @@ def run_dataset(
                     p=p,
                     tau=tau,
                     train_runs=grid.size + 1,
-                    wall_s=time.perf_counter() - t0,
-                    **PASSES.since(passes0),
+                    **_cost_since(t0, passes0),
                 )
             )
 
@@ -954,9 +963,7 @@ def run_dataset(
                 bar,
                 patience,
             )
-            records["grid_calibrated"].append(
-                dict(split=k, **rec, wall_s=time.perf_counter() - t0, **PASSES.since(passes0))
-            )
+            records["grid_calibrated"].append(dict(split=k, **rec, **_cost_since(t0, passes0)))
 
         # concrete_tau and concrete_tau_stop: one run per tau on the fitting set, the best tau refitted on the
         # whole split; _stop also chooses the epoch count on validation (and refits for that many epochs).
@@ -997,8 +1004,7 @@ def run_dataset(
                 dict(
                     **record,
                     train_runs=len(ds.tau_values) + 1,
-                    wall_s=time.perf_counter() - t0,
-                    **PASSES.since(passes0),
+                    **_cost_since(t0, passes0),
                 )
             )
 
@@ -1019,7 +1025,7 @@ def run_dataset(
                 patience,
             )
             bar is not None and bar.update(1)
-            one_run = dict(split=k, **first, train_runs=1, wall_s=time.perf_counter() - t0, **PASSES.since(passes0))
+            one_run = dict(split=k, **first, train_runs=1, **_cost_since(t0, passes0))
             if "concrete" in methods:
                 records["concrete"].append(one_run)
             if "concrete_refit" in methods:
@@ -1046,8 +1052,7 @@ def run_dataset(
                         refit_epochs=first["best_epoch"] or first["epochs_run"],
                         first_run=first,
                         train_runs=2,
-                        wall_s=time.perf_counter() - t0,
-                        **PASSES.since(passes0),
+                        **_cost_since(t0, passes0),
                     )
                 )
         if log is not None:
@@ -1073,6 +1078,20 @@ def run_dataset(
         if on_split is not None:
             on_split(result)
     return result
+
+
+def runs_per_split(ds: UCIDataset, methods: Sequence[str]) -> int:
+    """Training runs :func:`run_dataset` makes per split for ``methods`` (``concrete`` and ``concrete_refit``
+    share their first run): the progress bar's unit."""
+    points = len(ds.dropout_rates) * len(ds.tau_values)
+    return (
+        (points + 1 if "grid" in methods else 0)
+        + (points if "grid_calibrated" in methods else 0)
+        + (len(ds.tau_values) + 1 if "concrete_tau" in methods else 0)
+        + (len(ds.tau_values) + 1 if "concrete_tau_stop" in methods else 0)
+        + (1 if "concrete" in methods or "concrete_refit" in methods else 0)
+        + (1 if "concrete_refit" in methods else 0)
+    )
 
 
 def _summarise(records: dict, methods, published: dict[str, list[float]] | None = None) -> dict:
@@ -1305,15 +1324,9 @@ def main(argv: list[str] | None = None) -> dict:
         epochs = epochs_for(ds, args.epochs)
         eval_every = args.eval_every or max(1, epochs // 40)
         splits = min(args.splits, ds.n_splits - args.first_split)
-        per_split = (
-            (len(ds.dropout_rates) * len(ds.tau_values) + 1 if "grid" in methods else 0)
-            + (len(ds.dropout_rates) * len(ds.tau_values) if "grid_calibrated" in methods else 0)
-            + (len(ds.tau_values) + 1 if "concrete_tau" in methods else 0)
-            + (len(ds.tau_values) + 1 if "concrete_tau_stop" in methods else 0)
-            + (1 if "concrete" in methods or "concrete_refit" in methods else 0)
-            + (1 if "concrete_refit" in methods else 0)
+        bar = common.progress(
+            total=splits * runs_per_split(ds, methods), desc=f"{ds.name} runs", disable=args.no_progress
         )
-        bar = common.progress(total=splits * per_split, desc=f"{ds.name} runs", disable=args.no_progress)
 
         def partial(result: dict, name: str = ds.name) -> None:
             # Incremental JSON (summary and details), so an interrupted long run keeps its finished splits;

@@ -48,18 +48,18 @@ def _sites(model: nn.Module) -> list[tuple[nn.Module, nn.Linear]]:
     return [(model.fc1.concrete_dropout, model.fc1), (model.fc2.concrete_dropout, model.fc2)]
 
 
-def _data_term(model: nn.Module, fold: Fold, passes: int, noise_variance: float | None) -> float:
+def _data_term(model: nn.Module, fold: Fold, passes: int) -> float:
     """Training squared error under dropout (MC mean over ``passes``), in standardised units.
 
-    With ``noise_variance`` (the heteroscedastic model) the model returns ``(mean, log_var)``; only the mean
-    is used, so both variants are measured in the same units.
+    The learned-noise model returns ``(mean, log_var)``; only the mean is used, so both variants are measured
+    in the same units.
     """
     model.train()
     total = 0.0
     with torch.no_grad():
         for _ in range(passes):
             out = model(fold.x_fit)
-            mean = out[0] if noise_variance is not None else out
+            mean = out[0] if isinstance(out, tuple) else out
             total += float(F.mse_loss(mean, fold.y_fit))
     return total / passes
 
@@ -108,7 +108,7 @@ def terms_at_rates(model: nn.Module, fold: Fold, rates: list[float], passes: int
             for site, _ in _sites(model):
                 site.p_logit.fill_(math.log(p) - math.log1p(-p))
         common.seed_all(0)
-        data = _data_term(model, fold, passes, None)
+        data = _data_term(model, fold, passes)
         terms = objective_terms(model)
         rows.append(dict(p=p, data=data, weight=terms["weight"], entropy=terms["entropy"]))
         rows[-1]["total"] = data + terms["weight"] + terms["entropy"]
@@ -131,7 +131,7 @@ def _trajectory(model, fold, loss_fn, epochs, log_every, seed, passes, validate,
             dict(
                 epoch=epoch,
                 rates=[float(torch.sigmoid(s.p_logit.detach())) for s, _ in _sites(model)],
-                data=_data_term(model, fold, passes, variance),
+                data=_data_term(model, fold, passes),
                 noise_variance=variance,
                 val_ll=validate(),
                 **terms,

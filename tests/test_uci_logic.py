@@ -522,3 +522,9 @@ def test_protocol_epochs_are_100_times_the_data_sets_n_epochs():
     for bad in ("0", "many"):
         with pytest.raises(SystemExit):
             parser.parse_args(["--epochs", bad])
+
+
+def test_a_data_dir_without_uci_folders_is_refused(tmp_path):
+    (tmp_path / "uci").mkdir()
+    with pytest.raises(SystemExit, match="no UCI data set folders under .*; pass --datasets"):
+        uci.main(["--data-dir", str(tmp_path), "--no-progress"])

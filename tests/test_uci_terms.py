@@ -52,3 +52,9 @@ def test_terms_at_rates_restores_the_learned_rates():
     assert all(r["total"] == pytest.approx(r["data"] + r["weight"] + r["entropy"]) for r in rows)
     assert rows[0]["entropy"] > rows[1]["entropy"]  # more entropy (a more negative term) at p = 0.5
     assert list(cd_convert.dropout_rates(model).values()) == pytest.approx([0.3, 0.3], rel=1e-6)
+
+
+def test_the_script_refuses_to_run_without_the_uci_files(monkeypatch):
+    monkeypatch.delenv("CD_CONVERT_DATA", raising=False)
+    with pytest.raises(SystemExit, match="needs the UCI files"):
+        uci_terms.main([])

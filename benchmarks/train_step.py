@@ -9,7 +9,9 @@ ops per site, the regulariser's bookkeeping), not arithmetic. Everything is meas
    ``zero_grad``, backward, ``step``. Variants: the network with ``nn.Dropout(0.1)`` in front of each Linear
    (the baseline), the network converted with ``cd_convert.convert(model, targets=[nn.Linear],
    dataset_size=500)`` trained on ``loss + cd_convert.regularization(model)``, and the converted network
-   trained on the loss alone (the difference of the last two is the regulariser's share).
+   trained on the loss alone (the difference of the last two is the regulariser's share). ``--compile`` adds
+   both networks with the loss computation under ``torch.compile``. The aten ops one eager step dispatches
+   are counted for both networks (each costs about the same fixed dispatch work here, so time follows count).
    Goal: <= 1.3x the ``nn.Dropout`` epoch.
 2. **One site, forward + backward** (``y = site(x); y.backward(g)``, ``x`` requiring grad) at a tiny shape
    (32, 50) and a large one (64, 16384) fp32: ``ConcreteDropout(0.1)`` against ``nn.Dropout(0.1)``.
@@ -18,8 +20,9 @@ ops per site, the regulariser's bookkeeping), not arithmetic. Everything is meas
    sites (50 ``Linear(16, 16)`` layers, targeted), in ms per call and per site; and the number of aten ops one
    call dispatches (forward and backward), counted with a ``TorchDispatchMode``.
 
-Run: ``python -m benchmarks.train_step [--device cpu] [--threads 1] [--repeats 30] [--json PATH]``.
+Run: ``python -m benchmarks.train_step [--device cpu] [--threads 1] [--repeats 30] [--compile] [--json PATH]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,8 +82,10 @@ def print_table(title: str, rows: Dict[str, Dict[str, float]], text: Dict[str, s
     print(f"| variant | median ms | [q1, q3] ms | x {text[base]} | paired |")
     print("|---|---|---|---|---|")
     for name, row in rows.items():
-        print(f"| {text[name]} | {row['median_ms']:.3f} | [{row['q1_ms']:.3f}, {row['q3_ms']:.3f}] "
-              f"| {row['ratio']:.2f}x | {row['paired_ratio']:.2f}x |")
+        print(
+            f"| {text[name]} | {row['median_ms']:.3f} | [{row['q1_ms']:.3f}, {row['q3_ms']:.3f}] "
+            f"| {row['ratio']:.2f}x | {row['paired_ratio']:.2f}x |"
+        )
 
 
 # --------------------------------------------------------------------------------------------------- 1. epoch
@@ -102,35 +107,61 @@ def uci_network(device: torch.device, variant: str, seed: int = 0) -> nn.Module:
     if variant == "dropout":
         model: nn.Module = nn.Sequential(nn.Dropout(DATASET_P), first, nn.ReLU(), nn.Dropout(DATASET_P), second)
     else:
-        model = cd_convert.convert(nn.Sequential(first, nn.ReLU(), second), targets=[nn.Linear],
-                                   dataset_size=ROWS, init_p=DATASET_P)
+        model = cd_convert.convert(
+            nn.Sequential(first, nn.ReLU(), second), targets=[nn.Linear], dataset_size=ROWS, init_p=DATASET_P
+        )
     return model.to(device).train()
 
 
-def epoch_fn(model: nn.Module, x: Tensor, y: Tensor, regularise: bool) -> Callable[[], None]:
+def step_fn(model: nn.Module, regularise: bool, compiled: bool = False) -> Callable[[Tensor, Tensor], None]:
+    """One training step of ``model`` on a batch: loss, ``zero_grad``, backward, Adam ``step``.
+
+    Args:
+        model: the network.
+        regularise: add ``cd_convert.regularization(model)`` to the loss.
+        compiled: run the loss (forward pass, loss and regulariser) under ``torch.compile``, as a user who
+            compiles the step would; backward then runs the compiled backward graph, the optimizer stays eager.
+
+    Returns:
+        A function of ``(x_batch, y_batch)``.
+    """
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def loss_of(xb: Tensor, yb: Tensor) -> Tensor:
+        loss = F.mse_loss(model(xb), yb)
+        return loss + cd_convert.regularization(model) if regularise else loss
+
+    compute = torch.compile(loss_of) if compiled else loss_of
+
+    def step(xb: Tensor, yb: Tensor) -> None:
+        loss = compute(xb, yb)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def epoch_fn(model: nn.Module, x: Tensor, y: Tensor, regularise: bool, compiled: bool = False) -> Callable[[], None]:
     """One epoch (a fresh permutation, ``ceil(rows / BATCH)`` Adam steps) of ``model`` on ``(x, y)``.
 
     Args:
         model: the network.
         x, y: the whole training set.
         regularise: add ``cd_convert.regularization(model)`` to the loss.
+        compiled: compile the loss computation (see :func:`step_fn`).
 
     Returns:
         A no-argument function running one epoch.
     """
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    step = step_fn(model, regularise, compiled)
     generator = torch.Generator().manual_seed(0)
 
     def fn() -> None:
         order = torch.randperm(x.shape[0], generator=generator).to(x.device)
         for start in range(0, x.shape[0], BATCH):
-            idx = order[start:start + BATCH]
-            loss = F.mse_loss(model(x[idx]), y[idx])
-            if regularise:
-                loss = loss + cd_convert.regularization(model)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            idx = order[start : start + BATCH]
+            step(x[idx], y[idx])
 
     return fn
 
@@ -139,20 +170,57 @@ EPOCH_TEXT = {
     "dropout": "nn.Dropout network",
     "concrete": "converted + regulariser",
     "concrete_noreg": "converted, no regulariser",
+    "dropout_compiled": "nn.Dropout network, compiled loss",
+    "concrete_compiled": "converted + regulariser, compiled loss",
 }
 
 
-def epoch_section(device: torch.device, repeats: int) -> Dict[str, Dict[str, float]]:
-    """Time one UCI epoch of each variant, interleaved."""
+def epoch_data(device: torch.device) -> Tuple[Tensor, Tensor]:
+    """The synthetic training set of section 1: ``ROWS x FEATURES`` inputs, a noisy linear target."""
     torch.manual_seed(0)
     x = torch.randn(ROWS, FEATURES, device=device)
-    y = x.sum(dim=1, keepdim=True) + 0.1 * torch.randn(ROWS, 1, device=device)
+    return x, x.sum(dim=1, keepdim=True) + 0.1 * torch.randn(ROWS, 1, device=device)
+
+
+def epoch_section(device: torch.device, repeats: int, compiled: bool = False) -> Dict[str, Dict[str, float]]:
+    """Time one UCI epoch of each variant, interleaved (with ``compiled``, also both networks compiled)."""
+    x, y = epoch_data(device)
     fns = {
         "dropout": epoch_fn(uci_network(device, "dropout"), x, y, regularise=False),
         "concrete": epoch_fn(uci_network(device, "concrete"), x, y, regularise=True),
         "concrete_noreg": epoch_fn(uci_network(device, "concrete_noreg"), x, y, regularise=False),
     }
-    return summarize(interleaved_times(fns, repeats, inner=3, warmup=3, device=device), "dropout")
+    if compiled:
+        fns["dropout_compiled"] = epoch_fn(uci_network(device, "dropout"), x, y, regularise=False, compiled=True)
+        fns["concrete_compiled"] = epoch_fn(uci_network(device, "concrete"), x, y, regularise=True, compiled=True)
+    # More warm-up epochs with compiled variants: the first calls compile (and may recompile once).
+    warmup = 5 if compiled else 3
+    return summarize(interleaved_times(fns, repeats, inner=3, warmup=warmup, device=device), "dropout")
+
+
+def step_op_counts(device: torch.device) -> Dict[str, Dict[str, int]]:
+    """Aten ops one eager training step dispatches, for the ``nn.Dropout`` network and the converted one.
+
+    On a network this small each op costs a few microseconds of fixed dispatch work whatever its size, so the
+    op count says where the converted step's extra time goes.
+
+    Args:
+        device: where the networks live.
+
+    Returns:
+        ``{"dropout": {op: count}, "concrete": {op: count}}`` for one steady-state step (after warm-up steps).
+    """
+    x, y = epoch_data(device)
+    xb, yb = x[:BATCH], y[:BATCH]
+    out: Dict[str, Dict[str, int]] = {}
+    for variant, regularise in (("dropout", False), ("concrete", True)):
+        step = step_fn(uci_network(device, variant), regularise)
+        for _ in range(3):
+            step(xb, yb)
+        with AtenCounter() as counter:
+            step(xb, yb)
+        out[variant] = dict(counter.counts)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- 2. site
@@ -236,8 +304,12 @@ def count_ops(model: nn.Module) -> Dict[str, Any]:
         reg = cd_convert.regularization(model)
     with AtenCounter() as bwd:
         reg.backward()
-    return {"forward": sum(fwd.counts.values()), "backward": sum(bwd.counts.values()),
-            "forward_ops": dict(fwd.counts), "backward_ops": dict(bwd.counts)}
+    return {
+        "forward": sum(fwd.counts.values()),
+        "backward": sum(bwd.counts.values()),
+        "forward_ops": dict(fwd.counts),
+        "backward_ops": dict(bwd.counts),
+    }
 
 
 def regularizer_section(device: torch.device, repeats: int) -> Dict[str, Any]:
@@ -258,8 +330,10 @@ def print_regularizer(res: Dict[str, Any]) -> None:
     print("| model | median ms | ms per site | aten ops forward | backward | forward per site |")
     print("|---|---|---|---|---|---|")
     for name, row in res.items():
-        print(f"| {name} | {row['median_ms']:.3f} | {row['per_site_ms']:.4f} | {row['forward']} | "
-              f"{row['backward']} | {row['forward'] / row['sites']:.1f} |")
+        print(
+            f"| {name} | {row['median_ms']:.3f} | {row['per_site_ms']:.4f} | {row['forward']} | "
+            f"{row['backward']} | {row['forward'] / row['sites']:.1f} |"
+        )
     for name, row in res.items():
         ops = ", ".join(f"{k} {v}" for k, v in sorted(row["forward_ops"].items(), key=lambda kv: -kv[1]))
         print(f"\n{name}, forward ops: {ops}")
@@ -273,6 +347,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--repeats", type=int, default=30, help="samples per variant (default 30)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time both networks' epochs with the loss under torch.compile (slow to start)",
+    )
     parser.add_argument("--json", default=None, help="write every number to this JSON file")
     return parser.parse_args(argv)
 
@@ -284,17 +363,42 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
         return None
     torch.set_num_threads(args.threads)
     load = common.load_average()
-    print(f"cd_convert train-step benchmark: device {device}, torch {torch.__version__}, {args.threads} threads, "
-          f"repeats {args.repeats}, load average {load}")
-    results: Dict[str, Any] = {"device": str(device), "threads": args.threads, "torch": torch.__version__,
-                               "repeats": args.repeats, "load_average": load}
+    print(
+        f"cd_convert train-step benchmark: device {device}, torch {torch.__version__}, {args.threads} threads, "
+        f"repeats {args.repeats}, load average {load}"
+    )
+    results: Dict[str, Any] = {
+        "device": str(device),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "repeats": args.repeats,
+        "load_average": load,
+    }
 
-    results["epoch"] = epoch_section(device, args.repeats)
-    print_table(f"### 1. UCI network epoch ({ROWS} x {FEATURES}, batch {BATCH}, Adam; goal <= {TARGET_EPOCH}x)",
-                results["epoch"], EPOCH_TEXT, "dropout")
+    results["epoch"] = epoch_section(device, args.repeats, args.compile)
+    print_table(
+        f"### 1. UCI network epoch ({ROWS} x {FEATURES}, batch {BATCH}, Adam; goal <= {TARGET_EPOCH}x)",
+        results["epoch"],
+        EPOCH_TEXT,
+        "dropout",
+    )
     share = results["epoch"]["concrete"]["median_ms"] - results["epoch"]["concrete_noreg"]["median_ms"]
-    print(f"\nregulariser's share of the converted epoch: {share:.3f} ms "
-          f"({share / results['epoch']['concrete']['median_ms']:.0%})")
+    print(
+        f"\nregulariser's share of the converted epoch: {share:.3f} ms "
+        f"({share / results['epoch']['concrete']['median_ms']:.0%})"
+    )
+    if args.compile:
+        epoch = results["epoch"]
+        print(
+            "compiled, converted / compiled nn.Dropout network: "
+            f"{epoch['concrete_compiled']['median_ms'] / epoch['dropout_compiled']['median_ms']:.2f}x"
+        )
+    results["step_ops"] = step_op_counts(device)
+    totals = {v: sum(c.values()) for v, c in results["step_ops"].items()}
+    print(
+        f"\naten ops per eager training step: nn.Dropout network {totals['dropout']}, converted "
+        f"{totals['concrete']} ({totals['concrete'] / totals['dropout']:.2f}x)"
+    )
 
     results["site"] = {}
     for shape in ((32, 50), (64, 16384)):

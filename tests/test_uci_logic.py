@@ -294,9 +294,10 @@ def test_train_keep_best_stops_early_and_keeps_the_best_state():
         torch.testing.assert_close(v, snapshots[1][k], rtol=0, atol=0)
 
 
-def test_refit_trains_on_the_whole_split_for_the_chosen_epochs_and_moves_the_noise(monkeypatch):
+def test_refit_trains_on_the_whole_split_for_the_chosen_epochs_and_tests_with_the_first_runs_noise(monkeypatch):
     """The refit's fitting set is the whole training split (not its first 80%), it runs the given number of
-    epochs, and its log-variance at test is the trained one plus the offset."""
+    epochs, and it is tested with the first run's precision; the diagnostic scores the same samples with the
+    refit's learned log-variance plus the offset (the earlier rule)."""
     ds = _tiny_dataset()
     train_idx, test_idx = ds.split(0)
     calls: dict = {}
@@ -315,19 +316,29 @@ def test_refit_trains_on_the_whole_split_for_the_chosen_epochs_and_moves_the_noi
     monkeypatch.setattr(uci, "_train", spy_train)
     monkeypatch.setattr(uci, "_hetero_samples", spy_samples)
     out = uci.refit_concrete(
-        ds, train_idx, test_idx, hidden=8, epochs=3, samples=4, seed=0, noise_offset=-0.75, first_tau=2.0
+        ds, train_idx, test_idx, hidden=8, epochs=3, samples=4, seed=0, first_tau=2.0, noise_offset=-0.75
     )
     assert (calls["rows"], calls["epochs"], calls["test_rows"]) == (32, 3, 8)
-    assert calls["test_log_var"] == pytest.approx(calls["trained_log_var"] - 0.75, abs=1e-6)
     y_std = float(np.std(ds.y[train_idx]))
-    assert out["tau"] == pytest.approx(1 / (math.exp(calls["test_log_var"]) * y_std**2), rel=1e-5)
-    # The diagnostic: the same samples scored with the first run's precision, by the hand formula.
+    # Precision 2.0 in original units is the log-variance log(1 / (2 y_std^2)) in the refit's standardised units.
+    assert calls["test_log_var"] == pytest.approx(math.log(1 / (2.0 * y_std**2)), abs=1e-6)
+    assert out["tau"] == pytest.approx(2.0, rel=1e-5)
     y = torch.as_tensor(ds.y[test_idx], dtype=torch.float64)
-    per_point = (
-        torch.logsumexp(-0.5 * 2.0 * (y - calls["mu"]) ** 2, 0) - math.log(4) + 0.5 * math.log(2.0 / (2 * math.pi))
+
+    def hand_ll(precision: float) -> float:  # MC mixture of Gaussians, written out
+        per_point = (
+            torch.logsumexp(-0.5 * precision * (y - calls["mu"]) ** 2, 0)
+            - math.log(4)
+            + 0.5 * math.log(precision / (2 * math.pi))
+        )
+        return float(per_point.mean())
+
+    assert out["ll"] == pytest.approx(hand_ll(2.0), rel=1e-6)
+    offset_precision = 1 / (math.exp(calls["trained_log_var"] - 0.75) * y_std**2)
+    assert out["ll_offset_noise"] == pytest.approx(hand_ll(offset_precision), rel=1e-6)
+    assert "ll_offset_noise" not in uci.refit_concrete(
+        ds, train_idx, test_idx, hidden=8, epochs=1, samples=4, seed=0, first_tau=2.0
     )
-    assert out["ll_first_noise"] == pytest.approx(float(per_point.mean()), rel=1e-9)
-    assert out["ll"] == pytest.approx(uci.common.mc_gaussian_ll(calls["mu"], y, calls["sigma2"]).mean().item())
 
 
 def test_concrete_refit_reuses_the_first_run_and_refits_its_best_epoch(monkeypatch):
@@ -339,19 +350,21 @@ def test_concrete_refit_reuses_the_first_run_and_refits_its_best_epoch(monkeypat
     runs, refits = [], []
     monkeypatch.setattr(uci, "run_concrete", lambda *a, **k: runs.append(a) or dict(first))
     monkeypatch.setattr(
-        uci, "refit_concrete", lambda *a: refits.append(a) or dict(rmse=0.5, ll=-1.0, rates=[0.1, 0.1], tau=4.0)
+        uci,
+        "refit_concrete",
+        lambda *a, **k: refits.append((a, k)) or dict(rmse=0.5, ll=-1.0, rates=[0.1, 0.1], tau=4.0),
     )
     r = uci.run_dataset(ds, 1, 10, 2, 0, 1, 2, methods=("concrete", "concrete_refit"), patience=3)
     assert len(runs) == 1 and runs[0][-1] == 3  # one first run, with the patience passed on
-    (_, _, _, _, epochs, _, _, offset, _, first_tau) = refits[0]
-    assert (epochs, offset, first_tau) == (7, 0.25, 3.0)
+    (_, _, _, _, epochs, _, _), kwargs = refits[0]
+    assert (epochs, kwargs["noise_offset"], kwargs["first_tau"]) == (7, 0.25, 3.0)
     c, rf = r["records"]["concrete"][0], r["records"]["concrete_refit"][0]
     assert (c["ll"], c["train_runs"], rf["ll"], rf["train_runs"], rf["refit_epochs"]) == (-2.0, 1, -1.0, 2, 7)
     assert rf["first_run"]["best_epoch"] == 7
     # A run whose checks were all NaN (diverged) kept no state (best epoch 0): the refit trains the epochs it ran.
     first.update(best_epoch=0, val_ll=-math.inf)
     uci.run_dataset(ds, 1, 10, 2, 0, 1, 2, methods=("concrete_refit",), patience=3)
-    assert refits[-1][4] == 9
+    assert refits[-1][0][4] == 9
 
 
 def test_concrete_tau_stop_picks_tau_by_its_best_check_and_refits_for_that_many_epochs(monkeypatch):

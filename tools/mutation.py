@@ -499,11 +499,11 @@ MUTATIONS: Tuple[Mutation, ...] = (
         _UCI,
     ),
     Mutation(
-        "uci-refit-noise-offset-ignored",
-        "concrete_refit tests with its trained noise level, without the first run's calibration offset",
+        "uci-refit-first-noise-ignored",
+        "concrete_refit tests with its own learned noise level instead of the first run's calibrated one",
         "benchmarks/uci.py",
-        "model.log_var.add_(noise_offset)",
-        "model.log_var.add_(0.0)",
+        "model.log_var.fill_(math.log(1.0 / (first_tau * fold.y_std**2)))",
+        "model.log_var.fill_(learned)",
         _UCI,
     ),
     Mutation(

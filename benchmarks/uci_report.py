@@ -33,6 +33,8 @@ METHOD_STYLE = {
     "concrete_tau_stop": ("P", "tab:gray"),
     "concrete": ("X", "tab:red"),
     "concrete_refit": ("D", "tab:orange"),
+    "concrete_freeze": ("^", "tab:purple"),
+    "concrete_heldout": ("v", "tab:green"),
 }
 
 

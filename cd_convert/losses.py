@@ -14,6 +14,11 @@ Which loss goes with which Concrete Dropout regulariser preset (N = training set
 * :func:`heteroscedastic_gaussian` is the authors' form, 2 x NLL minus a constant: preset
   ``"heteroscedastic"`` (``wr = l^2 / N``, ``dr = 2 / N``), i.e. the same regulariser scaled
   by the same factor 2, so the optimum is unchanged.
+
+:func:`gaussian_mixture_nll` is a different kind of loss: the negative log of the MC predictive
+density (the uniform mixture of T sampled Gaussians), the quantity the MC test log-likelihood
+scores. It takes ``(T, N, *)`` samples and is meant for held-out data (learning the dropout
+rates and the noise level on a validation set); it is not paired with a regulariser preset.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["heteroscedastic_gaussian", "gaussian_nll", "LOG_2PI"]
+__all__ = ["heteroscedastic_gaussian", "gaussian_nll", "gaussian_mixture_nll", "LOG_2PI"]
 
 #: ``log(2 * pi)``, the constant by which ``heteroscedastic_gaussian`` and
 #: ``2 * gaussian_nll`` differ per output dim.
@@ -43,13 +48,18 @@ def _check(mean: Tensor, log_variance: Tensor, target: Tensor, reduction: str) -
         raise ValueError(
             f"target must have the same shape as mean {tuple(mean.shape)}; got shape {tuple(target.shape)}"
         )
+    _check_log_variance("log_variance", log_variance, "mean", mean)
+
+
+def _check_log_variance(name: str, log_variance: Tensor, mean_name: str, mean: Tensor) -> None:
+    """Raise ValueError unless ``log_variance`` has ``mean``'s shape or broadcasts to it without enlarging it."""
     try:
         ok = torch.broadcast_shapes(log_variance.shape, mean.shape) == mean.shape
     except RuntimeError:
         ok = False
     if not ok:
         raise ValueError(
-            f"log_variance must have the shape of mean {tuple(mean.shape)} or broadcast to it "
+            f"{name} must have the shape of {mean_name} {tuple(mean.shape)} or broadcast to it "
             f"without enlarging it; got shape {tuple(log_variance.shape)}"
         )
 
@@ -118,3 +128,52 @@ def gaussian_nll(
     _check(mean, log_variance, target, reduction)
     per_element = 0.5 * (torch.exp(-log_variance) * (target - mean).pow(2) + log_variance + LOG_2PI)
     return _reduce(per_element, reduction)
+
+
+def gaussian_mixture_nll(
+    mean_samples: Tensor,
+    log_variance_samples: Tensor,
+    target: Tensor,
+    reduction: str = "mean",
+) -> Tensor:
+    """Negative log-density of the MC predictive: the uniform mixture of T sampled Gaussians.
+
+    Per example ``-log((1/T) sum_t N(y; mu_t, exp(s_t)))``, with each sample's density the product over the
+    output dims, computed with ``logsumexp`` so far-off targets do not underflow. Its mean is minus the MC test
+    log-likelihood (:func:`cd_convert.metrics.gaussian_test_log_likelihood`), here differentiable: with the
+    samples drawn in training mode (relaxed masks) its gradient reaches the dropout rates.
+
+    Unlike :func:`gaussian_nll` of one sample, which charges every sample's error in full and so always prefers
+    less dropout noise, the mixture rewards samples that spread to cover the target: it is the objective of a
+    validation check, for learning the rates and the noise level on held-out data.
+
+    Args:
+        mean_samples: ``(T, N)`` or ``(T, N, D)`` sampled means (T >= 1 passes of the same N examples).
+        log_variance_samples: the sampled log variances, shape of ``mean_samples`` or broadcastable to it (e.g.
+            a learned scalar).
+        target: ``(N,)`` or ``(N, D)``: ``mean_samples.shape[1:]``.
+        reduction: ``"mean"`` (over examples), ``"sum"`` or ``"none"`` (per example, ``(N,)``).
+
+    Returns:
+        Scalar loss in nats, or an ``(N,)`` tensor for ``reduction="none"``.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}; got {reduction!r}")
+    if mean_samples.ndim < 2 or mean_samples.shape[0] == 0 or mean_samples.shape[1] == 0:
+        raise ValueError(
+            "mean_samples must have shape (T, N) or (T, N, D) with T >= 1 and N >= 1 (one slice per MC sample); "
+            f"got shape {tuple(mean_samples.shape)}"
+        )
+    if target.shape != mean_samples.shape[1:]:
+        raise ValueError(
+            f"target must have shape {tuple(mean_samples.shape[1:])} (mean_samples.shape[1:]); "
+            f"got shape {tuple(target.shape)}"
+        )
+    _check_log_variance("log_variance_samples", log_variance_samples, "mean_samples", mean_samples)
+    log_density = -0.5 * (
+        torch.exp(-log_variance_samples) * (target - mean_samples).pow(2) + log_variance_samples + LOG_2PI
+    )
+    t = mean_samples.shape[0]
+    per_sample = log_density.reshape(t, mean_samples.shape[1], -1).sum(dim=2)  # (T, N): product over output dims
+    per_example = math.log(t) - torch.logsumexp(per_sample, dim=0)
+    return _reduce(per_example, reduction)

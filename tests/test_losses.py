@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cd_convert.losses import gaussian_nll, heteroscedastic_gaussian
+from cd_convert.losses import gaussian_mixture_nll, gaussian_nll, heteroscedastic_gaussian
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -95,3 +95,84 @@ def test_gradients_flow():
 def test_value_errors(loss, mean, s, target, reduction, match):
     with pytest.raises(ValueError, match=match):
         loss(mean, s, target, reduction=reduction)
+
+
+# ------------------------------------------------------------------------------ gaussian_mixture_nll
+
+
+def test_mixture_hand_values():
+    target = torch.tensor([1.0])
+    # Both samples one unit away, unit variance: the mixture is each component's density, 0.5 + 0.5 log 2pi.
+    mean = torch.tensor([[0.0], [2.0]])
+    assert gaussian_mixture_nll(mean, torch.zeros(()), target).item() == pytest.approx(0.5 + 0.5 * LOG_2PI)
+    # One sample on the target, one 9 units off (density e^-40.5, negligible): -log(0.5 / sqrt(2 pi)).
+    mean = torch.tensor([[1.0], [10.0]], dtype=torch.float64)
+    assert gaussian_mixture_nll(mean, torch.zeros((), dtype=torch.float64), target.double()).item() == pytest.approx(
+        math.log(2.0) + 0.5 * LOG_2PI, rel=1e-12
+    )
+    # The target 30 units from both (no underflow): both components equal, so 0.5 * 900 + 0.5 log 2pi.
+    mean = torch.tensor([[31.0], [-29.0]])
+    assert gaussian_mixture_nll(mean, torch.zeros(()), target).item() == pytest.approx(450.0 + 0.5 * LOG_2PI)
+
+
+def test_mixture_of_one_sample_is_gaussian_nll():
+    g = torch.Generator().manual_seed(3)
+    mean, target, s = (torch.randn(5, 2, generator=g, dtype=torch.float64) for _ in range(3))
+    for reduction in ("mean", "sum", "none"):
+        assert torch.allclose(
+            gaussian_mixture_nll(mean[None], s[None], target, reduction=reduction),
+            gaussian_nll(mean, s, target, reduction=reduction),
+            rtol=1e-12,
+        )
+
+
+def test_mixture_matches_a_mixture_distribution():
+    g = torch.Generator().manual_seed(4)
+    t, n, d = 6, 5, 3
+    mean = torch.randn(t, n, d, generator=g, dtype=torch.float64)
+    s = torch.randn(t, n, d, generator=g, dtype=torch.float64) * 0.3
+    target = torch.randn(n, d, generator=g, dtype=torch.float64)
+    components = torch.distributions.Independent(
+        torch.distributions.Normal(mean.transpose(0, 1), torch.exp(0.5 * s).transpose(0, 1)), 1
+    )
+    mixture = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(torch.ones(n, t, dtype=torch.float64)), components
+    )
+    expected = -mixture.log_prob(target)
+    assert torch.allclose(gaussian_mixture_nll(mean, s, target, reduction="none"), expected, rtol=1e-12)
+    assert torch.allclose(gaussian_mixture_nll(mean, s, target), expected.mean(), rtol=1e-12)
+
+
+def test_mixture_gradients_match_finite_differences():
+    g = torch.Generator().manual_seed(5)
+    mean = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    s = torch.randn((), generator=g, dtype=torch.float64).requires_grad_()
+    target = torch.randn(3, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda m, v: gaussian_mixture_nll(m, v, target), (mean, s))
+
+
+def test_mixture_prefers_spread_that_covers_the_target():
+    # Why it is the held-out objective: with noise sd 0.1, one sample on the target and one 5 sd off beat two
+    # samples that agree 2.5 sd off (mixture 0.5 * (phi(0) + phi(5)) > phi(2.5)), whereas the single-sample NLL
+    # averaged over the samples (the training loss's view: each sample charged in full) prefers the agreement.
+    target, s = torch.tensor([0.0]), torch.tensor(math.log(0.01))
+    spread = torch.tensor([[0.0], [0.5]])
+    agreed = torch.tensor([[0.25], [0.25]])
+    assert gaussian_mixture_nll(spread, s, target) < gaussian_mixture_nll(agreed, s, target)
+    each = lambda m: gaussian_nll(m.reshape(2), s, target.expand(2))  # noqa: E731
+    assert each(spread) > each(agreed)
+
+
+@pytest.mark.parametrize(
+    "mean, s, target, reduction, match",
+    [
+        (torch.zeros(4), torch.zeros(()), torch.zeros(4), "mean", r"\(T, N\).*got shape \(4,\)"),
+        (torch.zeros(0, 4), torch.zeros(()), torch.zeros(4), "mean", r"T >= 1.*got shape \(0, 4\)"),
+        (torch.zeros(2, 4), torch.zeros(()), torch.zeros(4, 1), "mean", r"shape \(4,\).*got shape \(4, 1\)"),
+        (torch.zeros(2, 4), torch.zeros(3, 4), torch.zeros(4), "mean", r"broadcast.*got shape \(3, 4\)"),
+        (torch.zeros(2, 4), torch.zeros(()), torch.zeros(4), "avg", r"reduction must be one of"),
+    ],
+)
+def test_mixture_value_errors(mean, s, target, reduction, match):
+    with pytest.raises(ValueError, match=match):
+        gaussian_mixture_nll(mean, s, target, reduction=reduction)

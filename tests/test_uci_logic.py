@@ -233,11 +233,9 @@ def test_train_keep_best_restores_the_best_epochs_weights(eval_every, scores, be
     assert not torch.equal(snapshots[-1]["fc.weight"], want["fc.weight"])
 
 
-def test_run_concrete_tests_the_best_validation_state(monkeypatch):
-    """With fake validation scores peaking at epoch 2 of 4, the test evaluation sees epoch 2's weights."""
-    ds = _tiny_dataset()
-    train_idx, test_idx = ds.split(0)
-    fake_val = [-3.0, -1.0, -2.0, -2.5]
+def _spy_on_evaluations(monkeypatch, fake_val: list[float]) -> list[dict[str, torch.Tensor]]:
+    """Make ``uci._hetero_eval`` record the model's state at each call and report ``fake_val[i]`` as the LL of
+    the i-th call (the real LL after those). Returns the list the states are appended to."""
     seen: list[dict[str, torch.Tensor]] = []
     real_eval = uci._hetero_eval
 
@@ -247,6 +245,14 @@ def test_run_concrete_tests_the_best_validation_state(monkeypatch):
         return (rmse, fake_val[len(seen) - 1]) if len(seen) <= len(fake_val) else (rmse, ll)
 
     monkeypatch.setattr(uci, "_hetero_eval", spy)
+    return seen
+
+
+def test_run_concrete_tests_the_best_validation_state(monkeypatch):
+    """With fake validation scores peaking at epoch 2 of 4, the test evaluation sees epoch 2's weights."""
+    ds = _tiny_dataset()
+    train_idx, test_idx = ds.split(0)
+    seen = _spy_on_evaluations(monkeypatch, [-3.0, -1.0, -2.0, -2.5])
     out = uci.run_concrete(
         ds, train_idx, test_idx, hidden=8, epochs=4, samples=4, seed=0, eval_every=1, val_samples=2, calibrate=False
     )
@@ -481,6 +487,11 @@ def test_forward_pass_count_of_a_tiny_run(monkeypatch):
         "concrete_refit": (3 * 3 + r["records"]["concrete"][0]["best_epoch"] * 4, 2 * 2 + 2 + 3 + 3),
         # 3 taus x 3 x 3 + refit at the chosen run's best epoch x 4; MC: 3 taus x 2 checks x 2 + test 3.
         "concrete_tau_stop": (3 * 3 * 3 + r["records"]["concrete_tau_stop"][0]["best_epoch"] * 4, 3 * 2 * 2 + 3),
+        # concrete's batches, plus a rate step per epoch on the held-out set (7 rows: one batch) counted as
+        # HELDOUT_SAMPLES passes; MC as concrete.
+        "concrete_heldout": (3 * 3 + 3 * uci.HELDOUT_SAMPLES, 2 * 2 + 2 + 3),
+        # concrete's run (the freeze changes which parameters train, not the batches or checks).
+        "concrete_freeze": (3 * 3, 2 * 2 + 2 + 3),
     }
     for m, (train, mc) in want.items():
         rec = r["records"][m][0]
@@ -541,3 +552,120 @@ def test_a_data_dir_without_uci_folders_is_refused(tmp_path):
     (tmp_path / "uci").mkdir()
     with pytest.raises(SystemExit, match="no UCI data set folders under .*; pass --datasets"):
         uci.main(["--data-dir", str(tmp_path), "--no-progress"])
+
+
+# ------------------------------------------------------------------------------------------ concrete_heldout
+
+
+def _heldout_run(ds: UCIDataset, loss_fn=None, epochs: int = 1) -> dict[str, torch.Tensor]:
+    """Parameters of a ``concrete_heldout`` network after ``epochs`` epochs of :func:`uci._train_heldout`."""
+    train_idx, _ = ds.split(0)
+    fit_idx, val_idx = uci.validation_split(train_idx)
+    fold = uci.Fold.make(ds, fit_idx, val_idx)
+    torch.manual_seed(0)
+    model = uci._concrete_noise_net(fold, ds.n_hidden)
+    uci._train_heldout(model, fold, epochs, 3, loss_fn or uci._concrete_loss(fold.x_fit.shape[0], 0.0), 4)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_heldout_training_splits_the_parameters_between_the_two_sets():
+    ds = _tiny_dataset()
+    base = _heldout_run(ds)
+    rates = [n for n in base if uci._is_rate_parameter(n)]
+    assert len(rates) == 3 and "log_var" in rates, rates  # the two sites' p-logits and the noise level
+    weights = [n for n in base if n not in rates]
+
+    # The held-out targets moved: after one epoch (weight steps first) the weights are the same; the rates are
+    # not after three (Adam's first step is +-lr whatever the gradient's size, so one step may coincide).
+    moved = _tiny_dataset()
+    train_idx, _ = moved.split(0)
+    _, val_idx = uci.validation_split(train_idx)
+    moved.y[val_idx] += 5.0
+    other = _heldout_run(moved)
+    assert all(torch.equal(base[n], other[n]) for n in weights)
+    base3, other3 = _heldout_run(ds, epochs=3), _heldout_run(moved, epochs=3)
+    assert all(not torch.equal(base3[n], other3[n]) for n in rates)
+
+    # A term of the fitting loss that only the rates feel is not applied to them (nor to the weights).
+    def with_rate_term(m, xb, yb):
+        extra = sum(p.sum() for n, p in m.named_parameters() if uci._is_rate_parameter(n))
+        return uci._concrete_loss(xb.shape[0], 0.0)(m, xb, yb) + 100.0 * extra
+
+    pushed = _heldout_run(ds, with_rate_term)
+    assert all(torch.equal(base[n], pushed[n]) for n in base)
+
+
+def test_heldout_loss_is_the_mixture_nll_of_repeated_rows():
+    # A network whose mean ignores the masks (zero input weights would not; a constant output does): the loss
+    # is then the Gaussian NLL of the constant prediction, whatever the number of samples.
+    class Constant(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.log_var = nn.Parameter(torch.tensor(math.log(4.0)))
+
+        def forward(self, x):
+            return torch.full((x.shape[0],), 1.0), self.log_var.expand(x.shape[0])
+
+    x, y = torch.zeros(3, 2), torch.tensor([1.0, 3.0, -1.0])
+    # Squared errors 0, 4, 4 with variance 4: mean of 0.5 * (e2 / 4 + log 4 + log 2 pi).
+    expected = 0.5 * ((0 + 1 + 1) / 3 + math.log(4.0) + math.log(2 * math.pi))
+    for samples in (1, 5):
+        assert uci._heldout_loss(Constant(), x, y, samples).item() == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------------------------------ concrete_freeze
+
+
+def test_first_decline_restores_the_best_state_once_and_restarts_the_patience():
+    """Checks every 2 of 20 epochs, scores 0.1, 0.5 (epoch 4), 0.4 (epoch 6: the first decline), then lower:
+    the callback runs once, at epoch 6, on epoch 4's weights; with patience 4 the run ends at epoch 10 (4 after
+    the decline), not at epoch 8 (4 after the best)."""
+    torch.manual_seed(0)
+    model = _Line()
+    x = torch.randn(16, 2)
+    fold = uci.Fold(x, x @ torch.tensor([1.0, -2.0]) + 0.5, x, torch.zeros(16, dtype=torch.float64), 0.0, 1.0)
+    scores = [0.1, 0.5, 0.4, 0.3, 0.2, 0.9]
+    snapshots: list[dict[str, torch.Tensor]] = []
+    calls: list[dict[str, torch.Tensor]] = []
+
+    def validate() -> float:
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return scores[len(snapshots) - 1]
+
+    def declined() -> None:
+        calls.append({k: v.clone() for k, v in model.state_dict().items()})
+
+    def train(on_epoch):
+        uci._train(model, fold, 20, 0, lambda m, xb, yb: F.mse_loss(m(xb), yb), on_epoch)
+
+    best = uci.train_keep_best(model, train, validate, epochs=20, eval_every=2, patience=4, on_first_decline=declined)
+    assert len(calls) == 1 and best.declined_at == 6
+    for k, v in calls[0].items():
+        torch.testing.assert_close(v, snapshots[1][k], rtol=0, atol=0)  # epoch 4's state, not epoch 6's
+    assert not torch.equal(snapshots[2]["fc.weight"], snapshots[1]["fc.weight"])
+    assert (best.score, best.epoch, best.last_epoch, len(snapshots)) == (0.5, 4, 10, 5)
+    # Training went on from epoch 4's weights: the check at epoch 8 is two epochs of training from them.
+    assert not torch.equal(snapshots[3]["fc.weight"], snapshots[2]["fc.weight"])
+
+
+def test_concrete_freeze_fixes_the_rates_at_the_best_check_and_trains_the_weights_on(monkeypatch):
+    """Fake validation scores peak at epoch 2 of 6 and first decline at epoch 3: from then on the p-logits keep
+    epoch 2's values while the weights and the noise level move; plain ``concrete`` keeps moving its rates."""
+    ds = _tiny_dataset()
+    train_idx, test_idx = ds.split(0)
+    fake_val = [-3.0, -1.0, -2.0, -1.5, -1.2, -1.1]
+    seen = _spy_on_evaluations(monkeypatch, fake_val)
+    kw = dict(hidden=8, epochs=6, samples=4, seed=0, eval_every=1, val_samples=2, calibrate=False)
+    out = uci.run_concrete(ds, train_idx, test_idx, freeze_rates=True, **kw)
+    logits = [k for k in seen[0] if k.endswith("p_logit")]
+    assert len(logits) == 2 and out["frozen_at"] == 3 and out["best_epoch"] == 2
+    for k in logits:  # checks at epochs 4, 5, 6 (after the freeze) hold epoch 2's rates
+        for check in (3, 4, 5):
+            torch.testing.assert_close(seen[check][k], seen[1][k], rtol=0, atol=0)
+    assert not torch.equal(seen[5]["fc1.weight"], seen[3]["fc1.weight"])
+    assert not torch.equal(seen[5]["log_var"], seen[3]["log_var"])
+
+    seen.clear()
+    plain = uci.run_concrete(ds, train_idx, test_idx, **kw)
+    assert "frozen_at" not in plain
+    assert not torch.equal(seen[5][logits[0]], seen[1][logits[0]])

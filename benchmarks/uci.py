@@ -74,12 +74,12 @@ Three methods per train/test split (Gal & Ghahramani 2016 protocol, rerun in Gal
     ``concrete``'s run (same network, fitting set, checks, checkpoint rule, early stop and calibration), with
     the parameters split between the two sets (:func:`run_concrete`'s ``heldout_samples``;
     :func:`_train_heldout`): each epoch the weights take their steps on the fitting set (heteroscedastic loss
-    plus the regulariser), then the p-logits and the
-    log-variance take theirs on the held-out set, minimising minus the MC predictive log-density of
-    ``HELDOUT_SAMPLES`` relaxed passes (:func:`cd_convert.losses.gaussian_mixture_nll`). The training
-    objective drives the rates down as the network fits its data (``benchmarks.uci_terms``); the held-out
-    mixture is the quantity the grid selects its rate by, and it is differentiable in the rates because the
-    masks are relaxed. One training run; a rate step costs ``HELDOUT_SAMPLES`` passes over its batch.
+    plus the regulariser), then the p-logits and the log-variance take theirs on the held-out set, minimising
+    minus the MC predictive log-density of ``HELDOUT_SAMPLES`` relaxed passes
+    (:func:`cd_convert.losses.gaussian_mixture_nll`). The training objective drives the rates down as the
+    network fits its data (``benchmarks.uci_terms``); the held-out mixture is the quantity the grid selects its
+    rate by, and it is differentiable in the rates because the masks are relaxed. One training run; a rate step
+    costs ``HELDOUT_SAMPLES`` passes over its batch.
 
 ``concrete_tau_stop`` (opt-in; variant (a) with the epoch count chosen on validation)
     ``concrete_tau``'s objective and tau grid, with each tau's validation run under the checkpoint rule
@@ -700,7 +700,7 @@ def run_concrete(
 
     def fix_rates() -> None:
         for name, param in model.named_parameters():
-            if name.endswith("p_logit"):
+            if _is_p_logit(name):
                 param.requires_grad_(False)  # no gradient from here on, so Adam leaves it where it is
 
     def train(on_epoch: Callable[[int], bool]) -> None:
@@ -742,10 +742,15 @@ HELDOUT_SAMPLES = 16
 HELDOUT_LR = 1e-3
 
 
+def _is_p_logit(name: str) -> bool:
+    """Whether a parameter name is a concrete-dropout site's p-logit."""
+    return name.endswith("p_logit")
+
+
 def _is_rate_parameter(name: str) -> bool:
     """Whether a parameter of the converted ``NoiseNet`` is learned on held-out data by ``concrete_heldout``:
     the sites' p-logits and the noise level."""
-    return name.endswith("p_logit") or name == "log_var"
+    return _is_p_logit(name) or name == "log_var"
 
 
 def _heldout_loss(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, samples: int) -> torch.Tensor:
@@ -775,7 +780,6 @@ def _train_heldout(model: nn.Module, fold: Fold, epochs: int, seed: int, loss_fn
     n, n_heldout = fold.x_fit.shape[0], fold.x_eval.shape[0]
     for epoch in range(epochs):
         for idx in common.batches(n, BATCH_SIZE, g):
-            weights_opt.zero_grad(set_to_none=True)
             loss = loss_fn(model, fold.x_fit[idx], fold.y_fit[idx])
             # Only the weights' gradients: the rates' share of this loss (the regulariser's) is not used.
             for p, grad in zip(weight_params, torch.autograd.grad(loss, weight_params)):

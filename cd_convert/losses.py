@@ -37,10 +37,14 @@ LOG_2PI = math.log(2 * math.pi)
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def _check(mean: Tensor, log_variance: Tensor, target: Tensor, reduction: str) -> None:
-    """Validate shapes and the reduction; raise ValueError naming expected vs given."""
+def _check_reduction(reduction: str) -> None:
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}; got {reduction!r}")
+
+
+def _check(mean: Tensor, log_variance: Tensor, target: Tensor, reduction: str) -> None:
+    """Validate shapes and the reduction; raise ValueError naming expected vs given."""
+    _check_reduction(reduction)
     if mean.ndim == 0 or mean.shape[0] == 0:
         raise ValueError(f"mean must have shape (N,) or (N, D) with N >= 1; got shape {tuple(mean.shape)}")
     # target is not broadcast: (N, 1) against (N,) would silently give an (N, N) loss.
@@ -62,6 +66,11 @@ def _check_log_variance(name: str, log_variance: Tensor, mean_name: str, mean: T
             f"{name} must have the shape of {mean_name} {tuple(mean.shape)} or broadcast to it "
             f"without enlarging it; got shape {tuple(log_variance.shape)}"
         )
+
+
+def _nll_elements(mean: Tensor, log_variance: Tensor, target: Tensor) -> Tensor:
+    """``-log N(y; mu, exp(s))`` element-wise (broadcast)."""
+    return 0.5 * (torch.exp(-log_variance) * (target - mean).pow(2) + log_variance + LOG_2PI)
 
 
 def _reduce(per_element: Tensor, reduction: str) -> Tensor:
@@ -126,8 +135,7 @@ def gaussian_nll(
         Scalar loss in nats, or an ``(N,)`` tensor for ``reduction="none"``.
     """
     _check(mean, log_variance, target, reduction)
-    per_element = 0.5 * (torch.exp(-log_variance) * (target - mean).pow(2) + log_variance + LOG_2PI)
-    return _reduce(per_element, reduction)
+    return _reduce(_nll_elements(mean, log_variance, target), reduction)
 
 
 def gaussian_mixture_nll(
@@ -157,8 +165,7 @@ def gaussian_mixture_nll(
     Returns:
         Scalar loss in nats, or an ``(N,)`` tensor for ``reduction="none"``.
     """
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}; got {reduction!r}")
+    _check_reduction(reduction)
     if mean_samples.ndim < 2 or mean_samples.shape[0] == 0 or mean_samples.shape[1] == 0:
         raise ValueError(
             "mean_samples must have shape (T, N) or (T, N, D) with T >= 1 and N >= 1 (one slice per MC sample); "
@@ -170,10 +177,8 @@ def gaussian_mixture_nll(
             f"got shape {tuple(target.shape)}"
         )
     _check_log_variance("log_variance_samples", log_variance_samples, "mean_samples", mean_samples)
-    log_density = -0.5 * (
-        torch.exp(-log_variance_samples) * (target - mean_samples).pow(2) + log_variance_samples + LOG_2PI
-    )
     t = mean_samples.shape[0]
+    log_density = -_nll_elements(mean_samples, log_variance_samples, target)
     per_sample = log_density.reshape(t, mean_samples.shape[1], -1).sum(dim=2)  # (T, N): product over output dims
     per_example = math.log(t) - torch.logsumexp(per_sample, dim=0)
     return _reduce(per_example, reduction)

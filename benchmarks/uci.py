@@ -70,6 +70,12 @@ Three methods per train/test split (Gal & Ghahramani 2016 protocol, rerun in Gal
     validation LL falls with them; a network whose rate is held fixed, as each grid point's is, can go on
     improving. One training run.
 
+``concrete_freeze_refit`` (opt-in; ``concrete_freeze`` with the grid's refit: two training runs per split)
+    ``concrete_freeze``'s run, then a refit on the whole training split as ``concrete_refit``'s, for the first
+    run's best epoch and tested with its calibrated noise level, with one difference: the refit's sites hold the
+    first run's rates for the whole run (``fixed_rates`` of :func:`refit_concrete`), as the grid's refit holds
+    the chosen p. Learning the rates again would let them fall for as long as the refit trains.
+
 ``concrete_heldout`` (opt-in; variant (b) with the rates and the noise level learned on the held-out 20%)
     ``concrete``'s run (same network, fitting set, checks, checkpoint rule, early stop and calibration), with
     the parameters split between the two sets (:func:`run_concrete`'s ``heldout_samples``;
@@ -162,6 +168,7 @@ ALL_METHODS = (
     "concrete_refit",
     "concrete_heldout",
     "concrete_freeze",
+    "concrete_freeze_refit",
 )
 
 #: Published MC-dropout grid-search results (rmse, rmse_se, ll, ll_se): the reference doc's table, and for the
@@ -660,6 +667,7 @@ def run_concrete(
     patience: int = 0,
     freeze_rates: bool = False,
     heldout_samples: int = 0,
+    test: bool = True,
 ) -> dict:
     """Variant (b): one run, learned p and noise, best validation-LL state kept.
 
@@ -680,12 +688,14 @@ def run_concrete(
             counts from that check or a later best one).
         heldout_samples: ``concrete_heldout`` when > 0: the rates and the noise level train on the held-out
             20% with the mixture NLL of this many relaxed passes (:func:`_train_heldout`), the weights on the 80%.
+        test: score the kept state on the test set (off when only a refit of this run is tested: its MC passes
+            would be counted in the refit's cost for nothing).
 
     Returns:
-        Record fields: ``rmse``, ``ll`` (test), ``rates``, ``tau`` (used at test, original units),
-        ``val_ll`` and ``best_epoch`` (the kept check), ``epochs_run`` and ``noise_offset`` (calibrated minus
-        trained log-variance, 0 without calibration); with ``freeze_rates`` also ``frozen_at`` (the epoch of the
-        check that fixed the rates, 0 if none did).
+        Record fields: ``rmse``, ``ll`` (test; absent without ``test``), ``rates``, ``tau`` (used at test,
+        original units), ``val_ll`` and ``best_epoch`` (the kept check), ``epochs_run`` and ``noise_offset``
+        (calibrated minus trained log-variance, 0 without calibration); with ``freeze_rates`` also ``frozen_at``
+        (the epoch of the check that fixed the rates, 0 if none did).
     """
     fit_idx, val_idx = validation_split(train_idx)
     fold = Fold.make(ds, fit_idx, val_idx)
@@ -720,10 +730,10 @@ def run_concrete(
     )
     trained = float(model.log_var.detach())
     offset = calibrate_noise(model, fold, val_samples, seed + 9) - trained if calibrate else 0.0
-    rmse, ll = _hetero_eval(model, x_test, y_test, fold.y_mean, fold.y_std, samples, seed + 1)
-    record = dict(
-        rmse=rmse,
-        ll=ll,
+    record = {}
+    if test:
+        record["rmse"], record["ll"] = _hetero_eval(model, x_test, y_test, fold.y_mean, fold.y_std, samples, seed + 1)
+    record.update(
         rates=_site_rates(model),
         tau=_tau_of(model, fold.y_std),
         val_ll=best.score,
@@ -740,6 +750,18 @@ def run_concrete(
 HELDOUT_SAMPLES = 16
 #: Adam's learning rate for ``concrete_heldout``'s rates and noise level.
 HELDOUT_LR = 1e-3
+
+#: The one-run variants of ``concrete``: method -> :func:`run_concrete`'s keyword arguments.
+ONE_RUN_VARIANTS = {
+    "concrete": {},
+    "concrete_freeze": dict(freeze_rates=True),
+    "concrete_heldout": dict(heldout_samples=HELDOUT_SAMPLES),
+}
+#: The two-run methods: method -> (the one-run variant it refits, whether the refit keeps that run's rates fixed).
+REFITS = {
+    "concrete_refit": ("concrete", False),
+    "concrete_freeze_refit": ("concrete_freeze", True),
+}
 
 
 def _is_p_logit(name: str) -> bool:
@@ -796,6 +818,22 @@ def _train_heldout(model: nn.Module, fold: Fold, epochs: int, seed: int, loss_fn
             return
 
 
+def _hold_rates(model: nn.Module, rates: Sequence[float]) -> None:
+    """Set the sites of a converted ``model`` to ``rates`` (conversion order) and stop their p-logits training.
+
+    Raises:
+        ValueError: when the number of rates is not the number of sites.
+    """
+    names = list(cd_convert.dropout_rates(model))
+    if len(names) != len(rates):
+        raise ValueError(f"{len(rates)} rates given for the {len(names)} sites {names}")
+    for name, rate in zip(names, rates):
+        logit = model.get_submodule(name).p_logit
+        with torch.no_grad():
+            logit.fill_(math.log(rate / (1.0 - rate)))
+        logit.requires_grad_(False)
+
+
 def refit_concrete(
     ds: UCIDataset,
     train_idx: np.ndarray,
@@ -807,6 +845,7 @@ def refit_concrete(
     first_tau: float,
     noise_offset: float | None = None,
     noise_prior: float = 0.0,
+    fixed_rates: Sequence[float] | None = None,
 ) -> dict:
     """``concrete_refit``'s second run: the same network on the whole training split, as the grid refits.
 
@@ -830,6 +869,9 @@ def refit_concrete(
             the test LL of the same MC samples with the refit's learned log-variance moved by that offset
             instead (the earlier noise rule, kept as a diagnostic; not part of the method).
         noise_prior: as in :func:`run_concrete`.
+        fixed_rates: ``concrete_freeze_refit``: the first run's rates, one per site in conversion order; the
+            refit's sites hold them for the whole run (no gradient), as a grid point's refit holds its p. None:
+            the rates train (``concrete_refit``).
 
     Returns:
         Record fields: ``rmse``, ``ll``, ``rates``, ``tau`` (used at test, original units)[, ``ll_offset_noise``].
@@ -837,6 +879,8 @@ def refit_concrete(
     fold = Fold.make(ds, train_idx, test_idx)
     common.seed_all(seed)
     model = _concrete_noise_net(fold, hidden)
+    if fixed_rates is not None:
+        _hold_rates(model, fixed_rates)
     _train(model, fold, epochs, seed, _concrete_loss(fold.x_fit.shape[0], noise_prior))
     learned = float(model.log_var.detach())
     with torch.no_grad():  # the first run's precision in the refit's standardised units
@@ -1055,6 +1099,7 @@ def run_dataset(
         fit_idx, val_idx = validation_split(train_idx)
         val_fold = Fold.make(ds, fit_idx, val_idx)
         full_fold = Fold.make(ds, train_idx, test_idx)
+        first_runs: dict[str, dict] = {}  # the one-run variants' records on this split, for the log
 
         if "grid" in methods:
             t0, passes0 = time.perf_counter(), copy.copy(PASSES)
@@ -1163,59 +1208,56 @@ def run_dataset(
                 **variant,
             )
 
-        if "concrete" in methods or "concrete_refit" in methods:
+        # The one-run variants of concrete, each followed by its refit when that is asked for (the two share
+        # the first run, and the refit's cost counts it).
+        for base, variant in ONE_RUN_VARIANTS.items():
+            refits = [m for m, (of, _) in REFITS.items() if of == base and m in methods]
+            if base not in methods and not refits:
+                continue
             t0, passes0 = time.perf_counter(), copy.copy(PASSES)
-            first = concrete_run()
+            first = concrete_run(**variant, test=base in methods)
+            first_runs[base] = first
             bar is not None and bar.update(1)
-            one_run = dict(split=k, **first, train_runs=1, **_cost_since(t0, passes0))
-            if "concrete" in methods:
-                records["concrete"].append(one_run)
-            if "concrete_refit" in methods:
+            if base in methods:
+                records[base].append(dict(split=k, **first, train_runs=1, **_cost_since(t0, passes0)))
+            for method in refits:
+                # No finite validation score (a diverged run) leaves best_epoch 0: refit the epochs it ran.
+                refit_epochs = first["best_epoch"] or first["epochs_run"]
                 second = refit_concrete(
                     ds,
                     train_idx,
                     test_idx,
                     hidden,
-                    # No finite validation score (a diverged run) leaves best_epoch 0: refit the epochs it ran.
-                    first["best_epoch"] or first["epochs_run"],
+                    refit_epochs,
                     samples,
                     common.run_seed(seed, k, 7),
                     first_tau=first["tau"],
                     noise_offset=first["noise_offset"],
                     noise_prior=noise_prior,
+                    fixed_rates=first["rates"] if REFITS[method][1] else None,
                 )
                 bar is not None and bar.update(1)
-                # The first run's test evaluation is not part of this method's procedure: its passes are
-                # counted (a user of the refit would skip it), so the cost shown is an upper bound.
-                records["concrete_refit"].append(
+                # With the one-run method also asked for, the first run's test evaluation is counted here too
+                # (a user of the refit would skip it), so the cost shown is an upper bound; asked for alone, the
+                # refit's first run is not tested.
+                records[method].append(
                     dict(
                         split=k,
                         **second,
-                        refit_epochs=first["best_epoch"] or first["epochs_run"],
+                        refit_epochs=refit_epochs,
                         first_run=first,
                         train_runs=2,
                         **_cost_since(t0, passes0),
                     )
                 )
-        # The one-run variants of concrete.
-        for method, variant in (
-            ("concrete_freeze", dict(freeze_rates=True)),
-            ("concrete_heldout", dict(heldout_samples=HELDOUT_SAMPLES)),
-        ):
-            if method not in methods:
-                continue
-            t0, passes0 = time.perf_counter(), copy.copy(PASSES)
-            rec = concrete_run(**variant)
-            bar is not None and bar.update(1)
-            records[method].append(dict(split=k, **rec, train_runs=1, **_cost_since(t0, passes0)))
         if log is not None:
             parts = [
                 f"{m}: rmse {records[m][-1]['rmse']:.3f} ll {records[m][-1]['ll']:.3f} tau {records[m][-1]['tau']:.3g}"
                 for m in methods
             ]
-            if "concrete" in methods or "concrete_refit" in methods:
+            for base, first in first_runs.items():
                 rates = [round(r, 3) for r in first["rates"]]
-                parts.append(f"concrete p {rates} best epoch {first['best_epoch']} of {first['epochs_run']}")
+                parts.append(f"{base} p {rates} best epoch {first['best_epoch']} of {first['epochs_run']}")
             log(f"[{ds.name}] split {k}: " + "; ".join(parts))
         result = {
             "summary": _summarise(records, methods, published),
@@ -1234,18 +1276,16 @@ def run_dataset(
 
 
 def runs_per_split(ds: UCIDataset, methods: Sequence[str]) -> int:
-    """Training runs :func:`run_dataset` makes per split for ``methods`` (``concrete`` and ``concrete_refit``
-    share their first run): the progress bar's unit."""
+    """Training runs :func:`run_dataset` makes per split for ``methods`` (a refit shares its one-run variant's
+    run, :data:`REFITS`): the progress bar's unit."""
     points = len(ds.dropout_rates) * len(ds.tau_values)
     return (
         (points + 1 if "grid" in methods else 0)
         + (points if "grid_calibrated" in methods else 0)
         + (len(ds.tau_values) + 1 if "concrete_tau" in methods else 0)
         + (len(ds.tau_values) + 1 if "concrete_tau_stop" in methods else 0)
-        + (1 if "concrete" in methods or "concrete_refit" in methods else 0)
-        + (1 if "concrete_refit" in methods else 0)
-        + (1 if "concrete_heldout" in methods else 0)
-        + (1 if "concrete_freeze" in methods else 0)
+        + len({base for base in ONE_RUN_VARIANTS if base in methods} | {REFITS[m][0] for m in methods if m in REFITS})
+        + sum(1 for m in methods if m in REFITS)
     )
 
 

@@ -34,8 +34,18 @@ METHOD_STYLE = {
     "concrete": ("X", "tab:red"),
     "concrete_refit": ("D", "tab:orange"),
     "concrete_freeze": ("^", "tab:purple"),
+    "concrete_freeze_refit": ("p", "tab:brown"),
     "concrete_heldout": ("v", "tab:green"),
 }
+#: The marker and colour of a method missing from :data:`METHOD_STYLE` (it is still reported, after the others).
+OTHER_STYLE = ("x", "tab:olive")
+
+
+def method_order(methods) -> list[str]:
+    """``methods`` in :data:`METHOD_STYLE`'s order, any it does not know after them in name order (a method added
+    to ``benchmarks.uci`` and not here is reported, not dropped)."""
+    present = set(methods)
+    return [m for m in METHOD_STYLE if m in present] + sorted(present - set(METHOD_STYLE))
 
 
 def reaches_grid(versus: dict) -> tuple[bool, bool]:
@@ -107,7 +117,7 @@ def whole_table(merged: dict) -> str:
     ]
     rows = []
     for name, result in merged.items():
-        methods = [m for m in METHOD_STYLE if m in result["records"]]
+        methods = method_order(result["records"])
         # The published row over the splits of the method that ran the most (each row's differences are
         # paired over that method's own splits).
         compared = [result["summary"][m]["vs_published"] for m in methods if "vs_published" in result["summary"][m]]
@@ -154,7 +164,8 @@ def plot(merged: dict, path: str) -> None:
     names = [n for n, r in merged.items() if any("vs_published" in s for s in r["summary"].values())]
     fig, axes = common.new_figure(1, 2, figsize=(max(7.0, 1.6 * len(names) + 3), 4.2), squeeze=False)
     x = np.arange(len(names))
-    offsets = np.linspace(-0.25, 0.25, len(METHOD_STYLE))
+    methods = method_order(m for r in merged.values() for m in r["summary"])
+    offsets = np.linspace(-0.25, 0.25, max(len(methods), 2))
     for ax, key, label in (
         (axes[0][0], "ll", "test LL - published grid (nats; symlog beyond 0.1)"),
         (axes[0][1], "rmse", "RMSE - published grid (relative)"),
@@ -163,7 +174,8 @@ def plot(merged: dict, path: str) -> None:
             v0 = next(s["vs_published"] for s in merged[name]["summary"].values() if "vs_published" in s)
             se = v0[f"{key}_published_se"] / (abs(v0["rmse_published"]) if key == "rmse" else 1.0)
             ax.bar(i, 2 * se, bottom=-se, width=0.7, color="0.85", zorder=1)
-        for (method, (marker, color)), dx in zip(METHOD_STYLE.items(), offsets):
+        for method, dx in zip(methods, offsets):
+            marker, color = METHOD_STYLE.get(method, OTHER_STYLE)
             xs, ys, es = [], [], []
             for i, name in enumerate(names):
                 v = merged[name]["summary"].get(method, {}).get("vs_published")

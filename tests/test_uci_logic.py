@@ -347,21 +347,30 @@ def test_refit_trains_on_the_whole_split_for_the_chosen_epochs_and_tests_with_th
     )
 
 
-def test_concrete_refit_reuses_the_first_run_and_refits_its_best_epoch(monkeypatch):
-    """``concrete`` and ``concrete_refit`` share one first run; the refit gets its best epoch and offset."""
-    ds = _tiny_dataset()
-    first = dict(
-        rmse=1.0, ll=-2.0, rates=[0.1, 0.2], tau=3.0, val_ll=-1.5, best_epoch=7, epochs_run=9, noise_offset=0.25
-    )
+def _fake_first_and_refit_runs(monkeypatch, rates: list[float]) -> tuple[dict, list, list]:
+    """Replace ``run_concrete`` and ``refit_concrete`` by fakes that record their calls.
+
+    Returns:
+        ``(first, runs, refits)``: the first run's record (best epoch 7 of 9, offset 0.25, ``rates``; change it to
+        change what later calls return), the first runs' ``(args, kwargs)`` and the refits' ``(args, kwargs)``.
+    """
+    first = dict(rmse=1.0, ll=-2.0, rates=rates, tau=3.0, val_ll=-1.5, best_epoch=7, epochs_run=9, noise_offset=0.25)
     runs, refits = [], []
-    monkeypatch.setattr(uci, "run_concrete", lambda *a, **k: runs.append(a) or dict(first))
+    monkeypatch.setattr(uci, "run_concrete", lambda *a, **k: runs.append((a, k)) or dict(first))
     monkeypatch.setattr(
         uci,
         "refit_concrete",
         lambda *a, **k: refits.append((a, k)) or dict(rmse=0.5, ll=-1.0, rates=[0.1, 0.1], tau=4.0),
     )
+    return first, runs, refits
+
+
+def test_concrete_refit_reuses_the_first_run_and_refits_its_best_epoch(monkeypatch):
+    """``concrete`` and ``concrete_refit`` share one first run; the refit gets its best epoch and offset."""
+    ds = _tiny_dataset()
+    first, runs, refits = _fake_first_and_refit_runs(monkeypatch, [0.1, 0.2])
     r = uci.run_dataset(ds, 1, 10, 2, 0, 1, 2, methods=("concrete", "concrete_refit"), patience=3)
-    assert len(runs) == 1 and runs[0][-1] == 3  # one first run, with the patience passed on
+    assert len(runs) == 1 and runs[0][0][-1] == 3  # one first run, with the patience passed on
     (_, _, _, _, epochs, _, _), kwargs = refits[0]
     assert (epochs, kwargs["noise_offset"], kwargs["first_tau"]) == (7, 0.25, 3.0)
     c, rf = r["records"]["concrete"][0], r["records"]["concrete_refit"][0]
@@ -492,6 +501,11 @@ def test_forward_pass_count_of_a_tiny_run(monkeypatch):
         "concrete_heldout": (3 * 3 + 3 * uci.HELDOUT_SAMPLES, 2 * 2 + 2 + 3),
         # concrete's run (the freeze changes which parameters train, not the batches or checks).
         "concrete_freeze": (3 * 3, 2 * 2 + 2 + 3),
+        # concrete_freeze's run, then its refit: best epoch x 4 batches; MC: concrete_freeze's + test 3.
+        "concrete_freeze_refit": (
+            3 * 3 + r["records"]["concrete_freeze"][0]["best_epoch"] * 4,
+            2 * 2 + 2 + 3 + 3,
+        ),
     }
     for m, (train, mc) in want.items():
         rec = r["records"][m][0]
@@ -669,3 +683,63 @@ def test_concrete_freeze_fixes_the_rates_at_the_best_check_and_trains_the_weight
     plain = uci.run_concrete(ds, train_idx, test_idx, **kw)
     assert "frozen_at" not in plain
     assert not torch.equal(seen[5][logits[0]], seen[1][logits[0]])
+
+
+def test_refit_with_fixed_rates_holds_them_while_the_weights_train():
+    """``concrete_freeze_refit``'s refit: the sites hold the given rates through training (they would fall or
+    rise otherwise), the weights and the noise level move; a wrong number of rates is refused."""
+    ds = _tiny_dataset()
+    train_idx, test_idx = ds.split(0)
+    kw = dict(hidden=8, epochs=5, samples=4, seed=0, first_tau=2.0)
+    held = uci.refit_concrete(ds, train_idx, test_idx, fixed_rates=[0.03, 0.25], **kw)
+    assert held["rates"] == pytest.approx([0.03, 0.25], rel=1e-5)
+    # Five epochs are enough to move rates that train: the held ones stayed put because they were held.
+    model = uci._concrete_noise_net(uci.Fold.make(ds, train_idx, test_idx), 8)
+    free = uci.refit_concrete(ds, train_idx, test_idx, **kw)
+    assert free["rates"] != pytest.approx(list(cd_convert.dropout_rates(model).values()), rel=1e-4)
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    uci._hold_rates(model, [0.03, 0.25])
+    fold = uci.Fold.make(ds, train_idx, test_idx)
+    uci._train(model, fold, 3, 0, uci._concrete_loss(32, 0.0))
+    assert list(cd_convert.dropout_rates(model).values()) == pytest.approx([0.03, 0.25], rel=1e-5)
+    assert not torch.equal(model.state_dict()["fc1.weight"], before["fc1.weight"])
+    assert not torch.equal(model.state_dict()["log_var"], before["log_var"])
+    with pytest.raises(ValueError, match="1 rates given for the 2 sites"):
+        uci._hold_rates(model, [0.1])
+
+
+@pytest.mark.parametrize(
+    "methods, runs, refit_rates",
+    [
+        (("concrete_freeze_refit",), [dict(freeze_rates=True, test=False)], [0.03, 0.07]),
+        (("concrete_freeze", "concrete_freeze_refit"), [dict(freeze_rates=True, test=True)], [0.03, 0.07]),
+        (("concrete_refit",), [dict(test=False)], None),
+        (("concrete", "concrete_freeze_refit"), [dict(test=True), dict(freeze_rates=True, test=False)], [0.03, 0.07]),
+    ],
+)
+def test_each_refit_reuses_its_own_first_run(monkeypatch, methods, runs, refit_rates):
+    """A refit shares its one-run variant's run (one run, not two), refits that run's best epoch, and only
+    ``concrete_freeze_refit`` passes that run's rates to be held; the first run is tested only when its own
+    method is asked for."""
+    ds = _tiny_dataset()
+    _, seen_runs, refits = _fake_first_and_refit_runs(monkeypatch, [0.03, 0.07])
+    r = uci.run_dataset(ds, 1, 10, 2, 0, 1, 2, methods=methods)
+    assert [kwargs for _, kwargs in seen_runs] == runs
+    assert len(refits) == 1 and refits[0][0][4] == 7 and refits[0][1]["fixed_rates"] == refit_rates
+    assert uci.runs_per_split(ds, methods) == len(runs) + 1
+    refit_method = next(m for m in methods if m in uci.REFITS)
+    assert r["records"][refit_method][0]["train_runs"] == 2
+    assert set(r["records"]) == set(methods)
+
+
+def test_a_refit_asked_for_alone_does_not_test_its_first_run(monkeypatch):
+    """Without its one-run method, a refit's first run skips the test evaluation: the cost has the refit's test
+    passes only (hand count for batch 10 as in the test above: 3 x 3 + best epoch x 4 batches; MC 2 checks x 2
+    + calibration 2 + the refit's test 3)."""
+    monkeypatch.setattr(uci, "BATCH_SIZE", 10)
+    ds = _tiny_dataset()
+    r = uci.run_dataset(ds, 1, 3, 3, 0, 2, 2, methods=("concrete_freeze_refit",))
+    rec = r["records"]["concrete_freeze_refit"][0]
+    assert "ll" not in rec["first_run"] and "ll" in rec
+    assert (rec["train_batches"], rec["mc_passes"]) == (3 * 3 + rec["refit_epochs"] * 4, 2 * 2 + 2 + 3)

@@ -68,3 +68,15 @@ def test_whole_table_and_figure_from_pieces(tmp_path):
     assert table.rstrip().endswith("| 2.0 | 15.0x |")  # grid 30 s against concrete's 2 s on split 0
     assert (tmp_path / "fig.png").stat().st_size > 0
     assert set(json.loads((tmp_path / "s.json").read_text())["toy"]) == {"concrete", "grid"}
+
+
+def test_a_method_the_report_has_no_style_for_is_reported_after_the_known_ones(tmp_path):
+    """A method name the report does not know (a new variant of ``benchmarks.uci``) gets its row and its points
+    in the figure, after the known methods, instead of being dropped."""
+    path = _details(tmp_path, "toy", 0, concrete=(-0.5, 1.0, 2.0), zz_new_variant=(-0.75, 1.5, 3.0))
+    out = uci_report.main([path, "--plot", str(tmp_path / "fig.png")])
+    lines = uci_report.whole_table(out).splitlines()
+    names = [line.split("|")[2].strip() for line in lines if line.startswith("| toy |")]
+    assert names == ["published grid (same splits)", "concrete", "zz_new_variant"]
+    assert "| toy | zz_new_variant | 1 | 1.500 ± 0.000 | -0.750 ± 0.000 | 0.250 ± 0.000 |" in "\n".join(lines)
+    assert (tmp_path / "fig.png").stat().st_size > 0

@@ -708,11 +708,6 @@ def run_concrete(
     def validate() -> float:
         return _hetero_eval(model, fold.x_eval, fold.y_eval, fold.y_mean, fold.y_std, val_samples, seed + 7)[1]
 
-    def fix_rates() -> None:
-        for name, param in model.named_parameters():
-            if _is_p_logit(name):
-                param.requires_grad_(False)  # no gradient from here on, so Adam leaves it where it is
-
     def train(on_epoch: Callable[[int], bool]) -> None:
         if heldout_samples > 0:
             _train_heldout(model, fold, epochs, seed, loss_fn, heldout_samples, on_epoch)
@@ -726,7 +721,7 @@ def run_concrete(
         epochs,
         eval_every,
         patience,
-        fix_rates if freeze_rates else None,
+        (lambda: _stop_rates_training(model)) if freeze_rates else None,
     )
     trained = float(model.log_var.detach())
     offset = calibrate_noise(model, fold, val_samples, seed + 9) - trained if calibrate else 0.0
@@ -818,6 +813,13 @@ def _train_heldout(model: nn.Module, fold: Fold, epochs: int, seed: int, loss_fn
             return
 
 
+def _stop_rates_training(model: nn.Module) -> None:
+    """Hold every site's rate where it is: the p-logits get no gradient from here on, so Adam leaves them alone."""
+    for name, param in model.named_parameters():
+        if _is_p_logit(name):
+            param.requires_grad_(False)
+
+
 def _hold_rates(model: nn.Module, rates: Sequence[float]) -> None:
     """Set the sites of a converted ``model`` to ``rates`` (conversion order) and stop their p-logits training.
 
@@ -827,11 +829,23 @@ def _hold_rates(model: nn.Module, rates: Sequence[float]) -> None:
     names = list(cd_convert.dropout_rates(model))
     if len(names) != len(rates):
         raise ValueError(f"{len(rates)} rates given for the {len(names)} sites {names}")
-    for name, rate in zip(names, rates):
-        logit = model.get_submodule(name).p_logit
-        with torch.no_grad():
-            logit.fill_(math.log(rate / (1.0 - rate)))
-        logit.requires_grad_(False)
+    with torch.no_grad():
+        for name, rate in zip(names, rates):
+            model.get_submodule(name).p_logit.fill_(math.log(rate / (1.0 - rate)))
+    _stop_rates_training(model)
+
+
+def _first_runs(methods: Sequence[str]) -> dict[str, list[str]]:
+    """The one-run variants that ``methods`` need a run of, each with the refits of it asked for (:data:`REFITS`).
+
+    A variant runs when it is asked for itself or when one of its refits is; the refits share its run.
+    """
+    runs = {}
+    for base in ONE_RUN_VARIANTS:
+        refits = [m for m, (of, _) in REFITS.items() if of == base and m in methods]
+        if base in methods or refits:
+            runs[base] = refits
+    return runs
 
 
 def refit_concrete(
@@ -1210,12 +1224,9 @@ def run_dataset(
 
         # The one-run variants of concrete, each followed by its refit when that is asked for (the two share
         # the first run, and the refit's cost counts it).
-        for base, variant in ONE_RUN_VARIANTS.items():
-            refits = [m for m, (of, _) in REFITS.items() if of == base and m in methods]
-            if base not in methods and not refits:
-                continue
+        for base, refits in _first_runs(methods).items():
             t0, passes0 = time.perf_counter(), copy.copy(PASSES)
-            first = concrete_run(**variant, test=base in methods)
+            first = concrete_run(**ONE_RUN_VARIANTS[base], test=base in methods)
             first_runs[base] = first
             bar is not None and bar.update(1)
             if base in methods:
@@ -1284,8 +1295,7 @@ def runs_per_split(ds: UCIDataset, methods: Sequence[str]) -> int:
         + (points if "grid_calibrated" in methods else 0)
         + (len(ds.tau_values) + 1 if "concrete_tau" in methods else 0)
         + (len(ds.tau_values) + 1 if "concrete_tau_stop" in methods else 0)
-        + len({base for base in ONE_RUN_VARIANTS if base in methods} | {REFITS[m][0] for m in methods if m in REFITS})
-        + sum(1 for m in methods if m in REFITS)
+        + sum(1 + len(refits) for refits in _first_runs(methods).values())
     )
 
 

@@ -20,6 +20,10 @@ ops per site, the regulariser's bookkeeping), not arithmetic. Everything is meas
    sites (50 ``Linear(16, 16)`` layers, targeted), in ms per call and per site; and the number of aten ops one
    call dispatches (forward and backward), counted with a ``TorchDispatchMode``.
 
+On the CPU, sections 1 and 2 also time the converted variants with the host-scalar site path switched off
+(``cd_convert.host_scalars.ENABLED = False``: the tensor formula other devices use), side by side, so the
+gain of that path is measured in the same run.
+
 Run: ``python -m benchmarks.train_step [--device cpu] [--threads 1] [--repeats 30] [--compile] [--json PATH]``.
 """
 
@@ -27,11 +31,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import statistics
 import sys
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -42,6 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import cd_convert
 from benchmarks import common
 from benchmarks.overhead import interleaved_times
+from cd_convert import host_scalars
 from cd_convert.layers import ConcreteDropout
 
 TARGET_EPOCH = 1.3
@@ -86,6 +92,27 @@ def print_table(title: str, rows: Dict[str, Dict[str, float]], text: Dict[str, s
             f"| {text[name]} | {row['median_ms']:.3f} | [{row['q1_ms']:.3f}, {row['q3_ms']:.3f}] "
             f"| {row['ratio']:.2f}x | {row['paired_ratio']:.2f}x |"
         )
+
+
+@contextlib.contextmanager
+def tensor_path() -> Iterator[None]:
+    """The host-scalar site path switched off (the tensor formula non-CPU devices use) inside the block."""
+    previous = host_scalars.ENABLED
+    host_scalars.ENABLED = False
+    try:
+        yield
+    finally:
+        host_scalars.ENABLED = previous
+
+
+def on_tensor_path(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn``, run on the tensor path (:func:`tensor_path`)."""
+
+    def wrapped() -> None:
+        with tensor_path():
+            fn()
+
+    return wrapped
 
 
 # --------------------------------------------------------------------------------------------------- 1. epoch
@@ -170,6 +197,7 @@ EPOCH_TEXT = {
     "dropout": "nn.Dropout network",
     "concrete": "converted + regulariser",
     "concrete_noreg": "converted, no regulariser",
+    "concrete_tensor": "converted + regulariser, tensor path (host-scalar sites off)",
     "dropout_compiled": "nn.Dropout network, compiled loss",
     "concrete_compiled": "converted + regulariser, compiled loss",
 }
@@ -190,6 +218,8 @@ def epoch_section(device: torch.device, repeats: int, compiled: bool = False) ->
         "concrete": epoch_fn(uci_network(device, "concrete"), x, y, regularise=True),
         "concrete_noreg": epoch_fn(uci_network(device, "concrete_noreg"), x, y, regularise=False),
     }
+    if device.type == "cpu":
+        fns["concrete_tensor"] = on_tensor_path(epoch_fn(uci_network(device, "concrete"), x, y, regularise=True))
     if compiled:
         fns["dropout_compiled"] = epoch_fn(uci_network(device, "dropout"), x, y, regularise=False, compiled=True)
         fns["concrete_compiled"] = epoch_fn(uci_network(device, "concrete"), x, y, regularise=True, compiled=True)
@@ -208,18 +238,23 @@ def step_op_counts(device: torch.device) -> Dict[str, Dict[str, int]]:
         device: where the networks live.
 
     Returns:
-        ``{"dropout": {op: count}, "concrete": {op: count}}`` for one steady-state step (after warm-up steps).
+        ``{"dropout": {op: count}, "concrete": {op: count}}`` for one steady-state step (after warm-up steps);
+        on the CPU also ``"concrete_tensor"``, the converted step with the host-scalar site path off.
     """
     x, y = epoch_data(device)
     xb, yb = x[:BATCH], y[:BATCH]
     out: Dict[str, Dict[str, int]] = {}
-    for variant, regularise in (("dropout", False), ("concrete", True)):
-        step = step_fn(uci_network(device, variant), regularise)
-        for _ in range(3):
-            step(xb, yb)
-        with AtenCounter() as counter:
-            step(xb, yb)
-        out[variant] = dict(counter.counts)
+    variants = [("dropout", "dropout"), ("concrete", "concrete")]
+    if device.type == "cpu":
+        variants.append(("concrete_tensor", "concrete"))
+    for name, variant in variants:
+        step = step_fn(uci_network(device, variant), regularise=variant == "concrete")
+        with tensor_path() if name == "concrete_tensor" else contextlib.nullcontext():
+            for _ in range(3):
+                step(xb, yb)
+            with AtenCounter() as counter:
+                step(xb, yb)
+        out[name] = dict(counter.counts)
     return out
 
 
@@ -240,7 +275,11 @@ def site_fn(site: nn.Module, shape: Tuple[int, int], device: torch.device) -> Ca
     return fn
 
 
-SITE_TEXT = {"dropout": "nn.Dropout(0.1)", "concrete": "ConcreteDropout(0.1)"}
+SITE_TEXT = {
+    "dropout": "nn.Dropout(0.1)",
+    "concrete": "ConcreteDropout(0.1)",
+    "concrete_tensor": "ConcreteDropout(0.1), tensor path",
+}
 
 
 def site_section(shape: Tuple[int, int], device: torch.device, repeats: int) -> Dict[str, Dict[str, float]]:
@@ -251,6 +290,8 @@ def site_section(shape: Tuple[int, int], device: torch.device, repeats: int) -> 
         "dropout": site_fn(nn.Dropout(0.1).to(device).train(), shape, device),
         "concrete": site_fn(ConcreteDropout(0.1).to(device).train(), shape, device),
     }
+    if device.type == "cpu":
+        fns["concrete_tensor"] = on_tensor_path(site_fn(ConcreteDropout(0.1).to(device).train(), shape, device))
     return summarize(interleaved_times(fns, repeats, inner=inner, warmup=5, device=device), "dropout")
 
 
@@ -398,6 +439,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
     print(
         f"\naten ops per eager training step: nn.Dropout network {totals['dropout']}, converted "
         f"{totals['concrete']} ({totals['concrete'] / totals['dropout']:.2f}x)"
+        + (f", converted on the tensor path {totals['concrete_tensor']}" if "concrete_tensor" in totals else "")
     )
 
     results["site"] = {}

@@ -27,7 +27,6 @@ with no autograd node. On a CUDA GPU in eager mode the relaxed mask runs as fuse
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Optional, Sequence, Tuple, Union
 
@@ -35,7 +34,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import fused, noise
+from . import fused, host_scalars, noise
+from ._scalars import scalar_tensor
 from ._tracing import being_traced
 
 __all__ = [
@@ -200,18 +200,6 @@ def _relaxed_without_grad(x: Tensor, theta: Tensor, uniform: Tensor, temperature
     return _to_input_dtype(x * keep, x.dtype)
 
 
-@functools.lru_cache(maxsize=64)
-def _scalar_tensor(value: float, dtype: torch.dtype) -> Tensor:
-    """A cached 0-dim CPU tensor holding ``value`` in ``dtype``, used as an operand in place of a Python number.
-
-    A Python number is wrapped into a new tensor on every call (about 3 us on the CPU, as much as the operation
-    itself on a small mask); a CPU scalar tensor of the operand's dtype gives identical results and is also
-    accepted by operations on other devices.
-    """
-    with torch.inference_mode(False):  # usable outside inference mode even when first built inside it
-        return torch.tensor(value, dtype=dtype, device="cpu")
-
-
 def _relaxed_forward(
     x: Tensor, p_logit: Tensor, uniform: Tensor, temperature: float, bound: float, constants: bool = False
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -223,7 +211,7 @@ def _relaxed_forward(
         uniform: the noise, in the compute dtype.
         temperature: Concrete temperature.
         bound: the clamp on the logit (:func:`logit_bound`).
-        constants: pass the temperature as a cached scalar tensor (:func:`_scalar_tensor`); eager mode only,
+        constants: pass the temperature as a cached scalar tensor (:func:`scalar_tensor`); eager mode only,
             tracers get the Python number.
 
     Returns:
@@ -236,7 +224,7 @@ def _relaxed_forward(
     if theta.dtype != uniform.dtype:
         theta = theta.to(uniform.dtype)
     # w = 1 - z = sigmoid(-(theta + logit(u)) / t), computed in place on one fresh buffer.
-    factor = _scalar_tensor(-1.0 / temperature, uniform.dtype) if constants else -1.0 / temperature
+    factor = scalar_tensor(-1.0 / temperature, uniform.dtype) if constants else -1.0 / temperature
     keep = torch.logit(uniform).add_(theta).mul_(factor).sigmoid_()
     scale = torch.sigmoid(-theta).reciprocal()
     y = (x * keep).mul_(scale)
@@ -351,7 +339,7 @@ class _EagerConcreteDropoutFunction(torch.autograd.Function):
         ctx, x: Tensor, p_logit: Tensor, uniform: Tensor, temperature: float, bound: float, save_output: bool
     ) -> Tensor:
         y, keep, theta, scale = _relaxed_forward(x, p_logit, uniform, temperature, bound, constants=True)
-        ctx.temperature = _scalar_tensor(temperature, theta.dtype)
+        ctx.temperature = scalar_tensor(temperature, theta.dtype)
         ctx.x_dtype = x.dtype
         ctx.saved_output = save_output
         ctx.theta, ctx.scale = theta, scale
@@ -434,6 +422,11 @@ def concrete_dropout(
         if being_traced() or _functorch_active():
             y, _ = _ConcreteDropoutFunction.apply(x, p_logit, uniform, temperature, logit_bound(eps), save_output)
             return y
+        # CPU float32/float64 with an element-wise mask: the scalar work on Python floats, fewer ops.
+        if host_scalars.ENABLED and host_scalars.site_applies(x, p_logit, uniform):
+            return host_scalars.HostConcreteDropout.apply(
+                x, p_logit, uniform, temperature, logit_bound(eps), save_output
+            )
         return _EagerConcreteDropoutFunction.apply(x, p_logit, uniform, temperature, logit_bound(eps), save_output)
     theta = clamped_logit(p_logit, eps)
     if sampling == "hard":

@@ -1,5 +1,7 @@
 """Tests for cd_convert.layers against independent facts: finite differences, the paper's formula,
-binomial statistics of the mask, nn.Dropout's eval behaviour, numerics at extreme logits."""
+binomial statistics of the mask, nn.Dropout's eval behaviour, numerics at extreme logits. The gradient and
+formula tests run on both eager paths: the CPU's host-scalar function (:mod:`cd_convert.host_scalars`) and
+the tensor formula other devices use."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cd_convert import noise
+from cd_convert import host_scalars, noise
 from cd_convert.layers import (
     DEFAULT_EPS,
     ConcreteDropout,
@@ -44,7 +46,7 @@ def _by_hand(x, theta, u, t):
 
 @pytest.mark.parametrize("t", [0.1, 2.0 / 3.0, 1.0])
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.7])
-def test_elementwise_gradcheck(t, p):
+def test_elementwise_gradcheck(t, p, eager_path):
     torch.manual_seed(0)
     x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     theta = torch.tensor(_logit(p), dtype=torch.float64, requires_grad=True)
@@ -79,7 +81,7 @@ def test_channelwise_gradcheck(shape, channel_dim, noise):
 
 
 @pytest.mark.parametrize("channelwise", [False, True])
-def test_matches_reference_and_hand_formula_values_and_grads(channelwise):
+def test_matches_reference_and_hand_formula_values_and_grads(channelwise, eager_path):
     torch.manual_seed(2)
     t = 0.1 if not channelwise else 2 / 3
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
@@ -100,7 +102,7 @@ def test_matches_reference_and_hand_formula_values_and_grads(channelwise):
     torch.testing.assert_close(th1.grad, th2.grad, rtol=1e-8, atol=1e-10)
 
 
-def test_p_logit_gradient_matches_closed_form():
+def test_p_logit_gradient_matches_closed_form(eager_path):
     # dy/dtheta = y * (p - z/t), summed against the upstream gradient.
     x = torch.randn(50, dtype=torch.float64)
     u = _uniform((50,), seed=9)
@@ -113,6 +115,44 @@ def test_p_logit_gradient_matches_closed_form():
     z = torch.sigmoid((th + torch.log(u) - torch.log1p(-u)) / t)
     expected = (y.detach() * (p - z / t)).sum()
     torch.testing.assert_close(theta.grad, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "dtype,channelwise,enabled,expected",
+    [
+        (torch.float32, False, True, "HostConcreteDropout"),
+        (torch.float64, False, True, "HostConcreteDropout"),
+        (torch.float32, False, False, "_EagerConcreteDropoutFunction"),
+        (torch.float32, True, True, "_EagerConcreteDropoutFunction"),  # channel-wise mask: the tensor formula
+        (torch.bfloat16, False, True, "_EagerConcreteDropoutFunction"),  # 16-bit input: fp32 mask, tensor formula
+    ],
+)
+def test_cpu_calls_take_the_host_path_where_it_applies(monkeypatch, dtype, channelwise, enabled, expected):
+    monkeypatch.setattr(host_scalars, "ENABLED", enabled)
+    x = torch.randn(2, 3, 4, dtype=dtype, requires_grad=True)
+    y = concrete_dropout(x, torch.tensor(-1.0, requires_grad=True), channelwise=channelwise)
+    assert type(y.grad_fn).__name__.startswith(expected)
+
+
+def test_host_path_keeps_the_noise_private_and_second_derivatives_equal_the_tensor_path(monkeypatch):
+    # A gradient penalty: d/dx of sum((dL/dx)^2), L = sum(y^2), through the site, on both paths.
+    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    logit = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
+    u = _uniform((5, 7))
+    u_before = u.clone()
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(host_scalars, "ENABLED", enabled)
+        y = concrete_dropout(x, logit, uniform=u, temperature=0.1)
+        assert type(y.grad_fn).__name__.startswith("HostConcreteDropout" if enabled else "_Eager")
+        grad_x, grad_logit = torch.autograd.grad(y.square().sum(), (x, logit), create_graph=True)
+        results.append((grad_logit.detach(), *torch.autograd.grad(grad_x.square().sum(), (x, logit))))
+    assert torch.equal(u, u_before)  # the mask is built in place on a copy, never on the caller's noise
+    for host, tensor in zip(*results):
+        torch.testing.assert_close(host, tensor, rtol=1e-10, atol=1e-12)
+    # By hand: y = x m, dL/dx = 2 x m^2, d/dx sum((2 x m^2)^2) = 8 x m^4.
+    m = (y / x).detach()
+    torch.testing.assert_close(results[0][1], 8 * x.detach() * m**4, rtol=1e-9, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- module forms
@@ -271,7 +311,7 @@ def test_output_mean_approximately_unbiased():
         assert y.mean().item() == pytest.approx(x.mean().item(), rel=0.03)
 
 
-def test_no_in_place_change_of_input():
+def test_no_in_place_change_of_input(eager_path):
     torch.manual_seed(8)
     for m, shape in ((ConcreteDropout(0.3), (5, 6)), (ConcreteDropout2d(0.3), (2, 3, 4, 4))):
         x = torch.randn(shape)
@@ -281,7 +321,7 @@ def test_no_in_place_change_of_input():
         assert y.data_ptr() != x.data_ptr()
 
 
-def test_no_in_place_with_requires_grad_and_relu_after():
+def test_no_in_place_with_requires_grad_and_relu_after(eager_path):
     torch.manual_seed(9)
     lin = nn.Linear(6, 6)
     m = ConcreteDropout(0.3)
@@ -303,7 +343,7 @@ def test_no_in_place_with_requires_grad_and_relu_after():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.float32])
 @pytest.mark.parametrize("cls,shape", [(ConcreteDropout, (4, 8)), (ConcreteDropout2d, (2, 3, 4, 4))])
-def test_output_dtype_equals_input_dtype(dtype, cls, shape):
+def test_output_dtype_equals_input_dtype(dtype, cls, shape, eager_path):
     m = cls(0.2)
     x = torch.randn(shape).to(dtype)
     y = m(x)
@@ -382,7 +422,7 @@ def test_p_stays_in_eps_bounds_custom_eps():
     assert m.p.item() == pytest.approx(1e-3, rel=1e-9)
 
 
-def test_straight_through_clamp_gradient_beyond_bound():
+def test_straight_through_clamp_gradient_beyond_bound(eager_path):
     theta = torch.tensor(100.0, requires_grad=True)
     c = clamped_logit(theta, 1e-6)
     assert c.item() == pytest.approx(math.log1p(-1e-6) - math.log(1e-6), rel=1e-5)
@@ -394,6 +434,21 @@ def test_straight_through_clamp_gradient_beyond_bound():
         m.p_logit.fill_(-60.0)
     m(torch.randn(64, 8)).pow(2).sum().backward()
     assert m.p_logit.grad is not None and m.p_logit.grad.item() != 0.0
+
+
+@pytest.mark.parametrize("logit", [-60.0, 60.0])
+def test_training_output_uses_the_clamped_logit_beyond_the_bound(logit, eager_path):
+    # p is held in [eps, 1 - eps]: a logit past the bound acts as the bound itself, log((1 - eps) / eps).
+    x = torch.ones(6, dtype=torch.float64)
+    u = torch.tensor([1e-7, 1e-3, 0.3, 0.7, 1 - 1e-3, 1 - 1e-7], dtype=torch.float64)
+    # A logit that requires grad: the training path (an autograd function), not the no-grad one.
+    y = concrete_dropout(x, torch.tensor(logit, dtype=torch.float64, requires_grad=True), uniform=u, temperature=0.1)
+    assert y.grad_fn is not None
+    y = y.detach()
+    bound = math.log((1 - DEFAULT_EPS) / DEFAULT_EPS)
+    expected = _by_hand(x, torch.tensor(math.copysign(bound, logit), dtype=torch.float64), u, 0.1)
+    torch.testing.assert_close(y, expected, rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(y, _by_hand(x, torch.tensor(logit, dtype=torch.float64), u, 0.1))
 
 
 def test_init_p_float():
@@ -512,7 +567,7 @@ def test_sampling_attribute_samples_in_eval():
 
 
 @pytest.mark.parametrize("channelwise", [False, True])
-def test_saved_output_path_has_the_same_gradients(channelwise):
+def test_saved_output_path_has_the_same_gradients(channelwise, eager_path):
     """save_output=True keeps y instead of x: gradients must not change."""
     from cd_convert.layers import concrete_dropout
 

@@ -10,15 +10,20 @@ from benchmarks import train_step
 
 def test_step_op_counts_see_sites_regulariser_and_optimizer():
     counts = train_step.step_op_counts(torch.device("cpu"))
-    dropout, concrete = counts["dropout"], counts["concrete"]
-    # nn.Dropout draws a Bernoulli mask; a concrete site draws uniform noise and takes its logit (one per site).
-    assert dropout.get("bernoulli_", 0) == 2 and "logit" not in dropout
-    assert concrete.get("logit") == 2 and "bernoulli_" not in concrete
-    # The regulariser's squared norms of the two consumer weights: one fused call.
-    assert concrete.get("_foreach_norm") == 1 and "_foreach_norm" not in dropout
+    dropout, concrete, tensor = counts["dropout"], counts["concrete"], counts["concrete_tensor"]
+    # nn.Dropout draws a Bernoulli mask; a concrete site draws uniform noise and takes its logit (one per site):
+    # in place on the noise on the CPU's host path, into a new tensor on the tensor path.
+    assert dropout.get("bernoulli_", 0) == 2 and "logit" not in dropout and "logit_" not in dropout
+    assert concrete.get("logit_") == 2 and "bernoulli_" not in concrete
+    assert tensor.get("logit") == 2 and "logit_" not in tensor
+    # The regulariser's squared norms of the two consumer weights: one fused call on either path.
+    assert concrete.get("_foreach_norm") == tensor.get("_foreach_norm") == 1 and "_foreach_norm" not in dropout
+    # The host path clamps the logit in Python: the only clamp left is the regulariser's (the tensor path
+    # clamps in each site too).
+    assert concrete.get("clamp") == 1 and tensor.get("clamp") == 3
     # Adam's single-tensor loop runs one sqrt per parameter: 4 in both networks, plus the 2 p-logits.
-    assert dropout["sqrt"] == 4 and concrete["sqrt"] == 6
-    assert sum(concrete.values()) > sum(dropout.values())
+    assert dropout["sqrt"] == 4 and concrete["sqrt"] == tensor["sqrt"] == 6
+    assert sum(tensor.values()) > sum(concrete.values()) > sum(dropout.values())
 
 
 def test_short_run_prints_every_section_and_writes_json(tmp_path, capsys):
@@ -34,6 +39,7 @@ def test_short_run_prints_every_section_and_writes_json(tmp_path, capsys):
     assert "aten ops per eager training step" in text
     saved = json.loads(path.read_text())
     assert set(saved) >= {"epoch", "site", "regularizer", "step_ops"}
-    assert set(saved["epoch"]) == {"dropout", "concrete", "concrete_noreg"}  # no compiled rows without --compile
+    # The tensor-path row on the CPU; no compiled rows without --compile.
+    assert set(saved["epoch"]) == {"dropout", "concrete", "concrete_noreg", "concrete_tensor"}
     assert saved["epoch"]["dropout"]["ratio"] == 1.0
     assert out["step_ops"] == saved["step_ops"]

@@ -243,6 +243,47 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "plan.two_weight_regularizer = 1.0 * plan.weight_regularizer",
         _REGULARISER,
     ),
+    # --- the CPU's host-scalar paths (cd_convert/host_scalars.py)
+    Mutation(
+        "tensor-site-no-clamp",
+        "the tensor formula's training path does not clamp the logit: p can reach 0 or 1 on non-CPU devices",
+        "cd_convert/layers.py",
+        "    theta = p_logit.clamp(-bound, bound)\n    if theta.dtype != uniform.dtype:",
+        "    theta = p_logit\n    if theta.dtype != uniform.dtype:",
+        _LAYERS,
+    ),
+    Mutation(
+        "host-site-temperature-dropped",
+        "the CPU site's p-logit gradient ignores the temperature: p learns from a gradient t times too small",
+        "cd_convert/host_scalars.py",
+        "value = ctx.p * total - (total - kept_total) / ctx.temperature",
+        "value = ctx.p * total - (total - kept_total)",
+        _LAYERS,
+    ),
+    Mutation(
+        "host-site-kept-sum-unscaled",
+        "the CPU site's sum(g y w) keeps the 1/(1 - p) factor: a wrong p-logit gradient",
+        "cd_convert/host_scalars.py",
+        "kept_total = gy.mul_(mask).sum().item() / ctx.inverse_kept",
+        "kept_total = gy.mul_(mask).sum().item()",
+        _LAYERS,
+    ),
+    Mutation(
+        "host-site-scale-dropped",
+        "the CPU site drops 1/(1 - p): its outputs shrink by (1 - p) in training",
+        "cd_convert/host_scalars.py",
+        ".sigmoid_().mul_(inverse_kept)",
+        ".sigmoid_()",
+        _LAYERS,
+    ),
+    Mutation(
+        "host-site-no-clamp",
+        "the CPU site does not clamp the logit: p can reach 0 or 1",
+        "cd_convert/host_scalars.py",
+        "theta = min(max(p_logit.item(), -bound), bound)",
+        "theta = p_logit.item()",
+        _LAYERS,
+    ),
     # --- prior constants and losses
     Mutation(
         "nll-preset-wr",

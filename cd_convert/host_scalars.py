@@ -1,0 +1,154 @@
+"""The CPU's site path: a concrete-dropout site whose scalar arithmetic runs on Python floats.
+
+On the CPU every aten op costs a few microseconds of dispatch whatever its size. On the small networks where
+that dominates (the paper's UCI network: one hidden layer of 50, batch 32) much of a site's work is scalar:
+clamping the logit, ``1 / (1 - p)``, combining two sums into the logit's gradient. For tensors on the CPU,
+reading a number (``Tensor.item``) is a memory read, not a device synchronisation, so
+:class:`HostConcreteDropout` reads the logit once, does the scalar work in Python (float64) and dispatches
+only the ops that touch whole tensors: 6 in the forward pass after the noise, 4 in the backward (the tensor
+formula of :mod:`cd_convert.layers`: 10 and 13). It also saves the mask with the ``1 / (1 - p)`` scale folded
+in, so the backward pass reads each saved tensor once or twice instead of rebuilding ``y``, which makes it
+faster at large shapes too (``benchmarks/train_step.py`` measures both paths side by side).
+
+Taken only on the CPU, in eager mode, for plain float32/float64 inputs with an element-wise mask and a 0-dim
+logit (:func:`site_applies`). Every other case (channel-wise masks, 16-bit inputs, tracers, functorch), and
+every other device (where a scalar read would synchronise with the device), uses the tensor formula; both
+compute the same values and gradients to rounding. The same treatment of the regulariser was measured and
+left out: it saved 12 of its 28 ops but no time in a training step (an autograd node's fixed cost dominates
+there), and cost 15% more at 50 sites. ``CD_CONVERT_HOST_SCALARS=0`` in the environment, or
+``cd_convert.host_scalars.ENABLED = False``, turns the path off.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ._scalars import scalar_tensor
+
+__all__ = ["ENABLED", "HostConcreteDropout", "site_applies"]
+
+#: Master switch; the environment variable ``CD_CONVERT_HOST_SCALARS=0`` sets it to False at import.
+ENABLED = os.environ.get("CD_CONVERT_HOST_SCALARS", "1") != "0"
+
+_FLOAT_TYPES = (torch.float32, torch.float64)
+
+
+def _plain_cpu_float(t: Tensor) -> bool:
+    # Parameters are plain tensors here; subclasses (FakeTensor, DTensor, tensor wrappers) keep the tensor path.
+    return (type(t) is Tensor or type(t) is torch.nn.Parameter) and t.device.type == "cpu" and t.dtype in _FLOAT_TYPES
+
+
+def site_applies(x: Tensor, p_logit: Tensor, uniform: Tensor) -> bool:
+    """Whether :class:`HostConcreteDropout` can serve this call (the caller checks :data:`ENABLED` and rules out
+    tracers and functorch transforms).
+
+    Args:
+        x: the site's input.
+        p_logit: its logit.
+        uniform: the noise, in the compute dtype; an element-wise mask has ``x``'s shape.
+
+    Returns:
+        True for a CPU float32/float64 input with an element-wise mask and a 0-dim CPU logit.
+    """
+    return (
+        _plain_cpu_float(x)
+        and _plain_cpu_float(p_logit)
+        and p_logit.dim() == 0
+        and uniform.dtype == x.dtype
+        and uniform.shape == x.shape
+    )
+
+
+def _sigmoid(value: float) -> float:
+    # Both branches stay finite for any clamped logit (|theta| <= logit_bound(eps)).
+    if value >= 0:
+        return 1.0 / (1.0 + math.exp(-value))
+    e = math.exp(value)
+    return e / (1.0 + e)
+
+
+class HostConcreteDropout(torch.autograd.Function):
+    """``y = x * w / (1 - p)`` with the relaxed mask ``w``, the logit handled as a Python float (CPU).
+
+    With ``theta`` the clamped logit, ``p = sigmoid(theta)``, ``w = 1 - z = sigmoid(-(theta + logit(u)) / t)``
+    and ``m = w / (1 - p)`` (the mask with the inverted-dropout scale folded in):
+
+        y           = x * m
+        dy/dx       = m
+        dL/dlogit   = sum(g y (p - z / t)) = p S - (S - S_w) / t,   S = sum(g y),  S_w = sum(g y w) = (1 - p) sum(g y m)
+
+    (the clamp straight-through, as in :func:`cd_convert.layers.clamped_logit`). Saved: ``m`` and ``x`` (or
+    ``y`` with ``save_output``), the same memory as the general path's ``w`` and ``x``. The noise buffer is
+    private to the call and becomes ``m`` in place.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, p_logit: Tensor, uniform: Tensor, temperature: float, bound: float, save_output: bool
+    ) -> Tensor:
+        """The masked input.
+
+        Args:
+            ctx: the autograd context.
+            x: the input (CPU, float32 or float64).
+            p_logit: the unclamped 0-dim logit.
+            uniform: the noise, of ``x``'s shape and dtype; overwritten with the scaled mask.
+            temperature: Concrete temperature.
+            bound: the clamp on the logit (:func:`cd_convert.layers.logit_bound`).
+            save_output: keep ``y`` rather than ``x`` for the backward pass.
+
+        Returns:
+            ``x * w / (1 - p)``.
+        """
+        theta = min(max(p_logit.item(), -bound), bound)
+        inverse_kept = 1.0 + math.exp(theta)  # 1 / (1 - p)
+        # m = sigmoid(-(theta + logit(u)) / t) / (1 - p), in place on the private noise buffer (the constant
+        # factor as a cached tensor: a Python number is wrapped into a new tensor on every call).
+        factor = scalar_tensor(-1.0 / temperature, uniform.dtype)
+        mask = uniform.logit_().add_(theta).mul_(factor).sigmoid_().mul_(inverse_kept)
+        y = x * mask
+        ctx.p = _sigmoid(theta)
+        ctx.inverse_kept = inverse_kept
+        ctx.temperature = temperature
+        ctx.saved_output = save_output
+        ctx.logit_dtype = p_logit.dtype
+        ctx.save_for_backward(mask, y if save_output else x)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
+        """Gradients w.r.t. ``x`` and the logit (see the class docstring).
+
+        Under ``create_graph`` (a gradient penalty) both stay tensor functions of ``grad_y`` and ``x``, so the
+        second derivatives through them are those of the tensor formula (which, like this one, treats the
+        clamped logit's own terms as constants).
+
+        Args:
+            ctx: the context saved by :meth:`forward`.
+            grad_y: the output's gradient.
+
+        Returns:
+            ``(grad_x, grad_logit, None, None, None, None)``; None where not needed.
+        """
+        mask, activation = ctx.saved_tensors
+        needs_x, needs_logit = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = grad_y * mask if needs_x or not ctx.saved_output else None
+        grad_logit = None
+        if needs_logit:
+            # g * y: from the saved output, or as (g * m) * x, reusing grad_x.
+            gy = grad_y * activation if ctx.saved_output else grad_x * activation
+            if torch.is_grad_enabled():  # create_graph: no number read back, the graph stays connected
+                total_t = gy.sum()
+                kept_t = (gy * mask).sum() / ctx.inverse_kept
+                grad_logit = (ctx.p * total_t - (total_t - kept_t) / ctx.temperature).to(ctx.logit_dtype)
+            else:
+                total = gy.sum().item()
+                kept_total = gy.mul_(mask).sum().item() / ctx.inverse_kept  # sum(g y w), in place on gy
+                value = ctx.p * total - (total - kept_total) / ctx.temperature
+                grad_logit = torch.full((), value, dtype=ctx.logit_dtype)
+        return (grad_x if needs_x else None), grad_logit, None, None, None, None

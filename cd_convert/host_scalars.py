@@ -5,10 +5,12 @@ that dominates (the paper's UCI network: one hidden layer of 50, batch 32) much 
 clamping the logit, ``1 / (1 - p)``, combining two sums into the logit's gradient. For tensors on the CPU,
 reading a number (``Tensor.item``) is a memory read, not a device synchronisation, so
 :class:`HostConcreteDropout` reads the logit once, does the scalar work in Python (float64) and dispatches
-only the ops that touch whole tensors: 6 in the forward pass after the noise, 4 in the backward (the tensor
-formula of :mod:`cd_convert.layers`: 10 and 13). It also saves the mask with the ``1 / (1 - p)`` scale folded
-in, so the backward pass reads each saved tensor once or twice instead of rebuilding ``y``, which makes it
-faster at large shapes too (``benchmarks/train_step.py`` measures both paths side by side).
+only the ops that touch whole tensors: after the noise, 7 aten ops in the forward pass (one of them the read
+of the logit) and 8 in the backward (5 on whole tensors, two reads of sums and the logit's gradient), where
+the tensor formula of :mod:`cd_convert.layers` dispatches 10 and 13. It also saves the mask with the
+``1 / (1 - p)`` scale folded in, so the backward pass reads each saved tensor at most twice instead of
+rebuilding ``y``, which makes it faster at large shapes too (``benchmarks/train_step.py`` measures both
+paths side by side).
 
 Taken only on the CPU, in eager mode, for plain float32/float64 inputs with an element-wise mask and a 0-dim
 logit (:func:`site_applies`). Every other case (channel-wise masks, 16-bit inputs, tracers, functorch), and

@@ -609,3 +609,24 @@ def test_converter_keeps_output_only_where_weight_layers_alone_read_it():
     converted.train()
     converted(torch.randn(3, 4)).sum().backward()  # no "modified by an inplace operation" error
     assert converted.drop_res.p_logit.grad is not None
+
+
+def test_activation_checkpointing_recomputes_the_same_masks(eager_path):
+    # torch.utils.checkpoint replays the forward pass in the backward with the RNG state restored: the sites must
+    # draw the same noise again, so the gradients equal those of the run without checkpointing.
+    import copy
+
+    import cd_convert
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+    model = cd_convert.convert(net, targets=[nn.Linear], dataset_size=100)
+    plain, checkpointed = copy.deepcopy(model), copy.deepcopy(model)
+    x = torch.randn(4, 8)
+    torch.manual_seed(1)
+    plain(x).sum().backward()
+    torch.manual_seed(1)
+    checkpoint(checkpointed, x, use_reentrant=False).sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7, msg=name)

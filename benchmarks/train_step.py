@@ -9,7 +9,9 @@ ops per site, the regulariser's bookkeeping), not arithmetic. Everything is meas
    ``zero_grad``, backward, ``step``. Variants: the network with ``nn.Dropout(0.1)`` in front of each Linear
    (the baseline), the network converted with ``cd_convert.convert(model, targets=[nn.Linear],
    dataset_size=500)`` trained on ``loss + cd_convert.regularization(model)``, and the converted network
-   trained on the loss alone (the difference of the last two is the regulariser's share). ``--compile`` adds
+   trained on the loss alone (the difference of the last two is the regulariser's share); and both networks
+   with ``Adam(foreach=True)``, the multi-tensor update (PyTorch's default on CUDA, opt-in on the CPU), whose
+   cost hardly grows with the number of parameter tensors (each site adds a p-logit). ``--compile`` adds
    both networks with the loss computation under ``torch.compile``. The aten ops one eager step dispatches
    are counted for both networks (each costs about the same fixed dispatch work here, so time follows count).
    Goal: <= 1.3x the ``nn.Dropout`` epoch.
@@ -140,7 +142,9 @@ def uci_network(device: torch.device, variant: str, seed: int = 0) -> nn.Module:
     return model.to(device).train()
 
 
-def step_fn(model: nn.Module, regularise: bool, compiled: bool = False) -> Callable[[Tensor, Tensor], None]:
+def step_fn(
+    model: nn.Module, regularise: bool, compiled: bool = False, foreach: Optional[bool] = None
+) -> Callable[[Tensor, Tensor], None]:
     """One training step of ``model`` on a batch: loss, ``zero_grad``, backward, Adam ``step``.
 
     Args:
@@ -148,11 +152,14 @@ def step_fn(model: nn.Module, regularise: bool, compiled: bool = False) -> Calla
         regularise: add ``cd_convert.regularization(model)`` to the loss.
         compiled: run the loss (forward pass, loss and regulariser) under ``torch.compile``, as a user who
             compiles the step would; backward then runs the compiled backward graph, the optimizer stays eager.
+        foreach: Adam's ``foreach`` argument. PyTorch's default (None) is the per-parameter loop on the CPU,
+            whose cost grows with the number of parameter tensors (each site adds one); True updates all of
+            them with a few multi-tensor ops.
 
     Returns:
         A function of ``(x_batch, y_batch)``.
     """
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=foreach)
 
     def loss_of(xb: Tensor, yb: Tensor) -> Tensor:
         loss = F.mse_loss(model(xb), yb)
@@ -169,7 +176,9 @@ def step_fn(model: nn.Module, regularise: bool, compiled: bool = False) -> Calla
     return step
 
 
-def epoch_fn(model: nn.Module, x: Tensor, y: Tensor, regularise: bool, compiled: bool = False) -> Callable[[], None]:
+def epoch_fn(
+    model: nn.Module, x: Tensor, y: Tensor, regularise: bool, compiled: bool = False, foreach: Optional[bool] = None
+) -> Callable[[], None]:
     """One epoch (a fresh permutation, ``ceil(rows / BATCH)`` Adam steps) of ``model`` on ``(x, y)``.
 
     Args:
@@ -177,11 +186,12 @@ def epoch_fn(model: nn.Module, x: Tensor, y: Tensor, regularise: bool, compiled:
         x, y: the whole training set.
         regularise: add ``cd_convert.regularization(model)`` to the loss.
         compiled: compile the loss computation (see :func:`step_fn`).
+        foreach: Adam's ``foreach`` argument (see :func:`step_fn`).
 
     Returns:
         A no-argument function running one epoch.
     """
-    step = step_fn(model, regularise, compiled)
+    step = step_fn(model, regularise, compiled, foreach)
     generator = torch.Generator().manual_seed(0)
 
     def fn() -> None:
@@ -198,9 +208,15 @@ EPOCH_TEXT = {
     "concrete": "converted + regulariser",
     "concrete_noreg": "converted, no regulariser",
     "concrete_tensor": "converted + regulariser, tensor path (host-scalar sites off)",
+    "dropout_foreach": "nn.Dropout network, Adam(foreach=True)",
+    "concrete_foreach": "converted + regulariser, Adam(foreach=True)",
     "dropout_compiled": "nn.Dropout network, compiled loss",
     "concrete_compiled": "converted + regulariser, compiled loss",
 }
+
+
+#: Variants that are also compared with the nn.Dropout network trained the same way (optimizer, compilation).
+OWN_BASELINE = {"concrete_foreach": "dropout_foreach", "concrete_compiled": "dropout_compiled"}
 
 
 def epoch_data(device: torch.device) -> Tuple[Tensor, Tensor]:
@@ -220,12 +236,22 @@ def epoch_section(device: torch.device, repeats: int, compiled: bool = False) ->
     }
     if device.type == "cpu":
         fns["concrete_tensor"] = on_tensor_path(epoch_fn(uci_network(device, "concrete"), x, y, regularise=True))
+    # The multi-tensor Adam (the default on CUDA, opt-in on the CPU) for both networks: the per-parameter
+    # loop's cost grows with the p-logits' count, the multi-tensor one's hardly does.
+    fns["dropout_foreach"] = epoch_fn(uci_network(device, "dropout"), x, y, regularise=False, foreach=True)
+    fns["concrete_foreach"] = epoch_fn(uci_network(device, "concrete"), x, y, regularise=True, foreach=True)
     if compiled:
         fns["dropout_compiled"] = epoch_fn(uci_network(device, "dropout"), x, y, regularise=False, compiled=True)
         fns["concrete_compiled"] = epoch_fn(uci_network(device, "concrete"), x, y, regularise=True, compiled=True)
     # More warm-up epochs with compiled variants: the first calls compile (and may recompile once).
     warmup = 5 if compiled else 3
-    return summarize(interleaved_times(fns, repeats, inner=3, warmup=warmup, device=device), "dropout")
+    times = interleaved_times(fns, repeats, inner=3, warmup=warmup, device=device)
+    rows = summarize(times, "dropout")
+    for name, base in OWN_BASELINE.items():  # also against the nn.Dropout network run the same way
+        if name in times:
+            rows[name]["own_ratio"] = statistics.median(times[name]) / statistics.median(times[base])
+            rows[name]["own_paired_ratio"] = statistics.median(t / b for t, b in zip(times[name], times[base]))
+    return rows
 
 
 def step_op_counts(device: torch.device) -> Dict[str, Dict[str, int]]:
@@ -239,7 +265,8 @@ def step_op_counts(device: torch.device) -> Dict[str, Dict[str, int]]:
 
     Returns:
         ``{"dropout": {op: count}, "concrete": {op: count}}`` for one steady-state step (after warm-up steps);
-        on the CPU also ``"concrete_tensor"``, the converted step with the host-scalar site path off.
+        on the CPU also ``"concrete_tensor"``, the converted step with the host-scalar site path off; and
+        ``"dropout_foreach"``, ``"concrete_foreach"``: both networks with ``Adam(foreach=True)``.
     """
     x, y = epoch_data(device)
     xb, yb = x[:BATCH], y[:BATCH]
@@ -247,8 +274,10 @@ def step_op_counts(device: torch.device) -> Dict[str, Dict[str, int]]:
     variants = [("dropout", "dropout"), ("concrete", "concrete")]
     if device.type == "cpu":
         variants.append(("concrete_tensor", "concrete"))
+    variants += [("dropout_foreach", "dropout"), ("concrete_foreach", "concrete")]
     for name, variant in variants:
-        step = step_fn(uci_network(device, variant), regularise=variant == "concrete")
+        foreach = True if name.endswith("_foreach") else None
+        step = step_fn(uci_network(device, variant), regularise=variant == "concrete", foreach=foreach)
         with tensor_path() if name == "concrete_tensor" else contextlib.nullcontext():
             for _ in range(3):
                 step(xb, yb)
@@ -428,18 +457,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
         f"\nregulariser's share of the converted epoch: {share:.3f} ms "
         f"({share / results['epoch']['concrete']['median_ms']:.0%})"
     )
-    if args.compile:
-        epoch = results["epoch"]
-        print(
-            "compiled, converted / compiled nn.Dropout network: "
-            f"{epoch['concrete_compiled']['median_ms'] / epoch['dropout_compiled']['median_ms']:.2f}x"
-        )
+    for name, base in OWN_BASELINE.items():
+        row = results["epoch"].get(name)
+        if row is not None:
+            ratios = f"{row['own_ratio']:.2f}x (paired {row['own_paired_ratio']:.2f}x)"
+            print(f"{EPOCH_TEXT[name]} / {EPOCH_TEXT[base]}: {ratios}")
     results["step_ops"] = step_op_counts(device)
     totals = {v: sum(c.values()) for v, c in results["step_ops"].items()}
     print(
         f"\naten ops per eager training step: nn.Dropout network {totals['dropout']}, converted "
         f"{totals['concrete']} ({totals['concrete'] / totals['dropout']:.2f}x)"
         + (f", converted on the tensor path {totals['concrete_tensor']}" if "concrete_tensor" in totals else "")
+        + f"; with Adam(foreach=True): {totals['dropout_foreach']} and {totals['concrete_foreach']}"
     )
 
     results["site"] = {}

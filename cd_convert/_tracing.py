@@ -1,7 +1,8 @@
-"""Whether code is running under a compiler or tracer (torch.compile, torch.jit).
+"""Whether code is running under a compiler or tracer (torch.compile, torch.jit) or a functorch transform.
 
-The fast paths of :mod:`cd_convert.noise` and :mod:`cd_convert.fused` bypass ordinary tensor operations
-(bit tricks, Triton launches); under a tracer they must step aside so that the tracer sees plain ops.
+The fast paths of :mod:`cd_convert.noise`, :mod:`cd_convert.fused` and :mod:`cd_convert.host_scalars`
+bypass ordinary tensor operations (bit tricks, Triton launches, numbers read back); under a tracer or a
+transform they must step aside so that it sees plain ops.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ try:
 except ImportError:  # torch < 2.3
     from torch._dynamo import is_compiling as _is_compiling
 
-__all__ = ["being_traced"]
+__all__ = ["being_traced", "functorch_active"]
 
 
 def being_traced() -> bool:
@@ -23,3 +24,13 @@ def being_traced() -> bool:
         Whether the current code is being compiled or traced rather than run eagerly.
     """
     return bool(_is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting())
+
+
+def functorch_active() -> bool:
+    """True inside a ``torch.func`` transform (``vmap``, ``grad``, ...), which wraps the tensors it sees.
+
+    Returns:
+        Whether functorch transforms are active (False on a torch without the check).
+    """
+    check = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(check()) if check is not None else False

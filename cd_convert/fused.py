@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._tracing import being_traced
+from ._tracing import being_traced, functorch_active
 
 __all__ = ["ENABLED", "supports", "fused_concrete_dropout"]
 
@@ -70,12 +70,6 @@ def _layout(x: Tensor) -> Optional[str]:
     return None
 
 
-def _functorch_active() -> bool:
-    # vmap/grad wrap tensors: a kernel launch on them would bypass the transform.
-    check = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(check()) if check is not None else False
-
-
 def _in_layout_of(t: Tensor, like: Tensor) -> Tensor:
     """``t`` with the memory layout of ``like`` (a copy only if it differs), e.g. an expanded gradient."""
     if _layout(like) == "channels_last":
@@ -99,7 +93,8 @@ def supports(x: Tensor, channelwise: bool = False, channel_dim: int = 1, *, inte
     # Tracers first: under torch.compile the checks below are not even looked at.
     if being_traced():
         return False
-    if not ENABLED or type(x) is not Tensor or _functorch_active():
+    # vmap/grad wrap tensors: a kernel launch on them would bypass the transform.
+    if not ENABLED or type(x) is not Tensor or functorch_active():
         return False
     if not (x.is_cuda or (interpret and x.device.type == "cpu")):
         return False

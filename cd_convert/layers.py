@@ -36,7 +36,7 @@ from torch import Tensor
 
 from . import fused, host_scalars, noise
 from ._scalars import scalar_tensor
-from ._tracing import being_traced
+from ._tracing import being_traced, functorch_active
 
 __all__ = [
     "ConcreteDropout",
@@ -352,11 +352,6 @@ class _EagerConcreteDropoutFunction(torch.autograd.Function):
         return grad_x, grad_p_logit, None, None, None, None
 
 
-def _functorch_active() -> bool:
-    check = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(check()) if check is not None else False
-
-
 def concrete_dropout(
     x: Tensor,
     p_logit: Tensor,
@@ -393,23 +388,30 @@ def concrete_dropout(
     """
     if not training:
         return x
-    # x.is_cuda first: fused.supports is False for every other device, and this is the cheap test.
-    if (
-        sampling == "relaxed"
-        and uniform is None
-        and generator is None
-        and x.is_cuda
-        and fused.supports(x, channelwise, channel_dim)
-    ):
-        return fused.fused_concrete_dropout(
-            x,
-            p_logit,
-            temperature=temperature,
-            eps=eps,
-            channelwise=channelwise,
-            channel_dim=channel_dim,
-            save_output=save_output,
-        )
+    # The two fast paths of a training call with the site's own noise come first: on small masks the general
+    # set-up below costs as much as several ops (x.is_cuda first: the cheap test that splits them).
+    if sampling == "relaxed" and uniform is None and generator is None:
+        if x.is_cuda:
+            if fused.supports(x, channelwise, channel_dim):
+                return fused.fused_concrete_dropout(
+                    x,
+                    p_logit,
+                    temperature=temperature,
+                    eps=eps,
+                    channelwise=channelwise,
+                    channel_dim=channel_dim,
+                    save_output=save_output,
+                )
+        elif not channelwise and host_scalars.call_applies(x, p_logit):
+            # CPU float32/float64 with an element-wise mask: the scalar work on Python floats, fewer ops.
+            numel = x.numel()
+            # torch.rand directly below the packed draw's size: one call fewer on the small masks where it counts.
+            u = (
+                torch.rand(x.shape, dtype=x.dtype)
+                if numel < noise.PACKED_MIN_NUMEL
+                else noise.eager_cpu_uniform(x.shape, numel, x.dtype)
+            )
+            return host_scalars.HostConcreteDropout.apply(x, p_logit, u, temperature, logit_bound(eps), save_output)
     cdt = _compute_dtype(x.dtype)
     shape = noise_shape(x, channelwise, channel_dim)
     if uniform is None:
@@ -419,10 +421,10 @@ def concrete_dropout(
         uniform = uniform.to(device=x.device, dtype=cdt, copy=True)
     if sampling == "relaxed" and torch.is_grad_enabled() and (x.requires_grad or p_logit.requires_grad):
         # The clamp happens inside the function (no autograd nodes for it); its gradient is straight-through.
-        if being_traced() or _functorch_active():
+        if being_traced() or functorch_active():
             y, _ = _ConcreteDropoutFunction.apply(x, p_logit, uniform, temperature, logit_bound(eps), save_output)
             return y
-        # CPU float32/float64 with an element-wise mask: the scalar work on Python floats, fewer ops.
+        # A given noise tensor or generator on the CPU path (the site's own noise was routed above).
         if host_scalars.ENABLED and host_scalars.site_applies(x, p_logit, uniform):
             return host_scalars.HostConcreteDropout.apply(
                 x, p_logit, uniform, temperature, logit_bound(eps), save_output
@@ -564,17 +566,18 @@ class _ConcreteDropoutNd(nn.Module):
         is_training = self.training if training is None else training
         if not (is_training or self.sampling is not None):
             return x
-        self._check_input(x)
+        if self.expected_dims:
+            self._check_input(x)
         if self.units_seen is None:
             self.units_seen = self.feature_width(x.shape)
-        sampling = "relaxed" if is_training and self.sampling is None else (self.sampling or "relaxed")
+        # A site asked to sample (Monte Carlo prediction) uses its mode in training too.
         return concrete_dropout(
             x,
             self.p_logit,
             temperature=self.temperature,
             channelwise=self.channelwise,
-            channel_dim=self._channel_dim(x),
-            sampling=sampling,
+            channel_dim=self._channel_dim(x) if self.channelwise else 1,
+            sampling=self.sampling or "relaxed",
             eps=self.eps,
             save_output=self.save_output,
         )

@@ -117,6 +117,35 @@ def test_p_logit_gradient_matches_closed_form(eager_path):
     torch.testing.assert_close(theta.grad, expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_noise_of_exactly_zero_keeps_the_unit_with_finite_gradients(dtype, eager_path):
+    # torch.rand (the CPU's small-mask noise) can return 0: logit(0) = -inf, so z = 0 and the unit is kept
+    # with the inverted-dropout scale, the limit of u -> 0; outputs and gradients stay finite.
+    x = torch.randn(4, 6, dtype=dtype, requires_grad=True)
+    u = _uniform((4, 6), seed=3, dtype=dtype)
+    u[0, 0] = u[2, 3] = 0.0
+    t, theta0 = 0.1, -1.0
+    theta = torch.tensor(theta0, dtype=dtype, requires_grad=True)
+    g = torch.randn(4, 6, dtype=dtype)
+    y = concrete_dropout(x, theta, uniform=u, temperature=t)
+    y.backward(g)
+    p = 1.0 / (1.0 + math.exp(-theta0))
+    x64, u64, g64 = x.detach().double(), u.double(), g.double()
+    zero = u64 == 0
+    z = torch.where(zero, torch.zeros_like(u64), torch.sigmoid((theta0 + torch.log(u64) - torch.log1p(-u64)) / t))
+    expected_y = x64 * (1 - z) / (1 - p)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(y.detach().double(), expected_y, **tol)
+    torch.testing.assert_close(y.detach().double()[zero], x64[zero] / (1 - p), **tol)
+    torch.testing.assert_close(x.grad.double(), g64 * (1 - z) / (1 - p), **tol)
+    torch.testing.assert_close(theta.grad.double(), (g64 * expected_y * (p - z / t)).sum(), **tol)
+    with torch.no_grad():  # the mask built in place without autograd, and the hard (MC) mask
+        relaxed = concrete_dropout(x, theta, uniform=u, temperature=t)
+        hard = concrete_dropout(x, theta, uniform=u, sampling="hard")
+    torch.testing.assert_close(relaxed.double(), expected_y, **tol)
+    assert torch.isfinite(hard).all() and (hard[zero] == 0).all()  # u = 0 < p: dropped
+
+
 @pytest.mark.parametrize(
     "dtype,channelwise,enabled,expected",
     [

@@ -1,6 +1,7 @@
 """Tests for cd_convert.noise: the packed CPU float32 uniform draw against independent facts (its exact
 lattice, bit frequencies and moments of U(0, 1) within binomial/CLT error), reproducibility, and the
-fall-back to ``torch.rand`` (identical values) for other dtypes."""
+fall-back to ``torch.rand`` (identical values) for other dtypes and for small draws."""
+
 from __future__ import annotations
 
 import math
@@ -54,27 +55,42 @@ def test_ten_equal_bins_pass_a_chi_square_test():
     assert chi2 < 33.7  # the 0.9999 quantile of chi-square with 9 degrees of freedom
 
 
-@pytest.mark.parametrize("shape", [(0,), (1,), (3, 5), (7, 1, 3), (2, 3, 4, 5)])
+# Small shapes (torch.rand) and packed ones with an odd element count (the last 64-bit word half used).
+@pytest.mark.parametrize("shape", [(0,), (1,), (3, 5), (7, 1, 3), (2, 3, 4, 5), (16385,), (131, 127), (2, 3, 4, 683)])
 def test_shapes_including_odd_and_empty(shape):
     u = _draw(shape)
     assert u.shape == shape and u.dtype == torch.float32 and u.is_contiguous()
     if u.numel():
-        assert 0 < u.min() and u.max() < 1
+        assert 0 <= u.min() and u.max() < 1
+    if u.numel() >= noise.PACKED_MIN_NUMEL:  # the packed draw: on the open lattice
+        k = u.double() * 2.0**23 - 0.5
+        assert torch.equal(k, k.round()) and u.min() > 0
 
 
-def test_generator_state_determines_the_draw_and_is_advanced():
+def test_small_draws_are_torch_rand_and_large_ones_the_packed_lattice():
+    below, at = noise.PACKED_MIN_NUMEL - 1, noise.PACKED_MIN_NUMEL
+    assert torch.equal(_draw((below,), seed=4), torch.rand((below,), generator=torch.Generator().manual_seed(4)))
+    packed = _draw((at,), seed=4)
+    assert not torch.equal(packed, torch.rand((at,), generator=torch.Generator().manual_seed(4)))
+    k = packed.double() * 2.0**23 - 0.5
+    assert torch.equal(k, k.round())
+
+
+@pytest.mark.parametrize("numel", [1001, 20001])
+def test_generator_state_determines_the_draw_and_is_advanced(numel):
     g = torch.Generator().manual_seed(7)
-    first = noise.uniform((1001,), device=CPU, dtype=torch.float32, generator=g)
-    second = noise.uniform((1001,), device=CPU, dtype=torch.float32, generator=g)
+    first = noise.uniform((numel,), device=CPU, dtype=torch.float32, generator=g)
+    second = noise.uniform((numel,), device=CPU, dtype=torch.float32, generator=g)
     assert not torch.equal(first, second)
-    assert torch.equal(first, _draw((1001,), seed=7))
+    assert torch.equal(first, _draw((numel,), seed=7))
 
 
-def test_global_seed_makes_runs_repeatable():
+@pytest.mark.parametrize("shape", [(64, 33), (512, 33)])
+def test_global_seed_makes_runs_repeatable(shape):
     torch.manual_seed(21)
-    a = noise.uniform((64, 33), device=CPU, dtype=torch.float32)
+    a = noise.uniform(shape, device=CPU, dtype=torch.float32)
     torch.manual_seed(21)
-    b = noise.uniform((64, 33), device=CPU, dtype=torch.float32)
+    b = noise.uniform(shape, device=CPU, dtype=torch.float32)
     assert torch.equal(a, b)
 
 

@@ -21,8 +21,11 @@ def test_step_op_counts_see_sites_regulariser_and_optimizer():
     # The host path clamps the logit in Python: the only clamp left is the regulariser's (the tensor path
     # clamps in each site too).
     assert concrete.get("clamp") == 1 and tensor.get("clamp") == 3
-    # Adam's single-tensor loop runs one sqrt per parameter: 4 in both networks, plus the 2 p-logits.
+    # Adam's single-tensor loop runs one sqrt per parameter: 4 in both networks, plus the 2 p-logits; the
+    # multi-tensor one a single _foreach_sqrt for all of them.
     assert dropout["sqrt"] == 4 and concrete["sqrt"] == tensor["sqrt"] == 6
+    assert counts["dropout_foreach"].get("_foreach_sqrt") == counts["concrete_foreach"].get("_foreach_sqrt") == 1
+    assert "sqrt" not in counts["concrete_foreach"]
     assert sum(tensor.values()) > sum(concrete.values()) > sum(dropout.values())
 
 
@@ -39,7 +42,18 @@ def test_short_run_prints_every_section_and_writes_json(tmp_path, capsys):
     assert "aten ops per eager training step" in text
     saved = json.loads(path.read_text())
     assert set(saved) >= {"epoch", "site", "regularizer", "step_ops"}
-    # The tensor-path row on the CPU; no compiled rows without --compile.
-    assert set(saved["epoch"]) == {"dropout", "concrete", "concrete_noreg", "concrete_tensor"}
-    assert saved["epoch"]["dropout"]["ratio"] == 1.0
+    # The tensor-path row on the CPU and both networks with the multi-tensor Adam; no compiled rows without
+    # --compile.
+    epoch = saved["epoch"]
+    assert set(epoch) == {
+        "dropout",
+        "concrete",
+        "concrete_noreg",
+        "concrete_tensor",
+        "dropout_foreach",
+        "concrete_foreach",
+    }
+    assert epoch["dropout"]["ratio"] == 1.0
+    own = epoch["concrete_foreach"]["median_ms"] / epoch["dropout_foreach"]["median_ms"]
+    assert epoch["concrete_foreach"]["own_ratio"] == own and "Adam(foreach=True) / " in text
     assert out["step_ops"] == saved["step_ops"]

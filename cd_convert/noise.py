@@ -116,8 +116,10 @@ def eager_cpu_uniform(
 ) -> Tensor:
     """:func:`uniform` on the CPU for a caller that has already ruled out tracers and compilers.
 
-    The site's CPU path (:mod:`cd_convert.host_scalars`) calls this directly: on small masks every check
-    :func:`uniform` repeats costs a noticeable share of the site.
+    The site's CPU path (:func:`cd_convert.layers.concrete_dropout`, routing to
+    :mod:`cd_convert.host_scalars`) calls this directly for masks of :data:`PACKED_MIN_NUMEL` elements or
+    more, having checked what :func:`uniform` would check again (below that size it calls ``torch.rand``
+    itself: on a small mask each extra Python call costs a measurable share of the site).
 
     Args:
         shape: the shape of the noise.

@@ -120,13 +120,14 @@ def on_tensor_path(fn: Callable[[], None]) -> Callable[[], None]:
 # --------------------------------------------------------------------------------------------------- 1. epoch
 
 
-def uci_network(device: torch.device, variant: str, seed: int = 0) -> nn.Module:
+def uci_network(device: torch.device, variant: str, seed: int = 0, package: Any = cd_convert) -> nn.Module:
     """The UCI network with ``nn.Dropout`` (``"dropout"``) or converted with concrete sites (``"concrete*"``).
 
     Args:
         device: where the parameters live.
         variant: ``"dropout"``, ``"concrete"`` or ``"concrete_noreg"``.
         seed: weights are initialised from this seed (the same weights for every variant).
+        package: the ``cd_convert`` package that converts it (``tools/ab_speed.py`` passes another revision's).
 
     Returns:
         The network in training mode.
@@ -136,14 +137,18 @@ def uci_network(device: torch.device, variant: str, seed: int = 0) -> nn.Module:
     if variant == "dropout":
         model: nn.Module = nn.Sequential(nn.Dropout(DATASET_P), first, nn.ReLU(), nn.Dropout(DATASET_P), second)
     else:
-        model = cd_convert.convert(
+        model = package.convert(
             nn.Sequential(first, nn.ReLU(), second), targets=[nn.Linear], dataset_size=ROWS, init_p=DATASET_P
         )
     return model.to(device).train()
 
 
 def step_fn(
-    model: nn.Module, regularise: bool, compiled: bool = False, foreach: Optional[bool] = None
+    model: nn.Module,
+    regularise: bool,
+    compiled: bool = False,
+    foreach: Optional[bool] = None,
+    package: Any = cd_convert,
 ) -> Callable[[Tensor, Tensor], None]:
     """One training step of ``model`` on a batch: loss, ``zero_grad``, backward, Adam ``step``.
 
@@ -155,6 +160,7 @@ def step_fn(
         foreach: Adam's ``foreach`` argument. PyTorch's default (None) is the per-parameter loop on the CPU,
             whose cost grows with the number of parameter tensors (each site adds one); True updates all of
             them with a few multi-tensor ops.
+        package: the ``cd_convert`` package whose ``regularization`` is added (the one that converted ``model``).
 
     Returns:
         A function of ``(x_batch, y_batch)``.
@@ -163,7 +169,7 @@ def step_fn(
 
     def loss_of(xb: Tensor, yb: Tensor) -> Tensor:
         loss = F.mse_loss(model(xb), yb)
-        return loss + cd_convert.regularization(model) if regularise else loss
+        return loss + package.regularization(model) if regularise else loss
 
     compute = torch.compile(loss_of) if compiled else loss_of
 
@@ -177,7 +183,13 @@ def step_fn(
 
 
 def epoch_fn(
-    model: nn.Module, x: Tensor, y: Tensor, regularise: bool, compiled: bool = False, foreach: Optional[bool] = None
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    regularise: bool,
+    compiled: bool = False,
+    foreach: Optional[bool] = None,
+    package: Any = cd_convert,
 ) -> Callable[[], None]:
     """One epoch (a fresh permutation, ``ceil(rows / BATCH)`` Adam steps) of ``model`` on ``(x, y)``.
 
@@ -187,11 +199,12 @@ def epoch_fn(
         regularise: add ``cd_convert.regularization(model)`` to the loss.
         compiled: compile the loss computation (see :func:`step_fn`).
         foreach: Adam's ``foreach`` argument (see :func:`step_fn`).
+        package: the ``cd_convert`` package that converted ``model`` (see :func:`step_fn`).
 
     Returns:
         A no-argument function running one epoch.
     """
-    step = step_fn(model, regularise, compiled, foreach)
+    step = step_fn(model, regularise, compiled, foreach, package)
     generator = torch.Generator().manual_seed(0)
 
     def fn() -> None:
@@ -295,11 +308,13 @@ def site_fn(site: nn.Module, shape: Tuple[int, int], device: torch.device) -> Ca
     x = torch.randn(shape, device=device, requires_grad=True)
     grad = torch.randn(shape, device=device)
 
+    logit = getattr(site, "p_logit", None)  # a site of any cd_convert revision (tools/ab_speed.py)
+
     def fn() -> None:
         x.grad = None
         site(x).backward(grad)
-        if isinstance(site, ConcreteDropout):
-            site.p_logit.grad = None
+        if logit is not None:
+            logit.grad = None
 
     return fn
 

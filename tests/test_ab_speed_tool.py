@@ -1,0 +1,41 @@
+"""tools/ab_speed.py: another revision's package is really a second import, and a short comparison runs."""
+
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+
+import cd_convert
+
+ab_speed = pytest.importorskip("tools.ab_speed")
+
+
+def _in_git_checkout() -> bool:
+    if shutil.which("git") is None:
+        return False
+    done = subprocess.run(["git", "-C", str(ab_speed.REPO_ROOT), "rev-parse", "HEAD"], capture_output=True)
+    return done.returncode == 0
+
+
+pytestmark = pytest.mark.skipif(not _in_git_checkout(), reason="needs the git checkout this file belongs to")
+
+
+def test_the_base_revision_is_a_separate_package():
+    dest = tempfile.mkdtemp(prefix="cd_ab_test_")
+    try:
+        base = ab_speed.import_revision("HEAD", dest)
+        assert base.__name__.startswith("cd_convert_") and base.__file__.startswith(dest)
+        assert base.ConcreteDropout is not cd_convert.ConcreteDropout
+        assert base.layers.concrete_dropout is not cd_convert.layers.concrete_dropout
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+
+
+def test_short_comparison_reports_paired_ratios(capsys):
+    out = ab_speed.main(["--rev", "HEAD", "--site-repeats", "3", "--epoch-repeats", "1", "--shape", "8x16"])
+    assert set(out) == {"site", "epoch"}
+    for ratios in out.values():
+        assert set(ratios) == {"tree_vs_base", "tree_vs_dropout", "base_vs_dropout"}
+        assert all(r > 0 for r in ratios.values())
+    assert "working tree / base" in capsys.readouterr().out

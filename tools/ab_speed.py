@@ -1,0 +1,161 @@
+"""Two revisions' CPU training cost side by side in one process: is a change faster, and by how much?
+
+Separate benchmark runs on a shared machine differ by 10-20% in absolute time, which hides the few-percent
+changes that per-call work on small networks comes down to. This tool exports another revision's
+``cd_convert`` package (``git archive``) into a temporary folder, imports it under another name next to the
+working tree's, and times both with the same functions of ``benchmarks/train_step.py``, interleaved (the
+order rotating every repeat):
+
+1. one site's forward + backward (``ConcreteDropout(0.1)`` of each revision, ``nn.Dropout(0.1)`` for scale)
+   at ``--shape``;
+2. one epoch of the paper's UCI network (``benchmarks/train_step.py``, section 1) converted by each
+   revision and trained on its loss plus that revision's ``regularization``, and the ``nn.Dropout`` network.
+
+It prints each variant's median and, what to read, the median of per-repeat ratios working tree / base
+(paired: both measured within the same round). The package is imported from the revision's tree, so it
+must not import itself by absolute name (``cd_convert`` uses relative imports throughout).
+
+Usage::
+
+    python -m tools.ab_speed --rev HEAD~1                   # the last commit's change
+    python -m tools.ab_speed --rev 4de9d4b --shape 64x16384 --site-repeats 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from types import ModuleType
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+import cd_convert
+from benchmarks import train_step
+from benchmarks.overhead import interleaved_times
+
+#: The repository this file belongs to (tools/ sits at its root).
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def import_revision(rev: str, dest: str) -> ModuleType:
+    """Import ``rev``'s ``cd_convert`` package, exported into ``dest``, as ``cd_convert_<sha>``.
+
+    Args:
+        rev: a git revision of this repository.
+        dest: an empty folder that outlives the import (the package's files are read from it).
+
+    Returns:
+        The imported package.
+
+    Raises:
+        subprocess.CalledProcessError: if ``rev`` is not a revision of the repository.
+    """
+    sha = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", rev], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    archive = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "archive", "--format=tar", sha, "cd_convert"], check=True, capture_output=True
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(dest)
+    name = f"cd_convert_{sha}"
+    os.rename(os.path.join(dest, "cd_convert"), os.path.join(dest, name))
+    # An earlier import of the same revision read its files from a folder that may be gone: import afresh.
+    for stale in [key for key in sys.modules if key == name or key.startswith(name + ".")]:
+        del sys.modules[stale]
+    sys.path.insert(0, dest)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(dest)
+
+
+def paired_ratio(times: Dict[str, List[float]], name: str, base: str) -> float:
+    """Median over the repeats of ``times[name][i] / times[base][i]``."""
+    return statistics.median(t / b for t, b in zip(times[name], times[base]))
+
+
+def site_times(base: ModuleType, shape: Tuple[int, int], repeats: int) -> Dict[str, List[float]]:
+    """Seconds per forward + backward of one site of each revision and of ``nn.Dropout``, interleaved."""
+    device = torch.device("cpu")
+    numel = shape[0] * shape[1]
+    fns = {
+        "dropout": train_step.site_fn(nn.Dropout(0.1).train(), shape, device),
+        "base": train_step.site_fn(base.ConcreteDropout(0.1).train(), shape, device),
+        "tree": train_step.site_fn(cd_convert.ConcreteDropout(0.1).train(), shape, device),
+    }
+    return interleaved_times(fns, repeats, inner=max(1, min(100, 200_000 // numel)), warmup=20, device=device)
+
+
+def epoch_times(base: ModuleType, repeats: int) -> Dict[str, List[float]]:
+    """Seconds per UCI-network epoch converted by each revision and with ``nn.Dropout``, interleaved."""
+    device = torch.device("cpu")
+    x, y = train_step.epoch_data(device)
+
+    def converted(package: ModuleType):
+        model = train_step.uci_network(device, "concrete", package=package)
+        return train_step.epoch_fn(model, x, y, regularise=True, package=package)
+
+    fns = {
+        "dropout": train_step.epoch_fn(train_step.uci_network(device, "dropout"), x, y, regularise=False),
+        "base": converted(base),
+        "tree": converted(cd_convert),
+    }
+    return interleaved_times(fns, repeats, inner=1, warmup=3, device=device)
+
+
+def report(title: str, times: Dict[str, List[float]], unit: str, scale: float) -> Dict[str, float]:
+    """Print medians and paired ratios; return ``{"tree_vs_base", "tree_vs_dropout", "base_vs_dropout"}``."""
+    ratios = {
+        "tree_vs_base": paired_ratio(times, "tree", "base"),
+        "tree_vs_dropout": paired_ratio(times, "tree", "dropout"),
+        "base_vs_dropout": paired_ratio(times, "base", "dropout"),
+    }
+    medians = ", ".join(f"{name} {statistics.median(ts) * scale:.1f} {unit}" for name, ts in times.items())
+    print(f"\n{title}: {medians}")
+    print(
+        f"  working tree / base {ratios['tree_vs_base']:.3f} (paired); x nn.Dropout: working tree "
+        f"{ratios['tree_vs_dropout']:.2f}, base {ratios['base_vs_dropout']:.2f}"
+    )
+    return ratios
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rev", default="HEAD", help="the revision to compare the working tree with (default HEAD)")
+    parser.add_argument("--shape", default="32x50", help="the site's input shape, ROWSxCOLS (default 32x50)")
+    parser.add_argument("--site-repeats", type=int, default=150, help="site samples per variant (default 150)")
+    parser.add_argument("--epoch-repeats", type=int, default=150, help="epochs per variant (default 150; 0 skips)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
+    args = parse_args(argv)
+    rows, cols = (int(v) for v in args.shape.lower().split("x"))
+    torch.set_num_threads(args.threads)
+    dest = tempfile.mkdtemp(prefix="cd_ab_")
+    try:
+        base = import_revision(args.rev, dest)
+        print(f"working tree against {args.rev} ({base.__name__}); torch {torch.__version__}, {args.threads} thread(s)")
+        out = {"site": report(f"site ({rows}, {cols})", site_times(base, (rows, cols), args.site_repeats), "us", 1e6)}
+        if args.epoch_repeats:
+            out["epoch"] = report("UCI-network epoch", epoch_times(base, args.epoch_repeats), "ms", 1e3)
+        return out
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -262,8 +262,8 @@ def epoch_section(device: torch.device, repeats: int, compiled: bool = False) ->
     rows = summarize(times, "dropout")
     for name, base in OWN_BASELINE.items():  # also against the nn.Dropout network run the same way
         if name in times:
-            rows[name]["own_ratio"] = statistics.median(times[name]) / statistics.median(times[base])
-            rows[name]["own_paired_ratio"] = statistics.median(t / b for t, b in zip(times[name], times[base]))
+            own = summarize({base: times[base], name: times[name]}, base)[name]
+            rows[name]["own_ratio"], rows[name]["own_paired_ratio"] = own["ratio"], own["paired_ratio"]
     return rows
 
 

@@ -14,17 +14,19 @@ paths side by side).
 
 At small shapes the Python around the ops counts as much as the ops: a site's call is routed here by one
 compact test (:func:`call_applies`) before :func:`cd_convert.layers.concrete_dropout` does any general
-set-up, and draws its noise with ``torch.rand`` directly below :data:`cd_convert.noise.PACKED_MIN_NUMEL`
-elements. Measured side by side at (32, 50), one thread, the routing and the small-mask noise made a site's
-forward + backward about 15% faster than going through the general set-up and the packed noise draw.
+set-up, and draws its noise through :func:`cd_convert.noise.eager_cpu_uniform` (``torch.rand`` below
+:data:`cd_convert.noise.PACKED_MIN_NUMEL` elements). Measured side by side at (32, 50), one thread, the
+routing and the small-mask noise made a site's forward + backward about 15% faster than going through the
+general set-up and the packed noise draw.
 
 Taken only on the CPU, in eager mode, for plain float32/float64 inputs with an element-wise mask and a 0-dim
-logit (:func:`call_applies`, :func:`site_applies`). Every other case (channel-wise masks, 16-bit inputs, tracers, functorch), and
-every other device (where a scalar read would synchronise with the device), uses the tensor formula; both
-compute the same values and gradients to rounding. The same treatment of the regulariser was measured and
-left out: it cut its ops from 28 to 9 (gradient accumulation aside) but saved no time in a training step (an
-autograd node's fixed cost dominates there), and cost 15% more at 50 sites. ``CD_CONVERT_HOST_SCALARS=0``
-in the environment, or ``cd_convert.host_scalars.ENABLED = False``, turns the path off.
+logit (:func:`call_applies`, :func:`site_applies`). Every other case (channel-wise masks, 16-bit inputs,
+tracers, functorch), and every other device (where a scalar read would synchronise with the device), uses
+the tensor formula; both compute the same values and gradients to rounding. The same treatment of the
+regulariser was measured and left out: it cut its ops from 28 to 9 (gradient accumulation aside) but saved
+no time in a training step (an autograd node's fixed cost dominates there), and cost 15% more at 50 sites.
+``CD_CONVERT_HOST_SCALARS=0`` in the environment, or ``cd_convert.host_scalars.ENABLED = False``, turns the
+path off.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ __all__ = ["ENABLED", "HostConcreteDropout", "call_applies", "site_applies"]
 ENABLED = os.environ.get("CD_CONVERT_HOST_SCALARS", "1") != "0"
 
 _FLOAT_TYPES = (torch.float32, torch.float64)
-
-
+#: Where the logit's gradient is built: explicitly, not on a default device set by the caller.
+_CPU = torch.device("cpu")
 #: Parameters are plain tensors here; subclasses (FakeTensor, DTensor, tensor wrappers) keep the tensor path.
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
@@ -86,17 +88,12 @@ def call_applies(x: Tensor, p_logit: Tensor) -> bool:
         True when the path is enabled, gradients are recorded and needed, no tracer or functorch transform is
         active, and ``x`` and the 0-dim logit are plain CPU float32/float64 tensors.
     """
-    # Written out rather than through _plain_cpu_float: on a small mask each function call costs measurably.
     return (
         ENABLED
         and torch.is_grad_enabled()
         and (x.requires_grad or p_logit.requires_grad)
-        and type(x) in _PLAIN_TYPES
-        and x.is_cpu
-        and x.dtype in _FLOAT_TYPES
-        and type(p_logit) in _PLAIN_TYPES
-        and p_logit.is_cpu
-        and p_logit.dtype in _FLOAT_TYPES
+        and _plain_cpu_float(x)
+        and _plain_cpu_float(p_logit)
         and p_logit.dim() == 0
         and not being_traced()
         and not functorch_active()
@@ -187,5 +184,5 @@ class HostConcreteDropout(torch.autograd.Function):
                 total = gy.sum().item()
                 kept_total = gy.mul_(mask).sum().item() / inverse_kept  # sum(g y w), in place on gy
                 value = p * total - (total - kept_total) / temperature
-                grad_logit = torch.full((), value, dtype=logit_dtype)
+                grad_logit = torch.full((), value, dtype=logit_dtype, device=_CPU)
         return (grad_x if needs_x else None), grad_logit, None, None, None, None

@@ -404,13 +404,7 @@ def concrete_dropout(
                 )
         elif not channelwise and host_scalars.call_applies(x, p_logit):
             # CPU float32/float64 with an element-wise mask: the scalar work on Python floats, fewer ops.
-            numel = x.numel()
-            # torch.rand directly below the packed draw's size: one call fewer on the small masks where it counts.
-            u = (
-                torch.rand(x.shape, dtype=x.dtype)
-                if numel < noise.PACKED_MIN_NUMEL
-                else noise.eager_cpu_uniform(x.shape, numel, x.dtype)
-            )
+            u = noise.eager_cpu_uniform(x.shape, x.numel(), x.dtype)
             return host_scalars.HostConcreteDropout.apply(x, p_logit, u, temperature, logit_bound(eps), save_output)
     cdt = _compute_dtype(x.dtype)
     shape = noise_shape(x, channelwise, channel_dim)

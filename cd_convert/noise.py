@@ -43,6 +43,8 @@ from ._tracing import being_traced
 
 __all__ = ["PACKED_MIN_NUMEL", "eager_cpu_uniform", "uniform"]
 
+#: Passed explicitly: a ``torch.device(...)`` context or ``torch.set_default_device`` must not move CPU noise.
+_CPU = torch.device("cpu")
 #: CPU float32 draws of at least this many elements use the packed draw; smaller ones ``torch.rand``.
 PACKED_MIN_NUMEL = 16384
 #: 23 random bits: the mantissa of a float32.
@@ -71,7 +73,7 @@ def _serial(
 
 def _packed_float32(shape: Sequence[int], numel: int, generator: Optional[torch.Generator]) -> Optional[Tensor]:
     """CPU float32 noise from packed 64-bit draws, or None when the tensor would be a subclass."""
-    words = torch.empty((numel + 1) // 2, dtype=torch.int64)
+    words = torch.empty((numel + 1) // 2, dtype=torch.int64, device=_CPU)  # not the default device
     if type(words) is not Tensor:  # FakeTensor or another subclass mode: keep the ordinary op
         return None
     # random_() on int64 draws on [0, 2**63): each 32-bit half has at least 31 random low bits.
@@ -117,9 +119,8 @@ def eager_cpu_uniform(
     """:func:`uniform` on the CPU for a caller that has already ruled out tracers and compilers.
 
     The site's CPU path (:func:`cd_convert.layers.concrete_dropout`, routing to
-    :mod:`cd_convert.host_scalars`) calls this directly for masks of :data:`PACKED_MIN_NUMEL` elements or
-    more, having checked what :func:`uniform` would check again (below that size it calls ``torch.rand``
-    itself: on a small mask each extra Python call costs a measurable share of the site).
+    :mod:`cd_convert.host_scalars`) calls this directly, having checked what :func:`uniform` would check
+    again: on a small mask each check costs a measurable share of the site.
 
     Args:
         shape: the shape of the noise.
@@ -135,4 +136,4 @@ def eager_cpu_uniform(
         noise = _packed_float32(shape, numel, generator)
         if noise is not None:
             return noise
-    return torch.rand(shape, dtype=dtype, **_generator_kwargs(generator))
+    return _serial(shape, _CPU, dtype, generator)

@@ -117,6 +117,18 @@ def test_p_logit_gradient_matches_closed_form(eager_path):
     torch.testing.assert_close(theta.grad, expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(32, 50), (64, 16384)])  # torch.rand noise, and the packed draw
+def test_cpu_site_ignores_a_default_device_context(shape, eager_path):
+    # Tensors built inside the site (noise, the logit's gradient) follow x, not `with torch.device(...)`.
+    site = ConcreteDropout(0.1)
+    x = torch.randn(shape, requires_grad=True)
+    with torch.device("meta"):
+        y = site(x)
+        y.sum().backward()
+    assert y.device.type == x.grad.device.type == site.p_logit.grad.device.type == "cpu"
+    assert torch.isfinite(site.p_logit.grad) and site.p_logit.grad != 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_noise_of_exactly_zero_keeps_the_unit_with_finite_gradients(dtype, eager_path):
     # torch.rand (the CPU's small-mask noise) can return 0: logit(0) = -inf, so z = 0 and the unit is kept

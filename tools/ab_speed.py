@@ -81,11 +81,6 @@ def import_revision(rev: str, dest: str) -> ModuleType:
         sys.path.remove(dest)
 
 
-def paired_ratio(times: Dict[str, List[float]], name: str, base: str) -> float:
-    """Median over the repeats of ``times[name][i] / times[base][i]``."""
-    return statistics.median(t / b for t, b in zip(times[name], times[base]))
-
-
 def site_times(base: ModuleType, shape: Tuple[int, int], repeats: int) -> Dict[str, List[float]]:
     """Seconds per forward + backward of one site of each revision and of ``nn.Dropout``, interleaved."""
     device = torch.device("cpu")
@@ -117,10 +112,11 @@ def epoch_times(base: ModuleType, repeats: int) -> Dict[str, List[float]]:
 
 def report(title: str, times: Dict[str, List[float]], unit: str, scale: float) -> Dict[str, float]:
     """Print medians and paired ratios; return ``{"tree_vs_base", "tree_vs_dropout", "base_vs_dropout"}``."""
+    against_dropout = train_step.summarize(times, "dropout")
     ratios = {
-        "tree_vs_base": paired_ratio(times, "tree", "base"),
-        "tree_vs_dropout": paired_ratio(times, "tree", "dropout"),
-        "base_vs_dropout": paired_ratio(times, "base", "dropout"),
+        "tree_vs_base": train_step.summarize(times, "base")["tree"]["paired_ratio"],
+        "tree_vs_dropout": against_dropout["tree"]["paired_ratio"],
+        "base_vs_dropout": against_dropout["base"]["paired_ratio"],
     }
     medians = ", ".join(f"{name} {statistics.median(ts) * scale:.1f} {unit}" for name, ts in times.items())
     print(f"\n{title}: {medians}")

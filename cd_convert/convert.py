@@ -207,6 +207,7 @@ def convert(
             "with a dropout rate > 0 (timm: drop_rate=0.1).",
             stacklevel=warn_stacklevel(),
         )
+    _warn_unsupported(model, plan_)
     target = model if inplace else copy.deepcopy(model)
     previous = get_collector(target)
     nested = [(m, c) for m, c in _all_collectors(target) if m is not target]
@@ -367,3 +368,15 @@ def freeze(model: nn.Module, *, strict: bool = True, inplace: bool = False) -> n
             change.freeze(target)
     target.__dict__.pop(COLLECTOR_ATTR, None)
     return target
+
+
+def _warn_unsupported(model: nn.Module, plan_: Plan) -> None:
+    """One warning naming the dropouts that keep their fixed rate because no kind of site can take them."""
+    names = [row.name for row in plan_.rows if row.status == "unsupported"]
+    if names:
+        shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        warnings.warn(
+            f"{len(names)} dropout(s) in {type(model).__name__} cannot be converted and keep their fixed rate: "
+            f"{shown}. cd_convert.report(model) says why for each (rows with status 'unsupported').",
+            stacklevel=warn_stacklevel(),
+        )

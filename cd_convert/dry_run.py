@@ -18,7 +18,11 @@ data-moving ops and records functional dropout calls, so that:
   the site is active;
 * each site's width K (the dropped feature dim of its first call, as the first training forward records it)
   is seen, so that the regulariser works before any forward; attention probabilities (a softmax's output,
-  or a call inside an attention interface) are left out: their width is the key length, not a feature.
+  or a call inside an attention interface) are left out: their width is the key length, not a feature;
+* ``scaled_dot_product_attention`` calls with ``dropout_p > 0`` that torch.fx could not see become fused
+  sites, like the ones a trace finds;
+* every fixed-rate mask drawn outside the forms above is reported (:mod:`cd_convert.mask_audit`), so that
+  dropout written another way is listed as unsupported instead of silently keeping its rate.
 """
 
 from __future__ import annotations
@@ -29,14 +33,17 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .callsites import FUNCTIONAL_DROPOUTS, bind_functional, call_key, caller_frame, function_name, owner_method
 from .consumers import TRANSPARENT_FUNCTIONS, TRANSPARENT_METHODS, ConsumerInfo, module_units
-from .found import Discovery, FoundSite
+from .found import Discovery, Finding, FoundSite
 from .integrations import transformers as hf
-from .layers import ConcreteDropoutBase
+from .layers import ConcreteDropout, ConcreteDropoutBase
+from .mask_audit import FixedMask, MaskAudit
 from .sites.base import ATTENTION_CONSUMER_NOTE, site_type_for
+from .sites.non_sites import NON_SITE_FUNCTIONS, is_non_site_module
 from .targets import is_dropout_module
 
 __all__ = ["confirm_with_dry_run"]
@@ -52,6 +59,11 @@ _NUDGE = 2.0**-30
 _SOFTMAX_FUNCTIONS = {torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax}
 #: The "producer" of softmax outputs (attention probabilities), followed through data-moving ops like a site's.
 _SOFTMAX = "<softmax>"
+_SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+#: Calls whose masks are dropout in a form discovery recognises (converted, or reported by their own kind).
+_KNOWN_MASK_FUNCTIONS = frozenset({*FUNCTIONAL_DROPOUTS, *NON_SITE_FUNCTIONS, F.scaled_dot_product_attention})
+#: Modules whose own code draws masks that their kind of site converts or reports (fused in torch's code).
+_KNOWN_MASK_MODULES = (nn.MultiheadAttention, nn.RNNBase)
 
 
 class _Recorder(TorchFunctionMode):
@@ -61,8 +73,16 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        result = func(*args, **kwargs)
-        if func in FUNCTIONAL_DROPOUTS:
+        # Masks drawn inside a recognised call belong to it (see _DryRun.accounted).
+        known = func in _KNOWN_MASK_FUNCTIONS
+        self.run.known_calls += known
+        try:
+            result = func(*args, **kwargs)
+        finally:
+            self.run.known_calls -= known
+        if func is F.scaled_dot_product_attention:
+            self.run.attention_call(args, kwargs, sys._getframe(1))
+        elif func in FUNCTIONAL_DROPOUTS:
             self.run.functional_call(func, args, kwargs, result, sys._getframe(1))
         elif func in _SOFTMAX_FUNCTIONS and isinstance(result, torch.Tensor):
             self.run.remember(result, _SOFTMAX)
@@ -118,6 +138,48 @@ class _DryRun:
         self.functional: Dict[Tuple[Any, str], Dict[str, Any]] = {}
         #: module name -> K of its first call (None: attention probabilities).
         self.widths: Dict[str, Optional[int]] = {}
+        #: (call location, owner name) -> the call, for scaled_dot_product_attention calls with dropout_p > 0.
+        self.attention: Dict[Tuple[Any, str], Dict[str, Any]] = {}
+        #: How many recognised dropout calls are running (their masks are accounted for).
+        self.known_calls = 0
+        #: (owner name, location) -> the first fixed-rate mask drawn there outside every recognised form.
+        self.fixed_masks: Dict[Tuple[str, str], FixedMask] = {}
+
+    def accounted(self) -> bool:
+        """Whether a mask drawn now belongs to a recognised form of dropout (or a reported non-site)."""
+        if self.known_calls:
+            return True
+        if not self.stack:
+            return False
+        inner = self.stack[-1]
+        if is_dropout_module(inner) or isinstance(inner, ConcreteDropoutBase) or is_non_site_module(inner):
+            return True
+        return any(isinstance(m, _KNOWN_MASK_MODULES) for m in self.stack)
+
+    def fixed_mask(self, mask: FixedMask) -> None:
+        """Record a mask drawn outside every recognised form (the first one per owner and code location)."""
+        owner = self.names.get(self.stack[-1], "") if self.stack else ""
+        self.fixed_masks.setdefault((owner, mask.location), mask)
+
+    def attention_call(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], frame: Any) -> None:
+        """Record a training-mode ``scaled_dot_product_attention`` call with a nonzero ``dropout_p``."""
+        bound = dict(zip(_SDPA_NAMES, args))
+        bound.update(kwargs)
+        p = bound.get("dropout_p", 0.0)
+        caller = caller_frame(frame)
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or p <= 0.0 or caller is None:
+            return
+        owner = self.stack[-1] if self.stack else self.model
+        owner_name = self.names.get(owner, "")
+        self.attention.setdefault(
+            (call_key(caller), owner_name),
+            {
+                "owner": owner_name,
+                "method": owner_method(caller, owner),
+                "p": p,
+                "rate_holder": self.rate_sources[p][0] if isinstance(p, float) and p in self.rate_sources else None,
+            },
+        )
 
     def remember(self, tensor: torch.Tensor, site: str) -> None:
         self.produced_by[id(tensor)] = site
@@ -202,9 +264,10 @@ def _borrowed(model: nn.Module) -> Iterator[Dict[float, Tuple[str, float]]]:
     """The model itself, ready for a dry run, and exactly as it was afterwards (also on errors).
 
     The dry run borrows the model instead of a copy, so that converting a model that fills the memory does
-    not need twice its size. For the duration: training mode, rates nudged (:func:`_nudge_rates`), eager
-    attention for transformers models, no autograd, a forked RNG; then modes, rates, the attention
-    implementation, the RNG and every buffer's values (BatchNorm statistics) are put back.
+    not need twice its size. For the duration: training mode, rates nudged (:func:`_nudge_rates`), no
+    autograd, a forked RNG; then modes, rates, the RNG and every buffer's values (BatchNorm statistics) are
+    put back. (Eager attention for the main pass is :func:`cd_convert.integrations.transformers.eager_attention`,
+    which restores the implementation itself.)
 
     Yields:
         The nudged rates' sources (nudged value -> (attribute path, original value)).
@@ -220,7 +283,7 @@ def _borrowed(model: nn.Module) -> Iterator[Dict[float, Tuple[str, float]]]:
     sources, nudges = _nudge_rates(model)
     try:
         model.train()
-        with torch.random.fork_rng(devices=cuda), torch.no_grad(), hf.eager_attention(model):
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
             yield sources
     finally:
         for module, attr, value in nudges:
@@ -233,6 +296,62 @@ def _borrowed(model: nn.Module) -> Iterator[Dict[float, Tuple[str, float]]]:
             module.training = mode
 
 
+@contextlib.contextmanager
+def _hooked(model: nn.Module, run: _DryRun) -> Iterator[None]:
+    """``run``'s forward pre- and post-hooks on every module of ``model`` for the duration."""
+    handles = []
+    try:
+        for module in model.modules():
+            handles.append(module.register_forward_pre_hook(run.pre_hook))
+            handles.append(module.register_forward_hook(run.post_hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _native_pass(
+    model: nn.Module, sources: Dict[float, Tuple[str, float]], example_inputs: ExampleInputs
+) -> Optional[_DryRun]:
+    """A pass with the model's own attention implementation, recording which modules and dropout calls run.
+
+    Attention modules of transformers may choose their path by the configured implementation in their own code
+    (Falcon's ALiBi attention passes ``self.attention_dropout.p`` into ``scaled_dot_product_attention`` and calls
+    the module only on its eager path). The main pass forces eager attention; comparing it with this one finds
+    the dropout that only the eager path applies, whose sites then need eager attention while active.
+
+    Returns:
+        The pass's record, or None when the implementation cannot run here (flash attention on the CPU).
+    """
+    native = _DryRun(model, sources)
+    rng = torch.get_rng_state()
+    try:
+        with _hooked(model, native), _Recorder(native):
+            _run(model, example_inputs)
+    except Exception:  # the main pass, on eager attention, reports any failure of the model itself
+        return None
+    finally:
+        torch.set_rng_state(rng)  # the main pass draws what it would have drawn alone
+    return native
+
+
+def _mark_eager_only(run: _DryRun, native: _DryRun) -> None:
+    """Count the dropout that only forced eager attention applied as attention-interface dropout.
+
+    A dropout module (or functional call) is eager-only when the main pass ran it and the native pass did not,
+    although the native pass ran the module that holds it (so a layer skipped at random, LayerDrop, is not
+    mistaken for one).
+    """
+    for name in run.called - native.called:
+        parent = name.rpartition(".")[0]
+        module = run.model.get_submodule(name)
+        if is_dropout_module(module) and parent in native.called:
+            run.through_interface.add(name)
+    for key, call in run.functional.items():
+        if key not in native.functional and call["owner"] in native.called:
+            call["attention_interface"] = True
+
+
 def confirm_with_dry_run(model: nn.Module, discovery: Discovery, example_inputs: ExampleInputs) -> None:
     """Update ``discovery`` in place from one training-mode forward pass of ``model``.
 
@@ -241,18 +360,13 @@ def confirm_with_dry_run(model: nn.Module, discovery: Discovery, example_inputs:
         discovery: what tracing / module search found.
         example_inputs: positional inputs (tuple or list) or keyword inputs (dict) for ``model``.
     """
-    handles = []
     with _borrowed(model) as sources:
+        native = None if hf.attention_is_eager(model) else _native_pass(model, sources, example_inputs)
         run = _DryRun(model, sources)
-        try:
-            for module in model.modules():
-                handles.append(module.register_forward_pre_hook(run.pre_hook))
-                handles.append(module.register_forward_hook(run.post_hook))
-            with _Recorder(run):
-                _run(model, example_inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
+        with hf.eager_attention(model), _hooked(model, run), _Recorder(run), MaskAudit(run.accounted, run.fixed_mask):
+            _run(model, example_inputs)
+    if native is not None:
+        _mark_eager_only(run, native)
     discovery.called_modules |= run.called
     discovery.method = f"{discovery.method} + dry run"
     discovery.dry_run = True
@@ -296,6 +410,50 @@ def confirm_with_dry_run(model: nn.Module, discovery: Discovery, example_inputs:
         else:
             site.consumer_note = "no weight layer read its output in the dry run"
         discovery.sites.append(site)
+    _add_attention_sites(discovery, run)
+    _add_fixed_mask_findings(discovery, run)
+
+
+def _add_attention_sites(discovery: Discovery, run: _DryRun) -> None:
+    """Fused sites for the ``scaled_dot_product_attention`` calls with dropout that discovery had not found."""
+    known = {(s.key, s.owner) for s in discovery.sites if s.key is not None}
+    # An attention module whose dropout module's rate is passed into the kernel is already a site (no key).
+    fused_owners = {s.owner for s in discovery.sites if s.kind == "fused" and s.key is None}
+    for (key, owner), call in run.attention.items():
+        if (key, owner) in known or owner in fused_owners or call["method"] is None:
+            continue
+        discovery.sites.append(
+            FoundSite(
+                kind="fused",
+                owner=owner,
+                site_type=ConcreteDropout,
+                p=run.original_rate(call["p"]),
+                found_by="dry run",
+                consumer_note=ATTENTION_CONSUMER_NOTE,
+                function="F.scaled_dot_product_attention",
+                key=key,
+                method=call["method"],
+                fused_op="scaled_dot_product_attention",
+                rate_holder=call["rate_holder"],
+                notes=["computed as explicit attention (softmax, concrete dropout, matmul) in training"],
+            )
+        )
+
+
+def _add_fixed_mask_findings(discovery: Discovery, run: _DryRun) -> None:
+    """A finding for each fixed-rate mask drawn outside every recognised form of dropout."""
+    for (owner, _), mask in run.fixed_masks.items():
+        name = owner or "<root>"
+        if mask.per_example:
+            detail = f"a per-example mask ({mask.describe()}): stochastic depth or drop-path, left as it is"
+            discovery.findings.append(Finding(name, "not a dropout site", detail))
+            continue
+        detail = (
+            f"a fixed-rate mask ({mask.describe()}) is drawn outside the forms of dropout cd_convert converts "
+            "(nn.Dropout* modules, F.dropout calls, dropout_p of scaled_dot_product_attention), so it keeps its "
+            "fixed rate. To learn that rate, apply the dropout with nn.Dropout or F.dropout in the model's code"
+        )
+        discovery.findings.append(Finding(name, "unsupported", detail))
 
 
 def _set_consumer(site: FoundSite, found: List[ConsumerInfo]) -> None:

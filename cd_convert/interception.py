@@ -15,9 +15,11 @@ torch's own code, where a code location cannot be told apart).
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import sys
 import warnings
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch.nn as nn
 import torch.nn.functional as F
@@ -37,6 +39,8 @@ __all__ = [
 ]
 
 INTERCEPTOR_ATTR = "_cd_convert_interceptors"
+#: Marks an attribute that was not in an instance's ``__dict__``.
+_ABSENT = object()
 
 #: handler(owner, site, func, args, kwargs) -> the call's result computed with the site.
 Handler = Callable[[nn.Module, nn.Module, Callable, Tuple[Any, ...], Dict[str, Any]], Any]
@@ -93,13 +97,54 @@ class MethodInterceptor:
         route = self.routes.get(key)
         return route[0] if route else None
 
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """The signature of the method stood in for, so that code inspecting it (transformers'
+        ``apply_chunking_to_forward`` counts the parameters of the function it chunks) sees the real one."""
+        return inspect.signature(getattr(type(self.owner), self.method).__get__(self.owner))
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         function = getattr(type(self.owner), self.method)
         if self.runner is not None:
             child, runner = self.runner
             return runner(self.owner, getattr(self.owner, child), function, args, kwargs)
-        with _Dispatch(self):
+        with _Dispatch(self), self._routed_recomputation():
             return function(self.owner, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def _routed_recomputation(self) -> Iterator[None]:
+        """Inside the block, a checkpointed forward of the owner recomputes with its calls routed too.
+
+        transformers checkpoints a ``GradientCheckpointingLayer`` by replacing the class's ``forward`` with a
+        wrapper that calls ``self._gradient_checkpointing_func(partial(<the original forward>, self), ...)``.
+        The backward pass recomputes that original forward outside this interceptor, so its dropout calls would
+        run at their fixed rate: a different graph from the forward pass's (wrong gradients with
+        ``use_reentrant=True``, a ``CheckpointError`` without). While the owner's method runs, its checkpoint
+        function is replaced on the instance by one that runs the checkpointed function under this routing.
+        """
+        owner = self.owner
+        checkpoint = getattr(owner, "_gradient_checkpointing_func", None)
+        if self.method != "forward" or checkpoint is None or not getattr(owner, "gradient_checkpointing", False):
+            yield
+            return
+        interceptor = self
+
+        def routed_checkpoint(function: Callable, *args: Any, **kwargs: Any) -> Any:
+            def routed(*inner_args: Any, **inner_kwargs: Any) -> Any:
+                with _Dispatch(interceptor):
+                    return function(*inner_args, **inner_kwargs)
+
+            return checkpoint(routed, *args, **kwargs)
+
+        own = owner.__dict__.get("_gradient_checkpointing_func", _ABSENT)
+        owner.__dict__["_gradient_checkpointing_func"] = routed_checkpoint
+        try:
+            yield
+        finally:
+            if own is _ABSENT:
+                owner.__dict__.pop("_gradient_checkpointing_func", None)
+            else:
+                owner.__dict__["_gradient_checkpointing_func"] = own
 
     def dispatch(self, func: Callable, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[bool, Any]:
         """Handle one intercepted call; returns ``(handled, result)``."""

@@ -391,3 +391,125 @@ def test_a_mixed_precision_training_step_with_the_regulariser(family):
     optimizer.step()
     after = dict(converted.named_parameters())
     assert all(not torch.equal(before[n], after[n].detach()) for n in before)
+
+
+def _gradients(model, inputs, seed=1):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = model(**inputs, use_cache=False)
+    (out.logits.square().mean() + cd.regularization(model)).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_recomputes_with_the_routed_sites(reentrant):
+    # BART's residual F.dropout calls are in the checkpointed layer's own forward: the recomputation in backward
+    # must route them to the same sites (with the same noise), or the gradients are those of another graph.
+    config = transformers.BartConfig(
+        vocab_size=64,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=32,
+        dropout=0.1,
+        attention_dropout=0.1,
+        activation_dropout=0.1,
+    )
+    torch.manual_seed(0)
+    model = cd.convert(transformers.BartForConditionalGeneration(config), dataset_size=100)
+    assert any(r.kind == "functional" for r in cd.report(model).rows)
+    ids = torch.randint(3, 64, (2, 6))
+    inputs = {"input_ids": ids, "decoder_input_ids": ids}
+    plain = _gradients(model, inputs)
+    checkpointed = copy.deepcopy(model)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    recomputed = _gradients(checkpointed, inputs)
+    assert recomputed.keys() == plain.keys()
+    for name, grad in plain.items():
+        torch.testing.assert_close(recomputed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_routed_method_keeps_its_signature():
+    # transformers' apply_chunking_to_forward counts the parameters of the function it chunks (XLM's ff_chunk,
+    # whose F.dropout call is routed): the interceptor standing in for it must show the method's own signature.
+    config = transformers.XLMConfig(
+        vocab_size=64, emb_dim=16, n_layers=1, n_heads=2, dropout=0.1, attention_dropout=0.1
+    )
+    torch.manual_seed(0)
+    model = cd.convert(transformers.XLMForSequenceClassification(config), dataset_size=100)
+    ffn = model.transformer.ffns[0]
+    assert "ff_chunk" in ffn.__dict__  # routed on the instance
+    assert list(inspect.signature(ffn.ff_chunk).parameters) == ["input"]
+    ids = torch.randint(3, 64, (2, 6))
+    model.train()(input_ids=ids).logits.sum().backward()
+    assert ffn.ff_chunk_dropout.p_logit.grad is not None
+    model.eval()
+    model(input_ids=ids)
+
+
+def test_dropout_only_the_eager_path_applies_gets_eager_attention_while_active():
+    # Falcon's ALiBi attention passes attention_dropout.p into SDPA with the configured implementation and calls
+    # the module only on its eager path: the site must select that path in training (not hand SDPA a tensor).
+    config = transformers.FalconConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        alibi=True,
+        hidden_dropout=0.1,
+        attention_dropout=0.15,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    original = transformers.FalconForCausalLM(config)
+    model = cd.convert(original, dataset_size=100)
+    row = {r.name: r for r in cd.report(model).rows}["transformer.h.0.self_attention.attention_dropout"]
+    assert (row.kind, row.status) == ("attention", "converted")
+    ids = torch.randint(3, 64, (2, 6))
+    model.train()
+    assert fixed_rate_dropout_calls(model, {"input_ids": ids, "use_cache": False}) == []
+    model(input_ids=ids, use_cache=False).logits.square().mean().backward()
+    assert model.transformer.h[0].self_attention.attention_dropout.p_logit.grad != 0
+    assert config._attn_implementation == "sdpa"  # restored after the forward
+    model.eval()
+    original.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, original(input_ids=ids).logits)
+
+
+def test_attention_dropout_inside_a_torch_function_is_reported_not_silently_kept():
+    # WavLM passes its attention dropout into F.multi_head_attention_forward (no nn.MultiheadAttention module):
+    # no site can be placed inside torch's function, so the conversion says so (row and warning).
+    config = transformers.WavLMConfig(
+        vocab_size=32,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        conv_dim=(8, 8),
+        conv_kernel=(10, 3),
+        conv_stride=(5, 2),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        num_buckets=16,
+        max_bucket_distance=32,
+        layerdrop=0.0,
+        apply_spec_augment=False,
+        mask_time_prob=0.0,
+        hidden_dropout=0.1,
+        activation_dropout=0.05,
+        attention_dropout=0.15,
+        feat_proj_dropout=0.1,
+        final_dropout=0.2,
+    )
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"cannot be converted and keep their fixed rate: 'wavlm.encoder.layers.0"):
+        model = cd.convert(transformers.WavLMForCTC(config), dataset_size=100)
+    rows = [r for r in cd.report(model).rows if r.status == "unsupported"]
+    assert [r.name for r in rows] == ["wavlm.encoder.layers.0.attention"]
+    assert "p=0.15" in rows[0].original

@@ -36,6 +36,7 @@ __all__ = [
     "is_transformers_model",
     "example_inputs_for",
     "eager_attention",
+    "attention_is_eager",
     "called_through_attention_interface",
     "eager_switches",
 ]
@@ -88,6 +89,11 @@ def _select_eager(configs: List[Any]) -> List[Tuple[Any, Optional[str]]]:
 def _restore(saved: List[Tuple[Any, Optional[str]]]) -> None:
     for config, value in saved:
         config.__dict__[_IMPLEMENTATION] = value
+
+
+def attention_is_eager(model: nn.Module) -> bool:
+    """Whether every attention config of ``model`` already selects eager attention (True without any)."""
+    return all(config._attn_implementation in (None, "eager") for config in _attention_configs(model))
 
 
 @contextlib.contextmanager

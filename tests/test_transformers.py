@@ -513,3 +513,129 @@ def test_attention_dropout_inside_a_torch_function_is_reported_not_silently_kept
     rows = [r for r in cd.report(model).rows if r.status == "unsupported"]
     assert [r.name for r in rows] == ["wavlm.encoder.layers.0.attention"]
     assert "p=0.15" in rows[0].original
+
+
+_BERT_TINY = dict(
+    vocab_size=64,
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=32,
+    hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.1,
+)
+_BART_TINY = dict(
+    vocab_size=64,
+    d_model=16,
+    encoder_layers=1,
+    decoder_layers=1,
+    encoder_attention_heads=2,
+    decoder_attention_heads=2,
+    encoder_ffn_dim=32,
+    decoder_ffn_dim=32,
+    max_position_embeddings=32,
+    dropout=0.1,
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=2,
+    decoder_start_token_id=2,
+)
+
+
+def _vision_encoder_decoder():
+    encoder = transformers.ViTConfig(
+        image_size=16,
+        patch_size=8,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        hidden_dropout_prob=0.1,
+    )
+    decoder = transformers.GPT2Config(
+        vocab_size=64,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        n_positions=32,
+        add_cross_attention=True,
+        resid_pdrop=0.1,
+    )
+    config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id, config.pad_token_id = 1, 0
+    return transformers.VisionEncoderDecoderModel(config)
+
+
+_BUILT_INPUTS = {
+    "multiple choice": lambda: transformers.BertForMultipleChoice(transformers.BertConfig(**_BERT_TINY)),
+    "encoder-decoder classifier": lambda: transformers.BartForSequenceClassification(
+        transformers.BartConfig(**_BART_TINY, num_labels=3)
+    ),
+    "vision encoder-decoder": _vision_encoder_decoder,
+    "text and image, one config": lambda: transformers.ViltForQuestionAnswering(
+        transformers.ViltConfig(**_BERT_TINY, image_size=16, patch_size=8, num_labels=3)
+    ),
+    "speech2text features": lambda: transformers.Speech2TextForConditionalGeneration(
+        transformers.Speech2TextConfig(
+            **{k: v for k, v in _BART_TINY.items() if k != "max_position_embeddings"},
+            max_source_positions=64,
+            max_target_positions=64,
+            input_feat_per_channel=8,
+            conv_channels=16,
+            num_conv_layers=2,
+            conv_kernel_sizes=(5, 5),
+        )
+    ),
+    "wav2vec2-bert features": lambda: transformers.Wav2Vec2BertForCTC(
+        transformers.Wav2Vec2BertConfig(
+            vocab_size=32,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            feature_projection_input_dim=8,
+            conv_depthwise_kernel_size=3,
+            hidden_dropout=0.1,
+            layerdrop=0.0,
+            apply_spec_augment=False,
+            mask_time_prob=0.0,
+            position_embeddings_type="relative_key",
+            left_max_position_embeddings=8,
+            right_max_position_embeddings=8,
+        )
+    ),
+    "reformer axial positions": lambda: transformers.ReformerModelWithLMHead(
+        transformers.ReformerConfig(
+            vocab_size=64,
+            hidden_size=16,
+            attention_head_size=8,
+            num_attention_heads=2,
+            attn_layers=["local"],
+            axial_pos_shape=[4, 4],
+            axial_pos_embds_dim=[8, 8],
+            feed_forward_size=32,
+            local_attn_chunk_length=4,
+            max_position_embeddings=16,
+            is_decoder=True,
+            pad_token_id=0,
+            eos_token_id=2,
+            hidden_dropout_prob=0.1,
+        )
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_BUILT_INPUTS))
+def test_dry_run_inputs_are_built_for_more_input_layouts(case):
+    torch.manual_seed(0)
+    original = _BUILT_INPUTS[case]()
+    model = cd.convert(original, dataset_size=100)  # no example_inputs: built from the config
+    assert [r for r in cd.report(model).rows if r.status == "converted"], cd.report(model)
+    inputs = cd.integrations.transformers.example_inputs_for(model)
+    model.train()
+    assert fixed_rate_dropout_calls(model, inputs) == []
+    model.eval()
+    original.eval()
+    with torch.no_grad():
+        assert torch.equal(_first_output(model(**inputs)), _first_output(original(**inputs)))

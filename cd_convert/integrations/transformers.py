@@ -152,12 +152,18 @@ def _config_value(config: Any, *names: str, default: Any = None) -> Any:
     return default
 
 
-def _sub_config(config: Any, name: str) -> Any:
-    return getattr(config, name, None) or config
+def _vision_config(config: Any) -> Any:
+    """Where the image shape is: the vision sub-config, a vision encoder's config (VisionEncoderDecoder), or the
+    config itself."""
+    for name in ("vision_config", "encoder"):
+        sub = getattr(config, name, None)
+        if sub is not None and getattr(sub, "image_size", None) is not None:
+            return sub
+    return config
 
 
 def _pixel_values(config: Any) -> torch.Tensor:
-    vision = _sub_config(config, "vision_config")
+    vision = _vision_config(config)
     size = _config_value(vision, "image_size", default=224)
     size = size if isinstance(size, int) else int(size[0])
     channels = _config_value(vision, "num_channels", default=3)
@@ -165,6 +171,15 @@ def _pixel_values(config: Any) -> torch.Tensor:
 
 
 def _input_features(config: Any) -> torch.Tensor:
+    """Filter-bank features in the layout the config describes.
+
+    Whisper: ``(B, mel bins, 2 * max_source_positions)``; Speech2Text: ``(B, frames, features per channel x
+    channels)``; Wav2Vec2-BERT: ``(B, frames, feature_projection_input_dim)``.
+    """
+    if getattr(config, "input_feat_per_channel", None) is not None:
+        return torch.randn(_BATCH, 4 * _SEQ, config.input_feat_per_channel * getattr(config, "input_channels", 1))
+    if getattr(config, "feature_projection_input_dim", None) is not None:
+        return torch.randn(_BATCH, 2 * _SEQ, config.feature_projection_input_dim)
     mel_bins = _config_value(config, "num_mel_bins", default=80)
     frames = 2 * _config_value(config, "max_source_positions", default=1500)
     return torch.randn(_BATCH, mel_bins, frames)
@@ -178,12 +193,32 @@ def _input_values(config: Any) -> torch.Tensor:
     return torch.randn(_BATCH, 16 * ratio)
 
 
+def _sequence_length(config: Any) -> int:
+    """8 tokens, or what the model requires in training (Reformer: the product of its axial position shape)."""
+    axial = getattr(config, "axial_pos_shape", None)
+    if axial and getattr(config, "axial_pos_embds", True):
+        length = 1
+        for size in axial:
+            length *= int(size)
+        return length
+    return _SEQ
+
+
+def _text_config(config: Any) -> Any:
+    """Where the vocabulary is: the text sub-config, a text decoder's config (VisionEncoderDecoder), or the config."""
+    for name in ("text_config", "decoder"):
+        sub = getattr(config, name, None)
+        if sub is not None and getattr(sub, "vocab_size", None) is not None:
+            return sub
+    return config
+
+
 def _token_ids(config: Any) -> torch.Tensor:
-    text = _sub_config(config, "text_config")
+    text = _text_config(config)
     vocab = _config_value(text, "vocab_size", default=100)
     generator = torch.Generator().manual_seed(0)
     # Start at 3 so that no id is a pad/bos/eos id of the usual tokenizers (BART shifts on pad tokens).
-    return torch.randint(min(3, vocab - 1), vocab, (_BATCH, _SEQ), generator=generator)
+    return torch.randint(min(3, vocab - 1), vocab, (_BATCH, _sequence_length(text)), generator=generator)
 
 
 def example_inputs_for(model: nn.Module) -> Dict[str, Any]:
@@ -232,6 +267,17 @@ def example_inputs_for(model: nn.Module) -> Dict[str, Any]:
         # An explicit all-ones mask: without one, masks are derived from positions (data-dependent code that
         # a model on the meta device cannot run).
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    text = _text_config(config)
+    eos, vocab = getattr(text, "eos_token_id", None), _config_value(text, "vocab_size", default=0)
+    if type(model).__name__.endswith("ForSequenceClassification") and "input_ids" in inputs:
+        # Sequence classifiers of encoder-decoders (BART) read the state at each example's end-of-sequence token.
+        if isinstance(eos, int) and 0 <= eos < vocab:
+            inputs["input_ids"][:, -1] = eos
+    if type(model).__name__.endswith("ForMultipleChoice"):
+        # (batch, choices, length): two choices per example.
+        for name in ("input_ids", "attention_mask"):
+            if name in inputs:
+                inputs[name] = inputs[name].unsqueeze(1).expand(-1, 2, -1).contiguous()
     if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in parameters:
         start = _config_value(config, "decoder_start_token_id", "bos_token_id", default=0)
         ids = _token_ids(config)
@@ -257,8 +303,16 @@ def _on_model_device(model: nn.Module, inputs: Dict[str, Any]) -> Dict[str, Any]
 
 
 def _has_sub_config_for(config: Any, name: str) -> bool:
-    """Text-image models (CLIP, SigLIP, ...) take both token ids and pixels: they hold both sub-configs."""
-    return getattr(config, "text_config" if name == "input_ids" else "vision_config", None) is not None
+    """Whether a model whose main input is another one takes ``name`` too.
+
+    Text-image models (CLIP, SigLIP, ...) hold both sub-configs; a single-config text-image model (ViLT) has
+    a vocabulary and an image size.
+    """
+    if name == "input_ids":
+        return getattr(config, "text_config", None) is not None
+    return getattr(config, "vision_config", None) is not None or (
+        getattr(config, "image_size", None) is not None and getattr(config, "vocab_size", None) is not None
+    )
 
 
 # -- the run-time switch -------------------------------------------------------------------------------

@@ -175,9 +175,10 @@ def discover(
         except Exception as err:  # the model's own forward failed on these inputs; the model is restored
             raise ConversionError(
                 f"the dry run of {type(model).__name__} on {_describe(example_inputs)} failed with "
-                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. Nothing was changed. Pass "
-                "example_inputs= that the model's forward accepts (a tuple of positional or a dict of keyword "
-                "arguments)."
+                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. Nothing was changed. The "
+                "dry run calls the model in training mode: pass example_inputs= that its forward accepts in training "
+                "(a tuple of positional or a dict of keyword arguments; a detection model, for one, needs its "
+                "targets too)."
             ) from err
     for site in discovery.sites:
         if site.consumer is not None and site.site_type.channelwise:
@@ -195,8 +196,17 @@ def _describe(example_inputs: Any) -> str:
 
 
 def _shape(value: Any) -> str:
+    """An input as error-message text: tensors by shape, also inside lists, tuples and dicts (never values)."""
     shape = getattr(value, "shape", None)
-    return f"tensor{tuple(shape)}" if shape is not None else repr(value)
+    if shape is not None:
+        return f"tensor{tuple(shape)}"
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(_shape(v) for v in value[:4]) + (", ..." if len(value) > 4 else "")
+        return f"[{inner}]" if isinstance(value, list) else f"({inner})"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {_shape(v)}" for k, v in list(value.items())[:6]) + "}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _holds_sites(module: nn.Module) -> bool:

@@ -93,11 +93,29 @@ class _Recorder(TorchFunctionMode):
         return result
 
 
+class _TaggedZero(float):
+    """A rate of 0 that knows which attribute it was read from.
+
+    A rate of 0 cannot be nudged (code such as ``if self.drop_rate:`` must take the branch it takes in the real
+    model), so it is tagged instead: still 0.0 for every comparison and operation, it carries its attribute path
+    to the call that receives it (torchvision's Swin passes ``self.attention_dropout = 0.0`` into its attention
+    function). Arithmetic on it gives a plain float, and then the source is unknown, as for a nudged rate.
+    """
+
+    source: str
+
+    def __new__(cls, source: str) -> "_TaggedZero":
+        rate = super().__new__(cls, 0.0)
+        rate.source = source
+        return rate
+
+
 def _nudge_rates(model: nn.Module) -> Tuple[Dict[float, Tuple[str, float]], List[Tuple[nn.Module, str, float]]]:
-    """Give every nonzero dropout-rate attribute of ``model`` a value of its own.
+    """Give every nonzero dropout-rate attribute of ``model`` a value of its own, and tag every rate of 0.
 
     Candidates are the ``p`` of dropout modules and float attributes whose name contains "drop". Rates of 0
-    are left at 0 (code such as ``if self.drop_rate:`` must take the branch it takes in the real model).
+    stay 0 (code such as ``if self.drop_rate:`` must take the branch it takes in the real model) but become a
+    :class:`_TaggedZero` that names its attribute.
 
     Args:
         model: the model (changed in place; the caller restores it).
@@ -112,7 +130,13 @@ def _nudge_rates(model: nn.Module) -> Tuple[Dict[float, Tuple[str, float]], List
     for name, module in model.named_modules():
         for attr, value in list(vars(module).items()):
             is_rate = (attr == "p" and is_dropout_module(module)) or ("drop" in attr.lower() and attr[0] != "_")
-            if not is_rate or isinstance(value, bool) or not isinstance(value, float) or not 0.0 < value < 1.0:
+            if not is_rate or isinstance(value, bool) or not isinstance(value, float):
+                continue
+            if value == 0.0:
+                setattr(module, attr, _TaggedZero(f"{name}.{attr}" if name else attr))
+                restore.append((module, attr, value))
+                continue
+            if not 0.0 < value < 1.0:
                 continue
             count += 1
             nudged = value + count * _NUDGE
@@ -177,7 +201,7 @@ class _DryRun:
                 "owner": owner_name,
                 "method": owner_method(caller, owner),
                 "p": p,
-                "rate_holder": self.rate_sources[p][0] if isinstance(p, float) and p in self.rate_sources else None,
+                "rate_holder": self.rate_holder(p),
             },
         )
 
@@ -232,7 +256,7 @@ class _DryRun:
             "p": p,
             "training": bound.get("training"),
             "label": label,
-            "rate_holder": self.rate_sources[p][0] if isinstance(p, float) and p in self.rate_sources else None,
+            "rate_holder": self.rate_holder(p),
             "attention_interface": through_interface,
             "width": width,
         }
@@ -244,6 +268,12 @@ class _DryRun:
         if attention or self.produced_by.get(id(x)) == _SOFTMAX:
             return None
         return site_type.feature_width(x.shape)
+
+    def rate_holder(self, p: Any) -> Optional[str]:
+        """The attribute a call's rate was read from (``"module.path.attribute"``), when the pass can tell."""
+        if isinstance(p, _TaggedZero):
+            return p.source
+        return self.rate_sources[p][0] if isinstance(p, float) and p in self.rate_sources else None
 
     def original_rate(self, p: Any) -> Optional[float]:
         """The rate a call would get in the real model (the nudge undone)."""
@@ -257,6 +287,28 @@ def _run(model: nn.Module, example_inputs: ExampleInputs) -> Any:
     if isinstance(example_inputs, dict):
         return model(**example_inputs)
     return model(*example_inputs)
+
+
+#: What :func:`_module_state` keeps of a module: its own attributes, then its registered children, parameters
+#: and buffers (each a name -> object dict, copied).
+_ModuleState = Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any], Dict[str, Any]]
+
+
+def _registries(module: nn.Module) -> _ModuleState:
+    return module.__dict__, module._modules, module._parameters, module._buffers
+
+
+def _module_state(module: nn.Module) -> _ModuleState:
+    """Shallow copies of a module's attribute dict and of its children, parameters and buffers dicts."""
+    return tuple(dict(registry) for registry in _registries(module))  # type: ignore[return-value]
+
+
+def _restore_module_state(module: nn.Module, state: _ModuleState) -> None:
+    """Put back every entry of :func:`_module_state` that was replaced, added or removed (by identity)."""
+    for current, saved in zip(_registries(module), state):
+        if current.keys() != saved.keys() or any(current[k] is not v for k, v in saved.items()):
+            current.clear()
+            current.update(saved)
 
 
 @contextlib.contextmanager
@@ -273,6 +325,10 @@ def _borrowed(model: nn.Module) -> Iterator[Dict[float, Tuple[str, float]]]:
         The nudged rates' sources (nudged value -> (attribute path, original value)).
     """
     modes = {m: m.training for m in model.modules()}
+    # The forward may change the model itself (BigBird switches to full attention on short inputs, swapping in
+    # new attention modules): every module's attributes and registered children, parameters and buffers are
+    # put back by identity.
+    states = [(module, _module_state(module)) for module in model.modules()]
     buffers = [
         (module, name, buffer, buffer.detach().clone())
         for module in model.modules()
@@ -288,6 +344,8 @@ def _borrowed(model: nn.Module) -> Iterator[Dict[float, Tuple[str, float]]]:
     finally:
         for module, attr, value in nudges:
             setattr(module, attr, value)
+        for module, state in states:
+            _restore_module_state(module, state)
         with torch.no_grad():
             for module, name, buffer, saved in buffers:
                 module._buffers[name] = buffer
@@ -384,7 +442,10 @@ def confirm_with_dry_run(model: nn.Module, discovery: Discovery, example_inputs:
         elif site.kind == "functional" and site.key is not None:
             site.called = (site.key, site.owner) in run.functional
             if site.called:
-                site.units_hint = run.functional[(site.key, site.owner)]["width"]
+                call = run.functional[(site.key, site.owner)]
+                site.units_hint = call["width"]
+                # torch.fx sees a call's rate as a constant: where it is read from is known from the pass only.
+                site.rate_holder = site.rate_holder or call["rate_holder"]
     known = {(s.key, s.owner) for s in discovery.sites if s.key is not None}
     for (key, owner), call in run.functional.items():
         if (key, owner) in known or call["training"] is False or call["method"] is None:

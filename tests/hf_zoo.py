@@ -1,6 +1,7 @@
 """Tiny Hugging Face transformers models for the converter tests, and a detector for fixed-rate dropout.
 
-Both come from :mod:`benchmarks.transformers_coverage`, the one source of the tiny configs and of the
+Both come from the coverage benchmark (:mod:`benchmarks.transformers_families`,
+:mod:`benchmarks.transformers_coverage`), the one source of the tiny configs and of the
 detector: every model is built from a tiny config with random weights (nothing is downloaded) and with every
 dropout rate its config declares set nonzero, so that each dropout the architecture has is really applied in
 training; ``fixed_rate_dropout_calls`` lists each dropout of a forward pass that still draws its mask at a
@@ -19,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks import transformers_coverage as coverage
+from benchmarks import transformers_families as families
 from benchmarks.transformers_coverage import fixed_rate_dropout_calls
 
 __all__ = ["CORE_FAMILIES", "HF_FAMILIES", "HFCase", "TESTED_FAMILIES", "fixed_rate_dropout_calls"]
@@ -36,7 +37,7 @@ class HFCase(NamedTuple):
     loss_fn: Callable[[Any], torch.Tensor]
 
 
-def _builder(family: coverage.Family) -> Callable[[], HFCase]:
+def _builder(family: families.Family) -> Callable[[], HFCase]:
     """A zero-argument builder of one benchmark family.
 
     Args:
@@ -48,8 +49,8 @@ def _builder(family: coverage.Family) -> Callable[[], HFCase]:
     """
 
     def build() -> HFCase:
-        model, _ = coverage.build(family)
-        return HFCase(model, coverage.make_inputs(family.inputs, model.config), coverage.data_loss)
+        model, _ = families.build(family)
+        return HFCase(model, families.make_inputs(family.inputs, model.config), families.data_loss)
 
     build.__name__ = f"build_{family.name}"
     return build
@@ -93,7 +94,7 @@ TESTED_FAMILIES = (
     "wav2vec2",
 )
 
-_BY_NAME = {family.name: family for family in coverage.FAMILIES}
+_BY_NAME = {family.name: family for family in families.FAMILIES}
 
 #: The tested families of the coverage benchmark, in the order above: name -> builder.
 HF_FAMILIES: "OrderedDict[str, Callable[[], HFCase]]" = OrderedDict(

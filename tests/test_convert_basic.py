@@ -3,6 +3,7 @@ expects of a converted model (eval equality, state_dict keys, copies, devices, r
 from __future__ import annotations
 
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -586,6 +587,56 @@ def test_dry_run_borrows_the_model_and_restores_it_exactly():
     assert functional.original.startswith("F.dropout") and functional.p == 0.25
 
 
+def test_a_forward_that_changes_its_own_module_is_undone_after_the_dry_run():
+    """A forward that rewires the model (BigBird falls back to full attention on short inputs, swapping in new
+    attention modules) must not leave the caller's model, or the converted copy, changed by the dry run."""
+
+    class SelfRewiring(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mode, self.path = "sparse", nn.Linear(6, 6)
+            self.drop = nn.Dropout(0.2)
+
+        def forward(self, x):
+            if x.sum() > 1e9:  # data-dependent: torch.fx cannot trace, so the dry run does the work
+                return x
+            if x.shape[0] < 8 and self.mode == "sparse":
+                self.mode, self.path = "full", nn.Linear(6, 6)  # a permanent switch, as BigBird makes it
+                self.cache = x.shape
+            return self.drop(self.path(x))
+
+    torch.manual_seed(0)
+    model = SelfRewiring()
+    path = model.path
+    converted = cd.convert(model, dataset_size=10, example_inputs=(torch.randn(4, 6),))
+    for m in (model, converted):
+        assert m.mode == "sparse" and not hasattr(m, "cache")
+    assert model.path is path
+    assert {n for n, _ in converted.named_parameters()} == {"path.weight", "path.bias", "drop.p_logit"}
+    x = torch.randn(16, 6)
+    with torch.no_grad():
+        assert torch.equal(converted.eval()(x), model.eval()(x))
+
+
+def test_a_failing_dry_run_names_nested_inputs_by_shape_and_says_it_trains():
+    class Detector(nn.Module):  # like torchvision's detection models: targets are required in training
+        def __init__(self):
+            super().__init__()
+            self.drop = nn.Dropout(0.2)
+
+        def forward(self, images, targets=None):
+            if self.training and targets is None:
+                raise AssertionError("targets should not be none when in training mode")
+            return [self.drop(image) for image in images]
+
+    images = [torch.randn(3, 40, 50), torch.randn(3, 40, 50)]
+    with pytest.raises(cd.ConversionError) as caught:
+        cd.convert(Detector(), dataset_size=10, example_inputs=(images,))
+    message = str(caught.value)
+    assert "on inputs ([tensor(3, 40, 50), tensor(3, 40, 50)])" in message
+    assert "training mode" in message and len(message) < 600 and "\n" not in message
+
+
 def test_a_failing_dry_run_is_a_clear_error_and_changes_nothing():
     model = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.2), nn.Linear(3, 2)).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -593,3 +644,36 @@ def test_a_failing_dry_run_is_a_clear_error_and_changes_nothing():
         cd.convert(model, dataset_size=10, example_inputs=(torch.randn(2, 5),), inplace=True)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert type(model[1]) is nn.Dropout and model.training
+
+
+def _attention_like(x, attention_dropout: float, dropout: float, training: bool):
+    # Both rates reach F.dropout as arguments of a plain function, as in torchvision's shifted_window_attention.
+    x = nn.functional.dropout(x.softmax(-1), p=attention_dropout, training=training)
+    return nn.functional.dropout(x, p=dropout, training=training)
+
+
+class _TwoRates(nn.Module):
+    def __init__(self, attention_dropout: float, dropout: float):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.attention_dropout, self.dropout = attention_dropout, dropout
+
+    def forward(self, x):
+        return _attention_like(self.fc(x), self.attention_dropout, self.dropout, self.training)
+
+
+@pytest.mark.parametrize("rates", [(0.0, 0.0), (0.1, 0.2)])
+def test_freeze_writes_rates_passed_through_a_function_to_their_attributes(rates):
+    # Rates of 0 are tagged in the dry run (two attributes both 0.0 cannot be told apart by value), and the rate
+    # source a dry run traces is kept for calls torch.fx found.
+    torch.manual_seed(0)
+    model = _TwoRates(*rates)
+    converted = cd.convert(model, dataset_size=10, example_inputs=(torch.randn(2, 6),))
+    sites = {n: m for n, m in converted.named_modules() if isinstance(m, cd.ConcreteDropoutBase)}
+    assert len(sites) == 2
+    with torch.no_grad():
+        for site, p in zip(sites.values(), (0.3, 0.4)):
+            site.p_logit.fill_(math.log(p / (1 - p)))
+    frozen = cd.freeze(converted)
+    assert (frozen.attention_dropout, frozen.dropout) == pytest.approx((0.3, 0.4))
+    assert (model.attention_dropout, model.dropout) == rates and type(model.dropout) is float

@@ -121,3 +121,29 @@ def test_freeze_writes_the_learned_rate_into_multihead_attention():
     assert frozen.att.dropout == pytest.approx(torch.sigmoid(torch.tensor(-0.5)).item())
     x = torch.randn(2, 5, 8)
     assert torch.equal(model.eval()(x), frozen.eval()(x))
+
+
+@pytest.mark.parametrize("include_zero_rate", [True, False])
+def test_multihead_attention_at_rate_zero_follows_the_rate_zero_policy(include_zero_rate):
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(8, 2, dropout=0.0, batch_first=True)
+
+        def forward(self, x):
+            return self.mha(x, x, x)[0]
+
+    torch.manual_seed(0)
+    model = Block()
+    x = torch.randn(2, 5, 8)
+    converted = cd.convert(model, dataset_size=10, include_zero_rate=include_zero_rate)
+    (row,) = [r for r in cd.report(converted).rows if r.name.startswith("mha")]
+    if not include_zero_rate:
+        assert row.status.startswith("skipped")
+        return
+    assert (row.kind, row.status, row.original_p) == ("fused", "converted", 0.0)
+    with torch.no_grad():
+        assert torch.equal(converted.eval()(x), model.eval()(x))
+    converted.train()(x).square().mean().backward()
+    (logit,) = [p for n, p in converted.named_parameters() if n.endswith("p_logit")]
+    assert logit.grad is not None and logit.grad != 0

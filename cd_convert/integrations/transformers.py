@@ -194,7 +194,14 @@ def _input_values(config: Any) -> torch.Tensor:
 
 
 def _sequence_length(config: Any) -> int:
-    """8 tokens, or what the model requires in training (Reformer: the product of its axial position shape)."""
+    """8 tokens, or what the model needs to take its configured path.
+
+    Reformer trains only on the product of its axial position shape; BigBird's block-sparse attention falls back
+    to full attention on sequences of at most ``(5 + 2 * num_random_blocks) * block_size`` tokens.
+    """
+    block = getattr(config, "block_size", None)
+    if getattr(config, "attention_type", None) == "block_sparse" and isinstance(block, int):
+        return max(_SEQ, (6 + 2 * int(getattr(config, "num_random_blocks", 0))) * block)
     axial = getattr(config, "axial_pos_shape", None)
     if axial and getattr(config, "axial_pos_embds", True):
         length = 1

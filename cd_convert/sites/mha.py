@@ -118,8 +118,8 @@ class MultiheadAttentionKind(SiteKind):
 
     @staticmethod
     def _record(sites: list, name: str, module: nn.MultiheadAttention, found_by: str, called: Optional[bool]) -> None:
-        if module.dropout <= 0.0:
-            return
+        # A rate of 0 is recorded too: whether it becomes a site is the planner's rate-0 policy
+        # (include_zero_rate), as for every other kind of dropout.
         sites.append(
             FoundSite(
                 kind=MultiheadAttentionKind.name,

@@ -76,6 +76,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import cd_convert
 from benchmarks.common import Timeout, guard
+from benchmarks.dropout_detector import fixed_dropout
 
 DATASET_SIZE = 1000
 NUM_CLASSES = 10
@@ -362,54 +363,6 @@ def data_loss(case: Case, output: Any, inputs: Inputs) -> torch.Tensor:
 # ------------------------------------------------------------------------------------- fixed-rate dropout
 
 
-def _schema_arg(func: Any, args: Sequence[Any], kwargs: Dict[str, Any], name: str) -> Any:
-    """The value an aten op was called with for its schema argument ``name`` (the default when omitted)."""
-    for index, argument in enumerate(func._schema.arguments):
-        if argument.name == name:
-            if name in kwargs:
-                return kwargs[name]
-            if index < len(args) and not argument.kwarg_only:
-                return args[index]
-            return argument.default_value if argument.has_default_value() else None
-    return None
-
-
-_DROPOUT_OPS = frozenset(
-    {"native_dropout", "dropout", "dropout_", "feature_dropout", "feature_dropout_", "alpha_dropout", "alpha_dropout_"}
-)
-
-
-def fixed_rate_op(func: Any, args: Sequence[Any], kwargs: Dict[str, Any]) -> Optional[str]:
-    """A one-line description when an aten call draws a mask at a fixed nonzero rate, else None.
-
-    Args:
-        func: the aten op overload.
-        args: its positional arguments.
-        kwargs: its keyword arguments.
-
-    Returns:
-        ``"aten.op p=... on (shape)"`` for ``native_dropout``/``dropout``/... with p > 0 (not train=False),
-        ``bernoulli``/``bernoulli_`` with a keep probability below 1 (or a tensor of them), or a
-        scaled-dot-product-attention kernel with ``dropout_p`` > 0; None otherwise.
-    """
-    namespace, _, name = func._schema.name.partition("::")
-    if namespace != "aten":
-        return None
-    shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else "?"
-    if name in _DROPOUT_OPS:
-        p, train = _schema_arg(func, args, kwargs, "p"), _schema_arg(func, args, kwargs, "train")
-        return None if train is False or not p else f"aten.{name} p={float(p):g} on {shape}"
-    if name in ("bernoulli", "bernoulli_"):
-        keep = _schema_arg(func, args, kwargs, "p")
-        if keep is None or isinstance(keep, torch.Tensor):
-            return f"aten.{name} (tensor of probabilities) on {shape}"
-        return None if float(keep) >= 1.0 else f"aten.{name} p={1.0 - float(keep):g} on {shape}"
-    if "scaled_dot_product" in name and "attention" in name and not name.endswith("_backward"):
-        p = _schema_arg(func, args, kwargs, "dropout_p")
-        return f"aten.{name} dropout_p={float(p):g}" if p else None
-    return None
-
-
 class DropoutCounter(TorchDispatchMode):
     """Lists the fixed-rate dropout ops run inside it; those inside torchvision's StochasticDepth apart.
 
@@ -461,7 +414,7 @@ class DropoutCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
-        found = fixed_rate_op(func, args, kwargs)
+        found = fixed_dropout(func, args, kwargs)
         if found is not None:
             (self.stochastic_depth if self._depth else self.calls).append(found)
         return func(*args, **kwargs)

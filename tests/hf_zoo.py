@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmarks import transformers_families as families
-from benchmarks.transformers_coverage import fixed_rate_dropout_calls
+from benchmarks.dropout_detector import fixed_rate_dropout_calls
 
 __all__ = ["CORE_FAMILIES", "HF_FAMILIES", "HFCase", "TESTED_FAMILIES", "fixed_rate_dropout_calls"]
 

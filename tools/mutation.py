@@ -675,6 +675,47 @@ MUTATIONS: Tuple[Mutation, ...] = (
         'll_ok = versus["ll_diff_mean"] >= 0.0',
         _UCI,
     ),
+    # --- conversion across model registries: the dry run, routed methods
+    Mutation(
+        "audit-accounts-every-mask",
+        "dropout written as a custom autograd function keeps its fixed rate and nothing says so",
+        "cd_convert/dry_run.py",
+        "        if self.known_calls:\n            return True",
+        "        if True:\n            return True",
+        ("tests/test_mask_audit.py",),
+    ),
+    Mutation(
+        "dry-run-leaves-forward-changes",
+        "convert() changes the caller's model when its forward rewires itself (BigBird's full-attention switch)",
+        "cd_convert/dry_run.py",
+        "        for module, state in states:\n            _restore_module_state(module, state)\n",
+        "",
+        ("tests/test_convert_basic.py",),
+    ),
+    Mutation(
+        "zero-rate-untagged",
+        "freeze refuses a model whose rate-0 attributes reach F.dropout through a function (torchvision Swin)",
+        "cd_convert/dry_run.py",
+        '                setattr(module, attr, _TaggedZero(f"{name}.{attr}" if name else attr))',
+        "                pass",
+        ("tests/test_convert_basic.py",),
+    ),
+    Mutation(
+        "checkpoint-recompute-unrouted",
+        "gradient checkpointing recomputes routed dropout at its fixed rate: other gradients, or CheckpointError",
+        "cd_convert/interception.py",
+        "        with _Dispatch(self), self._routed_recomputation():",
+        "        with _Dispatch(self):",
+        ("tests/test_transformers.py::test_gradient_checkpointing_recomputes_with_the_routed_sites",),
+    ),
+    Mutation(
+        "eager-only-dropout-unswitched",
+        "dropout only the eager attention path applies gets no eager switch: the configured path crashes in training",
+        "cd_convert/dry_run.py",
+        "        _mark_eager_only(run, native)",
+        "        pass",
+        ("tests/test_transformers.py::test_dropout_only_the_eager_path_applies_gets_eager_attention_while_active",),
+    ),
 )
 
 

@@ -639,3 +639,53 @@ def test_dry_run_inputs_are_built_for_more_input_layouts(case):
     original.eval()
     with torch.no_grad():
         assert torch.equal(_first_output(model(**inputs)), _first_output(original(**inputs)))
+
+
+_BRANCH_INPUTS = {
+    "decoder with cross-attention": (
+        lambda: transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(
+                vocab_size=64,
+                n_embd=16,
+                n_layer=1,
+                n_head=2,
+                n_positions=32,
+                add_cross_attention=True,
+                attn_pdrop=0.1,
+            )
+        ),
+        lambda: {"input_ids": torch.randint(3, 64, (2, 6)), "encoder_hidden_states": torch.randn(2, 5, 16)},
+    ),
+    "image size as input_size": (
+        lambda: transformers.LayoutLMv3ForSequenceClassification(
+            transformers.LayoutLMv3Config(
+                vocab_size=64,
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=32,
+                max_position_embeddings=64,
+                hidden_dropout_prob=0.1,
+                coordinate_size=4,
+                shape_size=8,
+                input_size=32,
+                patch_size=8,
+                rel_pos_bins=8,
+                max_rel_pos=16,
+                rel_2d_pos_bins=8,
+                max_rel_2d_pos=32,
+            )
+        ),
+        lambda: {"input_ids": torch.randint(3, 64, (2, 6)), "pixel_values": torch.randn(2, 3, 32, 32)},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_BRANCH_INPUTS))
+def test_dry_run_inputs_reach_the_branches_real_inputs_take(case):
+    # Built inputs that leave out encoder states or pixels convert, but the cross-attention's or the image
+    # patches' dropout never runs in the dry run and keeps its fixed rate when real inputs reach it.
+    build, real_inputs = _BRANCH_INPUTS[case]
+    torch.manual_seed(0)
+    model = cd.convert(build(), dataset_size=100)
+    assert fixed_rate_dropout_calls(model.train(), real_inputs()) == []

@@ -152,19 +152,23 @@ def _config_value(config: Any, *names: str, default: Any = None) -> Any:
     return default
 
 
+#: Config fields that give the image size (LayoutLMv3 calls it ``input_size``).
+_IMAGE_SIZE_FIELDS = ("image_size", "input_size")
+
+
 def _vision_config(config: Any) -> Any:
-    """Where the image shape is: the vision sub-config, a vision encoder's config (VisionEncoderDecoder), or the
-    config itself."""
-    for name in ("vision_config", "encoder"):
+    """Where the image shape is: the vision sub-config (``image_config`` in FLAVA), a vision encoder's config
+    (VisionEncoderDecoder), or the config itself."""
+    for name in ("vision_config", "image_config", "encoder"):
         sub = getattr(config, name, None)
-        if sub is not None and getattr(sub, "image_size", None) is not None:
+        if sub is not None and _config_value(sub, *_IMAGE_SIZE_FIELDS) is not None:
             return sub
     return config
 
 
 def _pixel_values(config: Any) -> torch.Tensor:
     vision = _vision_config(config)
-    size = _config_value(vision, "image_size", default=224)
+    size = _config_value(vision, *_IMAGE_SIZE_FIELDS, default=224)
     size = size if isinstance(size, int) else int(size[0])
     channels = _config_value(vision, "num_channels", default=3)
     return torch.randn(_BATCH, channels, size, size)
@@ -280,6 +284,11 @@ def example_inputs_for(model: nn.Module) -> Dict[str, Any]:
         # Sequence classifiers of encoder-decoders (BART) read the state at each example's end-of-sequence token.
         if isinstance(eos, int) and 0 <= eos < vocab:
             inputs["input_ids"][:, -1] = eos
+    if "encoder_hidden_states" in parameters and getattr(config, "add_cross_attention", False):
+        # A decoder with cross-attention (GPT-2, BERT as a decoder): without encoder states that attention and
+        # its dropout never run.
+        hidden = _config_value(config, "hidden_size", "n_embd", default=32)
+        inputs["encoder_hidden_states"] = torch.randn(_BATCH, _SEQ, hidden)
     if type(model).__name__.endswith("ForMultipleChoice"):
         # (batch, choices, length): two choices per example.
         for name in ("input_ids", "attention_mask"):
@@ -312,14 +321,14 @@ def _on_model_device(model: nn.Module, inputs: Dict[str, Any]) -> Dict[str, Any]
 def _has_sub_config_for(config: Any, name: str) -> bool:
     """Whether a model whose main input is another one takes ``name`` too.
 
-    Text-image models (CLIP, SigLIP, ...) hold both sub-configs; a single-config text-image model (ViLT) has
-    a vocabulary and an image size.
+    Text-image models (CLIP, SigLIP, FLAVA, ...) hold both sub-configs; a single-config text-image model (ViLT,
+    LayoutLMv3) has a vocabulary and an image size.
     """
     if name == "input_ids":
         return getattr(config, "text_config", None) is not None
-    return getattr(config, "vision_config", None) is not None or (
-        getattr(config, "image_size", None) is not None and getattr(config, "vocab_size", None) is not None
-    )
+    if getattr(config, "vision_config", None) is not None or getattr(config, "image_config", None) is not None:
+        return True
+    return _config_value(config, *_IMAGE_SIZE_FIELDS) is not None and getattr(config, "vocab_size", None) is not None
 
 
 # -- the run-time switch -------------------------------------------------------------------------------

@@ -77,6 +77,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import cd_convert
 from benchmarks.common import Timeout, guard
 from benchmarks.dropout_detector import fixed_dropout
+from benchmarks.transformers_families import output_tensors
 
 DATASET_SIZE = 1000
 NUM_CLASSES = 10
@@ -326,17 +327,6 @@ def make_inputs(case: Case) -> Inputs:
 
 
 # -------------------------------------------------------------------------------------------------- losses
-
-
-def output_tensors(output: Any) -> List[torch.Tensor]:
-    """Every tensor in a model output (tensor, namedtuple, dict, list of dicts, nested), in order."""
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, dict):
-        return [t for value in output.values() for t in output_tensors(value)]
-    if isinstance(output, (list, tuple)):
-        return [t for value in output for t in output_tensors(value)]
-    return []
 
 
 def data_loss(case: Case, output: Any, inputs: Inputs) -> torch.Tensor:

@@ -393,6 +393,34 @@ def test_a_mixed_precision_training_step_with_the_regulariser(family):
     assert all(not torch.equal(before[n], after[n].detach()) for n in before)
 
 
+_BERT_TINY = dict(
+    vocab_size=64,
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=32,
+    hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.1,
+)
+_BART_TINY = dict(
+    vocab_size=64,
+    d_model=16,
+    encoder_layers=1,
+    decoder_layers=1,
+    encoder_attention_heads=2,
+    decoder_attention_heads=2,
+    encoder_ffn_dim=32,
+    decoder_ffn_dim=32,
+    max_position_embeddings=32,
+    dropout=0.1,
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=2,
+    decoder_start_token_id=2,
+)
+
+
 def _gradients(model, inputs, seed=1):
     model.train()
     model.zero_grad(set_to_none=True)
@@ -406,20 +434,7 @@ def _gradients(model, inputs, seed=1):
 def test_gradient_checkpointing_recomputes_with_the_routed_sites(reentrant):
     # BART's residual F.dropout calls are in the checkpointed layer's own forward: the recomputation in backward
     # must route them to the same sites (with the same noise), or the gradients are those of another graph.
-    config = transformers.BartConfig(
-        vocab_size=64,
-        d_model=16,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        max_position_embeddings=32,
-        dropout=0.1,
-        attention_dropout=0.1,
-        activation_dropout=0.1,
-    )
+    config = transformers.BartConfig(**_BART_TINY, attention_dropout=0.1, activation_dropout=0.1)
     torch.manual_seed(0)
     model = cd.convert(transformers.BartForConditionalGeneration(config), dataset_size=100)
     assert any(r.kind == "functional" for r in cd.report(model).rows)
@@ -513,34 +528,6 @@ def test_attention_dropout_inside_a_torch_function_is_reported_not_silently_kept
     rows = [r for r in cd.report(model).rows if r.status == "unsupported"]
     assert [r.name for r in rows] == ["wavlm.encoder.layers.0.attention"]
     assert "p=0.15" in rows[0].original
-
-
-_BERT_TINY = dict(
-    vocab_size=64,
-    hidden_size=16,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    intermediate_size=32,
-    max_position_embeddings=32,
-    hidden_dropout_prob=0.1,
-    attention_probs_dropout_prob=0.1,
-)
-_BART_TINY = dict(
-    vocab_size=64,
-    d_model=16,
-    encoder_layers=1,
-    decoder_layers=1,
-    encoder_attention_heads=2,
-    decoder_attention_heads=2,
-    encoder_ffn_dim=32,
-    decoder_ffn_dim=32,
-    max_position_embeddings=32,
-    dropout=0.1,
-    pad_token_id=1,
-    bos_token_id=0,
-    eos_token_id=2,
-    decoder_start_token_id=2,
-)
 
 
 def _vision_encoder_decoder():

@@ -676,3 +676,21 @@ def test_dry_run_inputs_reach_the_branches_real_inputs_take(case):
     torch.manual_seed(0)
     model = cd.convert(build(), dataset_size=100)
     assert fixed_rate_dropout_calls(model.train(), real_inputs()) == []
+
+
+@pytest.mark.parametrize("family", ["llava", "paligemma", "idefics2"])
+def test_vision_language_models_get_one_image_token_per_image_feature(family):
+    # These models refuse input_ids whose image tokens do not match the image features; the built inputs count
+    # the features from the model itself. Families of the coverage benchmark, with every rate nonzero.
+    from benchmarks import transformers_families as families
+
+    original, _ = families.build(next(f for f in families.FAMILIES if f.name == family))
+    model = cd.convert(original, dataset_size=100)  # no example_inputs
+    inputs = cd.integrations.transformers.example_inputs_for(model)
+    image_token = model.config.image_token_id
+    assert (inputs["input_ids"] == image_token).sum() > 0
+    assert fixed_rate_dropout_calls(model.train(), inputs) == []
+    model.eval()
+    original.eval()
+    with torch.no_grad():
+        assert torch.equal(_first_output(model(**inputs)), _first_output(original(**inputs)))

@@ -301,7 +301,45 @@ def example_inputs_for(model: nn.Module) -> Dict[str, Any]:
         inputs["decoder_input_ids"] = ids
     if "use_cache" in parameters:
         inputs["use_cache"] = False
-    return _on_model_device(model, inputs)
+    return _with_image_tokens(model, _on_model_device(model, inputs))
+
+
+def _with_image_tokens(model: nn.Module, inputs: Dict[str, Any]) -> Dict[str, Any]:
+    """For a vision-language model (LLaVA, PaliGemma, ...): one image token in ``input_ids`` per image feature.
+
+    These models put each image's features where ``input_ids`` holds their image token and refuse a count that
+    does not match. The count is read from ``get_image_features`` on the built pixels (its ``pooler_output``:
+    the projected features, one ``(tokens, dim)`` tensor per image or a ``(images, tokens, dim)`` tensor), run
+    without gradients on a fork of the RNG. Models without an integer ``image_token_id`` or that method, or
+    whose features cannot be read this way, keep their inputs (the dry run then says what went wrong).
+    """
+    token = getattr(model.config, "image_token_id", None)
+    ids, pixels = inputs.get("input_ids"), inputs.get("pixel_values")
+    if not isinstance(token, int) or ids is None or pixels is None or not hasattr(model, "get_image_features"):
+        return inputs
+    devices = [pixels.device.index or 0] if pixels.device.type == "cuda" else []
+    features = None
+    # (batch, channels, height, width), or (batch, images, channels, height, width) as Idefics takes them.
+    for candidate in (pixels, pixels.unsqueeze(1)):
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                features = model.get_image_features(pixel_values=candidate)
+        except Exception:  # noqa: BLE001 - any failure leaves the inputs as they were
+            continue
+        pixels = candidate
+        break
+    if features is None:
+        return inputs
+    features = getattr(features, "pooler_output", features)
+    first = features[0] if isinstance(features, (list, tuple)) else features
+    if not isinstance(first, torch.Tensor) or first.dim() < 2:
+        return inputs
+    count = first.shape[-2]
+    image_ids = torch.full((ids.shape[0], count), token, dtype=ids.dtype, device=ids.device)
+    inputs = dict(inputs, input_ids=torch.cat([image_ids, ids], dim=1), pixel_values=pixels)
+    if "attention_mask" in inputs:
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    return inputs
 
 
 def _on_model_device(model: nn.Module, inputs: Dict[str, Any]) -> Dict[str, Any]:

@@ -42,6 +42,7 @@ from .found import Discovery, Finding, FoundSite
 from .integrations import transformers as hf
 from .layers import ConcreteDropout, ConcreteDropoutBase
 from .mask_audit import FixedMask, MaskAudit
+from .sites.attention import SDPA_ARGUMENTS
 from .sites.base import ATTENTION_CONSUMER_NOTE, site_type_for
 from .sites.non_sites import NON_SITE_FUNCTIONS, is_non_site_module
 from .targets import is_dropout_module
@@ -59,7 +60,6 @@ _NUDGE = 2.0**-30
 _SOFTMAX_FUNCTIONS = {torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax}
 #: The "producer" of softmax outputs (attention probabilities), followed through data-moving ops like a site's.
 _SOFTMAX = "<softmax>"
-_SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 #: Calls whose masks are dropout in a form discovery recognises (converted, or reported by their own kind).
 _KNOWN_MASK_FUNCTIONS = frozenset({*FUNCTIONAL_DROPOUTS, *NON_SITE_FUNCTIONS, F.scaled_dot_product_attention})
 #: Modules whose own code draws masks that their kind of site converts or reports (fused in torch's code).
@@ -110,7 +110,7 @@ class _TaggedZero(float):
         return rate
 
 
-def _nudge_rates(model: nn.Module) -> Tuple[Dict[float, Tuple[str, float]], List[Tuple[nn.Module, str, float]]]:
+def _nudge_rates(model: nn.Module) -> Dict[float, Tuple[str, float]]:
     """Give every nonzero dropout-rate attribute of ``model`` a value of its own, and tag every rate of 0.
 
     Candidates are the ``p`` of dropout modules and float attributes whose name contains "drop". Rates of 0
@@ -118,14 +118,12 @@ def _nudge_rates(model: nn.Module) -> Tuple[Dict[float, Tuple[str, float]], List
     :class:`_TaggedZero` that names its attribute.
 
     Args:
-        model: the model (changed in place; the caller restores it).
+        model: the model (changed in place; :func:`_borrowed` puts every attribute back).
 
     Returns:
-        nudged value -> (``"module.path.attribute"``, original value); and ``(module, attribute, original)``
-        for each nudge, to restore.
+        nudged value -> (``"module.path.attribute"``, original value).
     """
     sources: Dict[float, Tuple[str, float]] = {}
-    restore: List[Tuple[nn.Module, str, float]] = []
     count = 0
     for name, module in model.named_modules():
         for attr, value in list(vars(module).items()):
@@ -134,7 +132,6 @@ def _nudge_rates(model: nn.Module) -> Tuple[Dict[float, Tuple[str, float]], List
                 continue
             if value == 0.0:
                 setattr(module, attr, _TaggedZero(f"{name}.{attr}" if name else attr))
-                restore.append((module, attr, value))
                 continue
             if not 0.0 < value < 1.0:
                 continue
@@ -143,9 +140,8 @@ def _nudge_rates(model: nn.Module) -> Tuple[Dict[float, Tuple[str, float]], List
             if nudged >= 1.0 or nudged in sources:
                 continue
             setattr(module, attr, nudged)
-            restore.append((module, attr, value))
             sources[nudged] = (f"{name}.{attr}" if name else attr, value)
-    return sources, restore
+    return sources
 
 
 class _DryRun:
@@ -187,7 +183,7 @@ class _DryRun:
 
     def attention_call(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], frame: Any) -> None:
         """Record a training-mode ``scaled_dot_product_attention`` call with a nonzero ``dropout_p``."""
-        bound = dict(zip(_SDPA_NAMES, args))
+        bound = dict(zip(SDPA_ARGUMENTS, args))
         bound.update(kwargs)
         p = bound.get("dropout_p", 0.0)
         caller = caller_frame(frame)
@@ -324,10 +320,9 @@ def _borrowed(model: nn.Module) -> Iterator[Dict[float, Tuple[str, float]]]:
     Yields:
         The nudged rates' sources (nudged value -> (attribute path, original value)).
     """
-    modes = {m: m.training for m in model.modules()}
-    # The forward may change the model itself (BigBird switches to full attention on short inputs, swapping in
-    # new attention modules): every module's attributes and registered children, parameters and buffers are
-    # put back by identity.
+    # Every module's attributes (its mode, the rates nudged below) and registered children, parameters and
+    # buffers are put back by identity afterwards: that also undoes what the forward changes in the model itself
+    # (BigBird switches to full attention on short inputs, swapping in new attention modules).
     states = [(module, _module_state(module)) for module in model.modules()]
     buffers = [
         (module, name, buffer, buffer.detach().clone())
@@ -336,22 +331,17 @@ def _borrowed(model: nn.Module) -> Iterator[Dict[float, Tuple[str, float]]]:
         if buffer is not None and not buffer.is_meta
     ]
     cuda = sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
-    sources, nudges = _nudge_rates(model)
+    sources = _nudge_rates(model)
     try:
         model.train()
         with torch.random.fork_rng(devices=cuda), torch.no_grad():
             yield sources
     finally:
-        for module, attr, value in nudges:
-            setattr(module, attr, value)
         for module, state in states:
             _restore_module_state(module, state)
-        with torch.no_grad():
-            for module, name, buffer, saved in buffers:
-                module._buffers[name] = buffer
+        with torch.no_grad():  # the buffers' values, which the forward may update in place (BatchNorm)
+            for _, _, buffer, saved in buffers:
                 buffer.copy_(saved)
-        for module, mode in modes.items():
-            module.training = mode
 
 
 @contextlib.contextmanager

@@ -39,8 +39,6 @@ __all__ = [
 ]
 
 INTERCEPTOR_ATTR = "_cd_convert_interceptors"
-#: Marks an attribute that was not in an instance's ``__dict__``.
-_ABSENT = object()
 
 #: handler(owner, site, func, args, kwargs) -> the call's result computed with the site.
 Handler = Callable[[nn.Module, nn.Module, Callable, Tuple[Any, ...], Dict[str, Any]], Any]
@@ -108,11 +106,27 @@ class MethodInterceptor:
         if self.runner is not None:
             child, runner = self.runner
             return runner(self.owner, getattr(self.owner, child), function, args, kwargs)
-        with _Dispatch(self), self._routed_recomputation():
-            return function(self.owner, *args, **kwargs)
+        checkpoint = self._checkpoint_function()
+        with _Dispatch(self):
+            if checkpoint is None:
+                return function(self.owner, *args, **kwargs)
+            with self._routed_recomputation(checkpoint):
+                return function(self.owner, *args, **kwargs)
+
+    def _checkpoint_function(self) -> Optional[Callable]:
+        """The owner's transformers checkpoint function while gradient checkpointing is on for its forward.
+
+        transformers sets both attributes on the instance (``set_gradient_checkpointing``): plain dict reads
+        here, not ``Module.__getattr__``'s failing lookup, on every call of a routed method.
+        """
+        own = self.owner.__dict__
+        checkpoint = own.get("_gradient_checkpointing_func")
+        if self.method != "forward" or checkpoint is None or not own.get("gradient_checkpointing", False):
+            return None
+        return checkpoint
 
     @contextlib.contextmanager
-    def _routed_recomputation(self) -> Iterator[None]:
+    def _routed_recomputation(self, checkpoint: Callable) -> Iterator[None]:
         """Inside the block, a checkpointed forward of the owner recomputes with its calls routed too.
 
         transformers checkpoints a ``GradientCheckpointingLayer`` by replacing the class's ``forward`` with a
@@ -120,13 +134,9 @@ class MethodInterceptor:
         The backward pass recomputes that original forward outside this interceptor, so its dropout calls would
         run at their fixed rate: a different graph from the forward pass's (wrong gradients with
         ``use_reentrant=True``, a ``CheckpointError`` without). While the owner's method runs, its checkpoint
-        function is replaced on the instance by one that runs the checkpointed function under this routing.
+        function (``checkpoint``, from :meth:`_checkpoint_function`) is replaced on the instance by one that
+        runs the checkpointed function under this routing.
         """
-        owner = self.owner
-        checkpoint = getattr(owner, "_gradient_checkpointing_func", None)
-        if self.method != "forward" or checkpoint is None or not getattr(owner, "gradient_checkpointing", False):
-            yield
-            return
         interceptor = self
 
         def routed_checkpoint(function: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -136,15 +146,12 @@ class MethodInterceptor:
 
             return checkpoint(routed, *args, **kwargs)
 
-        own = owner.__dict__.get("_gradient_checkpointing_func", _ABSENT)
-        owner.__dict__["_gradient_checkpointing_func"] = routed_checkpoint
+        own = self.owner.__dict__
+        own["_gradient_checkpointing_func"] = routed_checkpoint
         try:
             yield
         finally:
-            if own is _ABSENT:
-                owner.__dict__.pop("_gradient_checkpointing_func", None)
-            else:
-                owner.__dict__["_gradient_checkpointing_func"] = own
+            own["_gradient_checkpointing_func"] = checkpoint
 
     def dispatch(self, func: Callable, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[bool, Any]:
         """Handle one intercepted call; returns ``(handled, result)``."""

@@ -42,9 +42,10 @@ from .routed import plan_routed_site, rate_attribute_of
 if TYPE_CHECKING:
     from ..planning import Planner
 
-__all__ = ["FusedAttentionKind", "explicit_attention"]
+__all__ = ["SDPA_ARGUMENTS", "FusedAttentionKind", "explicit_attention"]
 
-_SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+#: The parameter names of ``F.scaled_dot_product_attention``, in order (to bind a call's arguments).
+SDPA_ARGUMENTS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _EXPLICIT_PATH_NOTE = (
     "attention takes its explicit path (fused_attn=False) while the site is active (training, MC prediction); "
     "that costs the memory of the attention matrix. In eval the fused kernel runs as before"
@@ -95,7 +96,7 @@ def explicit_attention(
 
 def route_attention(owner: nn.Module, site: nn.Module, func: Callable, args: Tuple, kwargs: Dict[str, Any]) -> Any:
     """A routed ``scaled_dot_product_attention`` call: explicit with the site while active, else fused, no dropout."""
-    bound = dict(zip(_SDPA_NAMES, args))
+    bound = dict(zip(SDPA_ARGUMENTS, args))
     bound.update(kwargs)
     training = owner.training
     if not (training or site.sampling is not None):

@@ -20,6 +20,7 @@ This module imports transformers lazily: nothing here requires it unless the mod
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -156,14 +157,19 @@ def _config_value(config: Any, *names: str, default: Any = None) -> Any:
 _IMAGE_SIZE_FIELDS = ("image_size", "input_size")
 
 
+def _sub_config_with(config: Any, names: Tuple[str, ...], fields: Tuple[str, ...]) -> Any:
+    """The first sub-config among ``names`` that sets one of ``fields``, else the config itself."""
+    for name in names:
+        sub = getattr(config, name, None)
+        if sub is not None and _config_value(sub, *fields) is not None:
+            return sub
+    return config
+
+
 def _vision_config(config: Any) -> Any:
     """Where the image shape is: the vision sub-config (``image_config`` in FLAVA), a vision encoder's config
     (VisionEncoderDecoder), or the config itself."""
-    for name in ("vision_config", "image_config", "encoder"):
-        sub = getattr(config, name, None)
-        if sub is not None and _config_value(sub, *_IMAGE_SIZE_FIELDS) is not None:
-            return sub
-    return config
+    return _sub_config_with(config, ("vision_config", "image_config", "encoder"), _IMAGE_SIZE_FIELDS)
 
 
 def _pixel_values(config: Any) -> torch.Tensor:
@@ -208,20 +214,13 @@ def _sequence_length(config: Any) -> int:
         return max(_SEQ, (6 + 2 * int(getattr(config, "num_random_blocks", 0))) * block)
     axial = getattr(config, "axial_pos_shape", None)
     if axial and getattr(config, "axial_pos_embds", True):
-        length = 1
-        for size in axial:
-            length *= int(size)
-        return length
+        return math.prod(int(size) for size in axial)
     return _SEQ
 
 
 def _text_config(config: Any) -> Any:
     """Where the vocabulary is: the text sub-config, a text decoder's config (VisionEncoderDecoder), or the config."""
-    for name in ("text_config", "decoder"):
-        sub = getattr(config, name, None)
-        if sub is not None and getattr(sub, "vocab_size", None) is not None:
-            return sub
-    return config
+    return _sub_config_with(config, ("text_config", "decoder"), ("vocab_size",))
 
 
 def _token_ids(config: Any) -> torch.Tensor:

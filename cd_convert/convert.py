@@ -8,6 +8,7 @@ so a model is never left half-converted. The model object keeps its class, metho
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -208,6 +209,7 @@ def convert(
             stacklevel=warn_stacklevel(),
         )
     _warn_unsupported(model, plan_)
+    _warn_not_called(model, plan_)
     target = model if inplace else copy.deepcopy(model)
     previous = get_collector(target)
     nested = [(m, c) for m, c in _all_collectors(target) if m is not target]
@@ -370,13 +372,47 @@ def freeze(model: nn.Module, *, strict: bool = True, inplace: bool = False) -> n
     return target
 
 
+def _shown(names: List[str]) -> str:
+    """The first three names, quoted, and how many more."""
+    return ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+#: A qualified name's indices (``layers.3``, ``expert_2``), replaced to compare parallel copies of a module.
+_INDEX = re.compile(r"\d+")
+
+
+def _warn_not_called(model: nn.Module, plan_: Plan) -> None:
+    """One warning naming the dropout modules the dry run never saw running while a parallel copy of them ran.
+
+    Such a module gets no site (its p-logit would get no gradient from the inputs seen) and keeps its fixed
+    rate. When a copy of it at another index ran (the same qualified name but for its numbers: a
+    mixture-of-experts expert no token was routed to, beside one that was), the model does call it on other
+    inputs, and the user should know. A module with no copy that ran is most often one the model defines and
+    never uses (ALBERT's and XLNet's layer dropouts, an attention dropout whose rate goes to SDPA): it stays a
+    report row only, as do rate-0 modules, which change nothing when they run.
+    """
+    ran = {_INDEX.sub("#", row.name) for row in plan_.rows if row.called}
+    names = [
+        row.name
+        for row in plan_.rows
+        if row.status == "not called" and (row.original_p or 0.0) > 0.0 and _INDEX.sub("#", row.name) in ran
+    ]
+    if names:
+        warnings.warn(
+            f"{len(names)} dropout module(s) in {type(model).__name__} never ran in the dry run, although a parallel "
+            f"copy of each did, and keep their fixed rate: {_shown(names)}. Pass example_inputs that reach them "
+            "(for a mixture of experts: inputs routed to every expert). cd_convert.report(model) lists them "
+            "(status 'not called').",
+            stacklevel=warn_stacklevel(),
+        )
+
+
 def _warn_unsupported(model: nn.Module, plan_: Plan) -> None:
     """One warning naming the dropouts that keep their fixed rate because no kind of site can take them."""
     names = [row.name for row in plan_.rows if row.status == "unsupported"]
     if names:
-        shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         warnings.warn(
             f"{len(names)} dropout(s) in {type(model).__name__} cannot be converted and keep their fixed rate: "
-            f"{shown}. cd_convert.report(model) says why for each (rows with status 'unsupported').",
+            f"{_shown(names)}. cd_convert.report(model) says why for each (rows with status 'unsupported').",
             stacklevel=warn_stacklevel(),
         )

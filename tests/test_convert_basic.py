@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -677,3 +678,38 @@ def test_freeze_writes_rates_passed_through_a_function_to_their_attributes(rates
     frozen = cd.freeze(converted)
     assert (frozen.attention_dropout, frozen.dropout) == pytest.approx((0.3, 0.4))
     assert (model.attention_dropout, model.dropout) == rates and type(model.dropout) is float
+
+
+class TwoOfThreeExperts(nn.Module):
+    """A mixture of experts whose third expert only large batches reach; a dropout the model never uses; and
+    two rate-0 copies of which only the first runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.1)) for _ in range(3))
+        self.unused = nn.Dropout(0.2)
+        self.idle = nn.ModuleList([nn.Dropout(0.0), nn.Dropout(0.0)])
+
+    def forward(self, x):
+        routed = 3 if x.shape[0] > 100 else 2
+        return self.idle[0](sum(self.experts[i](x) for i in range(routed)))
+
+
+def test_an_expert_the_dry_run_never_reaches_is_warned_about_and_reported():
+    with pytest.warns(
+        UserWarning, match=r"1 dropout module\(s\) in TwoOfThreeExperts never ran in the dry run"
+    ) as caught:
+        converted = cd.convert(TwoOfThreeExperts(), dataset_size=10, example_inputs=(torch.randn(3, 8),))
+    message = next(str(w.message) for w in caught if "never ran" in str(w.message))
+    assert "'experts.2.1'" in message and "example_inputs" in message
+    # No copy of it ran: a module the model never uses; a rate-0 copy changes nothing when it runs.
+    assert "unused" not in message and "idle" not in message
+    assert type(converted.experts[2][1]) is nn.Dropout and converted.experts[2][1].p == 0.1  # kept, as it says
+    statuses = {r.name: r.status for r in cd.report(converted).rows}
+    assert statuses["experts.2.1"] == statuses["unused"] == "not called"
+    # Inputs that reach the expert: converted, and no such warning.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reached = cd.convert(TwoOfThreeExperts(), dataset_size=10, example_inputs=(torch.randn(101, 8),))
+    assert not [w for w in caught if "never ran" in str(w.message)]
+    assert "experts.2.1" in cd.dropout_rates(reached)

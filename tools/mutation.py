@@ -716,6 +716,14 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "        pass",
         ("tests/test_transformers.py::test_dropout_only_the_eager_path_applies_gets_eager_attention_while_active",),
     ),
+    Mutation(
+        "unreached-expert-unwarned",
+        "a mixture-of-experts expert the dry run never reached keeps its fixed rate and convert says nothing",
+        "cd_convert/convert.py",
+        "    _warn_not_called(model, plan_)\n",
+        "",
+        ("tests/test_convert_basic.py",),
+    ),
 )
 
 

@@ -694,3 +694,24 @@ def test_vision_language_models_get_one_image_token_per_image_feature(family):
     original.eval()
     with torch.no_grad():
         assert torch.equal(_first_output(model(**inputs)), _first_output(original(**inputs)))
+
+
+@pytest.mark.parametrize("family", ["ast", "siglip2", "clap", "kosmos-2"])
+def test_inputs_built_for_spectrograms_patches_audio_and_image_places(family):
+    # AST reads a (batch, time, mel) spectrogram as input_values; SigLIP2 flattened patches with their mask and
+    # grid; CLAP a text and an audio tower; Kosmos-2 marks where the image's latent queries go. Each converts
+    # with no example_inputs, and a training forward on the coverage benchmark's own inputs for the family
+    # (written apart from the library's builder) applies no fixed-rate dropout: every branch was reached.
+    from benchmarks import transformers_families as families
+
+    spec = next(f for f in families.FAMILIES if f.name == family)
+    original, _ = families.build(spec)
+    model = cd.convert(original, dataset_size=100)
+    assert cd.dropout_rates(model)
+    real = families.make_inputs(spec.inputs, original.config)
+    # Eval first: a training forward updates the running statistics of CLAP's BatchNorm layers.
+    model.eval()
+    original.eval()
+    with torch.no_grad():
+        assert torch.equal(_first_output(model(**real)), _first_output(original(**real)))
+    assert fixed_rate_dropout_calls(model.train(), real) == []

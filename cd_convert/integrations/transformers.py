@@ -20,7 +20,6 @@ This module imports transformers lazily: nothing here requires it unless the mod
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -28,8 +27,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..errors import ConversionError
 from ..sites.base import Change, submodule
+from .transformers_inputs import example_inputs_for
 
 # ConcreteDropoutTrainer (module __getattr__ below) is public too, but not listed: a star import would then need
 # transformers' Trainer and accelerate, which nothing else here needs.
@@ -46,7 +45,6 @@ __all__ = [
 _INTERFACE_LOCAL = "attention_interface"
 #: Keyword arguments of packed (padding-free) batches for flash attention, which eager attention cannot honour.
 _PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_k")
-_BATCH, _SEQ = 2, 8
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -140,232 +138,6 @@ def called_through_attention_interface(frame: Any) -> bool:
         passed.add(code)
         frame = frame.f_back
     return False
-
-
-# -- inputs for a dry run ------------------------------------------------------------------------------
-
-
-def _config_value(config: Any, *names: str, default: Any = None) -> Any:
-    for name in names:
-        value = getattr(config, name, None)
-        if value is not None:
-            return value
-    return default
-
-
-#: Config fields that give the image size (LayoutLMv3 calls it ``input_size``).
-_IMAGE_SIZE_FIELDS = ("image_size", "input_size")
-
-
-def _sub_config_with(config: Any, names: Tuple[str, ...], fields: Tuple[str, ...]) -> Any:
-    """The first sub-config among ``names`` that sets one of ``fields``, else the config itself."""
-    for name in names:
-        sub = getattr(config, name, None)
-        if sub is not None and _config_value(sub, *fields) is not None:
-            return sub
-    return config
-
-
-def _vision_config(config: Any) -> Any:
-    """Where the image shape is: the vision sub-config (``image_config`` in FLAVA), a vision encoder's config
-    (VisionEncoderDecoder), or the config itself."""
-    return _sub_config_with(config, ("vision_config", "image_config", "encoder"), _IMAGE_SIZE_FIELDS)
-
-
-def _pixel_values(config: Any) -> torch.Tensor:
-    vision = _vision_config(config)
-    size = _config_value(vision, *_IMAGE_SIZE_FIELDS, default=224)
-    size = size if isinstance(size, int) else int(size[0])
-    channels = _config_value(vision, "num_channels", default=3)
-    return torch.randn(_BATCH, channels, size, size)
-
-
-def _input_features(config: Any) -> torch.Tensor:
-    """Filter-bank features in the layout the config describes.
-
-    Whisper: ``(B, mel bins, 2 * max_source_positions)``; Speech2Text: ``(B, frames, features per channel x
-    channels)``; Wav2Vec2-BERT: ``(B, frames, feature_projection_input_dim)``.
-    """
-    if getattr(config, "input_feat_per_channel", None) is not None:
-        return torch.randn(_BATCH, 4 * _SEQ, config.input_feat_per_channel * getattr(config, "input_channels", 1))
-    if getattr(config, "feature_projection_input_dim", None) is not None:
-        return torch.randn(_BATCH, 2 * _SEQ, config.feature_projection_input_dim)
-    mel_bins = _config_value(config, "num_mel_bins", default=80)
-    frames = 2 * _config_value(config, "max_source_positions", default=1500)
-    return torch.randn(_BATCH, mel_bins, frames)
-
-
-def _input_values(config: Any) -> torch.Tensor:
-    """Raw audio (wav2vec2, HuBERT, ...): enough samples for 16 frames after the convolutional feature encoder."""
-    ratio = 1
-    for stride in _config_value(config, "conv_stride", default=(320,)):
-        ratio *= int(stride)
-    return torch.randn(_BATCH, 16 * ratio)
-
-
-def _sequence_length(config: Any) -> int:
-    """8 tokens, or what the model needs to take its configured path.
-
-    Reformer trains only on the product of its axial position shape; BigBird's block-sparse attention falls back
-    to full attention on sequences of at most ``(5 + 2 * num_random_blocks) * block_size`` tokens.
-    """
-    block = getattr(config, "block_size", None)
-    if getattr(config, "attention_type", None) == "block_sparse" and isinstance(block, int):
-        return max(_SEQ, (6 + 2 * int(getattr(config, "num_random_blocks", 0))) * block)
-    axial = getattr(config, "axial_pos_shape", None)
-    if axial and getattr(config, "axial_pos_embds", True):
-        return math.prod(int(size) for size in axial)
-    return _SEQ
-
-
-def _text_config(config: Any) -> Any:
-    """Where the vocabulary is: the text sub-config, a text decoder's config (VisionEncoderDecoder), or the config."""
-    return _sub_config_with(config, ("text_config", "decoder"), ("vocab_size",))
-
-
-def _token_ids(config: Any) -> torch.Tensor:
-    text = _text_config(config)
-    vocab = _config_value(text, "vocab_size", default=100)
-    generator = torch.Generator().manual_seed(0)
-    # Start at 3 so that no id is a pad/bos/eos id of the usual tokenizers (BART shifts on pad tokens).
-    return torch.randint(min(3, vocab - 1), vocab, (_BATCH, _sequence_length(text)), generator=generator)
-
-
-def example_inputs_for(model: nn.Module) -> Dict[str, Any]:
-    """Keyword arguments for one training-mode forward of a transformers model, built from its config.
-
-    Covers text (``input_ids`` with an all-ones ``attention_mask``), vision (``pixel_values``), audio
-    (``input_features``, raw ``input_values``), text-image models (both) and encoder-decoders
-    (``decoder_input_ids``); ``use_cache=False`` where accepted. Tensors are put on the model's device, floating
-    ones in its floating dtype.
-
-    Args:
-        model: a transformers ``PreTrainedModel``.
-
-    Returns:
-        A dict for ``model(**inputs)``.
-
-    Raises:
-        ConversionError: when the forward needs an input this function cannot build; pass
-            ``example_inputs=`` to :func:`cd_convert.convert` then.
-    """
-    import inspect
-
-    config = model.config
-    try:
-        parameters = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        parameters = {}
-    main = getattr(model, "main_input_name", "input_ids")
-    builders = {
-        "input_ids": _token_ids,
-        "pixel_values": _pixel_values,
-        "input_features": _input_features,
-        "input_values": _input_values,
-    }
-    inputs: Dict[str, Any] = {}
-    if main not in builders:
-        raise ConversionError(
-            f"cannot build a dry-run input {main!r} for {type(model).__name__}; pass "
-            "example_inputs={...} (keyword arguments of the model's forward) to cd_convert.convert."
-        )
-    inputs[main] = builders[main](config)
-    for name in ("input_ids", "pixel_values"):
-        if name != main and name in parameters and _has_sub_config_for(config, name):
-            inputs[name] = builders[name](config)
-    if "input_ids" in inputs and "attention_mask" in parameters:
-        # An explicit all-ones mask: without one, masks are derived from positions (data-dependent code that
-        # a model on the meta device cannot run).
-        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-    text = _text_config(config)
-    eos, vocab = getattr(text, "eos_token_id", None), _config_value(text, "vocab_size", default=0)
-    if type(model).__name__.endswith("ForSequenceClassification") and "input_ids" in inputs:
-        # Sequence classifiers of encoder-decoders (BART) read the state at each example's end-of-sequence token.
-        if isinstance(eos, int) and 0 <= eos < vocab:
-            inputs["input_ids"][:, -1] = eos
-    if "encoder_hidden_states" in parameters and getattr(config, "add_cross_attention", False):
-        # A decoder with cross-attention (GPT-2, BERT as a decoder): without encoder states that attention and
-        # its dropout never run.
-        hidden = _config_value(config, "hidden_size", "n_embd", default=32)
-        inputs["encoder_hidden_states"] = torch.randn(_BATCH, _SEQ, hidden)
-    if type(model).__name__.endswith("ForMultipleChoice"):
-        # (batch, choices, length): two choices per example.
-        for name in ("input_ids", "attention_mask"):
-            if name in inputs:
-                inputs[name] = inputs[name].unsqueeze(1).expand(-1, 2, -1).contiguous()
-    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in parameters:
-        start = _config_value(config, "decoder_start_token_id", "bos_token_id", default=0)
-        ids = _token_ids(config)
-        ids[:, 0] = start
-        inputs["decoder_input_ids"] = ids
-    if "use_cache" in parameters:
-        inputs["use_cache"] = False
-    return _with_image_tokens(model, _on_model_device(model, inputs))
-
-
-def _with_image_tokens(model: nn.Module, inputs: Dict[str, Any]) -> Dict[str, Any]:
-    """For a vision-language model (LLaVA, PaliGemma, ...): one image token in ``input_ids`` per image feature.
-
-    These models put each image's features where ``input_ids`` holds their image token and refuse a count that
-    does not match. The count is read from ``get_image_features`` on the built pixels (its ``pooler_output``:
-    the projected features, one ``(tokens, dim)`` tensor per image or a ``(images, tokens, dim)`` tensor), run
-    without gradients on a fork of the RNG. Models without an integer ``image_token_id`` or that method, or
-    whose features cannot be read this way, keep their inputs (the dry run then says what went wrong).
-    """
-    token = getattr(model.config, "image_token_id", None)
-    ids, pixels = inputs.get("input_ids"), inputs.get("pixel_values")
-    if not isinstance(token, int) or ids is None or pixels is None or not hasattr(model, "get_image_features"):
-        return inputs
-    devices = [pixels.device.index or 0] if pixels.device.type == "cuda" else []
-    features = None
-    # (batch, channels, height, width), or (batch, images, channels, height, width) as Idefics takes them.
-    for candidate in (pixels, pixels.unsqueeze(1)):
-        try:
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
-                features = model.get_image_features(pixel_values=candidate)
-        except Exception:  # noqa: BLE001 - any failure leaves the inputs as they were
-            continue
-        pixels = candidate
-        break
-    if features is None:
-        return inputs
-    features = getattr(features, "pooler_output", features)
-    first = features[0] if isinstance(features, (list, tuple)) else features
-    if not isinstance(first, torch.Tensor) or first.dim() < 2:
-        return inputs
-    count = first.shape[-2]
-    image_ids = torch.full((ids.shape[0], count), token, dtype=ids.dtype, device=ids.device)
-    inputs = dict(inputs, input_ids=torch.cat([image_ids, ids], dim=1), pixel_values=pixels)
-    if "attention_mask" in inputs:
-        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-    return inputs
-
-
-def _on_model_device(model: nn.Module, inputs: Dict[str, Any]) -> Dict[str, Any]:
-    """Inputs on the model's device, floating ones in its floating dtype (a bf16 model takes bf16 pixels)."""
-    params = [p for p in model.parameters() if p.is_floating_point()]
-    if not params:
-        return inputs
-    device, dtype = params[0].device, params[0].dtype
-    moved = {}
-    for name, value in inputs.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
-        moved[name] = value
-    return moved
-
-
-def _has_sub_config_for(config: Any, name: str) -> bool:
-    """Whether a model whose main input is another one takes ``name`` too.
-
-    Text-image models (CLIP, SigLIP, FLAVA, ...) hold both sub-configs; a single-config text-image model (ViLT,
-    LayoutLMv3) has a vocabulary and an image size.
-    """
-    if name == "input_ids":
-        return getattr(config, "text_config", None) is not None
-    if getattr(config, "vision_config", None) is not None or getattr(config, "image_config", None) is not None:
-        return True
-    return _config_value(config, *_IMAGE_SIZE_FIELDS) is not None and getattr(config, "vocab_size", None) is not None
 
 
 # -- the run-time switch -------------------------------------------------------------------------------

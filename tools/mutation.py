@@ -717,6 +717,14 @@ MUTATIONS: Tuple[Mutation, ...] = (
         ("tests/test_transformers.py::test_dropout_only_the_eager_path_applies_gets_eager_attention_while_active",),
     ),
     Mutation(
+        "spectrogram-as-raw-audio",
+        "AST gets raw audio for its spectrogram input: its conversion without example inputs fails",
+        "cd_convert/integrations/transformers_inputs.py",
+        '    if getattr(config, "conv_stride", None) is None and getattr(config, "num_mel_bins", None) is not None:',
+        "    if False:",
+        ("tests/test_transformers.py::test_inputs_built_for_spectrograms_patches_audio_and_image_places",),
+    ),
+    Mutation(
         "unreached-expert-unwarned",
         "a mixture-of-experts expert the dry run never reached keeps its fixed rate and convert says nothing",
         "cd_convert/convert.py",

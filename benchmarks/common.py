@@ -39,6 +39,22 @@ def requested_device(name: str) -> torch.device | None:
     return torch.device(name)
 
 
+def environment(threads: int, package: str) -> dict[str, Any]:
+    """Versions and machine for a benchmark's JSON record: torch, ``package`` (a module name, e.g.
+    ``"transformers"``), Python, the platform, torch's thread count and the CPU count."""
+    import importlib
+    import platform
+
+    return {
+        "torch": torch.__version__,
+        package: importlib.import_module(package).__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "threads": threads,
+        "cpu_count": os.cpu_count(),
+    }
+
+
 def load_average() -> list[float] | None:
     """The 1, 5 and 15 minute load averages (rounded), to print beside timings; None where unavailable."""
     try:

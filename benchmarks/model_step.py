@@ -33,7 +33,7 @@ import argparse
 import copy
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -129,10 +129,11 @@ def autocast_for(precision: str, device: torch.device):
     raise ValueError(f"unknown precision {precision!r}: use fp32 or bf16")
 
 
-def make_step(
-    model: nn.Module, x: Tensor, target: Tensor, converted: bool, precision: str, compiled: bool
-) -> Callable[[], None]:
-    """One training step as a user writes it.
+class TrainStep:
+    """One training step as a user writes it: forward, cross-entropy (+ the regulariser), backward, AdamW.
+
+    Calling it runs the step. :meth:`loss` computes the same loss eagerly, without stepping (for counting
+    saved activations).
 
     Args:
         model: the network (its own AdamW is created here).
@@ -141,26 +142,29 @@ def make_step(
         precision: ``fp32`` or ``bf16`` (autocast around the loss computation).
         compiled: run the loss computation under ``torch.compile``; backward runs the compiled backward graph
             and the optimizer stays eager.
-
-    Returns:
-        A no-argument function running one step.
     """
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-    def loss_of(inputs: Tensor, labels: Tensor) -> Tensor:
-        with autocast_for(precision, inputs.device):
-            loss = F.cross_entropy(model(inputs), labels)
-            return loss + cd_convert.regularization(model) if converted else loss
+    def __init__(
+        self, model: nn.Module, x: Tensor, target: Tensor, converted: bool, precision: str, compiled: bool
+    ) -> None:
+        self.model, self.x, self.target = model, x, target
+        self.converted, self.precision = converted, precision
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        self._compute = torch.compile(self._loss_of) if compiled else self._loss_of
 
-    compute = torch.compile(loss_of) if compiled else loss_of
+    def _loss_of(self, inputs: Tensor, labels: Tensor) -> Tensor:
+        with autocast_for(self.precision, inputs.device):
+            loss = F.cross_entropy(self.model(inputs), labels)
+            return loss + cd_convert.regularization(self.model) if self.converted else loss
 
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        compute(x, target).backward()
-        optimizer.step()
+    def loss(self) -> Tensor:
+        """The batch's loss, eager, with its autograd graph."""
+        return self._loss_of(self.x, self.target)
 
-    step.optimizer = optimizer  # type: ignore[attr-defined]  (its state counts in the variant's memory)
-    return step
+    def __call__(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self._compute(self.x, self.target).backward()
+        self.optimizer.step()
 
 
 def _resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
@@ -170,34 +174,35 @@ def _resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def step_memory(
-    model: nn.Module, step: Callable[[], None], loss_of: Callable[[], Tensor], device: torch.device
-) -> Dict[str, int]:
+def step_memory(step: TrainStep, device: torch.device) -> Dict[str, int]:
     """The memory one step of a variant takes.
 
     Args:
-        model: the variant.
-        step: its (warmed-up) step function.
-        loss_of: computes its loss (for the saved-tensor count; the graph is released after).
+        step: the variant's (warmed-up) step.
         device: CUDA measures the allocator's peak; the CPU counts saved activations.
 
     Returns:
         ``saved`` (bytes autograd keeps for the backward pass) and on CUDA ``peak`` (the step's allocator peak
         above its starting level, plus the variant's resident parameters, buffers and optimizer state).
     """
-    with SavedTensorCounter(exclude=list(model.parameters())) as counter:
-        loss = loss_of()
+    with SavedTensorCounter(exclude=list(step.model.parameters())) as counter:
+        loss = step.loss()
     out = {"saved": counter.total()}
-    del loss
+    del loss  # releases the graph before the peak is measured
     if device.type == "cuda":
         torch.cuda.synchronize()
-        model.zero_grad(set_to_none=True)
+        step.model.zero_grad(set_to_none=True)
         start = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
-        out["peak"] = torch.cuda.max_memory_allocated() - start + _resident_bytes(model, step.optimizer)
+        out["peak"] = torch.cuda.max_memory_allocated() - start + _resident_bytes(step.model, step.optimizer)
     return out
+
+
+def _memory_key(memory: Dict[str, int]) -> str:
+    """The memory figure a record compares: the CUDA peak where measured, else the saved activations."""
+    return "peak" if "peak" in memory else "saved"
 
 
 def measure(
@@ -223,24 +228,15 @@ def measure(
     target = torch.randint(0, 1000, (batch,), device=device)
     result: Dict[str, Any] = {"batch": batch, "img_size": img_size, "sites": len(concrete_sites(models["converted"]))}
     for precision in precisions:
-        steps = {name: make_step(m, x, target, name == "converted", precision, False) for name, m in models.items()}
+        steps = {name: TrainStep(m, x, target, name == "converted", precision, False) for name, m in models.items()}
         times = interleaved_times(steps, repeats, inner, warmup=2, device=device)
         row: Dict[str, Any] = {"eager": summarize(times, "unconverted")}
-
-        def loss_fn(name: str) -> Callable[[], Tensor]:
-            def loss() -> Tensor:
-                with autocast_for(precision, device):
-                    out = F.cross_entropy(models[name](x), target)
-                    return out + cd_convert.regularization(models[name]) if name == "converted" else out
-
-            return loss
-
-        row["memory"] = {name: step_memory(models[name], steps[name], loss_fn(name), device) for name in models}
+        row["memory"] = {name: step_memory(step, device) for name, step in steps.items()}
         if profile_steps > 0:
             row["breakdown"] = breakdown(steps, profile_steps, device)
         if compiled:
             compiled_steps = {
-                name: make_step(m, x, target, name == "converted", precision, True) for name, m in models.items()
+                name: TrainStep(m, x, target, name == "converted", precision, True) for name, m in models.items()
             }
             times = interleaved_times(compiled_steps, repeats, inner, warmup=3, device=device)
             row["compiled"] = summarize(times, "unconverted")
@@ -260,7 +256,7 @@ def _ratio(rows: Optional[Dict[str, Dict[str, float]]], name: str) -> str:
 def print_case(label: str, res: Dict[str, Any], precisions: Sequence[str], device: torch.device) -> None:
     """The case's rows: step-time and memory ratios per precision, then the time breakdowns."""
     print(f"\n### {label}: {res['sites']} sites, batch {res['batch']}, {res['img_size']} px")
-    memory_key = "peak" if device.type == "cuda" else "saved"
+    memory_key = _memory_key(res[precisions[0]]["memory"]["unconverted"])
     print(
         f"\n| precision | variant | eager step / unconverted | compiled step / unconverted | "
         f"{'peak memory' if device.type == 'cuda' else 'saved activations'} / unconverted |"
@@ -290,7 +286,7 @@ def summary_rows(results: Dict[str, Dict[str, Any]], precisions: Sequence[str]) 
             row = res[precision]
             eager = row["eager"]["converted"]["ratio"]
             compiled = row.get("compiled", {}).get("converted", {}).get("ratio")
-            memory_key = "peak" if "peak" in row["memory"]["converted"] else "saved"
+            memory_key = _memory_key(row["memory"]["converted"])
             memory = row["memory"]["converted"][memory_key] / row["memory"]["unconverted"][memory_key]
             rows.append(
                 [

@@ -60,7 +60,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 import traceback
@@ -75,7 +74,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cd_convert
-from benchmarks.common import Timeout, guard
+from benchmarks.common import Timeout, environment, guard
 from benchmarks.dropout_detector import fixed_dropout
 from benchmarks.transformers_families import output_tensors
 
@@ -1027,26 +1026,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def environment(threads: int) -> Dict[str, Any]:
-    """Versions and machine, for the JSON record."""
-    import torchvision
-
-    return {
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "threads": threads,
-        "cpu_count": os.cpu_count(),
-    }
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the sweep, print the table, write the JSON; returns the exit status (0)."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    env = environment(args.threads)
+    env = environment(args.threads, "torchvision")
     cases = all_cases(variants=not args.no_variants)
     if args.models:
         wanted = [n.strip() for n in args.models.split(",") if n.strip()]

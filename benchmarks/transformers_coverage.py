@@ -64,7 +64,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -78,7 +77,7 @@ import torch
 import torch.nn as nn
 
 import cd_convert
-from benchmarks.common import Timeout, guard
+from benchmarks.common import Timeout, environment, guard
 from benchmarks.dropout_detector import FixedDropoutDetector, fixed_rate_dropout_calls
 from benchmarks.overhead import SavedTensorCounter
 
@@ -592,24 +591,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def environment(threads: int) -> Dict[str, Any]:
-    import transformers
-
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "threads": threads,
-        "cpu_count": os.cpu_count(),
-    }
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    env = environment(args.threads)
+    env = environment(args.threads, "transformers")
     print(
         f"cd_convert transformers coverage: transformers {env['transformers']}, torch {env['torch']}, "
         f"{args.threads} thread(s), dataset_size {args.dataset_size}\n"

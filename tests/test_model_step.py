@@ -111,7 +111,7 @@ def test_cpu_breakdown_sees_the_sites_and_regulariser_only_in_the_converted_mode
     models = model_step.build_variants(model_step.CASES["vit_tiny"], 32, torch.device("cpu"))
     x, target = torch.randn(2, 3, 32, 32), torch.randint(0, 1000, (2,))
     steps = {
-        name: model_step.make_step(model, x, target, name == "converted", "fp32", compiled=False)
+        name: model_step.TrainStep(model, x, target, name == "converted", "fp32", compiled=False)
         for name, model in models.items()
     }
     for step in steps.values():

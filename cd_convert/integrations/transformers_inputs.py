@@ -105,8 +105,7 @@ def _patchified_pixels(config: Any) -> Dict[str, torch.Tensor]:
 def _audio_features(config: Any) -> torch.Tensor:
     """A text-audio model's (CLAP's) ``input_features``: one ``(time, mel bins)`` spectrogram per example, with a
     channel dimension; the audio encoder resizes the time axis itself."""
-    audio = getattr(config, "audio_config", config)
-    return torch.randn(_BATCH, 1, 4 * _SEQ, _config_value(audio, "num_mel_bins", default=64))
+    return torch.randn(_BATCH, 1, 4 * _SEQ, _config_value(config.audio_config, "num_mel_bins", default=64))
 
 
 def _with_image_places(inputs: Dict[str, Any], count: int) -> Dict[str, Any]:

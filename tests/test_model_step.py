@@ -172,3 +172,8 @@ def test_short_cpu_run_prints_the_table_and_writes_json(tmp_path, capsys):
 def test_unknown_precision_is_refused_before_anything_runs():
     with pytest.raises(ValueError, match="unknown precision 'fp16'"):
         model_step.main(["--precisions", "fp16", "--models", "resnet50"])
+
+
+def test_unknown_model_is_refused_with_the_known_names():
+    with pytest.raises(SystemExit, match=r"unknown model\(s\) \['vit_huge'\]: choose from vit_tiny, vit_base"):
+        model_step.main(["--models", "vit_tiny,vit_huge"])

@@ -131,20 +131,36 @@ def breakdown(fns: Mapping[str, Callable[[], None]], steps: int, device: torch.d
         name -> category -> ms per call, with ``"total"`` the sum over categories; categories with no time are
         left out.
     """
+    return breakdown_with_host(fns, steps, device)[0]
+
+
+def breakdown_with_host(
+    fns: Mapping[str, Callable[[], None]], steps: int, device: torch.device
+) -> tuple[Dict[str, Dict[str, float]], Dict[str, Dict[str, float]]]:
+    """:func:`breakdown`, and from the same profiles the host's side: the CPU events' self time by category.
+
+    On CUDA the host table shows what the launching costs (a host-bound step's time); on the CPU both tables
+    are the same.
+
+    Returns:
+        ``(device tables, host tables)``, each name -> category -> ms per call with ``"total"``.
+    """
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    out: Dict[str, Dict[str, float]] = {}
+    device_out: Dict[str, Dict[str, float]] = {}
+    host_out: Dict[str, Dict[str, float]] = {}
     for name, fn in fns.items():
         with profile(activities=activities) as prof:
             for _ in range(steps):
                 fn()
             if cuda:
                 torch.cuda.synchronize()
-        table = _kernel_times(prof) if cuda else _cpu_times(prof)
-        per_step = {key: us / 1e3 / steps for key, us in table.items()}
-        per_step["total"] = sum(per_step.values())
-        out[name] = per_step
-    return out
+        host = _cpu_times(prof)
+        for out, table in ((device_out, _kernel_times(prof) if cuda else host), (host_out, host)):
+            per_step = {key: us / 1e3 / steps for key, us in table.items()}
+            per_step["total"] = sum(per_step.values())
+            out[name] = per_step
+    return device_out, host_out
 
 
 def format_breakdown(rows: Mapping[str, Mapping[str, float]], order: Sequence[str]) -> str:

@@ -10,7 +10,8 @@ What a user runs: forward, cross-entropy (+ ``cd_convert.regularization(model)``
   plus the variant's own parameters and optimizer state, so that the other variants resident on the device do
   not count); on the CPU the bytes autograd saves for the backward pass (``SavedTensorCounter``);
 * **where the time goes**: a few profiled eager steps per variant, grouped by
-  :mod:`benchmarks.kernel_breakdown` (GPU kernel time on CUDA, CPU self time on the CPU);
+  :mod:`benchmarks.kernel_breakdown` (GPU kernel time on CUDA, and beside it the host's CPU self time, which
+  sets the pace of a host-bound step; CPU self time on the CPU);
 * and the paper's UCI network's training epoch against the same network with ``nn.Dropout``
   (:func:`benchmarks.train_step.epoch_section`).
 
@@ -45,7 +46,7 @@ from torch import Tensor
 
 import cd_convert
 from benchmarks import common
-from benchmarks.kernel_breakdown import breakdown, format_breakdown
+from benchmarks.kernel_breakdown import breakdown_with_host, format_breakdown
 from benchmarks.overhead import SavedTensorCounter, interleaved_times
 from benchmarks.train_step import epoch_section, summarize
 from cd_convert.mc import concrete_sites
@@ -233,7 +234,9 @@ def measure(
         row: Dict[str, Any] = {"eager": summarize(times, "unconverted")}
         row["memory"] = {name: step_memory(step, device) for name, step in steps.items()}
         if profile_steps > 0:
-            row["breakdown"] = breakdown(steps, profile_steps, device)
+            row["breakdown"], host = breakdown_with_host(steps, profile_steps, device)
+            if device.type == "cuda":
+                row["host_breakdown"] = host
         if compiled:
             compiled_steps = {
                 name: TrainStep(m, x, target, name == "converted", precision, True) for name, m in models.items()
@@ -276,6 +279,9 @@ def print_case(label: str, res: Dict[str, Any], precisions: Sequence[str], devic
             unit = "GPU kernel time" if device.type == "cuda" else "CPU self time"
             print(f"\n{label}, {precision}, eager: {unit} by category")
             print(format_breakdown(res[precision]["breakdown"], list(res[precision]["breakdown"])))
+        if "host_breakdown" in res[precision]:
+            print(f"\n{label}, {precision}, eager: host CPU self time by category (profiled; the launching)")
+            print(format_breakdown(res[precision]["host_breakdown"], list(res[precision]["host_breakdown"])))
 
 
 def summary_rows(results: Dict[str, Dict[str, Any]], precisions: Sequence[str]) -> List[List[str]]:

@@ -76,6 +76,7 @@ TESTED_FAMILIES = (
     "qwen2",
     "gemma",
     "gemma2",
+    "starcoder2",
     "phi",
     "opt",
     "bloom",

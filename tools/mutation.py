@@ -423,6 +423,48 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "return tl.where(lane == lane, r0, r0)",
         ("tests/test_noise_independence.py", "tests/test_fused.py"),
     ),
+    Mutation(
+        "attention-noise-shared-by-heads",
+        "the fused attention kernel draws the same mask for every head (and sample) of a call",
+        "cd_convert/_triton_attention.py",
+        "c1 = c0 * 0 + bh.to(tl.uint32, bitcast=True)",
+        "c1 = c0 * 0",
+        ("tests/test_fused_attention.py",),
+    ),
+    Mutation(
+        "attention-dq-ignores-mask",
+        "the fused attention backward leaves the concrete mask out of dQ: query gradients of the undropped model",
+        "cd_convert/_triton_attention.py",
+        "ds = p * (g_pd * keep * scale - delta[:, None])",
+        "ds = p * (g_pd - delta[:, None])",
+        ("tests/test_fused_attention.py",),
+    ),
+    Mutation(
+        "timm-attention-route-left-open",
+        "timm attention's route to the fused kernel is never closed: F.scaled_dot_product_attention stays replaced",
+        "cd_convert/integrations/timm.py",
+        "            self._routes.pop().close()",
+        "            self._routes[-1]",
+        ("tests/test_fused_attention.py",),
+    ),
+    Mutation(
+        "transformers-sdpa-route-not-opened",
+        "a transformers model switched to SDPA for the kernel never routes its attention calls to the sites: "
+        "SDPA applies the fixed rate",
+        "cd_convert/integrations/transformers.py",
+        "                route = open_route(self.sites[0], module.training)",
+        "                route = None",
+        ("tests/test_fused_attention.py",),
+    ),
+    Mutation(
+        "attention-route-patches-dropout",
+        "routing an attention module's SDPA call to the kernel also replaces F.dropout, hiding the code locations "
+        "of the module's other dropout calls: they run at their fixed rate",
+        "cd_convert/sites/attention_routing.py",
+        "            if dropout:\n                patches.enter_context",
+        "            if True:\n                patches.enter_context",
+        ("tests/test_fused_attention.py",),
+    ),
     # --- conversion
     Mutation(
         "original-rate-ignored",

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch.nn as nn
+from torch import Tensor
 
 from ..sites.base import Change, submodule
+from .attention_kernel import kernel_can_route, open_route
 
 __all__ = ["notrace_for", "fused_attention_dropout", "FusedAttentionSwitch"]
 
@@ -72,10 +75,14 @@ def fused_attention_dropout(owner: nn.Module, p: Optional[float]) -> Optional[Tu
 
 
 class FusedAttentionHook:
-    """Forward pre-hook: the attention module takes its explicit path only while its dropout site is active.
+    """Forward pre-hook: how a timm-style attention module computes attention while its dropout site is active.
 
-    In eval the fused kernel runs exactly as before conversion (bit-identical outputs, no extra memory);
-    in training and Monte Carlo prediction the explicit path applies the concrete site.
+    * site inactive (eval): the fused kernel runs exactly as before conversion (bit-identical outputs);
+    * site active, and the fused concrete-attention kernel can run (a CUDA input, the element-wise relaxed
+      mask, not under a tracer): the module keeps its fused path and its ``scaled_dot_product_attention`` call
+      is routed to the kernel, which applies the site inside (:mod:`cd_convert.fused_attention`);
+    * otherwise (CPU, Monte Carlo prediction's hard mask, ``torch.compile``): the explicit path, which calls
+      the site on the attention probabilities.
 
     Args:
         child: the site's attribute name on the attention module.
@@ -85,14 +92,44 @@ class FusedAttentionHook:
     def __init__(self, child: str, original: bool) -> None:
         self.child = child
         self.original = original
+        self._routes: List[contextlib.ExitStack] = []  # entered here, closed by FusedAttentionRouteEnd
 
     def __call__(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
-        module.fused_attn = self.original and not getattr(module, self.child).active
+        site = getattr(module, self.child)
+        if not site.active:
+            module.fused_attn = self.original
+            return
+        x = args[0] if args else None
+        device = x.device if isinstance(x, Tensor) else None
+        if self.original and kernel_can_route([site], device):
+            module.fused_attn = True
+            self._routes.append(open_route(site, module.training))
+            return
+        module.fused_attn = False
+
+    def end(self) -> None:
+        """Close the route the pre-hook opened for the call that is ending, if it opened one."""
+        if self._routes:
+            self._routes.pop().close()
+
+    def __getstate__(self) -> dict:
+        return {"child": self.child, "original": self.original, "_routes": []}  # open routes belong to a call
+
+
+class FusedAttentionRouteEnd:
+    """Forward hook (``always_call``: also when the forward raises) that ends the pre-hook's route."""
+
+    def __init__(self, start: FusedAttentionHook) -> None:
+        self.start = start
+
+    def __call__(self, module: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
+        self.start.end()
 
 
 @dataclass
 class FusedAttentionSwitch(Change):
-    """Installs :class:`FusedAttentionHook` on a timm-style attention module (one with ``fused_attn``).
+    """Installs :class:`FusedAttentionHook` (and its :class:`FusedAttentionRouteEnd`) on a timm-style attention
+    module (one with ``fused_attn``).
 
     Attributes:
         owner: qualified name of the attention module.
@@ -104,6 +141,7 @@ class FusedAttentionSwitch(Change):
     site_name: str = ""
     kind: str = "attribute"
     hook_id: int = -1
+    end_hook_id: int = -1
     original: Any = None
 
     PATH_FIELDS = ("owner",)
@@ -111,10 +149,14 @@ class FusedAttentionSwitch(Change):
     def apply(self, root: nn.Module, site: Optional[nn.Module] = None) -> None:
         owner = submodule(root, self.owner)
         self.original = getattr(owner, "fused_attn", None)
-        self.hook_id = owner.register_forward_pre_hook(FusedAttentionHook(self.child, bool(self.original))).id
+        start = FusedAttentionHook(self.child, bool(self.original))
+        self.hook_id = owner.register_forward_pre_hook(start).id
+        self.end_hook_id = owner.register_forward_hook(FusedAttentionRouteEnd(start), always_call=True).id
 
     def undo(self, root: nn.Module) -> None:
         owner = submodule(root, self.owner)
         owner._forward_pre_hooks.pop(self.hook_id, None)
+        owner._forward_hooks.pop(self.end_hook_id, None)
+        owner._forward_hooks_always_called.pop(self.end_hook_id, None)
         if self.original is not None:
             owner.fused_attn = self.original

@@ -9,10 +9,12 @@ module call) on the attention probabilities. So, for these models:
 * discovery runs one dry run on inputs built from the config (:func:`example_inputs_for`) with every config
   switched to eager attention (:func:`eager_attention`), where attention dropout shows up as a call;
 * a call made inside an attention interface is recognised by :func:`called_through_attention_interface`;
-* the converted model switches to eager attention only while one of its attention sites is active
-  (training, Monte Carlo prediction), with :class:`EagerAttentionSwitch` on each ``PreTrainedModel`` (where
-  the attention masks are built, in the format of the implementation) and on each attention module (so a
-  gradient-checkpointing recomputation takes the same path). In eval the model's own implementation runs.
+* while one of its attention sites is active (training, Monte Carlo prediction) the converted model runs, on a
+  GPU, its SDPA attention with each attention module's ``scaled_dot_product_attention`` call routed to the
+  fused concrete-attention kernel, and elsewhere eager attention, with :class:`EagerAttentionSwitch` on each
+  ``PreTrainedModel`` (where the attention masks are built, in the format of the implementation) and on each
+  attention module (so a gradient-checkpointing recomputation takes the same path). In eval the model's own
+  implementation runs.
 
 This module imports transformers lazily: nothing here requires it unless the model is a transformers model.
 """
@@ -77,14 +79,6 @@ def _attention_configs(model: nn.Module) -> List[Any]:
     return list(configs.values())
 
 
-def _select_eager(configs: List[Any]) -> List[Tuple[Any, Optional[str]]]:
-    """Set every config to eager attention; return what each held, for :func:`_restore`."""
-    saved = [(config, config.__dict__.get(_IMPLEMENTATION)) for config in configs]
-    for config, _ in saved:
-        config.__dict__[_IMPLEMENTATION] = "eager"
-    return saved
-
-
 def _restore(saved: List[Tuple[Any, Optional[str]]]) -> None:
     for config, value in saved:
         config.__dict__[_IMPLEMENTATION] = value
@@ -102,7 +96,7 @@ def eager_attention(model: nn.Module) -> Iterator[None]:
     Args:
         model: any model (a no-op for models without transformers configs).
     """
-    saved = _select_eager(_attention_configs(model))
+    saved = _select(_attention_configs(model), "eager")
     try:
         yield
     finally:
@@ -143,30 +137,89 @@ def called_through_attention_interface(frame: Any) -> bool:
 # -- the run-time switch -------------------------------------------------------------------------------
 
 
+def _params_device(module: nn.Module) -> Optional[torch.device]:
+    """The device of the module's first parameter (None without parameters)."""
+    return next((p.device for p in module.parameters()), None)
+
+
+def _select(configs: List[Any], implementation: str) -> List[Tuple[Any, Optional[str]]]:
+    """Set every config to ``implementation``; return what each held, for :func:`_restore`."""
+    saved = [(config, config.__dict__.get(_IMPLEMENTATION)) for config in configs]
+    for config, _ in saved:
+        config.__dict__[_IMPLEMENTATION] = implementation
+    return saved
+
+
 @dataclass
 class EagerAttentionHook:
-    """Forward pre-hook (and its matching post-hook) that selects eager attention while ``sites`` are active.
+    """Forward pre-hook (and its matching post-hook): how attention runs while ``sites`` are active.
+
+    * On a GPU, where the fused concrete-attention kernel can take every site (:mod:`cd_convert.fused_attention`):
+      the model runs its ``sdpa`` attention (selected on a ``PreTrainedModel`` whose implementation is another
+      fused one and whose class supports SDPA) and each attention module routes its
+      ``scaled_dot_product_attention`` call to its site, which the kernel applies: no attention matrix is kept.
+    * Otherwise: eager attention, whose dropout call the site replaces (the attention matrix is kept).
+
+    A model configured for eager attention stays eager. In eval the model's own implementation runs.
 
     Attributes:
-        sites: the concrete sites whose activity needs the eager path (shared references, so a deep copy of
-            the model maps them to the copy's sites).
+        sites: the concrete sites whose activity changes the path (shared references, so a deep copy of the
+            model maps them to the copy's sites).
+        model_level: the hook sits on a ``PreTrainedModel`` (it selects the implementation the attention masks
+            are built for); else on an attention module (it routes the call).
+        routable: every attention module below a model-level hook applies exactly one site (the kernel's route
+            needs to know which).
         saved: the implementation to restore, per nesting level.
+        routes: the open route, per nesting level (None where none was opened).
     """
 
     sites: List[nn.Module]
+    model_level: bool = False
+    routable: bool = True
     saved: List[List[Tuple[Any, Optional[str]]]] = field(default_factory=list)
+    routes: List[Optional[contextlib.ExitStack]] = field(default_factory=list)
+
+    def _kernel_applies(self, module: nn.Module, current: Optional[str]) -> bool:
+        from .attention_kernel import kernel_can_route
+
+        if current in (None, "eager") or not self.routable:
+            return False  # a model set to eager stays eager
+        if self.model_level:
+            if current != "sdpa" and not getattr(type(module), "_supports_sdpa", False):
+                return False
+        elif current != "sdpa" or len(self.sites) != 1:
+            return False  # an attention module called on its own with another implementation: eager
+        return kernel_can_route(self.sites, _params_device(module))
 
     def before(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
         current = module.config.__dict__.get(_IMPLEMENTATION)
+        saved: List[Tuple[Any, Optional[str]]] = []
+        route = None
         if current not in (None, "eager") and any(site.active for site in self.sites):
             _refuse_packed_sequences(module, current, kwargs)
-            self.saved.append(_select_eager(_with_sub_configs(module.config)))
-        else:
-            self.saved.append([])
+            if not self._kernel_applies(module, current):
+                saved = _select(_with_sub_configs(module.config), "eager")
+            elif self.model_level:
+                saved = _select(_with_sub_configs(module.config), "sdpa") if current != "sdpa" else []
+            else:
+                from .attention_kernel import open_route
+
+                route = open_route(self.sites[0], module.training)
+        self.saved.append(saved)
+        self.routes.append(route)
 
     def after(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
+        if self.routes:
+            route = self.routes.pop()
+            if route is not None:
+                route.close()
         if self.saved:
             _restore(self.saved.pop())
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(saved=[], routes=[])  # both belong to a call in progress
+        return state
 
 
 def _refuse_packed_sequences(module: nn.Module, implementation: str, kwargs: Dict[str, Any]) -> None:
@@ -197,12 +250,16 @@ class EagerAttentionSwitch(Change):
     site_name: str = ""
     kind: str = "attribute"
     hook_ids: Tuple[int, int] = (-1, -1)
+    routable: bool = True
 
     PATH_FIELDS = ("owner", "site_names")
 
     def apply(self, root: nn.Module, site: Optional[nn.Module] = None) -> None:
+        from transformers import PreTrainedModel
+
         owner = submodule(root, self.owner)
-        hook = EagerAttentionHook([root.get_submodule(name) for name in self.site_names])
+        sites = [root.get_submodule(name) for name in self.site_names]
+        hook = EagerAttentionHook(sites, model_level=isinstance(owner, PreTrainedModel), routable=self.routable)
         pre = owner.register_forward_pre_hook(hook.before, with_kwargs=True)
         post = owner.register_forward_hook(hook.after, with_kwargs=True, always_call=True)
         self.hook_ids = (pre.id, post.id)
@@ -245,7 +302,17 @@ def eager_switches(model: nn.Module, attention_sites: Dict[str, str]) -> List[Ea
             holders.setdefault(owner, [])
             if site not in holders[owner]:
                 holders[owner].append(site)
-    return [EagerAttentionSwitch(owner, sites) for owner, sites in holders.items()]
+    # The kernel's route is opened by the attention module's own switch and needs to know its one site: a model
+    # above an attention module with several sites, or with no switch of its own, stays eager.
+    per_owner: Dict[str, int] = {}
+    for owner in attention_sites.values():
+        per_owner[owner] = per_owner.get(owner, 0) + 1
+
+    def routable(sites: List[str]) -> bool:
+        owners = {attention_sites[s] for s in sites}
+        return all(per_owner[o] == 1 and o in holders for o in owners)
+
+    return [EagerAttentionSwitch(owner, sites, routable=routable(sites)) for owner, sites in holders.items()]
 
 
 def __getattr__(name: str) -> Any:

@@ -9,7 +9,10 @@ Two forms, one kind ("fused"):
   probabilities, matmul) while the site is active; in eval the fused kernel runs with ``dropout_p=0``,
   exactly as the original code does in eval.
 
-Both keep the attention matrix for the backward pass in training; ``fused_attention=False`` opts out.
+In training both run :func:`concrete_attention`: on a GPU, one flash-attention kernel that applies the
+concrete mask inside (:mod:`cd_convert.fused_attention`, no attention matrix kept); elsewhere, or where the
+kernel does not apply, explicit attention, which keeps the attention matrix for the backward pass.
+``fused_attention=False`` opts out of converting such sites.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import fused_attention
 from ..found import FoundSite
 from ..integrations.timm import FusedAttentionSwitch, fused_attention_dropout
-from ..layers import ConcreteDropout
+from ..layers import ConcreteDropout, ConcreteDropoutBase
 from .base import (
     ATTENTION_CONSUMER_NOTE,
     SearchContext,
@@ -42,13 +46,14 @@ from .routed import plan_routed_site, rate_attribute_of
 if TYPE_CHECKING:
     from ..planning import Planner
 
-__all__ = ["SDPA_ARGUMENTS", "FusedAttentionKind", "explicit_attention"]
+__all__ = ["SDPA_ARGUMENTS", "FusedAttentionKind", "concrete_attention", "explicit_attention", "kernel_applies"]
 
 #: The parameter names of ``F.scaled_dot_product_attention``, in order (to bind a call's arguments).
 SDPA_ARGUMENTS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _EXPLICIT_PATH_NOTE = (
-    "attention takes its explicit path (fused_attn=False) while the site is active (training, MC prediction); "
-    "that costs the memory of the attention matrix. In eval the fused kernel runs as before"
+    "while the site is active (training, MC prediction) attention runs, on a GPU, in cd_convert's fused "
+    "concrete-attention kernel (no attention matrix kept), elsewhere on its explicit path (fused_attn=False), "
+    "which keeps the attention matrix for the backward pass. In eval the fused kernel runs as before"
 )
 
 
@@ -94,6 +99,77 @@ def explicit_attention(
     return dropout(weights) @ value
 
 
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype on ``device_type`` if autocast is on there, else None."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument (CUDA only)
+        return torch.get_autocast_gpu_dtype() if device_type == "cuda" and torch.is_autocast_enabled() else None
+    return torch.get_autocast_dtype(device_type) if enabled else None
+
+
+def kernel_applies(site: nn.Module) -> bool:
+    """Whether ``site``'s current mode can run in the fused attention kernel (given inputs it supports).
+
+    The kernel draws the element-wise relaxed mask: training, or Monte Carlo prediction with relaxed sampling.
+    """
+    return (
+        isinstance(site, ConcreteDropoutBase)
+        and not site.channelwise
+        and site.sampling in (None, "relaxed")
+        and fused_attention.kernels_available()
+    )
+
+
+def concrete_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+    *,
+    site: nn.Module,
+    training: bool,
+) -> Tensor:
+    """``scaled_dot_product_attention`` with ``site`` applied to the attention probabilities.
+
+    One fused kernel where :func:`cd_convert.fused_attention.supports` holds and the site's mode allows it
+    (:func:`kernel_applies`); else :func:`explicit_attention`. Under autocast the inputs are cast as
+    ``scaled_dot_product_attention`` would cast them.
+
+    Args:
+        query, key, value, attn_mask, is_causal, scale, enable_gqa: as ``scaled_dot_product_attention``'s.
+        site: an active concrete-dropout site.
+        training: the calling module's training flag (passed on to the site).
+
+    Returns:
+        ``(..., L, Ev)``.
+    """
+    if kernel_applies(site):
+        dtype = _autocast_dtype(query.device.type)
+        if dtype is not None and query.is_floating_point():
+            query, key, value = (t.to(dtype) for t in (query, key, value))
+        if fused_attention.supports(query, key, value, attn_mask, enable_gqa):
+            if site.units_seen is None:
+                site.units_seen = key.size(-2)  # what the explicit path's site would record: the key count
+            return fused_attention.fused_concrete_attention(
+                query,
+                key,
+                value,
+                site.p_logit,
+                attn_mask=attn_mask,
+                is_causal=is_causal,
+                scale=scale,
+                temperature=site.temperature,
+                eps=site.eps,
+            )
+    return explicit_attention(
+        query, key, value, attn_mask, is_causal, scale, enable_gqa, dropout=lambda w: site(w, training=training)
+    )
+
+
 def route_attention(owner: nn.Module, site: nn.Module, func: Callable, args: Tuple, kwargs: Dict[str, Any]) -> Any:
     """A routed ``scaled_dot_product_attention`` call: explicit with the site while active, else fused, no dropout."""
     bound = dict(zip(SDPA_ARGUMENTS, args))
@@ -103,7 +179,7 @@ def route_attention(owner: nn.Module, site: nn.Module, func: Callable, args: Tup
         bound["dropout_p"] = 0.0  # what the original code does in eval: the fused kernel, no dropout
         return func(**bound)
     bound.pop("dropout_p", None)
-    return explicit_attention(**bound, dropout=lambda w: site(w, training=training))
+    return concrete_attention(**bound, site=site, training=training)
 
 
 def _fused_module_site(owner: str, name: str, module: nn.Module, found_by: str, called: Optional[bool]) -> FoundSite:

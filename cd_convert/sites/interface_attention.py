@@ -4,7 +4,8 @@ transformers' attention modules pass their rate as ``dropout=`` to the attention
 ``config._attn_implementation`` selects; only the eager function applies it as a call (``F.dropout`` on the
 probabilities, or GPT-2's ``attn_dropout`` module). The dry run sees that call with eager attention selected
 and marks it; this kind plans it like a functional call (or a module) and adds, once for the model, the
-switches that select eager attention while such a site is active (:mod:`cd_convert.integrations.transformers`).
+switches that select, while such a site is active, SDPA routed to the fused kernel on a GPU or eager attention
+elsewhere (:mod:`cd_convert.integrations.transformers`).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ if TYPE_CHECKING:
 __all__ = ["InterfaceAttentionKind"]
 
 _EAGER_NOTE = (
-    "attention runs in its eager implementation while the site is active (training, MC prediction): that keeps "
-    "a batch x heads x L x L probability tensor per layer for the backward pass; in eval the model's own "
-    "implementation runs. fused_attention=False keeps it fixed and fused"
+    "while the site is active (training, MC prediction) attention runs, on a GPU, as SDPA with the site applied "
+    "in cd_convert's fused concrete-attention kernel (no attention matrix kept), elsewhere in its eager "
+    "implementation, which keeps a batch x heads x L x L probability tensor per layer for the backward pass; in "
+    "eval the model's own implementation runs. fused_attention=False keeps it fixed and fused"
 )
 
 

@@ -2,23 +2,20 @@
 
 torch's attention code calls ``dropout`` and ``scaled_dot_product_attention`` as globals of
 ``torch.nn.functional`` from inside ``F.multi_head_attention_forward``, where a code location cannot tell
-the calls apart, so the whole forward runs with those two globals routed to the site (a *runner*).
+the calls apart, so the whole forward runs with those two globals routed to the site (a *runner*, with
+:func:`cd_convert.sites.attention_routing.route_torch_attention`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
-from torch import Tensor
 
 from ..found import FoundSite
 from ..layers import ConcreteDropout
-from .attention import explicit_attention
+from .attention_routing import route_torch_attention
 from .base import ATTENTION_CONSUMER_NOTE, SearchContext, SiteKind, TraceContext
 from .routed import plan_routed_site
 
@@ -26,56 +23,6 @@ if TYPE_CHECKING:
     from ..planning import Planner
 
 __all__ = ["MultiheadAttentionKind"]
-
-_ORIGINAL_DROPOUT = F.dropout
-_ORIGINAL_SDPA = F.scaled_dot_product_attention
-_routing = threading.local()
-
-
-def _routed_dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
-    route = getattr(_routing, "route", None)
-    if route is None:  # another thread, or no attention module running: the real function
-        return _ORIGINAL_DROPOUT(input, p, training, inplace)
-    site, flag = route
-    return site(input, training=flag)
-
-
-def _routed_sdpa(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attn_mask: Optional[Tensor] = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    **extra: Any,
-) -> Tensor:
-    route = getattr(_routing, "route", None)
-    if route is None:
-        return _ORIGINAL_SDPA(query, key, value, attn_mask, dropout_p, is_causal, **extra)
-    site, flag = route
-    if not site.active:
-        return _ORIGINAL_SDPA(query, key, value, attn_mask, 0.0, is_causal, **extra)
-    return explicit_attention(
-        query, key, value, attn_mask, is_causal, **extra, dropout=lambda w: site(w, training=flag)
-    )
-
-
-@contextlib.contextmanager
-def _route_torch_attention(site: nn.Module, training: bool) -> Iterator[None]:
-    """Route ``F.dropout`` and ``F.scaled_dot_product_attention`` to ``site`` for the current thread."""
-    previous = getattr(_routing, "route", None)
-    _routing.route = (site, training)
-    patched = F.dropout is not _routed_dropout
-    if patched:
-        F.dropout = _routed_dropout
-        F.scaled_dot_product_attention = _routed_sdpa
-    try:
-        yield
-    finally:
-        _routing.route = previous
-        if patched:
-            F.dropout = _ORIGINAL_DROPOUT
-            F.scaled_dot_product_attention = _ORIGINAL_SDPA
 
 
 def run_attention_module(owner: nn.Module, site: nn.Module, function: Callable, args: Tuple, kwargs: Dict) -> Any:
@@ -89,7 +36,7 @@ def run_attention_module(owner: nn.Module, site: nn.Module, function: Callable, 
         if site.active:
             owner.training = True
             owner.dropout = owner.dropout or 0.5
-        with _route_torch_attention(site, saved[0]):
+        with route_torch_attention(site, saved[0]):
             return function(owner, *args, **kwargs)
     finally:
         owner.training, owner.dropout = saved

@@ -1,0 +1,220 @@
+"""Fused attention with Concrete Dropout on the attention probabilities, in Triton (flash attention).
+
+An attention site written out explicitly (scores, softmax, concrete dropout, matmul) keeps the
+``batch x heads x L x S`` probabilities for the backward pass and runs several kernels over them, where the
+original model ran one fused ``scaled_dot_product_attention``: on a GPU that cost the converted ViTs most of
+their extra step time and memory. Here the forward pass is one flash-attention kernel that draws the relaxed
+mask inside (the probabilities are never stored), and the backward pass two kernels that regenerate the same
+noise from the seed, as flash attention does for its own dropout, and also accumulate the gradient of the
+site's logit (see :mod:`cd_convert._triton_attention` for the formulas). Memory is that of fused attention:
+``q, k, v``, the output and one float per query row.
+
+Taken only where it is exact, safe and fast (:func:`supports`): CUDA tensors (or CPU under Triton's interpreter
+in the tests) in fp16 or bf16, or in fp32 where PyTorch's own fp32 matmuls may use TF32
+(``torch.backends.cuda.matmul.allow_tf32``, ``torch.set_float32_matmul_precision("high")``: in full fp32 the
+kernel's dots cannot use the tensor cores, and a ViT-base attention call took 18x the time of
+``scaled_dot_product_attention`` on an H200, where explicit attention takes about 1.0x); ``(B, H, L, D)`` with
+``D <= 256``, key/value heads dividing the query
+heads (grouped-query attention), a boolean or additive float mask that needs no gradient, the relaxed
+training mask (Monte Carlo prediction's hard mask takes the explicit path), no ``torch.compile``/``jit``
+tracing, no functorch transform, no CUDA-graph capture. Everything else runs the explicit path.
+``CD_CONVERT_FUSED=0`` turns these kernels off together with those of :mod:`cd_convert.fused`;
+``CD_CONVERT_ATTENTION_TILES`` sets their launch shapes (:data:`TILES_VARIABLE`).
+
+One difference from the explicit path: a query row whose keys are all masked gives zeros (explicit softmax
+gives NaN there).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import fused
+from ._tracing import being_traced, functorch_active
+
+__all__ = ["INTERPRET_ON_CPU", "TILES_VARIABLE", "kernels_available", "supports", "fused_concrete_attention"]
+
+#: ``M,N,WARPS,STAGES;M,N,WARPS,STAGES``: the forward's and the backward kernels' launch shapes instead of the
+#: defaults (to tune for a GPU; a shape too large for the GPU's shared memory fails to compile). Forward: M query
+#: rows per program, N keys per step. Backward: the key/value kernel holds N keys and steps over M query rows;
+#: the query kernel holds N query rows and steps over M keys.
+TILES_VARIABLE = "CD_CONVERT_ATTENTION_TILES"
+
+#: Accept CPU tensors (for Triton's interpreter, ``TRITON_INTERPRET=1``): the tests set it to run whole models
+#: through the kernels without a GPU.
+INTERPRET_ON_CPU = False
+
+_FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_HEAD_DIM = 256
+_MAX_ELEMENTS = 2**31 - 1  # the kernels index with int32
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels() -> Optional[Any]:
+    """The kernels, or None if Triton cannot be imported."""
+    try:
+        from . import _triton_attention
+    except ImportError:
+        return None
+    return _triton_attention
+
+
+def kernels_available() -> bool:
+    """Whether the kernels are switched on and Triton imports (no check of any input)."""
+    return fused.ENABLED and _kernels() is not None
+
+
+def supports(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    enable_gqa: bool = False,
+    *,
+    interpret: Optional[bool] = None,
+) -> bool:
+    """Whether :func:`fused_concrete_attention` can compute this attention call.
+
+    Args:
+        query, key, value: the call's tensors.
+        attn_mask: its mask, if any.
+        enable_gqa: the call allows fewer key/value heads than query heads.
+        interpret: accept CPU tensors (Triton's interpreter); default :data:`INTERPRET_ON_CPU`.
+
+    Returns:
+        True when every condition in the module docstring holds.
+    """
+    interpret = INTERPRET_ON_CPU if interpret is None else interpret
+    if being_traced():
+        return False
+    if not fused.ENABLED or functorch_active():
+        return False
+    tensors = (query, key, value)
+    if any(type(t) is not Tensor for t in tensors) or (attn_mask is not None and type(attn_mask) is not Tensor):
+        return False
+    if not (query.is_cuda or (interpret and query.device.type == "cpu")):
+        return False
+    if any(t.device != query.device or t.dtype != query.dtype or t.dim() != 4 for t in (key, value)):
+        return False
+    if query.dim() != 4 or query.dtype not in _FLOAT_TYPES or any(t.numel() > _MAX_ELEMENTS for t in tensors):
+        return False
+    if query.dtype == torch.float32 and query.is_cuda and not torch.backends.cuda.matmul.allow_tf32:
+        return False  # full-fp32 dots without tensor cores: far slower than explicit attention (module docstring)
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    if key.shape[0] != batch or value.shape[:3] != key.shape[:3] or key.shape[3] != dim or value.shape[3] != dim:
+        return False
+    if dim > _MAX_HEAD_DIM or kv_heads == 0 or heads % kv_heads or (kv_heads != heads and not enable_gqa):
+        return False
+    if min(length, key.shape[2]) == 0 or length * (key.shape[2] + 3) // 4 >= 2**31:
+        return False
+    if attn_mask is not None:
+        if attn_mask.requires_grad or not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
+            return False
+        try:
+            torch.broadcast_shapes(attn_mask.shape, (batch, heads, length, key.shape[2]))
+        except RuntimeError:
+            return False
+    if query.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return _kernels() is not None
+
+
+def _expanded_mask(attn_mask: Optional[Tensor], shape: torch.Size, device: torch.device) -> Optional[Tensor]:
+    """The mask expanded (not copied) to ``shape``: the kernels read the caller's boolean or float tensor, so the
+    saved mask is the model's own one (a transformers model shares one mask among its layers)."""
+    if attn_mask is None:
+        return None
+    return attn_mask.to(device).expand(shape)
+
+
+class _FusedConcreteAttention(torch.autograd.Function):
+    """Flash attention with the relaxed Concrete mask on the probabilities (kernels in ``_triton_attention``)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        p_logit: Tensor,
+        mask: Optional[Tensor],
+        is_causal: bool,
+        sm_scale: float,
+        temperature: float,
+        bound: float,
+    ) -> Tensor:
+        seed = int(torch.randint(0, 2**31 - 1, ()))  # host generator: no device sync
+        out, lse = _kernels().launch_attention_forward(
+            query, key, value, mask, p_logit, seed, is_causal, sm_scale, 1.0 / temperature, bound
+        )
+        ctx.save_for_backward(query, key, value, mask, out, lse, p_logit)
+        ctx.settings = (seed, is_causal, sm_scale, 1.0 / temperature, bound)
+        return out
+
+    @staticmethod
+    @once_differentiable  # the kernels are not differentiable: a double backward raises instead of being wrong
+    def backward(ctx: Any, grad_out: Tensor):
+        query, key, value, mask, out, lse, p_logit = ctx.saved_tensors
+        seed, is_causal, sm_scale, inv_t, bound = ctx.settings
+        dq, dk, dv, grad_logit = _kernels().launch_attention_backward(
+            query,
+            key,
+            value,
+            mask,
+            out,
+            grad_out,
+            lse,
+            p_logit,
+            seed,
+            is_causal,
+            sm_scale,
+            inv_t,
+            bound,
+            need_logit=ctx.needs_input_grad[3],
+        )
+        return dq, dk, dv, grad_logit, None, None, None, None, None
+
+
+def fused_concrete_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    p_logit: Tensor,
+    *,
+    attn_mask: Optional[Tensor] = None,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    temperature: float,
+    eps: float,
+) -> Tensor:
+    """``softmax(scale * q k^T + mask)`` with the relaxed Concrete mask, times ``value`` (call where
+    :func:`supports` is True).
+
+    Args:
+        query, key, value: ``(B, H, L, D)``, ``(B, HKV, S, D)``, ``(B, HKV, S, D)``; HKV divides H.
+        p_logit: the site's unclamped 0-dim logit of p (clamped inside with a straight-through gradient, as
+            :func:`cd_convert.layers.clamped_logit` does).
+        attn_mask: boolean (True = attend) or additive float mask broadcastable to ``(B, H, L, S)``.
+        is_causal: mask key j for query i when j > i (top-left aligned, as ``scaled_dot_product_attention``).
+        scale: the scores' scale, default ``1 / sqrt(D)``.
+        temperature: Concrete temperature.
+        eps: bound on p.
+
+    Returns:
+        ``(B, H, L, D)`` in the inputs' dtype.
+    """
+    from .layers import logit_bound  # here: layers imports fused, which this module imports
+
+    batch, heads, length, dim = query.shape
+    mask = _expanded_mask(attn_mask, torch.Size((batch, heads, length, key.shape[2])), query.device)
+    sm_scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    return _FusedConcreteAttention.apply(
+        query, key, value, p_logit, mask, bool(is_causal), sm_scale, float(temperature), logit_bound(eps)
+    )

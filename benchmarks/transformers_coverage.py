@@ -565,6 +565,26 @@ def memory_section(args: argparse.Namespace) -> List[Dict[str, Any]]:
 # --------------------------------------------------------------------------------------------------- main
 
 
+def _count_kernel_calls() -> List[int]:
+    """Send attention sites through the fused kernel on the CPU (Triton's interpreter) and count its calls.
+
+    Returns:
+        A list that grows by one per kernel call for the rest of the process.
+    """
+    from cd_convert import fused_attention
+
+    fused_attention.INTERPRET_ON_CPU = True
+    calls: List[int] = []
+    apply = fused_attention._FusedConcreteAttention.apply
+
+    def counting(*args: Any) -> torch.Tensor:
+        calls.append(1)
+        return apply(*args)
+
+    fused_attention._FusedConcreteAttention.apply = counting
+    return calls
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     names = [f.name for f in FAMILIES]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -578,7 +598,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--dataset-size", type=int, default=1000, help="dataset_size passed to convert")
     parser.add_argument("--timeout", type=float, default=60.0, help="wall-clock guard per family in s (0: none)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument(
+        "--kernel-interpreted",
+        action="store_true",
+        help="train attention sites through the fused attention kernel, as on a GPU, run on the CPU by Triton's "
+        "interpreter (needs TRITON_INTERPRET=1 in the environment; slow)",
+    )
     args = parser.parse_args(argv)
+    if args.kernel_interpreted and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("--kernel-interpreted needs TRITON_INTERPRET=1 set before the run starts")
     if args.families:
         wanted = [n.strip() for n in args.families.split(",") if n.strip()]
         unknown = sorted(set(wanted) - set(names))
@@ -600,6 +628,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"cd_convert transformers coverage: transformers {env['transformers']}, torch {env['torch']}, "
         f"{args.threads} thread(s), dataset_size {args.dataset_size}\n"
     )
+    kernel_calls = _count_kernel_calls() if args.kernel_interpreted else None
     wall = time.perf_counter()
     by_name = {f.name: f for f in FAMILIES}
     results = []
@@ -611,6 +640,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     coverage_s = time.perf_counter() - wall
     print(f"coverage wall time {coverage_s:.0f} s")
     record: Dict[str, Any] = {"environment": env, "families": [asdict(r) for r in results], "coverage_s": coverage_s}
+    if kernel_calls is not None:
+        record["attention_kernel_calls"] = len(kernel_calls)
+        print(f"attention calls through the fused kernel (interpreted): {len(kernel_calls)}")
     if args.memory:
         record["memory"] = memory_section(args)
     record["wall_s"] = time.perf_counter() - wall

@@ -11,6 +11,7 @@ kernel tests run on it; without one they run on CPU tensors under Triton's inter
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import warnings
@@ -428,3 +429,45 @@ def test_a_transformers_model_set_to_eager_attention_stays_eager(kernel_calls):
         converted = cd_convert.convert(model, dataset_size=100).to(DEVICE).train()
     loss_fn(converted(**{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})).backward()
     assert kernel_calls == []
+
+
+@runs_kernels
+def test_a_route_opened_on_one_thread_is_closed_only_by_that_thread():
+    # nn.DataParallel's replicas share their hooks across threads: each thread closes its own route.
+    import threading
+
+    from cd_convert.integrations.timm import FusedAttentionHook
+
+    _, converted = _converted_vit()
+    attention = converted.blocks[0].attn
+    hook = next(h for h in attention._forward_pre_hooks.values() if isinstance(h, FusedAttentionHook))
+    converted.train()
+    hook(attention, (torch.randn(1, 5, 192, device=DEVICE),))
+    assert F.scaled_dot_product_attention is not attention_routing._ORIGINAL_SDPA  # this thread's route is open
+    other = threading.Thread(target=hook.end)
+    other.start()
+    other.join()
+    assert F.scaled_dot_product_attention is not attention_routing._ORIGINAL_SDPA  # another thread's end: no effect
+    hook.end()
+    assert F.scaled_dot_product_attention is attention_routing._ORIGINAL_SDPA
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the option runs under Triton's interpreter")
+def test_coverage_benchmark_runs_a_family_through_the_interpreted_kernel(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from benchmarks import transformers_coverage
+
+    # The option patches the module for the rest of the process: restore it after the test.
+    monkeypatch.setattr(fused_attention._FusedConcreteAttention, "apply", fused_attention._FusedConcreteAttention.apply)
+    out = tmp_path / "coverage.json"
+    assert transformers_coverage.main(["--families", "llama", "--kernel-interpreted", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["attention_kernel_calls"] > 0 and record["families"][0]["result"] == "pass"
+
+
+def test_the_interpreted_coverage_option_needs_the_interpreter(monkeypatch):
+    from benchmarks import transformers_coverage
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(SystemExit):
+        transformers_coverage.parse_args(["--kernel-interpreted"])

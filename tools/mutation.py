@@ -443,8 +443,8 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "timm-attention-route-left-open",
         "timm attention's route to the fused kernel is never closed: F.scaled_dot_product_attention stays replaced",
         "cd_convert/integrations/timm.py",
-        "            self._routes.pop().close()",
-        "            self._routes[-1]",
+        "            routes.pop().close()",
+        "            routes[-1]",
         ("tests/test_fused_attention.py",),
     ),
     Mutation(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch.nn as nn
 from torch import Tensor
@@ -92,7 +93,8 @@ class FusedAttentionHook:
     def __init__(self, child: str, original: bool) -> None:
         self.child = child
         self.original = original
-        self._routes: List[contextlib.ExitStack] = []  # entered here, closed by FusedAttentionRouteEnd
+        # Entered here, closed by FusedAttentionRouteEnd; per thread (nn.DataParallel's replicas share hooks).
+        self._routes: Dict[int, List[contextlib.ExitStack]] = {}
 
     def __call__(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
         site = getattr(module, self.child)
@@ -103,17 +105,18 @@ class FusedAttentionHook:
         device = x.device if isinstance(x, Tensor) else None
         if self.original and kernel_can_route([site], device):
             module.fused_attn = True
-            self._routes.append(open_route(site, module.training))
+            self._routes.setdefault(threading.get_ident(), []).append(open_route(site, module.training))
             return
         module.fused_attn = False
 
     def end(self) -> None:
         """Close the route the pre-hook opened for the call that is ending, if it opened one."""
-        if self._routes:
-            self._routes.pop().close()
+        routes = self._routes.get(threading.get_ident())
+        if routes:
+            routes.pop().close()
 
     def __getstate__(self) -> dict:
-        return {"child": self.child, "original": self.original, "_routes": []}  # open routes belong to a call
+        return {"child": self.child, "original": self.original, "_routes": {}}  # open routes belong to a call
 
 
 class FusedAttentionRouteEnd:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -170,14 +171,14 @@ class EagerAttentionHook:
         routable: every attention module below a model-level hook applies exactly one site (the kernel's route
             needs to know which).
         saved: the implementation to restore, per nesting level.
-        routes: the open route, per nesting level (None where none was opened).
+        routes: per thread, the open route per nesting level (None where none was opened).
     """
 
     sites: List[nn.Module]
     model_level: bool = False
     routable: bool = True
     saved: List[List[Tuple[Any, Optional[str]]]] = field(default_factory=list)
-    routes: List[Optional[contextlib.ExitStack]] = field(default_factory=list)
+    routes: Dict[int, List[Optional[contextlib.ExitStack]]] = field(default_factory=dict)
 
     def _kernel_applies(self, module: nn.Module, current: Optional[str]) -> bool:
         from .attention_kernel import kernel_can_route
@@ -206,11 +207,12 @@ class EagerAttentionHook:
 
                 route = open_route(self.sites[0], module.training)
         self.saved.append(saved)
-        self.routes.append(route)
+        self.routes.setdefault(threading.get_ident(), []).append(route)
 
     def after(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
-        if self.routes:
-            route = self.routes.pop()
+        routes = self.routes.get(threading.get_ident())
+        if routes:
+            route = routes.pop()
             if route is not None:
                 route.close()
         if self.saved:
@@ -218,7 +220,7 @@ class EagerAttentionHook:
 
     def __getstate__(self) -> Dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(saved=[], routes=[])  # both belong to a call in progress
+        state.update(saved=[], routes={})  # both belong to a call in progress
         return state
 
 

@@ -19,6 +19,7 @@ cd_convert.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -28,15 +29,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_kernels import _finish
+from ._triton_kernels import _clamped_theta, _finish, _uniform
 from .fused_attention import TILES_VARIABLE
 
 # The kernels' long argument lists stay packed, as in _triton_kernels.py.
 # fmt: off
 __all__ = ["launch_attention_forward", "launch_attention_backward", "launch_attention_noise"]
 
-_LATTICE = tl.constexpr(1.1920928955078125e-07)  # 2**-23
 _LOG2E = tl.constexpr(1.4426950408889634)
+_LOG2E_HOST = math.log2(math.e)
 _FINISH_BLOCK = 1024
 
 
@@ -54,11 +55,6 @@ def _random_words(seed, bh, rows, start_n, groups_per_row, BLOCK_M: tl.constexpr
 
 
 @triton.jit
-def _uniform(words):
-    return ((words & 0x7FFFFF).to(tl.float32) + 0.5) * _LATTICE
-
-
-@triton.jit
 def _keep(seed, bh, rows, start_n, groups_per_row, theta_log2, inv_t, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """keep = sigmoid(-(theta + logit(u)) / t) = 1 / (1 + 2**(theta log2(e) / t + log2(u / (1 - u)) / t))."""
     u = _uniform(_random_words(seed, bh, rows, start_n, groups_per_row, BLOCK_M, BLOCK_N))
@@ -66,9 +62,10 @@ def _keep(seed, bh, rows, start_n, groups_per_row, theta_log2, inv_t, BLOCK_M: t
 
 
 @triton.jit
-def _theta(theta_ptr, bound):
-    theta = tl.load(theta_ptr).to(tl.float32)
-    return tl.minimum(tl.maximum(theta, -bound), bound)
+def _logit_terms(theta_ptr, bound, inv_t):
+    """``(theta log2(e) / t, 1 / (1 - p))`` of the clamped logit, the two numbers every kernel needs of it."""
+    theta = _clamped_theta(theta_ptr, bound)
+    return theta * _LOG2E * inv_t, 1.0 + tl.exp(theta)
 
 
 @triton.jit
@@ -112,8 +109,7 @@ def _attention_forward(
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
     m_base = Mask + b * smb + h * smh
-    theta = _theta(theta_ptr, bound)
-    theta_log2 = theta * _LOG2E * inv_t
+    theta_log2, scale = _logit_terms(theta_ptr, bound, inv_t)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -145,7 +141,7 @@ def _attention_forward(
     # A fully masked row (no key to attend to) gives 0, not NaN.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     m_final = tl.where(m_i == float("-inf"), 0.0, m_i)
-    out = acc * ((1.0 + tl.exp(theta)) / l_safe)[:, None]
+    out = acc * (scale / l_safe)[:, None]
     tl.store(
         Out + b * sob + h * soh + rows[:, None] * som + dims[None, :] * sod,
         out.to(Out.dtype.element_ty),
@@ -182,9 +178,7 @@ def _attention_backward_kv(
     k = tl.load(K + b * skb + kvh * skh + cols[:, None] * skn + dims[None, :] * skd, mask=kv_mask, other=0.0)
     v = tl.load(V + b * svb + kvh * svh + cols[:, None] * svn + dims[None, :] * svd, mask=kv_mask, other=0.0)
     k_t = tl.trans(k)
-    theta = _theta(theta_ptr, bound)
-    theta_log2 = theta * _LOG2E * inv_t
-    scale = 1.0 + tl.exp(theta)
+    theta_log2, scale = _logit_terms(theta_ptr, bound, inv_t)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     first_m = (start_n // BLOCK_M) * BLOCK_M if IS_CAUSAL else 0  # earlier queries see none of these keys
@@ -232,9 +226,7 @@ def _attention_backward_q(
                                     sdd)
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
-    theta = _theta(theta_ptr, bound)
-    theta_log2 = theta * _LOG2E * inv_t
-    scale = 1.0 + tl.exp(theta)
+    theta_log2, scale = _logit_terms(theta_ptr, bound, inv_t)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     sum_g_pd = tl.zeros([BLOCK_M], tl.float32)
     sum_g_pd_keep = tl.zeros([BLOCK_M], tl.float32)
@@ -396,7 +388,7 @@ def launch_attention_forward(
     _attention_forward[(triton.cdiv(L, tiles.block_m), B * H)](
         q, k, v, mask if mask is not None else q, out, lse, p_logit, seed, *q.stride(), *k.stride(), *v.stride(),
         *_mask_strides(mask), *out.stride(), H, H // k.shape[1], L, S, D, triton.cdiv(S, 4),
-        sm_scale * 1.4426950408889634, inv_t, bound, MASK_KIND=_mask_kind(mask), IS_CAUSAL=is_causal,
+        sm_scale * _LOG2E_HOST, inv_t, bound, MASK_KIND=_mask_kind(mask), IS_CAUSAL=is_causal,
         DOT_PRECISION=_dot_precision(q.dtype), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=block_d,
         **_launch_options(tiles),
     )
@@ -427,7 +419,7 @@ def launch_attention_backward(
         **_launch_options(tiles),
     )
     strides = (*q.stride(), *k.stride(), *v.stride(), *_mask_strides(mask), *grad_out.stride())
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * _LOG2E_HOST
     _attention_backward_kv[(triton.cdiv(S, tiles.block_n), B * HKV)](
         q, k, v, mask_arg, grad_out, lse, delta, dk, dv, p_logit, seed, *strides, H, HKV, H // HKV, L, S, D,
         triton.cdiv(S, 4), qk_scale, sm_scale, inv_t, bound, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,

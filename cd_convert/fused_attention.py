@@ -38,7 +38,7 @@ from torch.autograd.function import once_differentiable
 from . import fused
 from ._tracing import being_traced, functorch_active
 
-__all__ = ["INTERPRET_ON_CPU", "TILES_VARIABLE", "kernels_available", "supports", "fused_concrete_attention"]
+__all__ = ["INTERPRET_ON_CPU", "TILES_VARIABLE", "kernels_available", "runs_on", "supports", "fused_concrete_attention"]
 
 #: ``M,N,WARPS,STAGES;M,N,WARPS,STAGES``: the forward's and the backward kernels' launch shapes instead of the
 #: defaults (to tune for a GPU; a shape too large for the GPU's shared memory fails to compile). Forward: M query
@@ -70,6 +70,17 @@ def kernels_available() -> bool:
     return fused.ENABLED and _kernels() is not None
 
 
+def runs_on(device: torch.device, interpret: Optional[bool] = None) -> bool:
+    """Whether the kernels run on ``device``: a GPU, or the CPU under Triton's interpreter.
+
+    Args:
+        device: where the attention's tensors are.
+        interpret: accept the CPU; default :data:`INTERPRET_ON_CPU`.
+    """
+    interpret = INTERPRET_ON_CPU if interpret is None else interpret
+    return device.type == "cuda" or (interpret and device.type == "cpu")
+
+
 def supports(
     query: Tensor,
     key: Tensor,
@@ -90,15 +101,14 @@ def supports(
     Returns:
         True when every condition in the module docstring holds.
     """
-    interpret = INTERPRET_ON_CPU if interpret is None else interpret
     if being_traced():
         return False
-    if not fused.ENABLED or functorch_active():
+    if not kernels_available() or functorch_active():
         return False
     tensors = (query, key, value)
     if any(type(t) is not Tensor for t in tensors) or (attn_mask is not None and type(attn_mask) is not Tensor):
         return False
-    if not (query.is_cuda or (interpret and query.device.type == "cpu")):
+    if not runs_on(query.device, interpret):
         return False
     if any(t.device != query.device or t.dtype != query.dtype or t.dim() != 4 for t in (key, value)):
         return False
@@ -121,9 +131,7 @@ def supports(
             torch.broadcast_shapes(attn_mask.shape, (batch, heads, length, key.shape[2]))
         except RuntimeError:
             return False
-    if query.is_cuda and torch.cuda.is_current_stream_capturing():
-        return False
-    return _kernels() is not None
+    return not (query.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _expanded_mask(attn_mask: Optional[Tensor], shape: torch.Size, device: torch.device) -> Optional[Tensor]:

@@ -44,9 +44,7 @@ def kernel_can_route(sites: Sequence[nn.Module], device: Optional[torch.device])
     if device is None or being_traced():
         return False
     fused_attention, kernel_applies, _ = _imports()
-    if not (device.type == "cuda" or (fused_attention.INTERPRET_ON_CPU and device.type == "cpu")):
-        return False
-    return all(kernel_applies(site) for site in sites)
+    return fused_attention.runs_on(device) and all(kernel_applies(site) for site in sites)
 
 
 def open_route(site: nn.Module, training: bool) -> contextlib.ExitStack:

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from ..sites.base import Change, submodule
+from .attention_kernel import kernel_can_route, open_route
 from .transformers_inputs import example_inputs_for
 
 # ConcreteDropoutTrainer (module __getattr__ below) is public too, but not listed: a star import would then need
@@ -170,19 +171,18 @@ class EagerAttentionHook:
             are built for); else on an attention module (it routes the call).
         routable: every attention module below a model-level hook applies exactly one site (the kernel's route
             needs to know which).
-        saved: the implementation to restore, per nesting level.
-        routes: per thread, the open route per nesting level (None where none was opened).
+        calls: per thread, per nesting level, what :meth:`after` undoes: the implementations to restore and the
+            open route (None where none was opened).
     """
 
     sites: List[nn.Module]
     model_level: bool = False
     routable: bool = True
-    saved: List[List[Tuple[Any, Optional[str]]]] = field(default_factory=list)
-    routes: Dict[int, List[Optional[contextlib.ExitStack]]] = field(default_factory=dict)
+    calls: Dict[int, List[Tuple[List[Tuple[Any, Optional[str]]], Optional[contextlib.ExitStack]]]] = field(
+        default_factory=dict
+    )
 
     def _kernel_applies(self, module: nn.Module, current: Optional[str]) -> bool:
-        from .attention_kernel import kernel_can_route
-
         if current in (None, "eager") or not self.routable:
             return False  # a model set to eager stays eager
         if self.model_level:
@@ -203,25 +203,19 @@ class EagerAttentionHook:
             elif self.model_level:
                 saved = _select(_with_sub_configs(module.config), "sdpa") if current != "sdpa" else []
             else:
-                from .attention_kernel import open_route
-
                 route = open_route(self.sites[0], module.training)
-        self.saved.append(saved)
-        self.routes.setdefault(threading.get_ident(), []).append(route)
+        self.calls.setdefault(threading.get_ident(), []).append((saved, route))
 
     def after(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
-        routes = self.routes.get(threading.get_ident())
-        if routes:
-            route = routes.pop()
+        calls = self.calls.get(threading.get_ident())
+        if calls:
+            saved, route = calls.pop()
             if route is not None:
                 route.close()
-        if self.saved:
-            _restore(self.saved.pop())
+            _restore(saved)
 
     def __getstate__(self) -> Dict[str, Any]:
-        state = dict(self.__dict__)
-        state.update(saved=[], routes={})  # both belong to a call in progress
-        return state
+        return dict(self.__dict__, calls={})  # open calls belong to a forward in progress
 
 
 def _refuse_packed_sequences(module: nn.Module, implementation: str, kwargs: Dict[str, Any]) -> None:
@@ -244,7 +238,8 @@ class EagerAttentionSwitch(Change):
 
     Attributes:
         owner: qualified name of the module (a ``PreTrainedModel`` or an attention module).
-        site_names: qualified names of the attention sites whose activity selects the eager path.
+        site_names: qualified names of the attention sites whose activity switches the implementation.
+        routable: see :class:`EagerAttentionHook`.
     """
 
     owner: str

@@ -147,17 +147,16 @@ def concrete_attention(
     Returns:
         ``(..., L, Ev)``.
     """
-    if kernel_applies(site):
+    if kernel_applies(site) and fused_attention.runs_on(query.device):
         dtype = _autocast_dtype(query.device.type)
+        cast = (query, key, value)
         if dtype is not None and query.is_floating_point():
-            query, key, value = (t.to(dtype) for t in (query, key, value))
-        if fused_attention.supports(query, key, value, attn_mask, enable_gqa):
+            cast = tuple(t.to(dtype) for t in cast)
+        if fused_attention.supports(*cast, attn_mask, enable_gqa):
             if site.units_seen is None:
                 site.units_seen = key.size(-2)  # what the explicit path's site would record: the key count
             return fused_attention.fused_concrete_attention(
-                query,
-                key,
-                value,
+                *cast,
                 site.p_logit,
                 attn_mask=attn_mask,
                 is_causal=is_causal,

@@ -152,7 +152,7 @@ def accuracy(shape: Shape, device: torch.device) -> Dict[str, float]:
     q, k, v, grad = _inputs(shape, device)
     p_logit = torch.tensor(math.log(P / (1 - P)), device=device, requires_grad=True)
     torch.manual_seed(7)
-    seed = int(torch.randint(0, 2**31 - 1, ()))  # the draw the forward pass makes first
+    seed = int(torch.randint(0, 2**31 - 1, (1,), device=device))  # the draw the forward pass makes first
     torch.manual_seed(7)
     out = fused_attention.fused_concrete_attention(
         q, k, v, p_logit, is_causal=shape.causal, temperature=TEMPERATURE, eps=1e-6

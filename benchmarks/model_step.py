@@ -2,7 +2,9 @@
 
 What a user runs: forward, cross-entropy (+ ``cd_convert.regularization(model)`` for the converted model),
 ``zero_grad``, backward, ``AdamW.step``; in fp32 and under bf16 autocast; eager and with the loss computation
-(forward, loss, regulariser) under ``torch.compile``. For each model of :data:`CASES` and each batch size:
+(forward, loss, regulariser) under ``torch.compile``; and on CUDA, with ``--graphed``, the whole step captured
+once in a CUDA graph and replayed (:class:`GraphedStep`: no per-op launch cost on the host). For each model
+of :data:`CASES` and each batch size:
 
 * **step time**: the variants' steps interleaved (the order rotating every repeat), medians, and the ratio to
   the unconverted model (also the median of per-repeat ratios, which the machine's drift affects less);
@@ -25,7 +27,7 @@ Goal (the per-step overhead issue): converted <= 1.10x unconverted eager, <= 1.0
 ``torch.compile`` unless asked): a proxy, to be labelled as one.
 
 Run: ``python -m benchmarks.model_step [--device cuda] [--models a,b] [--batches 64,256] [--img-size 224]
-[--precisions fp32,bf16] [--compile | --no-compile] [--repeats R] [--json PATH]``.
+[--precisions fp32,bf16] [--compile | --no-compile] [--graphed] [--repeats R] [--json PATH]``.
 """
 
 from __future__ import annotations
@@ -168,6 +170,52 @@ class TrainStep:
         self.optimizer.step()
 
 
+class GraphedStep:
+    """:class:`TrainStep`'s step captured once in a CUDA graph and replayed: forward, loss, regulariser, backward
+    and ``AdamW(capturable=True)``, as PyTorch's whole-network capture recipe does it.
+
+    Calling it replays the graph on the batch it was captured with. A captured concrete site draws a new seed at
+    each replay (:func:`cd_convert.fused.draw_seed`), so every replay trains on new masks.
+
+    Args:
+        model: the network; a deep copy of it is captured and trained (with its own capturable AdamW).
+        x, target: the batch (copied into the graph's static inputs).
+        converted: add ``cd_convert.regularization(model)`` to the loss.
+        precision: ``fp32`` or ``bf16`` (autocast, without its weight-cast cache, which capture does not allow).
+    """
+
+    def __init__(self, model: nn.Module, x: Tensor, target: Tensor, converted: bool, precision: str) -> None:
+        # A fresh copy: the eager steps that ran before left the parameters' gradient-accumulation nodes bound
+        # to the default stream, which broke the capture on an H200 (cudaErrorStreamCaptureImplicit).
+        model = copy.deepcopy(model)
+        self.model, self.x, self.target = model, x.clone(), target.clone()
+        self.converted, self.precision = converted, precision
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=True)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: kernels compiled, the regulariser's plan built, AdamW state made
+            for _ in range(3):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._loss().backward()
+                self.optimizer.step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates the gradients in the graph
+        with torch.cuda.graph(self.graph):
+            self.loss = self._loss()
+            self.loss.backward()
+            self.optimizer.step()
+
+    def _loss(self) -> Tensor:
+        enabled = self.precision == "bf16"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled, cache_enabled=False):
+            loss = F.cross_entropy(self.model(self.x), self.target)
+            return loss + cd_convert.regularization(self.model) if self.converted else loss
+
+    def __call__(self) -> None:
+        self.graph.replay()
+
+
 def _resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the model's parameters and buffers and of the optimizer's state tensors."""
     tensors = [*model.parameters(), *model.buffers()]
@@ -216,12 +264,13 @@ def measure(
     repeats: int,
     inner: int,
     profile_steps: int,
+    graphed: bool = False,
 ) -> Dict[str, Any]:
     """Every measurement of one model at one batch size.
 
     Returns:
-        ``sites``, and per precision: ``eager`` and ``compiled`` (:func:`benchmarks.train_step.summarize` rows,
-        ratios to ``unconverted``), ``memory`` (per variant), ``breakdown`` (per variant, ms per step).
+        ``sites``, and per precision: ``eager``, ``compiled`` and ``graphed`` (:func:`benchmarks.train_step.summarize`
+        rows, ratios to ``unconverted``), ``memory`` (per variant), ``breakdown`` (per variant, ms per step).
     """
     models = build_variants(case, img_size, device)
     torch.manual_seed(1)
@@ -244,6 +293,13 @@ def measure(
             times = interleaved_times(compiled_steps, repeats, inner, warmup=3, device=device)
             row["compiled"] = summarize(times, "unconverted")
             torch._dynamo.reset()  # the next precision compiles afresh; keeps the cache from growing
+        if graphed:
+            graphed_steps = {
+                name: GraphedStep(m, x, target, name == "converted", precision) for name, m in models.items()
+            }
+            times = interleaved_times(graphed_steps, repeats, inner, warmup=2, device=device)
+            row["graphed"] = summarize(times, "unconverted")
+            del graphed_steps
         result[precision] = row
         del steps
     return result
@@ -262,9 +318,10 @@ def print_case(label: str, res: Dict[str, Any], precisions: Sequence[str], devic
     memory_key = _memory_key(res[precisions[0]]["memory"]["unconverted"])
     print(
         f"\n| precision | variant | eager step / unconverted | compiled step / unconverted | "
-        f"{'peak memory' if device.type == 'cuda' else 'saved activations'} / unconverted |"
+        f"CUDA-graph step / unconverted | {'peak memory' if device.type == 'cuda' else 'saved activations'} "
+        "/ unconverted |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for precision in precisions:
         row = res[precision]
         base_memory = row["memory"]["unconverted"][memory_key]
@@ -272,7 +329,7 @@ def print_case(label: str, res: Dict[str, Any], precisions: Sequence[str], devic
             mem = row["memory"][name][memory_key]
             print(
                 f"| {precision} | {name} | {_ratio(row['eager'], name)} | {_ratio(row.get('compiled'), name)} "
-                f"| {mem / base_memory:.2f}x ({mem / 2**20:.1f} MiB) |"
+                f"| {_ratio(row.get('graphed'), name)} | {mem / base_memory:.2f}x ({mem / 2**20:.1f} MiB) |"
             )
     for precision in precisions:
         if "breakdown" in res[precision]:
@@ -292,6 +349,7 @@ def summary_rows(results: Dict[str, Dict[str, Any]], precisions: Sequence[str]) 
             row = res[precision]
             eager = row["eager"]["converted"]["ratio"]
             compiled = row.get("compiled", {}).get("converted", {}).get("ratio")
+            graphed = row.get("graphed", {}).get("converted", {}).get("ratio")
             memory_key = _memory_key(row["memory"]["converted"])
             memory = row["memory"]["converted"][memory_key] / row["memory"]["unconverted"][memory_key]
             rows.append(
@@ -301,6 +359,7 @@ def summary_rows(results: Dict[str, Dict[str, Any]], precisions: Sequence[str]) 
                     precision,
                     f"{eager:.2f}x" + (" ok" if eager <= TARGET_EAGER else ""),
                     "-" if compiled is None else f"{compiled:.2f}x" + (" ok" if compiled <= TARGET_COMPILED else ""),
+                    "-" if graphed is None else f"{graphed:.2f}x" + (" ok" if graphed <= TARGET_EAGER else ""),
                     f"{memory:.2f}x" + (" ok" if memory <= TARGET_MEMORY else ""),
                 ]
             )
@@ -328,6 +387,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--compile", dest="compile", action="store_true", default=None, help="also time compiled steps")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="eager steps only")
+    parser.add_argument(
+        "--graphed", action="store_true", help="also time the eager step captured in a CUDA graph (CUDA only)"
+    )
     parser.add_argument("--repeats", type=int, default=None, help="samples per variant (default: CUDA 20, CPU 5)")
     parser.add_argument("--inner", type=int, default=None, help="steps per sample (default: CUDA 5, CPU 1)")
     parser.add_argument("--profile-steps", type=int, default=3, help="profiled steps per variant (0: no breakdown)")
@@ -367,13 +429,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
         case = CASES[label]
         batches = _int_list(args.batches) if args.batches else ([64, case.gpu_bound_batch] if cuda else [8])
         for batch in batches:
-            res = measure(case, batch, img_size, device, precisions, compiled, repeats, inner, args.profile_steps)
+            res = measure(
+                case, batch, img_size, device, precisions, compiled, repeats, inner, args.profile_steps,
+                graphed=args.graphed and cuda,
+            )
             key = f"{label} b{batch}"
             results["models"][key] = res
             print_case(key, res, precisions, device)
             common.write_json(args.json, results)
-    print("\n### Converted / unconverted, against the goals (eager <= 1.10x, compiled <= 1.05x, memory <= 1.10x)\n")
-    header = ["model, batch", "sites", "precision", "eager step", "compiled step", "memory"]
+    print(
+        "\n### Converted / unconverted, against the goals (eager and CUDA graph <= 1.10x, compiled <= 1.05x, "
+        "memory <= 1.10x)\n"
+    )
+    header = ["model, batch", "sites", "precision", "eager step", "compiled step", "CUDA-graph step", "memory"]
     print(common.markdown_table(header, summary_rows(results["models"], precisions)))
     if args.uci_repeats > 0:
         epoch = epoch_section(device, args.uci_repeats)

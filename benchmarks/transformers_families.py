@@ -1976,7 +1976,7 @@ def output_tensors(output: Any) -> List[torch.Tensor]:
 def _cross_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of ``logits`` (classes last) against random targets drawn from a fixed seed."""
     generator = torch.Generator().manual_seed(2)
-    targets = torch.randint(0, logits.shape[-1], logits.shape[:-1], generator=generator)
+    targets = torch.randint(0, logits.shape[-1], logits.shape[:-1], generator=generator).to(logits.device)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
 
@@ -1997,4 +1997,4 @@ def data_loss(output: Any) -> torch.Tensor:
     trained = [t for t in tensors if t.is_floating_point() and t.requires_grad and t.dim() > 0]
     if not trained:
         return _cross_entropy(tensors[0])
-    return sum((_cross_entropy(t) for t in trained), torch.zeros(()))
+    return sum((_cross_entropy(t) for t in trained), torch.zeros((), device=trained[0].device))

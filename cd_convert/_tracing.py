@@ -7,6 +7,8 @@ transform they must step aside so that it sees plain ops.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 try:
@@ -14,7 +16,7 @@ try:
 except ImportError:  # torch < 2.3
     from torch._dynamo import is_compiling as _is_compiling
 
-__all__ = ["being_traced", "functorch_active"]
+__all__ = ["being_traced", "functorch_active", "thread_key"]
 
 
 def being_traced() -> bool:
@@ -34,3 +36,15 @@ def functorch_active() -> bool:
     """
     check = getattr(torch._C, "_are_functorch_transforms_active", None)
     return bool(check()) if check is not None else False
+
+
+def thread_key() -> int:
+    """The current thread's key for per-thread state of hooks (``nn.DataParallel`` replicas share hooks).
+
+    Under ``torch.compile`` the key is 0: Dynamo cannot trace ``threading.get_ident`` (each call was a graph
+    break in every attention module), and a compiled region runs on one thread.
+
+    Returns:
+        ``threading.get_ident()``, or 0 while compiling.
+    """
+    return 0 if _is_compiling() else threading.get_ident()

@@ -88,13 +88,14 @@ def _scores(
     return tl.where(valid, s, float("-inf"))
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _attention_forward(
-    Q, K, V, Mask, Out, Lse, theta_ptr, seed, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh,
+    Q, K, V, Mask, Out, Lse, theta_ptr, seed_ptr, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh,
     smm, smn, sob, soh, som, sod, H, GROUP, L, S, D, groups_per_row, qk_scale, inv_t, bound,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    seed = tl.load(seed_ptr)  # a device tensor: a CUDA graph replays with a new seed
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
@@ -161,14 +162,15 @@ def _query_rows(Q, dO, Lse, Delta, b, h, bh, rows, dims, L, D, sqb, sqh, sqm, sq
     return q, do, lse, delta
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _attention_backward_kv(
-    Q, K, V, Mask, dO, Lse, Delta, dK, dV, theta_ptr, seed, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn,
+    Q, K, V, Mask, dO, Lse, Delta, dK, dV, theta_ptr, seed_ptr, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn,
     svd, smb, smh, smm, smn, sdb, sdh, sdm, sdd, H, HKV, GROUP, L, S, D, groups_per_row, qk_scale, sm_scale, inv_t,
     bound, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK and dV of one key block, summed over the query heads that share it (grouped-query attention)."""
+    seed = tl.load(seed_ptr)  # a device tensor: a CUDA graph replays with a new seed
     start_n = tl.program_id(0) * BLOCK_N
     bkv = tl.program_id(1)
     b, kvh = bkv // HKV, bkv % HKV
@@ -207,14 +209,15 @@ def _attention_backward_kv(
     tl.store(dV + offsets, dv.to(dV.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _attention_backward_q(
-    Q, K, V, Mask, dO, Lse, Delta, dQ, Partial, theta_ptr, seed, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh,
+    Q, K, V, Mask, dO, Lse, Delta, dQ, Partial, theta_ptr, seed_ptr, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh,
     svn, svd, smb, smh, smm, smn, sdb, sdh, sdm, sdd, H, GROUP, L, S, D, groups_per_row, num_programs, qk_scale,
     sm_scale, inv_t, bound, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, NEED_LOGIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ of one query block, and the block's two partial sums for the logit's gradient."""
+    seed = tl.load(seed_ptr)  # a device tensor: a CUDA graph replays with a new seed
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
@@ -364,7 +367,7 @@ def _mask_strides(mask: Optional[Tensor]) -> Tuple[int, int, int, int]:
 
 
 def launch_attention_forward(
-    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], p_logit: Tensor, seed: int, is_causal: bool,
+    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], p_logit: Tensor, seed: Tensor, is_causal: bool,
     sm_scale: float, inv_t: float, bound: float,
 ) -> Tuple[Tensor, Tensor]:
     """Output ``(B, H, L, D)`` and the log2-sum-exp of the scores ``(B * H, L)`` (fp32) for the backward pass.
@@ -374,7 +377,7 @@ def launch_attention_forward(
         mask: boolean (True: attend) or additive float mask expanded to ``(B, H, L, S)`` (broadcast dims may have
             stride 0), or None.
         p_logit: the 0-dim logit of p.
-        seed: the noise stream.
+        seed: the noise stream, a one-element int64 tensor on the inputs' device.
         is_causal: key j is masked for query i when j > i.
         sm_scale: the scores' scale.
         inv_t: 1 / temperature.
@@ -397,7 +400,7 @@ def launch_attention_forward(
 
 def launch_attention_backward(
     q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], out: Tensor, grad_out: Tensor, lse: Tensor,
-    p_logit: Tensor, seed: int, is_causal: bool, sm_scale: float, inv_t: float, bound: float, need_logit: bool,
+    p_logit: Tensor, seed: Tensor, is_causal: bool, sm_scale: float, inv_t: float, bound: float, need_logit: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """``(dq, dk, dv, d p_logit)`` (contiguous; the last None when ``need_logit`` is False)."""
     B, H, L, D = q.shape

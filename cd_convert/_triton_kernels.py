@@ -74,13 +74,14 @@ def _keep(bits, theta, inv_t):
     return 1.0 / (1.0 + tl.exp((theta + logistic) * inv_t))
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _forward(x_ptr, y_ptr, theta_ptr, seed, n, inv_t, bound, inner, channels, CHANNELWISE: tl.constexpr,
+@triton.jit
+def _forward(x_ptr, y_ptr, theta_ptr, seed_ptr, n, inv_t, bound, inner, channels, CHANNELWISE: tl.constexpr,
              CHANNELS_LAST: tl.constexpr, SATURATE_FP16: tl.constexpr, BLOCK: tl.constexpr):
     block_start = tl.program_id(0) * BLOCK
     offsets = _tile(block_start, BLOCK)
     in_range = offsets < n
     theta = _clamped_theta(theta_ptr, bound)
+    seed = tl.load(seed_ptr)
     bits = _random_bits(seed, block_start, offsets, inner, channels, CHANNELWISE, CHANNELS_LAST, BLOCK)
     keep = _keep(bits, theta, inv_t)
     x = tl.load(x_ptr + offsets, mask=in_range, other=0.0).to(tl.float32)
@@ -91,8 +92,8 @@ def _forward(x_ptr, y_ptr, theta_ptr, seed, n, inv_t, bound, inner, channels, CH
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=in_range)
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _backward(g_ptr, act_ptr, gx_ptr, partial_ptr, theta_ptr, seed, n, num_blocks, inv_t, bound, inner,
+@triton.jit
+def _backward(g_ptr, act_ptr, gx_ptr, partial_ptr, theta_ptr, seed_ptr, n, num_blocks, inv_t, bound, inner,
               channels, CHANNELWISE: tl.constexpr, CHANNELS_LAST: tl.constexpr, SAVED_OUTPUT: tl.constexpr,
               NEED_X: tl.constexpr, NEED_LOGIT: tl.constexpr, BLOCK: tl.constexpr):
     block = tl.program_id(0)
@@ -101,6 +102,7 @@ def _backward(g_ptr, act_ptr, gx_ptr, partial_ptr, theta_ptr, seed, n, num_block
     in_range = offsets < n
     theta = _clamped_theta(theta_ptr, bound)
     scale = 1.0 + tl.exp(theta)
+    seed = tl.load(seed_ptr)
     bits = _random_bits(seed, block_start, offsets, inner, channels, CHANNELWISE, CHANNELS_LAST, BLOCK)
     keep = _keep(bits, theta, inv_t)
     g = tl.load(g_ptr + offsets, mask=in_range, other=0.0).to(tl.float32)
@@ -134,9 +136,9 @@ def _finish(partial_ptr, out_ptr, theta_ptr, num_blocks, inv_t, bound, BLOCK: tl
     tl.store(out_ptr, grad.to(out_ptr.dtype.element_ty))
 
 
-def launch_forward(x: Tensor, y: Tensor, p_logit: Tensor, seed: int, inv_t: float, bound: float,
+def launch_forward(x: Tensor, y: Tensor, p_logit: Tensor, seed: Tensor, inv_t: float, bound: float,
                    channelwise: bool, inner: int, channels: int, channels_last: bool, block: int) -> None:
-    """Write ``y`` (same layout as ``x``) from ``x``; see the module docstring."""
+    """Write ``y`` (same layout as ``x``) from ``x``; ``seed`` is a one-element int64 tensor on ``x``'s device."""
     n = x.numel()
     _forward[(triton.cdiv(n, block),)](
         x, y, p_logit, seed, n, inv_t, bound, inner, channels, CHANNELWISE=channelwise,
@@ -145,7 +147,7 @@ def launch_forward(x: Tensor, y: Tensor, p_logit: Tensor, seed: int, inv_t: floa
 
 
 def launch_backward(grad_y: Tensor, activation: Tensor, grad_x: "Tensor | None", grad_logit: "Tensor | None",
-                    p_logit: Tensor, seed: int, inv_t: float, bound: float, channelwise: bool, inner: int,
+                    p_logit: Tensor, seed: Tensor, inv_t: float, bound: float, channelwise: bool, inner: int,
                     channels: int, channels_last: bool, saved_output: bool, block: int, finish_block: int) -> None:
     """Write ``grad_x`` and ``grad_logit`` (either may be None: not needed)."""
     n = activation.numel()

@@ -14,13 +14,16 @@ one kernel and the backward pass two (measured: 2.8x ``nn.Dropout`` per site, 1.
   second one-program kernel reduces the partials in a fixed order (deterministic) and writes the gradient.
 
 The noise uses the same lattice as :mod:`cd_convert.noise`: ``u = (k + 1/2) * 2**-23`` with 23 random bits
-``k``, strictly inside (0, 1). One seed per call is drawn from PyTorch's CPU generator (no device sync), so
-``torch.manual_seed`` makes runs repeatable.
+``k``, strictly inside (0, 1). One seed per call is drawn by ``torch.randint`` on the input's device (see
+:func:`draw_seed`) into a one-element tensor that the kernels read: no device sync, ``torch.manual_seed`` makes
+runs repeatable, and a CUDA graph that captured the call draws a new seed at every replay (a seed passed as a
+host number would be frozen into the graph).
 
 The path is taken only where it is exact and safe (see :func:`supports`): a CUDA tensor in fp32, fp16 or
 bf16, in contiguous (or, for 4-D/5-D inputs, channels-last) layout, fewer than 2**31 elements, Triton
-importable, no ``torch.compile``/``jit`` tracing (Inductor fuses the PyTorch formula itself), no CUDA-graph
-capture (a seed drawn on the host would be frozen into the graph), no tensor subclass. Everything else uses
+importable, no ``torch.compile``/``jit`` tracing (Inductor fuses the PyTorch formula itself), no tensor
+subclass. CUDA-graph capture is supported (``torch.cuda.graph``, ``torch.cuda.make_graphed_callables``): a
+captured training step replays without the host's per-site launch cost. Everything else uses
 the PyTorch formula of :mod:`cd_convert.layers`. ``CD_CONVERT_FUSED=0`` in the environment, or
 ``cd_convert.fused.ENABLED = False``, turns the kernels off.
 """
@@ -38,10 +41,17 @@ from torch.autograd.function import once_differentiable
 
 from ._tracing import being_traced, functorch_active
 
-__all__ = ["ENABLED", "supports", "fused_concrete_dropout"]
+__all__ = [
+    "ENABLED", "INTERPRET_ON_CPU", "supports", "draw_seed", "fused_concrete_dropout", "made_by_fused_site",
+    "recompute_output",
+]
 
 #: Master switch; the environment variable ``CD_CONVERT_FUSED=0`` sets it to False at import.
 ENABLED = os.environ.get("CD_CONVERT_FUSED", "1") != "0"
+
+#: Take the kernels for CPU tensors too (Triton's interpreter, ``TRITON_INTERPRET=1``): the tests set it to run
+#: whole models through them without a GPU.
+INTERPRET_ON_CPU = False
 
 _BLOCK = 1024
 _FINISH_BLOCK = 1024
@@ -103,9 +113,16 @@ def supports(x: Tensor, channelwise: bool = False, channel_dim: int = 1, *, inte
         return False
     if channelwise and layout == "channels_last" and channel_dim != 1:
         return False
-    if x.is_cuda and torch.cuda.is_current_stream_capturing():
-        return False
     return _kernels() is not None
+
+
+def draw_seed(device: torch.device) -> Tensor:
+    """One call's noise seed: a one-element int64 tensor in ``[0, 2**31 - 1)`` drawn on ``device``.
+
+    Drawn by PyTorch's generator of that device, so ``torch.manual_seed`` fixes it, and as a device op, so a
+    CUDA graph that captured it draws afresh at each replay (PyTorch advances a captured generator's offset).
+    """
+    return torch.randint(0, 2**31 - 1, (1,), device=device)
 
 
 def _noise_geometry(x: Tensor, channelwise: bool, channel_dim: int) -> Tuple[int, int, bool]:
@@ -130,11 +147,12 @@ class _FusedConcreteDropout(torch.autograd.Function):
                 channel_dim: int, save_output: bool) -> Tensor:
         kernels = _kernels()
         inner, channels, channels_last = _noise_geometry(x, channelwise, channel_dim)
-        seed = int(torch.randint(0, 2**31 - 1, ()))  # host generator: no device sync
+        seed = draw_seed(x.device)
         y = torch.empty_like(x)  # same layout as x: the kernels walk memory order
         kernels.launch_forward(x, y, p_logit, seed, 1.0 / temperature, bound, channelwise, inner, channels,
                                channels_last, _BLOCK)
-        ctx.geometry = (seed, temperature, bound, channelwise, inner, channels, channels_last)
+        ctx.seed = seed  # not an input or output of the function: kept on ctx
+        ctx.geometry = (temperature, bound, channelwise, inner, channels, channels_last)
         ctx.saved_output = save_output
         ctx.save_for_backward(p_logit, y if save_output else x)
         return y
@@ -144,7 +162,8 @@ class _FusedConcreteDropout(torch.autograd.Function):
     def backward(ctx: Any, grad_y: Tensor):
         kernels = _kernels()
         p_logit, activation = ctx.saved_tensors
-        seed, temperature, bound, channelwise, inner, channels, channels_last = ctx.geometry
+        seed = ctx.seed
+        temperature, bound, channelwise, inner, channels, channels_last = ctx.geometry
         grad_y = _in_layout_of(grad_y, activation)  # the kernels walk both in the same memory order
         need_x, need_logit = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = torch.empty_like(activation) if need_x else None
@@ -176,3 +195,28 @@ def fused_concrete_dropout(x: Tensor, p_logit: Tensor, *, temperature: float, ep
 
     bound = logit_bound(eps)
     return _FusedConcreteDropout.apply(x, p_logit, temperature, bound, channelwise, channel_dim, save_output)
+
+
+def made_by_fused_site(y: Tensor) -> bool:
+    """Whether ``y`` is the unmodified output of :func:`fused_concrete_dropout` that kept its input (so that
+    :func:`recompute_output` can make it again)."""
+    node = y.grad_fn
+    return type(node) is _FusedConcreteDropout._backward_cls and not node.saved_output and y._version == 0
+
+
+def recompute_output(node: Any) -> Tensor:
+    """The output of the fused call whose autograd node is ``node``, made again from the same input, logit and
+    seed (the same values, bit for bit).
+
+    Args:
+        node: ``y.grad_fn`` of a ``y`` for which :func:`made_by_fused_site` held.
+
+    Returns:
+        A new tensor equal to ``y``. Raises autograd's usual error if the input or logit was modified in place.
+    """
+    p_logit, x = node.saved_tensors
+    temperature, bound, channelwise, inner, channels, channels_last = node.geometry
+    y = torch.empty_like(x)
+    _kernels().launch_forward(x, y, p_logit, node.seed, 1.0 / temperature, bound, channelwise, inner, channels,
+                              channels_last, _BLOCK)
+    return y

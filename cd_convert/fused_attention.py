@@ -17,7 +17,8 @@ kernel's dots cannot use the tensor cores, and a ViT-base attention call took 18
 ``D <= 256``, key/value heads dividing the query
 heads (grouped-query attention), a boolean or additive float mask that needs no gradient, the relaxed
 training mask (Monte Carlo prediction's hard mask takes the explicit path), no ``torch.compile``/``jit``
-tracing, no functorch transform, no CUDA-graph capture. Everything else runs the explicit path.
+tracing, no functorch transform. Everything else runs the explicit path. The seed is drawn on the device
+(:func:`cd_convert.fused.draw_seed`), so CUDA-graph capture is supported.
 ``CD_CONVERT_FUSED=0`` turns these kernels off together with those of :mod:`cd_convert.fused`;
 ``CD_CONVERT_ATTENTION_TILES`` sets their launch shapes (:data:`TILES_VARIABLE`).
 
@@ -131,7 +132,7 @@ def supports(
             torch.broadcast_shapes(attn_mask.shape, (batch, heads, length, key.shape[2]))
         except RuntimeError:
             return False
-    return not (query.is_cuda and torch.cuda.is_current_stream_capturing())
+    return True
 
 
 def _expanded_mask(attn_mask: Optional[Tensor], shape: torch.Size, device: torch.device) -> Optional[Tensor]:
@@ -158,19 +159,21 @@ class _FusedConcreteAttention(torch.autograd.Function):
         temperature: float,
         bound: float,
     ) -> Tensor:
-        seed = int(torch.randint(0, 2**31 - 1, ()))  # host generator: no device sync
+        seed = fused.draw_seed(query.device)
         out, lse = _kernels().launch_attention_forward(
             query, key, value, mask, p_logit, seed, is_causal, sm_scale, 1.0 / temperature, bound
         )
         ctx.save_for_backward(query, key, value, mask, out, lse, p_logit)
-        ctx.settings = (seed, is_causal, sm_scale, 1.0 / temperature, bound)
+        ctx.seed = seed  # not an input or output of the function: kept on ctx
+        ctx.settings = (is_causal, sm_scale, 1.0 / temperature, bound)
         return out
 
     @staticmethod
     @once_differentiable  # the kernels are not differentiable: a double backward raises instead of being wrong
     def backward(ctx: Any, grad_out: Tensor):
         query, key, value, mask, out, lse, p_logit = ctx.saved_tensors
-        seed, is_causal, sm_scale, inv_t, bound = ctx.settings
+        seed = ctx.seed
+        is_causal, sm_scale, inv_t, bound = ctx.settings
         dq, dk, dv, grad_logit = _kernels().launch_attention_backward(
             query,
             key,

@@ -402,6 +402,16 @@ def concrete_dropout(
                     channel_dim=channel_dim,
                     save_output=save_output,
                 )
+        elif fused.INTERPRET_ON_CPU and fused.supports(x, channelwise, channel_dim, interpret=True):
+            return fused.fused_concrete_dropout(  # the tests: the kernels under Triton's interpreter
+                x,
+                p_logit,
+                temperature=temperature,
+                eps=eps,
+                channelwise=channelwise,
+                channel_dim=channel_dim,
+                save_output=save_output,
+            )
         elif not channelwise and host_scalars.call_applies(x, p_logit):
             # CPU float32/float64 with an element-wise mask: the scalar work on Python floats, fewer ops.
             u = noise.eager_cpu_uniform(x.shape, x.numel(), x.dtype)
@@ -547,12 +557,14 @@ class _ConcreteDropoutNd(nn.Module):
             return 1
         return int(shape[cls._channel_dim_of(len(shape))] if cls.channelwise else shape[-1])
 
-    def forward(self, x: Tensor, *, training: Optional[bool] = None) -> Tensor:
+    def forward(self, x: Tensor, *, training: Optional[bool] = None, save_output: Optional[bool] = None) -> Tensor:
         """Apply the mask.
 
         Args:
             x: the input.
             training: override of ``self.training`` (functional call sites pass their own flag).
+            save_output: override of ``self.save_output`` (a targeted layer that recomputes the output keeps
+                the input instead).
 
         Returns:
             The masked input (a new tensor), or ``x`` itself when inactive.
@@ -573,7 +585,7 @@ class _ConcreteDropoutNd(nn.Module):
             channel_dim=self._channel_dim(x) if self.channelwise else 1,
             sampling=self.sampling or "relaxed",
             eps=self.eps,
-            save_output=self.save_output,
+            save_output=self.save_output if save_output is None else save_output,
         )
 
     def extra_repr(self) -> str:

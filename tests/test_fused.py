@@ -36,7 +36,7 @@ def test_under_triton_interpreter():
 def _run(x, p_logit, *, temperature, channelwise=False, save_output=False, eps=1e-6, seed_state=0):
     """Fused forward with a known seed; returns (y, seed)."""
     torch.manual_seed(seed_state)
-    seed = int(torch.randint(0, 2**31 - 1, ()))  # what the forward pass draws first
+    seed = int(torch.randint(0, 2**31 - 1, (1,), device=x.device))  # what the forward pass draws first
     torch.manual_seed(seed_state)
     assert fused.supports(x, channelwise, 1, interpret=INTERPRETED)
     y = fused.fused_concrete_dropout(

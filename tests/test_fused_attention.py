@@ -86,7 +86,7 @@ def attention_uniform_reference(seed: int, batch: int, heads: int, length: int, 
 def _seeded_call(q, k, v, p_logit, seed_state=0, temperature=0.1, **kwargs):
     """The fused call with a known seed; returns (out, seed)."""
     torch.manual_seed(seed_state)
-    seed = int(torch.randint(0, 2**31 - 1, ()))  # what the forward pass draws first
+    seed = int(torch.randint(0, 2**31 - 1, (1,), device=q.device))  # what the forward pass draws first
     torch.manual_seed(seed_state)
     out = fused_attention.fused_concrete_attention(q, k, v, p_logit, temperature=temperature, eps=EPS, **kwargs)
     return out, seed

@@ -123,7 +123,7 @@ def _forward_noise(count: int, seed_state: int) -> Tuple[torch.Tensor, int]:
     """
     x = torch.ones(count, device=DEVICE)
     torch.manual_seed(seed_state)
-    seed = int(torch.randint(0, 2**31 - 1, ()))  # what the forward pass draws first
+    seed = int(torch.randint(0, 2**31 - 1, (1,), device=x.device))  # what the forward pass draws first
     torch.manual_seed(seed_state)
     assert fused.supports(x, interpret=INTERPRETED)
     y = fused.fused_concrete_dropout(
@@ -175,7 +175,7 @@ def test_channelwise_noise_is_one_reference_value_per_sample_and_channel():
     # Channel-wise, logical channel n * C + c takes noise index n * C + c, whatever the memory layout.
     x = torch.ones(3, 5, 2, 2, device=DEVICE).contiguous(memory_format=torch.channels_last)
     torch.manual_seed(11)
-    seed = int(torch.randint(0, 2**31 - 1, ()))
+    seed = int(torch.randint(0, 2**31 - 1, (1,), device=x.device))
     torch.manual_seed(11)
     assert fused.supports(x, True, 1, interpret=INTERPRETED)
     y = fused.fused_concrete_dropout(

@@ -156,3 +156,11 @@ def test_state_dict_of_unconverted_model_loads():
     assert result.unexpected_keys == []
     assert set(result.missing_keys) == {n for n, _ in _added(converted)}
     assert all(k.endswith("p_logit") for k in result.missing_keys)
+
+
+def test_a_converted_vit_compiles_to_one_graph_in_training():
+    # The attention hooks keep per-thread state; under torch.compile their thread key must not be a graph break
+    # (Dynamo cannot trace threading.get_ident: each attention module used to split the graph twice).
+    _, converted = _pair("vit_tiny_patch16_224", img_size=32, depth=2, drop_rate=0.1, attn_drop_rate=0.1)
+    explained = torch._dynamo.explain(converted.train())(torch.randn(2, 3, 32, 32))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)

@@ -2,6 +2,8 @@
 # The checks that need a CUDA GPU, in one run (a lent GPU's time is short): the CUDA-only tests, the
 # attention-kernel benchmark (and, if TILES is set, its launch shapes compared), and the model-step table.
 # Each stage has its own time limit and a failing stage does not stop the next. Logs and JSON go to OUTDIR.
+# Stages: CUDA tests, attention kernel (+ launch shapes), host cost (HOST_COST_TIMEOUT=0 skips it), model step
+# (+ a second model-step run).
 #
 # Usage: tools/gpu_checks.sh OUTDIR [MODEL_STEP_ARGS...]
 #   MODEL_STEP_ARGS default to the whole table (every model, batch 64 and the GPU-bound batch, fp32 and bf16,
@@ -19,7 +21,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 started=$SECONDS
 stage() { echo "== $1 ($((SECONDS - started))s in)"; }
-tests=${TEST_FILES:-tests/test_fused.py tests/test_fused_attention.py tests/test_noise_independence.py tests/test_scale.py}
+tests=${TEST_FILES:-tests/test_fused.py tests/test_fused_attention.py tests/test_cuda_graphs.py tests/test_recompute.py tests/test_noise_independence.py tests/test_scale.py}
 
 stage "environment and CUDA tests"
 { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv
@@ -36,6 +38,11 @@ if [ -n "${TILES:-}" ]; then
   stage "attention kernel launch shapes"
   timeout "${TILES_TIMEOUT:-120}" "$py" -m benchmarks.attention_kernel --repeats 10 --inner 3 \
     --shapes "${TILE_SHAPES:-vit_base_b256,lm_d128_causal}" --tiles "$TILES" 2>&1 | tee "$out/tiles.txt"
+fi
+
+if [ "${HOST_COST_TIMEOUT:-90}" != 0 ]; then
+  stage "host cost"
+  timeout "${HOST_COST_TIMEOUT:-90}" "$py" -m benchmarks.host_cost --json "$out/host_cost.json" 2>&1 | tee "$out/host_cost.txt"
 fi
 
 stage "model step"

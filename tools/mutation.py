@@ -465,6 +465,32 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "            if True:\n                patches.enter_context",
         ("tests/test_fused_attention.py",),
     ),
+    Mutation(
+        "recomputed-output-new-seed",
+        "a targeted layer's recomputed input is drawn with a new seed instead of the forward pass's: the layer's "
+        "weight gradient sees another mask than its output did",
+        "cd_convert/fused.py",
+        "p_logit, node.seed, 1.0 / temperature",
+        "p_logit, draw_seed(x.device), 1.0 / temperature",
+        ("tests/test_recompute.py",),
+    ),
+    Mutation(
+        "recompute-hooks-left-open",
+        "a targeted layer's saved-tensor hooks stay active after its call: later layers save through them",
+        "cd_convert/recompute.py",
+        "            stack.pop().__exit__(None, None, None)",
+        "            stack.pop()",
+        ("tests/test_recompute.py",),
+    ),
+    Mutation(
+        "thread-key-breaks-compiled-graphs",
+        "the hooks' per-thread key calls threading.get_ident under torch.compile: every attention module splits "
+        "the compiled graph",
+        "cd_convert/_tracing.py",
+        "return 0 if _is_compiling() else threading.get_ident()",
+        "return threading.get_ident()",
+        ("tests/test_timm.py",),
+    ),
     # --- conversion
     Mutation(
         "original-rate-ignored",

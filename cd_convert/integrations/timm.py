@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch.nn as nn
 from torch import Tensor
 
+from .._tracing import thread_key
 from ..sites.base import Change, submodule
 from .attention_kernel import kernel_can_route, open_route
 
@@ -105,13 +105,13 @@ class FusedAttentionHook:
         device = x.device if isinstance(x, Tensor) else None
         if self.original and kernel_can_route([site], device):
             module.fused_attn = True
-            self._routes.setdefault(threading.get_ident(), []).append(open_route(site, module.training))
+            self._routes.setdefault(thread_key(), []).append(open_route(site, module.training))
             return
         module.fused_attn = False
 
     def end(self) -> None:
         """Close the route the pre-hook opened for the call that is ending, if it opened one."""
-        routes = self._routes.get(threading.get_ident())
+        routes = self._routes.get(thread_key())
         if routes:
             routes.pop().close()
 

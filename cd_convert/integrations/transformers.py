@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+from .._tracing import thread_key
 from ..sites.base import Change, submodule
 from .attention_kernel import kernel_can_route, open_route
 from .transformers_inputs import example_inputs_for
@@ -204,10 +204,10 @@ class EagerAttentionHook:
                 saved = _select(_with_sub_configs(module.config), "sdpa") if current != "sdpa" else []
             else:
                 route = open_route(self.sites[0], module.training)
-        self.calls.setdefault(threading.get_ident(), []).append((saved, route))
+        self.calls.setdefault(thread_key(), []).append((saved, route))
 
     def after(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
-        calls = self.calls.get(threading.get_ident())
+        calls = self.calls.get(thread_key())
         if calls:
             saved, route = calls.pop()
             if route is not None:

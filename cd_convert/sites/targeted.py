@@ -23,6 +23,8 @@ import torch.nn as nn
 from ..consumers import ConsumerInfo
 from ..found import Discovery, FoundSite
 from ..layers import ConcreteDropoutBase
+from ..recompute import LayerRecompute
+from ..recompute import may_apply as may_recompute
 from ..report import SiteRow
 from ..targets import MODULE_SITE_TYPES, first_match
 from .base import Change, SiteKind, frozen_dropout, parent_of, submodule
@@ -43,16 +45,44 @@ _INPUT_SITE_TYPES: Dict[type, Type[ConcreteDropoutBase]] = {
 
 
 class InputSiteHook:
-    """Forward pre-hook that applies the layer's ``concrete_dropout`` child to its first input."""
+    """Forward pre-hook that applies the layer's ``concrete_dropout`` child to its first input.
+
+    Where the site runs in the fused kernels, the layer's call recomputes the masked input in the backward pass
+    instead of saving it (:mod:`cd_convert.recompute`); :class:`InputSiteEnd`, registered by the first such call,
+    ends that after each call.
+    """
 
     def __init__(self, child: str) -> None:
         self.child = child
+        self.recompute = LayerRecompute()
+        self.end_hook_id: Optional[int] = None  # InputSiteEnd, registered by the first call that recomputes
 
     def __call__(self, module: nn.Module, args: Tuple[Any, ...]) -> Optional[Tuple[Any, ...]]:
         site = getattr(module, self.child)
         if not site.active or not args:
             return None
-        return (site(args[0]),) + tuple(args[1:])
+        recompute = self.__dict__.get("recompute")  # None in a hook pickled before it existed
+        if recompute is None or not may_recompute(args[0], site):
+            return (site(args[0]),) + tuple(args[1:])
+        if self.end_hook_id not in module._forward_hooks:
+            # Registered on first need, so that a layer that never recomputes (the CPU) pays for no forward hook;
+            # hooks registered by a pre-hook run in the same call.
+            self.end_hook_id = module.register_forward_hook(InputSiteEnd(self), always_call=True).id
+        y = site(args[0], save_output=False)  # the layer's copy is recomputed: the site keeps the input
+        recompute.enter(y)
+        return (y,) + tuple(args[1:])
+
+
+class InputSiteEnd:
+    """Forward hook (``always_call``: also when the forward raises) that ends what the pre-hook's call started."""
+
+    def __init__(self, start: InputSiteHook) -> None:
+        self.start = start
+
+    def __call__(self, module: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
+        recompute = self.start.__dict__.get("recompute")
+        if recompute is not None:
+            recompute.leave()
 
 
 @dataclass
@@ -74,7 +104,11 @@ class InputSite(Change):
 
     def undo(self, root: nn.Module) -> None:
         layer = root.get_submodule(self.layer)
-        layer._forward_pre_hooks.pop(self.hook_id, None)
+        start = layer._forward_pre_hooks.pop(self.hook_id, None)
+        end_hook_id = getattr(start, "end_hook_id", None)
+        if end_hook_id is not None:
+            layer._forward_hooks.pop(end_hook_id, None)
+            layer._forward_hooks_always_called.pop(end_hook_id, None)
         delattr(layer, self.child)
 
     def freeze(self, root: nn.Module) -> None:

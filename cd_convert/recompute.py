@@ -40,7 +40,10 @@ def _other_hooks_active() -> bool:
     """Whether saved-tensor hooks are already active (unknown on a torch without the query: assume they are)."""
     if _top_hooks is None:
         return True
-    return _top_hooks(False) is not None
+    try:
+        return _top_hooks(False) is not None  # the argument: ignore_is_tracing (recent torch)
+    except TypeError:  # older torch: no argument
+        return _top_hooks() is not None
 
 
 def may_apply(x: Any, site: Any) -> bool:

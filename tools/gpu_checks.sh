@@ -2,8 +2,8 @@
 # The checks that need a CUDA GPU, in one run (a lent GPU's time is short): the CUDA-only tests, the
 # attention-kernel benchmark (and, if TILES is set, its launch shapes compared), and the model-step table.
 # Each stage has its own time limit and a failing stage does not stop the next. Logs and JSON go to OUTDIR.
-# Stages: CUDA tests, attention kernel (+ launch shapes), host cost (HOST_COST_TIMEOUT=0 skips it), model step
-# (+ a second model-step run).
+# Stages: CUDA tests, attention kernel (+ launch shapes), host cost (HOST_COST_TIMEOUT=0 skips it), recomputed
+# layer inputs' memory (RECOMPUTE_TIMEOUT=0 skips it), model step (+ a second model-step run).
 #
 # Usage: tools/gpu_checks.sh OUTDIR [MODEL_STEP_ARGS...]
 #   MODEL_STEP_ARGS default to the whole table (every model, batch 64 and the GPU-bound batch, fp32 and bf16,
@@ -43,6 +43,12 @@ fi
 if [ "${HOST_COST_TIMEOUT:-90}" != 0 ]; then
   stage "host cost"
   timeout "${HOST_COST_TIMEOUT:-90}" "$py" -m benchmarks.host_cost --json "$out/host_cost.json" 2>&1 | tee "$out/host_cost.txt"
+fi
+
+if [ "${RECOMPUTE_TIMEOUT:-60}" != 0 ]; then
+  stage "recomputed layer inputs: memory"
+  timeout "${RECOMPUTE_TIMEOUT:-60}" "$py" -m benchmarks.recompute_memory --device cuda --models resnet50 --batch 64 \
+    --img-size 224 --json "$out/recompute_memory.json" 2>&1 | tee "$out/recompute_memory.txt"
 fi
 
 stage "model step"

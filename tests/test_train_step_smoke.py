@@ -3,6 +3,7 @@ optimizer work, and a short run prints every section and writes its JSON."""
 
 import json
 
+import pytest
 import torch
 
 from benchmarks import train_step
@@ -55,5 +56,7 @@ def test_short_run_prints_every_section_and_writes_json(tmp_path, capsys):
     }
     assert epoch["dropout"]["ratio"] == 1.0
     own = epoch["concrete_foreach"]["median_ms"] / epoch["dropout_foreach"]["median_ms"]
-    assert epoch["concrete_foreach"]["own_ratio"] == own and "Adam(foreach=True) / " in text
+    # The benchmark divides the medians in seconds, this in milliseconds: equal up to rounding in the last bit.
+    assert epoch["concrete_foreach"]["own_ratio"] == pytest.approx(own, rel=1e-12)
+    assert "Adam(foreach=True) / " in text
     assert out["step_ops"] == saved["step_ops"]

@@ -139,20 +139,27 @@ def _noise_geometry(x: Tensor, channelwise: bool, channel_dim: int) -> Tuple[int
     return inner, channels, _layout(x) == "channels_last"
 
 
+def _masked(x: Tensor, p_logit: Tensor, seed: Tensor, geometry: Tuple[float, float, bool, int, int, bool]) -> Tensor:
+    """The forward kernel's output for ``x`` under ``seed``; ``geometry``: ``(temperature, bound, channelwise,
+    inner, channels, channels_last)``."""
+    temperature, bound, channelwise, inner, channels, channels_last = geometry
+    y = torch.empty_like(x)  # same layout as x: the kernels walk memory order
+    _kernels().launch_forward(x, y, p_logit, seed, 1.0 / temperature, bound, channelwise, inner, channels,
+                              channels_last, _BLOCK)
+    return y
+
+
 class _FusedConcreteDropout(torch.autograd.Function):
     """``y = x * (1 - z) / (1 - p)`` with the relaxed mask drawn and recomputed inside Triton kernels."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, p_logit: Tensor, temperature: float, bound: float, channelwise: bool,
                 channel_dim: int, save_output: bool) -> Tensor:
-        kernels = _kernels()
-        inner, channels, channels_last = _noise_geometry(x, channelwise, channel_dim)
         seed = draw_seed(x.device)
-        y = torch.empty_like(x)  # same layout as x: the kernels walk memory order
-        kernels.launch_forward(x, y, p_logit, seed, 1.0 / temperature, bound, channelwise, inner, channels,
-                               channels_last, _BLOCK)
+        geometry = (temperature, bound, channelwise, *_noise_geometry(x, channelwise, channel_dim))
+        y = _masked(x, p_logit, seed, geometry)
         ctx.seed = seed  # not an input or output of the function: kept on ctx
-        ctx.geometry = (temperature, bound, channelwise, inner, channels, channels_last)
+        ctx.geometry = geometry
         ctx.saved_output = save_output
         ctx.save_for_backward(p_logit, y if save_output else x)
         return y
@@ -215,8 +222,4 @@ def recompute_output(node: Any) -> Tensor:
         A new tensor equal to ``y``. Raises autograd's usual error if the input or logit was modified in place.
     """
     p_logit, x = node.saved_tensors
-    temperature, bound, channelwise, inner, channels, channels_last = node.geometry
-    y = torch.empty_like(x)
-    _kernels().launch_forward(x, y, p_logit, node.seed, 1.0 / temperature, bound, channelwise, inner, channels,
-                              channels_last, _BLOCK)
-    return y
+    return _masked(x, p_logit, node.seed, node.geometry)

@@ -391,8 +391,9 @@ def concrete_dropout(
     # The two fast paths of a training call with the site's own noise come first: on small masks the general
     # set-up below costs as much as several ops (x.is_cuda first: the cheap test that splits them).
     if sampling == "relaxed" and uniform is None and generator is None:
-        if x.is_cuda:
-            if fused.supports(x, channelwise, channel_dim):
+        # A GPU, or the CPU where the tests run the kernels under Triton's interpreter.
+        if x.is_cuda or fused.INTERPRET_ON_CPU:
+            if fused.supports(x, channelwise, channel_dim, interpret=fused.INTERPRET_ON_CPU):
                 return fused.fused_concrete_dropout(
                     x,
                     p_logit,
@@ -402,17 +403,7 @@ def concrete_dropout(
                     channel_dim=channel_dim,
                     save_output=save_output,
                 )
-        elif fused.INTERPRET_ON_CPU and fused.supports(x, channelwise, channel_dim, interpret=True):
-            return fused.fused_concrete_dropout(  # the tests: the kernels under Triton's interpreter
-                x,
-                p_logit,
-                temperature=temperature,
-                eps=eps,
-                channelwise=channelwise,
-                channel_dim=channel_dim,
-                save_output=save_output,
-            )
-        elif not channelwise and host_scalars.call_applies(x, p_logit):
+        if not x.is_cuda and not channelwise and host_scalars.call_applies(x, p_logit):
             # CPU float32/float64 with an element-wise mask: the scalar work on Python floats, fewer ops.
             u = noise.eager_cpu_uniform(x.shape, x.numel(), x.dtype)
             return host_scalars.HostConcreteDropout.apply(x, p_logit, u, temperature, logit_bound(eps), save_output)

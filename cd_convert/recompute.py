@@ -93,13 +93,12 @@ class _Hooks:
 
     def __init__(self, y: Tensor) -> None:
         self.node = y.grad_fn
-        self.ptr, self.shape, self.stride, self.dtype = y.data_ptr(), y.shape, y.stride(), y.dtype
 
     def pack(self, t: Tensor) -> Any:
-        # The layer may save y itself or a view of the same memory with another shape: only y is recomputed.
-        if t.grad_fn is self.node and t._version == 0 and t.data_ptr() == self.ptr and t.shape == self.shape:
-            if t.stride() == self.stride and t.dtype == self.dtype:
-                return _Recomputed(self.node)
+        # Only y itself has the site's node as its grad_fn (a view of it has a view's node; an in-place change
+        # replaces the node and bumps the version).
+        if t.grad_fn is self.node and t._version == 0:
+            return _Recomputed(self.node)
         return t
 
     @staticmethod

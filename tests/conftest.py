@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cd_convert import host_scalars
+from cd_convert import fused_attention, host_scalars
 
 
 @pytest.fixture(params=["host", "tensor"])
@@ -13,3 +13,17 @@ def eager_path(request, monkeypatch):
     tensor formulas every other device uses (host scalars switched off). Returns ``"host"`` or ``"tensor"``."""
     monkeypatch.setattr(host_scalars, "ENABLED", request.param == "host")
     return request.param
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The fused concrete-attention kernel's forward calls, as the shapes of their queries."""
+    calls = []
+    original = fused_attention._FusedConcreteAttention.apply
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return original(*args)
+
+    monkeypatch.setattr(fused_attention._FusedConcreteAttention, "apply", counting)
+    return calls

@@ -91,16 +91,9 @@ def test_captured_fused_attention_is_sdpa_as_p_vanishes_and_draws_new_masks_at_e
             assert not torch.equal(first, out)
 
 
-def test_a_converted_vit_training_step_captured_whole_trains_through_the_kernels(monkeypatch):
+def test_a_converted_vit_training_step_captured_whole_trains_through_the_kernels(kernel_calls):
     timm = pytest.importorskip("timm")
-    calls = []
-    original = fused_attention._FusedConcreteAttention.apply
-
-    def counting(*args):
-        calls.append(args[0].shape)
-        return original(*args)
-
-    monkeypatch.setattr(fused_attention._FusedConcreteAttention, "apply", counting)
+    calls = kernel_calls
     torch.manual_seed(0)
     base = timm.create_model(
         "vit_tiny_patch16_224",

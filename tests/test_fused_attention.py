@@ -49,20 +49,6 @@ def _tf32_allowed(monkeypatch):
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """Counts the fused kernel's forward calls."""
-    calls = []
-    original = fused_attention._FusedConcreteAttention.apply
-
-    def counting(*args):
-        calls.append(args[0].shape)
-        return original(*args)
-
-    monkeypatch.setattr(fused_attention._FusedConcreteAttention, "apply", counting)
-    return calls
-
-
 @pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="the kernels run directly here")
 def test_under_triton_interpreter():
     assert_passes_under_interpreter(__file__)

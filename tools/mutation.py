@@ -470,8 +470,8 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "a targeted layer's recomputed input is drawn with a new seed instead of the forward pass's: the layer's "
         "weight gradient sees another mask than its output did",
         "cd_convert/fused.py",
-        "p_logit, node.seed, 1.0 / temperature",
-        "p_logit, draw_seed(x.device), 1.0 / temperature",
+        "_masked(x, p_logit, node.seed, node.geometry)",
+        "_masked(x, p_logit, draw_seed(x.device), node.geometry)",
         ("tests/test_recompute.py",),
     ),
     Mutation(

@@ -17,7 +17,8 @@ ops per site, the regulariser's bookkeeping), not arithmetic. Everything is meas
    Goal: <= 1.3x the ``nn.Dropout`` epoch.
 2. **One site, forward + backward** (``y = site(x); y.backward(g)``, ``x`` requiring grad) at a tiny shape
    (32, 50) and a large one (64, 16384) fp32: ``ConcreteDropout(0.1)`` against ``nn.Dropout(0.1)``.
-   Goal: <= 2x at the tiny shape.
+   Goal: <= 2x at the tiny shape. Then (2b) the same sites' forward pass under ``torch.no_grad`` in training
+   mode: a Monte Carlo pass, or a site whose rate is held on an input that needs no gradient.
 3. **``cd_convert.regularization(model)`` forward + backward alone**, for 2 sites (the UCI network) and 50
    sites (50 ``Linear(16, 16)`` layers, targeted), in ms per call and per site; and the number of aten ops one
    call dispatches (forward and backward), counted with a ``TorchDispatchMode``.
@@ -319,6 +320,17 @@ def site_fn(site: nn.Module, shape: Tuple[int, int], device: torch.device) -> Ca
     return fn
 
 
+def site_no_grad_fn(site: nn.Module, shape: Tuple[int, int], device: torch.device) -> Callable[[], None]:
+    """One site's forward pass under ``torch.no_grad`` (a Monte Carlo pass; a held rate on the input)."""
+    x = torch.randn(shape, device=device)
+
+    def fn() -> None:
+        with torch.no_grad():
+            site(x)
+
+    return fn
+
+
 SITE_TEXT = {
     "dropout": "nn.Dropout(0.1)",
     "concrete": "ConcreteDropout(0.1)",
@@ -326,16 +338,33 @@ SITE_TEXT = {
 }
 
 
-def site_section(shape: Tuple[int, int], device: torch.device, repeats: int) -> Dict[str, Dict[str, float]]:
-    """Time one site's forward + backward at ``shape`` against ``nn.Dropout``."""
-    numel = shape[0] * shape[1]
-    inner = max(1, min(200, 200_000 // numel))
+def site_section(
+    shape: Tuple[int, int],
+    device: torch.device,
+    repeats: int,
+    make_fn: Callable[[nn.Module, Tuple[int, int], torch.device], Callable[[], None]] = site_fn,
+    elements_per_sample: int = 200_000,
+) -> Dict[str, Dict[str, float]]:
+    """Time one site's call at ``shape`` against ``nn.Dropout``'s: forward + backward (:func:`site_fn`), or the
+    forward pass without gradients (:func:`site_no_grad_fn`, what a Monte Carlo pass runs).
+
+    Args:
+        shape: the input's shape.
+        device: where to run.
+        repeats: timed samples per variant.
+        make_fn: builds the timed call from a site, the shape and the device.
+        elements_per_sample: calls per sample are this over the input's size (1 to 200 calls).
+
+    Returns:
+        :func:`summarize`'s rows against ``"dropout"``.
+    """
+    inner = max(1, min(200, elements_per_sample // (shape[0] * shape[1])))
     fns = {
-        "dropout": site_fn(nn.Dropout(0.1).to(device).train(), shape, device),
-        "concrete": site_fn(ConcreteDropout(0.1).to(device).train(), shape, device),
+        "dropout": make_fn(nn.Dropout(0.1).to(device).train(), shape, device),
+        "concrete": make_fn(ConcreteDropout(0.1).to(device).train(), shape, device),
     }
     if device.type == "cpu":
-        fns["concrete_tensor"] = on_tensor_path(site_fn(ConcreteDropout(0.1).to(device).train(), shape, device))
+        fns["concrete_tensor"] = on_tensor_path(make_fn(ConcreteDropout(0.1).to(device).train(), shape, device))
     return summarize(interleaved_times(fns, repeats, inner=inner, warmup=5, device=device), "dropout")
 
 
@@ -492,6 +521,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
         results["site"][f"{shape[0]}x{shape[1]}"] = rows
         goal = f"; goal <= {TARGET_SITE}x" if shape == (32, 50) else ""
         print_table(f"### 2. One site forward + backward, {shape} fp32{goal}", rows, SITE_TEXT, "dropout")
+    results["site_no_grad"] = {}
+    for shape in ((32, 50), (64, 16384)):
+        rows = site_section(shape, device, args.repeats, site_no_grad_fn, elements_per_sample=400_000)
+        results["site_no_grad"][f"{shape[0]}x{shape[1]}"] = rows
+        print_table(
+            f"### 2b. One site forward without gradients (an MC pass), {shape} fp32", rows, SITE_TEXT, "dropout"
+        )
 
     results["regularizer"] = regularizer_section(device, args.repeats)
     print_regularizer(results["regularizer"])

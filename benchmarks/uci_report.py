@@ -5,7 +5,9 @@ Takes the ``*.details.json`` files of runs over any data sets and split ranges (
 every method run, with the paired difference from the published grid on the same splits, whether the method
 reaches the grid's quality (:func:`reaches_grid`), its cost per split, and, where our grid ran on the same
 splits, the grid's wall-clock over the method's (:func:`cost_ratio`). ``--plot`` draws the test-LL and
-RMSE differences per data set with their standard errors, one marker per method.
+RMSE differences per data set with their standard errors, one marker per method. ``--base`` adds the
+summaries of an earlier report (its ``--json`` output) to the figure and the written summaries, under the
+methods run here: a new method joins the published figure without the earlier runs' files.
 
 Usage::
 
@@ -16,6 +18,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import math
 
 import numpy as np
@@ -23,7 +26,7 @@ import numpy as np
 from benchmarks import common
 from benchmarks.uci_merge import merge
 
-__all__ = ["reaches_grid", "cost_ratio", "whole_table", "plot", "main"]
+__all__ = ["reaches_grid", "cost_ratio", "whole_table", "with_base", "plot", "main"]
 
 #: Row order and plot markers of the methods.
 METHOD_STYLE = {
@@ -35,6 +38,7 @@ METHOD_STYLE = {
     "concrete_refit": ("D", "tab:orange"),
     "concrete_freeze": ("^", "tab:purple"),
     "concrete_freeze_refit": ("p", "tab:brown"),
+    "concrete_freeze_warm": ("h", "tab:pink"),
     "concrete_heldout": ("v", "tab:green"),
 }
 #: The marker and colour of a method missing from :data:`METHOD_STYLE` (it is still reported, after the others).
@@ -200,17 +204,44 @@ def plot(merged: dict, path: str) -> None:
     common.save_figure(fig, path)
 
 
+def with_base(merged: dict, base: dict) -> dict:
+    """Summaries of an earlier report with ``merged``'s laid over them, in the shape :func:`plot` reads.
+
+    Args:
+        merged: per data set ``{"summary": {method: summary}, ...}`` (:func:`benchmarks.uci_merge.merge`).
+        base: per data set ``{method: summary}``, an earlier report's ``--json`` output.
+
+    Returns:
+        Per data set ``{"summary": {method: summary}}``: the earlier data sets first, in their order, then any
+        new ones; a method in both takes ``merged``'s summary.
+    """
+    out = {name: {"summary": dict(summaries)} for name, summaries in base.items()}
+    for name, result in merged.items():
+        out.setdefault(name, {"summary": {}})["summary"].update(result["summary"])
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("details", nargs="+", help="details.json files of benchmarks.uci runs")
     ap.add_argument("--json", default=None, help="write the merged summaries here")
     ap.add_argument("--plot", default=None, help="write the figure here")
+    ap.add_argument(
+        "--base",
+        default=None,
+        help="an earlier report's --json output: its summaries join the figure and the written summaries "
+        "(the table lists the details given here only)",
+    )
     args = ap.parse_args(argv)
     merged = merge(args.details)
     print(whole_table(merged))
-    common.write_json(args.json, {name: r["summary"] for name, r in merged.items()})
+    summaries = merged
+    if args.base:
+        with open(args.base) as f:
+            summaries = with_base(merged, json.load(f))
+    common.write_json(args.json, {name: r["summary"] for name, r in summaries.items()})
     if args.plot:
-        plot(merged, args.plot)
+        plot(summaries, args.plot)
     return merged
 
 

@@ -41,7 +41,14 @@ from torch import Tensor
 from ._scalars import scalar_tensor
 from ._tracing import being_traced, functorch_active
 
-__all__ = ["ENABLED", "HostConcreteDropout", "call_applies", "site_applies"]
+__all__ = [
+    "ENABLED",
+    "HostConcreteDropout",
+    "call_applies",
+    "masked_without_grad",
+    "no_grad_call_applies",
+    "site_applies",
+]
 
 #: Master switch; the environment variable ``CD_CONVERT_HOST_SCALARS=0`` sets it to False at import.
 ENABLED = os.environ.get("CD_CONVERT_HOST_SCALARS", "1") != "0"
@@ -100,6 +107,80 @@ def call_applies(x: Tensor, p_logit: Tensor) -> bool:
     )
 
 
+def no_grad_call_applies(x: Tensor, p_logit: Tensor) -> bool:
+    """Whether a relaxed call with the site's own element-wise noise that records no gradient takes
+    :func:`masked_without_grad`: Monte Carlo prediction under ``torch.no_grad``, or a site whose rate is held
+    (``p_logit.requires_grad`` off) on an input that needs no gradient (the network's first layer).
+
+    Args:
+        x: the site's input.
+        p_logit: its logit.
+
+    Returns:
+        True when the path is enabled, no gradient is recorded or needed, no tracer or functorch transform is
+        active, and ``x`` and the 0-dim logit are plain CPU float32/float64 tensors.
+    """
+    return (
+        ENABLED
+        and not (torch.is_grad_enabled() and (x.requires_grad or p_logit.requires_grad))
+        and _plain_cpu_float(x)
+        and _plain_cpu_float(p_logit)
+        and p_logit.dim() == 0
+        and not being_traced()
+        and not functorch_active()
+    )
+
+
+def _scaled_mask(uniform: Tensor, theta: float, temperature: float) -> Tuple[Tensor, float, float]:
+    """The relaxed keep mask with the inverted-dropout scale folded in, built in place on ``uniform``.
+
+    Args:
+        uniform: the private noise buffer; overwritten.
+        theta: the clamped logit.
+        temperature: Concrete temperature.
+
+    Returns:
+        ``(m, p, 1 / (1 - p))`` with ``m = sigmoid(-(theta + logit(u)) / t) / (1 - p)``.
+    """
+    odds = math.exp(theta)  # p / (1 - p), at most 1/eps: the clamp keeps it finite
+    inverse_kept = 1.0 + odds  # 1 / (1 - p)
+    # Operands are cached 0-dim tensors (theta enters as alpha * 1): a Python number is wrapped into a new
+    # tensor on every call, which costs about as much as the operation on a small mask.
+    dtype = uniform.dtype
+    mask = (
+        uniform.logit_()
+        .add_(scalar_tensor(1.0, dtype), alpha=theta)
+        .mul_(scalar_tensor(-1.0 / temperature, dtype))
+        .sigmoid_()
+        .mul_(inverse_kept)
+    )
+    # p = odds / (1 + odds): no cancellation at small p, unlike 1 - 1 / inverse_kept.
+    return mask, odds / inverse_kept, inverse_kept
+
+
+def masked_without_grad(x: Tensor, p_logit: Tensor, uniform: Tensor, temperature: float, bound: float) -> Tensor:
+    """``x * w / (1 - p)`` with no autograd node: the relaxed mask for calls that need no gradient.
+
+    The values of :class:`HostConcreteDropout`'s forward pass, in 7 aten ops after the noise where the tensor
+    formula's no-gradient path (:func:`cd_convert.layers._relaxed_without_grad`) dispatches about twice as
+    many: on the CPU it makes a Monte Carlo pass of a small network, or a site whose rate is held, 2-3x
+    cheaper per call.
+
+    Args:
+        x: the input (CPU, float32 or float64); not modified.
+        p_logit: the unclamped 0-dim logit.
+        uniform: the noise, of ``x``'s shape and dtype; overwritten with the scaled mask.
+        temperature: Concrete temperature.
+        bound: the clamp on the logit (:func:`cd_convert.layers.logit_bound`).
+
+    Returns:
+        A new tensor of ``x``'s shape and dtype.
+    """
+    theta = min(max(p_logit.item(), -bound), bound)
+    mask, _p, _inverse_kept = _scaled_mask(uniform, theta, temperature)
+    return x * mask
+
+
 class HostConcreteDropout(torch.autograd.Function):
     """``y = x * w / (1 - p)`` with the relaxed mask ``w``, the logit handled as a Python float (CPU).
 
@@ -134,22 +215,9 @@ class HostConcreteDropout(torch.autograd.Function):
             ``x * w / (1 - p)``.
         """
         theta = min(max(p_logit.item(), -bound), bound)
-        odds = math.exp(theta)  # p / (1 - p), at most 1/eps: the clamp keeps it finite
-        inverse_kept = 1.0 + odds  # 1 / (1 - p)
-        # m = sigmoid(-(theta + logit(u)) / t) / (1 - p), in place on the private noise buffer. Operands are
-        # cached 0-dim tensors (theta enters as alpha * 1): a Python number is wrapped into a new tensor on
-        # every call, which costs about as much as the operation on a small mask.
-        dtype = uniform.dtype
-        mask = (
-            uniform.logit_()
-            .add_(scalar_tensor(1.0, dtype), alpha=theta)
-            .mul_(scalar_tensor(-1.0 / temperature, dtype))
-            .sigmoid_()
-            .mul_(inverse_kept)
-        )
+        mask, p, inverse_kept = _scaled_mask(uniform, theta, temperature)
         y = x * mask
-        # p = odds / (1 + odds): no cancellation at small p, unlike 1 - 1 / inverse_kept.
-        ctx.constants = (odds / inverse_kept, inverse_kept, temperature, save_output, p_logit.dtype)
+        ctx.constants = (p, inverse_kept, temperature, save_output, p_logit.dtype)
         ctx.save_for_backward(mask, y if save_output else x)
         return y
 

@@ -132,13 +132,21 @@ def test_main_job_writes_both_comparisons(tmp_path):
     argv = "--splits 1 --epochs 4 --samples 6 --digits-epochs 1 --digits-samples 2 --no-progress".split()
     out = main_job.main([*argv, "--out", str(tmp_path)])
     summary = out["regression"]["sklearn-diabetes"]
-    assert list(summary) == ["grid", "concrete_tau", "concrete", "concrete_refit", "concrete_freeze_refit"]
+    assert list(summary) == [
+        "grid",
+        "concrete_tau",
+        "concrete",
+        "concrete_refit",
+        "concrete_freeze_refit",
+        "concrete_freeze_warm",
+    ]
     assert {m: s["train_runs"] for m, s in summary.items()} == {
         "grid": 13,
         "concrete_tau": 4,
         "concrete": 1,
         "concrete_refit": 2,
         "concrete_freeze_refit": 2,
+        "concrete_freeze_warm": 1,
     }
     assert set(out["classification"]) >= {"grid", "concrete"}
     for name in ("main.json", "uci_diabetes.png", "digits.png"):

@@ -175,6 +175,55 @@ def test_cpu_calls_take_the_host_path_where_it_applies(monkeypatch, dtype, chann
     assert type(y.grad_fn).__name__.startswith(expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("t", [0.1, 2.0 / 3.0])
+def test_calls_without_gradient_follow_the_formula_on_the_drawn_noise(monkeypatch, dtype, t):
+    # Monte Carlo prediction (no_grad) and a held rate on an input that needs no gradient: the host path's mask
+    # without an autograd node. The site draws torch.rand below the packed-draw size, so re-seeding and
+    # drawing gives the noise it used.
+    x = torch.randn(6, 9, dtype=dtype)
+    theta = _logit(0.2)
+    held = torch.tensor(theta, dtype=dtype)  # requires_grad off: the rate is held
+    outputs = {}
+    for enabled in (True, False):
+        monkeypatch.setattr(host_scalars, "ENABLED", enabled)
+        torch.manual_seed(11)
+        with torch.no_grad():
+            predicted = concrete_dropout(x, held.clone().requires_grad_(), temperature=t)
+        torch.manual_seed(11)
+        with_held_rate = concrete_dropout(x, held, temperature=t)  # grad mode, nothing needs a gradient
+        assert predicted.grad_fn is None and with_held_rate.grad_fn is None
+        assert torch.equal(predicted, with_held_rate)
+        outputs[enabled] = predicted
+    torch.manual_seed(11)
+    u = torch.rand(6, 9, dtype=dtype)
+    expected = _by_hand(x.double(), torch.tensor(theta, dtype=torch.float64), u.double(), t)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-6)
+    for enabled, y in outputs.items():
+        torch.testing.assert_close(y.double(), expected, **tol)
+    assert torch.equal(x, x.clone())  # the input is left as it was
+
+
+def test_calls_without_gradient_take_the_host_path_only_where_it_applies(monkeypatch):
+    calls = []
+    real = host_scalars.masked_without_grad
+    monkeypatch.setattr(host_scalars, "masked_without_grad", lambda *a: calls.append(1) or real(*a))
+    logit = torch.tensor(-1.0, requires_grad=True)
+    with torch.no_grad():
+        concrete_dropout(torch.randn(2, 3), logit)
+        assert len(calls) == 1
+        concrete_dropout(torch.randn(2, 3, 4, 4), logit, channelwise=True)  # channel-wise: the tensor formula
+        concrete_dropout(torch.randn(2, 3, dtype=torch.bfloat16), logit)  # 16-bit: fp32 mask, tensor formula
+        concrete_dropout(torch.randn(2, 3), logit, sampling="hard")  # Bernoulli masks: not this path
+        assert len(calls) == 1
+    y = concrete_dropout(torch.randn(2, 3, requires_grad=True), logit.detach())  # x needs its gradient
+    assert type(y.grad_fn).__name__.startswith("HostConcreteDropout") and len(calls) == 1
+    monkeypatch.setattr(host_scalars, "ENABLED", False)
+    with torch.no_grad():
+        concrete_dropout(torch.randn(2, 3), logit)
+    assert len(calls) == 1
+
+
 def test_host_path_keeps_the_noise_private_and_second_derivatives_equal_the_tensor_path(monkeypatch):
     # A gradient penalty: d/dx of sum((dL/dx)^2), L = sum(y^2), through the site, on both paths.
     x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)

@@ -65,6 +65,8 @@ def test_broadcast_log_variance_homoscedastic():
     s_dim = torch.tensor([0.1, -0.2, 0.3])  # one learned log variance per output dim
     full = s_dim.expand(5, 3)
     assert torch.allclose(gaussian_nll(mean, s_dim, target), gaussian_nll(mean, full, target))
+    s_column = torch.tensor([[0.1], [0.2], [-0.1], [0.0], [0.4]])  # one per example, shared by the output dims
+    assert torch.allclose(gaussian_nll(mean, s_column, target), gaussian_nll(mean, s_column.expand(5, 3), target))
     s_scalar = torch.tensor(0.5)
     assert torch.allclose(
         heteroscedastic_gaussian(mean, s_scalar, target),
@@ -87,6 +89,8 @@ def test_gradients_flow():
         (torch.zeros(4, 1), torch.zeros(4, 1), torch.zeros(4), "mean", r"as mean \(4, 1\).*\(4,\)"),
         (torch.zeros(4), torch.zeros(4, 1), torch.zeros(4), "mean", r"broadcast.*got shape \(4, 1\)"),
         (torch.zeros(4, 2), torch.zeros(3, 2), torch.zeros(4, 2), "mean", r"\(4, 2\).*got shape \(3, 2\)"),
+        (torch.zeros(4, 2), torch.zeros(3), torch.zeros(4, 2), "mean", r"\(4, 2\).*got shape \(3,\)"),
+        (torch.zeros(4, 2), torch.zeros(1, 4, 2), torch.zeros(4, 2), "mean", r"got shape \(1, 4, 2\)"),
         (torch.zeros(4), torch.zeros(4), torch.zeros(4), "avg", r"reduction must be one of"),
         (torch.tensor(1.0), torch.tensor(0.0), torch.tensor(1.0), "mean", r"N >= 1.*got shape \(\)"),
         (torch.zeros(0, 2), torch.zeros(0, 2), torch.zeros(0, 2), "mean", r"N >= 1.*got shape \(0, 2\)"),

@@ -38,11 +38,17 @@ def test_short_run_prints_every_section_and_writes_json(tmp_path, capsys):
     finally:
         torch.set_num_threads(old)
     text = capsys.readouterr().out
-    for heading in ("### 1. UCI network epoch", "### 2. One site", "### 3. `regularization()`"):
+    for heading in (
+        "### 1. UCI network epoch",
+        "### 2. One site",
+        "### 2b. One site forward without",
+        "### 3. `regularization()`",
+    ):
         assert heading in text
     assert "aten ops per eager training step" in text
     saved = json.loads(path.read_text())
-    assert set(saved) >= {"epoch", "site", "regularizer", "step_ops"}
+    assert set(saved) >= {"epoch", "site", "site_no_grad", "regularizer", "step_ops"}
+    assert set(saved["site_no_grad"]["32x50"]) == {"dropout", "concrete", "concrete_tensor"}
     # The tensor-path row on the CPU and both networks with the multi-tensor Adam; no compiled rows without
     # --compile.
     epoch = saved["epoch"]

@@ -506,6 +506,8 @@ def test_forward_pass_count_of_a_tiny_run(monkeypatch):
             3 * 3 + r["records"]["concrete_freeze"][0]["best_epoch"] * 4,
             2 * 2 + 2 + 3 + 3,
         ),
+        # concrete_freeze's run, then its warm epochs on the training split (4 batches each); MC as concrete.
+        "concrete_freeze_warm": (3 * 3 + r["records"]["concrete_freeze_warm"][0]["warm_epochs"] * 4, 2 * 2 + 2 + 3),
     }
     for m, (train, mc) in want.items():
         rec = r["records"][m][0]
@@ -707,6 +709,83 @@ def test_refit_with_fixed_rates_holds_them_while_the_weights_train():
     assert not torch.equal(model.state_dict()["log_var"], before["log_var"])
     with pytest.raises(ValueError, match="1 rates given for the 2 sites"):
         uci._hold_rates(model, [0.1])
+
+
+def test_warm_epochs_train_the_weights_on_the_whole_split_with_rates_and_noise_held(monkeypatch):
+    """``concrete_freeze_warm``'s last step: every row of the training split (standardised with the fitting
+    set's statistics, as the model was trained) in each epoch, 4 batches of 10 per epoch; the p-logits and the
+    noise level stay exactly where they were and the weights move; the noise level trains again afterwards."""
+    monkeypatch.setattr(uci, "BATCH_SIZE", 10)
+    ds = _tiny_dataset()
+    train_idx, _ = ds.split(0)
+    fit_idx, val_idx = uci.validation_split(train_idx)
+    fold = uci.Fold.make(ds, fit_idx, val_idx)
+    model = uci._concrete_noise_net(fold, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rows: list[torch.Tensor] = []
+    loss = uci._concrete_loss(len(fit_idx), 0.0)
+
+    def spy(m, xb, yb):
+        rows.append(torch.cat([xb, yb.reshape(-1, 1)], 1))
+        return loss(m, xb, yb)
+
+    batches0 = uci.PASSES.train_batches
+    uci._continue_on_whole_split(model, ds, fit_idx, train_idx, fold, 2, 0, spy)
+    assert uci.PASSES.train_batches - batches0 == 2 * 4
+    mean, std = ds.X[fit_idx].mean(0), ds.X[fit_idx].std(0)
+    y = (ds.y[train_idx] - ds.y[fit_idx].mean()) / ds.y[fit_idx].std()
+    want = torch.as_tensor(np.column_stack([(ds.X[train_idx] - mean) / std, y]), dtype=torch.float32)
+    for epoch in (rows[:4], rows[4:]):  # each epoch: every row of the split once
+        seen = torch.cat(epoch)
+        torch.testing.assert_close(seen[seen[:, 0].argsort()], want[want[:, 0].argsort()])
+    after = model.state_dict()
+    for k in before:
+        if k.endswith("p_logit") or k == "log_var":
+            assert torch.equal(after[k], before[k]), k
+    assert not torch.equal(after["fc1.weight"], before["fc1.weight"])
+    assert model.log_var.requires_grad
+
+
+def test_concrete_freeze_warm_trains_a_quarter_of_its_best_epoch_after_the_calibration(monkeypatch):
+    """The warm epochs are WARM_FRACTION of the kept check's epoch, at least one, and come after the
+    calibration: the tested noise level is the calibrated one."""
+    ds = _tiny_dataset()
+    train_idx, test_idx = ds.split(0)
+    _spy_on_evaluations(monkeypatch, [-3.0, -1.0, -2.0, -1.5, -1.2, -1.1, -1.05, -0.9])  # best: epoch 8
+    warm: list[tuple[int, float]] = []
+    real = uci._continue_on_whole_split
+    monkeypatch.setattr(
+        uci,
+        "_continue_on_whole_split",
+        lambda model, *a: warm.append((a[4], float(model.log_var.detach()))) or real(model, *a),
+    )
+
+    def calibrated(model, *a):  # a level the search would not pick, to be recognised later
+        with torch.no_grad():
+            model.log_var.fill_(0.37)
+        return 0.37
+
+    monkeypatch.setattr(uci, "calibrate_noise", calibrated)
+    kw = dict(hidden=8, epochs=8, samples=4, seed=0, eval_every=1, val_samples=2)
+    out = uci.run_concrete(ds, train_idx, test_idx, freeze_rates=True, warm_fraction=uci.WARM_FRACTION, **kw)
+    assert out["best_epoch"] == 8 and out["warm_epochs"] == 2 and warm[0][0] == 2  # 8 / 4
+    y_std = ds.y[uci.validation_split(train_idx)[0]].std()
+    # It warmed with the calibrated level, held it, and was tested with it.
+    assert warm[0][1] == pytest.approx(0.37) and out["tau"] == pytest.approx(1.0 / (math.exp(0.37) * y_std**2))
+
+
+def test_the_warm_diagnostic_tests_the_same_run_before_its_warm_epochs(monkeypatch):
+    """``warm_diagnostic``: the record also has the test score of the state before the warm epochs, which is
+    ``concrete_freeze``'s on the same seed, and its test passes (3) are counted; without it, neither."""
+    monkeypatch.setattr(uci, "BATCH_SIZE", 10)
+    ds = _tiny_dataset()
+    plain = uci.run_dataset(ds, 1, 3, 3, 0, 2, 2, methods=("concrete_freeze", "concrete_freeze_warm"))
+    diag = uci.run_dataset(ds, 1, 3, 3, 0, 2, 2, methods=("concrete_freeze_warm",), warm_diagnostic=True)
+    frozen, warm = plain["records"]["concrete_freeze"][0], diag["records"]["concrete_freeze_warm"][0]
+    assert "ll_before_warm" not in plain["records"]["concrete_freeze_warm"][0]
+    assert (warm["ll_before_warm"], warm["rmse_before_warm"]) == (frozen["ll"], frozen["rmse"])
+    assert warm["ll"] == plain["records"]["concrete_freeze_warm"][0]["ll"]
+    assert warm["mc_passes"] == plain["records"]["concrete_freeze_warm"][0]["mc_passes"] + 3
 
 
 @pytest.mark.parametrize(

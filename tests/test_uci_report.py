@@ -80,3 +80,34 @@ def test_a_method_the_report_has_no_style_for_is_reported_after_the_known_ones(t
     assert names == ["published grid (same splits)", "concrete", "zz_new_variant"]
     assert "| toy | zz_new_variant | 1 | 1.500 ± 0.000 | -0.750 ± 0.000 | 0.250 ± 0.000 |" in "\n".join(lines)
     assert (tmp_path / "fig.png").stat().st_size > 0
+
+
+def test_base_summaries_join_the_figure_and_the_written_summaries(tmp_path):
+    """``--base``: an earlier report's summaries stay, a method run again replaces its own, a new method and a
+    new data set join; the table lists only the details given."""
+    base = {
+        "toy": {"grid": {"ll_mean": -9.0}, "concrete": {"ll_mean": -9.0}},
+        "old": {"concrete": {"ll_mean": -3.0}},
+    }
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    paths = [
+        _details(tmp_path, "toy", 0, concrete=(-0.5, 1.0, 2.0), newer=(-0.25, 1.0, 2.0)),
+        _details(tmp_path, "fresh", 0, newer=(-1.0, 1.0, 2.0)),
+    ]
+    out = uci_report.main(
+        [
+            *paths,
+            "--base",
+            str(tmp_path / "base.json"),
+            "--json",
+            str(tmp_path / "s.json"),
+            "--plot",
+            str(tmp_path / "f.png"),
+        ]
+    )
+    written = json.loads((tmp_path / "s.json").read_text())
+    assert list(written) == ["toy", "old", "fresh"]
+    assert written["toy"]["grid"] == {"ll_mean": -9.0} and written["old"] == base["old"]
+    assert written["toy"]["concrete"]["ll_mean"] == -0.5 and written["toy"]["newer"]["ll_mean"] == -0.25
+    assert "| old |" not in uci_report.whole_table(out) and "| fresh | newer |" in uci_report.whole_table(out)
+    assert (tmp_path / "f.png").stat().st_size > 0

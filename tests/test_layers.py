@@ -204,6 +204,20 @@ def test_calls_without_gradient_follow_the_formula_on_the_drawn_noise(monkeypatc
     assert torch.equal(x, x.clone())  # the input is left as it was
 
 
+@pytest.mark.parametrize("logit", [30.0, -30.0])
+def test_calls_without_gradient_use_the_clamped_logit_beyond_the_bound(logit, eager_path):
+    # The site's own noise (re-drawn from the seed), a held logit past the bound: it acts as the bound.
+    x = torch.randn(6, 9, dtype=torch.float64)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        y = concrete_dropout(x, torch.tensor(logit, dtype=torch.float64), temperature=0.1)
+    torch.manual_seed(5)
+    u = torch.rand(6, 9, dtype=torch.float64)
+    bound = math.log((1 - DEFAULT_EPS) / DEFAULT_EPS)
+    expected = _by_hand(x, torch.tensor(math.copysign(bound, logit), dtype=torch.float64), u, 0.1)
+    torch.testing.assert_close(y, expected, rtol=1e-9, atol=1e-12)
+
+
 def test_calls_without_gradient_take_the_host_path_only_where_it_applies(monkeypatch):
     calls = []
     real = host_scalars.masked_without_grad

@@ -464,10 +464,19 @@ class Fold:
     def make(ds: UCIDataset, fit_idx: np.ndarray, eval_idx: np.ndarray) -> "Fold":
         _, _, (xf, xe) = standardize(ds.X[fit_idx], ds.X[eval_idx])
         ym, ys, (yf,) = standardize(ds.y[fit_idx])
-        f32 = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
         return Fold(
-            f32(xf), f32(yf), f32(xe), torch.as_tensor(ds.y[eval_idx], dtype=torch.float64), float(ym), float(ys)
+            _float32(xf),
+            _float32(yf),
+            _float32(xe),
+            torch.as_tensor(ds.y[eval_idx], dtype=torch.float64),
+            float(ym),
+            float(ys),
         )
+
+
+def _float32(a: np.ndarray) -> torch.Tensor:
+    """A float32 tensor of a (standardised) numpy array."""
+    return torch.as_tensor(np.asarray(a), dtype=torch.float32)
 
 
 def _train(model: nn.Module, fold: Fold, epochs: int, seed: int, loss_fn, on_epoch=None) -> None:
@@ -794,8 +803,7 @@ def _continue_on_whole_split(
     """
     _, _, (_, x_all) = standardize(ds.X[fit_idx], ds.X[train_idx])
     y_all = (ds.y[train_idx] - fold.y_mean) / fold.y_std
-    f32 = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
-    whole = Fold(f32(x_all), f32(y_all), fold.x_eval, fold.y_eval, fold.y_mean, fold.y_std)
+    whole = Fold(_float32(x_all), _float32(y_all), fold.x_eval, fold.y_eval, fold.y_mean, fold.y_std)
     _stop_rates_training(model)
     model.log_var.requires_grad_(False)
     try:

@@ -13,14 +13,14 @@ rebuilding ``y``, which makes it faster at large shapes too (``benchmarks/train_
 paths side by side).
 
 At small shapes the Python around the ops counts as much as the ops: a site's call is routed here by one
-compact test (:func:`call_applies`) before :func:`cd_convert.layers.concrete_dropout` does any general
+compact test (:func:`call_route`) before :func:`cd_convert.layers.concrete_dropout` does any general
 set-up, and draws its noise through :func:`cd_convert.noise.eager_cpu_uniform` (``torch.rand`` below
 :data:`cd_convert.noise.PACKED_MIN_NUMEL` elements). Measured side by side at (32, 50), one thread, the
 routing and the small-mask noise made a site's forward + backward about 15% faster than going through the
 general set-up and the packed noise draw.
 
 Taken only on the CPU, in eager mode, for plain float32/float64 inputs with an element-wise mask and a 0-dim
-logit (:func:`call_applies`, :func:`site_applies`). Every other case (channel-wise masks, 16-bit inputs,
+logit (:func:`call_route`, :func:`site_applies`). Every other case (channel-wise masks, 16-bit inputs,
 tracers, functorch), and every other device (where a scalar read would synchronise with the device), uses
 the tensor formula; both compute the same values and gradients to rounding. The same treatment of the
 regulariser was measured and left out: it cut its ops from 28 to 9 (gradient accumulation aside) but saved
@@ -44,9 +44,8 @@ from ._tracing import being_traced, functorch_active
 __all__ = [
     "ENABLED",
     "HostConcreteDropout",
-    "call_applies",
+    "call_route",
     "masked_without_grad",
-    "no_grad_call_applies",
     "site_applies",
 ]
 
@@ -81,54 +80,33 @@ def site_applies(x: Tensor, p_logit: Tensor, uniform: Tensor) -> bool:
     return _plain_cpu_float(x) and _plain_cpu_float(p_logit) and p_logit.dim() == 0 and uniform.shape == x.shape
 
 
-def call_applies(x: Tensor, p_logit: Tensor) -> bool:
-    """Whether a training call with the site's own element-wise noise takes :class:`HostConcreteDropout`.
+def call_route(x: Tensor, p_logit: Tensor) -> Optional[bool]:
+    """Which host-scalar function a relaxed call with the site's own element-wise noise takes, if any.
 
-    The whole test for the common case, so that :func:`cd_convert.layers.concrete_dropout` can route it
-    before any of its general set-up (on a small mask that set-up costs as much as several ops).
-
-    Args:
-        x: the site's input.
-        p_logit: its logit.
-
-    Returns:
-        True when the path is enabled, gradients are recorded and needed, no tracer or functorch transform is
-        active, and ``x`` and the 0-dim logit are plain CPU float32/float64 tensors.
-    """
-    return (
-        ENABLED
-        and torch.is_grad_enabled()
-        and (x.requires_grad or p_logit.requires_grad)
-        and _plain_cpu_float(x)
-        and _plain_cpu_float(p_logit)
-        and p_logit.dim() == 0
-        and not being_traced()
-        and not functorch_active()
-    )
-
-
-def no_grad_call_applies(x: Tensor, p_logit: Tensor) -> bool:
-    """Whether a relaxed call with the site's own element-wise noise that records no gradient takes
-    :func:`masked_without_grad`: Monte Carlo prediction under ``torch.no_grad``, or a site whose rate is held
-    (``p_logit.requires_grad`` off) on an input that needs no gradient (the network's first layer).
+    The whole test for the common case, evaluated once, so that :func:`cd_convert.layers.concrete_dropout` can
+    route the call before any of its general set-up (on a small mask that set-up costs as much as several ops).
 
     Args:
         x: the site's input.
         p_logit: its logit.
 
     Returns:
-        True when the path is enabled, no gradient is recorded or needed, no tracer or functorch transform is
-        active, and ``x`` and the 0-dim logit are plain CPU float32/float64 tensors.
+        None when the path is off, a tracer or functorch transform is active, or ``x`` and the 0-dim logit are not
+        plain CPU float32/float64 tensors; otherwise True when gradients are recorded and needed
+        (:class:`HostConcreteDropout`, a training call) and False when not (:func:`masked_without_grad`: Monte
+        Carlo prediction under ``torch.no_grad``, or a site whose rate is held in front of an input that needs
+        no gradient).
     """
-    return (
+    if not (
         ENABLED
-        and not (torch.is_grad_enabled() and (x.requires_grad or p_logit.requires_grad))
         and _plain_cpu_float(x)
         and _plain_cpu_float(p_logit)
         and p_logit.dim() == 0
         and not being_traced()
         and not functorch_active()
-    )
+    ):
+        return None
+    return torch.is_grad_enabled() and (x.requires_grad or p_logit.requires_grad)
 
 
 def _scaled_mask(uniform: Tensor, theta: float, temperature: float) -> Tuple[Tensor, float, float]:

@@ -405,11 +405,14 @@ def concrete_dropout(
                 )
         if not x.is_cuda and not channelwise:
             # CPU float32/float64 with an element-wise mask: the scalar work on Python floats, fewer ops.
-            if host_scalars.call_applies(x, p_logit):
+            needs_grad = host_scalars.call_route(x, p_logit)
+            if needs_grad is not None:
                 u = noise.eager_cpu_uniform(x.shape, x.numel(), x.dtype)
-                return host_scalars.HostConcreteDropout.apply(x, p_logit, u, temperature, logit_bound(eps), save_output)
-            if host_scalars.no_grad_call_applies(x, p_logit):  # MC prediction, or a held rate on the input
-                u = noise.eager_cpu_uniform(x.shape, x.numel(), x.dtype)
+                if needs_grad:
+                    return host_scalars.HostConcreteDropout.apply(
+                        x, p_logit, u, temperature, logit_bound(eps), save_output
+                    )
+                # Monte Carlo prediction, or a held rate on an input that needs no gradient.
                 return host_scalars.masked_without_grad(x, p_logit, u, temperature, logit_bound(eps))
     cdt = _compute_dtype(x.dtype)
     shape = noise_shape(x, channelwise, channel_dim)

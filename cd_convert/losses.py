@@ -57,8 +57,8 @@ def _check(mean: Tensor, log_variance: Tensor, target: Tensor, reduction: str) -
 
 def _check_log_variance(name: str, log_variance: Tensor, mean_name: str, mean: Tensor) -> None:
     """Raise ValueError unless ``log_variance`` has ``mean``'s shape or broadcasts to it without enlarging it."""
-    # The broadcasting rule, aligned from the right, on plain ints: torch.broadcast_shapes costs about 100 us a
-    # call on the CPU, as much as the loss itself on a small batch.
+    # The broadcasting rule, aligned from the right, on plain ints: torch.broadcast_shapes costs about 26 us a
+    # call on the CPU, a fifth of the loss on a batch of 128.
     lv_shape, mean_shape = log_variance.shape, mean.shape
     offset = len(mean_shape) - len(lv_shape)
     ok = offset >= 0 and all(size == 1 or size == mean_shape[offset + i] for i, size in enumerate(lv_shape))

@@ -296,10 +296,8 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "host-route-noise-shared-by-rows",
         "the CPU site's own noise is drawn for one row and broadcast: every sample in a batch gets the same mask",
         "cd_convert/layers.py",
-        "u = noise.eager_cpu_uniform(x.shape, x.numel(), x.dtype)\n"
-        "                return host_scalars.HostConcreteDropout",
-        "u = noise.eager_cpu_uniform(x.shape[-1:], x.shape[-1], x.dtype).expand(x.shape).clone()\n"
-        "                return host_scalars.HostConcreteDropout",
+        "u = noise.eager_cpu_uniform(x.shape, x.numel(), x.dtype)",
+        "u = noise.eager_cpu_uniform(x.shape[-1:], x.shape[-1], x.dtype).expand(x.shape).clone()",
         _LAYERS,
     ),
     Mutation(

@@ -15,17 +15,23 @@ ops per site, the regulariser's bookkeeping), not arithmetic. Everything is meas
    both networks with the loss computation under ``torch.compile``. The aten ops one eager step dispatches
    are counted for both networks (each costs about the same fixed dispatch work here, so time follows count).
    Goal: <= 1.3x the ``nn.Dropout`` epoch.
+1b. **An epoch of the UCI protocol's own training loop** (``benchmarks/uci.py``'s ``train_epoch``: 1024 rows x
+   13 features, batch 128, fused Adam): the grid's network (``nn.Dropout``, MSE plus weight decay) against
+   the Concrete runs' network (converted ``NoiseNet``, heteroscedastic loss plus the regulariser), learning
+   its rates and with them held (as ``concrete_freeze`` leaves them for the rest of its run). This per-step
+   ratio is what divides the one-run recipe's saving in training batches against the 13-run grid.
 2. **One site, forward + backward** (``y = site(x); y.backward(g)``, ``x`` requiring grad) at a tiny shape
    (32, 50) and a large one (64, 16384) fp32: ``ConcreteDropout(0.1)`` against ``nn.Dropout(0.1)``.
    Goal: <= 2x at the tiny shape. Then (2b) the same sites' forward pass under ``torch.no_grad`` in training
    mode: a Monte Carlo pass, or a site whose rate is held on an input that needs no gradient.
-3. **``cd_convert.regularization(model)`` forward + backward alone**, for 2 sites (the UCI network) and 50
-   sites (50 ``Linear(16, 16)`` layers, targeted), in ms per call and per site; and the number of aten ops one
-   call dispatches (forward and backward), counted with a ``TorchDispatchMode``.
+3. **``cd_convert.regularization(model)`` forward + backward alone**, for 2 sites (the UCI network) and 8, 12,
+   16 and 50 sites (stacks of targeted ``Linear(16, 16)`` layers), in ms per call and per site; and the number
+   of aten ops one call dispatches (forward and backward), counted with a ``TorchDispatchMode``. On the CPU
+   each count is also timed with the host-float path off, paired: where its per-site loop stops paying.
 
-On the CPU, sections 1 and 2 also time the converted variants with the host-scalar site path switched off
-(``cd_convert.host_scalars.ENABLED = False``: the tensor formula other devices use), side by side, so the
-gain of that path is measured in the same run.
+On the CPU, sections 1, 1b and 2 also time the converted variants with the host-scalar paths switched off
+(``cd_convert.host_scalars.ENABLED = False``: the sites' tensor formula and the regulariser's tensor form
+that other devices use), side by side, so the gain of those paths is measured in the same run.
 
 Run: ``python -m benchmarks.train_step [--device cpu] [--threads 1] [--repeats 30] [--compile] [--json PATH]``.
 """
@@ -48,7 +54,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cd_convert
-from benchmarks import common
+from benchmarks import common, uci
 from benchmarks.overhead import interleaved_times
 from cd_convert import host_scalars
 from cd_convert.layers import ConcreteDropout
@@ -268,6 +274,94 @@ def epoch_section(device: torch.device, repeats: int, compiled: bool = False) ->
     return rows
 
 
+# ----------------------------------------------------------------------------- 1b. the UCI protocol's step
+
+#: Section 1b's synthetic training set: Boston's 13 features, 8 batches of the protocol's 128 rows.
+PROTOCOL_ROWS, PROTOCOL_FEATURES = 1024, 13
+#: The grid point the ``nn.Dropout`` network trains with (any grid point costs the same per step).
+PROTOCOL_P, PROTOCOL_TAU = 0.05, 0.1
+
+PROTOCOL_TEXT = {
+    "grid": "grid network (nn.Dropout, MSE + weight decay)",
+    "concrete": "converted, learning its rates",
+    "concrete_held": "converted, rates held (after concrete_freeze)",
+    "concrete_tensor": "converted, learning its rates, tensor path",
+}
+
+
+def protocol_network(variant: str, device: torch.device, package: Any = cd_convert) -> nn.Module:
+    """A network of ``benchmarks/uci.py`` with the protocol's hidden layer of 50, weights from seed 0.
+
+    Args:
+        variant: ``"grid"`` (``GridNet``: ``nn.Dropout`` in front of each Linear), ``"concrete"`` (``NoiseNet``
+            converted as the Concrete runs convert it) or ``"concrete_held"`` (the same with every p-logit held,
+            as ``concrete_freeze`` leaves it).
+        device: where the parameters live.
+        package: the ``cd_convert`` package that converts it.
+
+    Returns:
+        The network in training mode.
+    """
+    torch.manual_seed(0)
+    if variant == "grid":
+        return uci.GridNet(PROTOCOL_FEATURES, HIDDEN, PROTOCOL_P).to(device).train()
+    model = package.convert(
+        uci.NoiseNet(PROTOCOL_FEATURES, HIDDEN),
+        targets=[nn.Linear],
+        dataset_size=PROTOCOL_ROWS,
+        length_scale=uci.LENGTH_SCALE,
+        loss="heteroscedastic",
+    ).to(device)
+    if variant == "concrete_held":
+        uci._stop_rates_training(model)
+    return model.train()
+
+
+def protocol_loss(package: Any = cd_convert) -> Callable[[nn.Module, Tensor, Tensor], Tensor]:
+    """The Concrete runs' loss (``benchmarks/uci.py``): heteroscedastic Gaussian plus the regulariser."""
+
+    def loss_fn(model: nn.Module, xb: Tensor, yb: Tensor) -> Tensor:
+        mean, log_var = model(xb)
+        return package.losses.heteroscedastic_gaussian(mean, log_var, yb) + package.regularization(model)
+
+    return loss_fn
+
+
+def protocol_epoch_fn(
+    model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor]
+) -> Callable[[], None]:
+    """One epoch of ``benchmarks/uci.py``'s own training loop (its optimizer, batches and step) on ``(x, y)``."""
+    optimizer = uci.protocol_optimizer(model)
+    generator = torch.Generator().manual_seed(0)
+    return lambda: uci.train_epoch(model, optimizer, x, y, generator, loss_fn)
+
+
+def protocol_data(device: torch.device) -> Tuple[Tensor, Tensor]:
+    """Section 1b's standardised synthetic rows: ``(PROTOCOL_ROWS, PROTOCOL_FEATURES)`` inputs, a 1-D target."""
+    torch.manual_seed(0)
+    x = torch.randn(PROTOCOL_ROWS, PROTOCOL_FEATURES, device=device)
+    y = x[:, :3].sum(dim=1) + 0.5 * torch.randn(PROTOCOL_ROWS, device=device)
+    return x, (y - y.mean()) / y.std()
+
+
+def protocol_section(device: torch.device, repeats: int) -> Dict[str, Dict[str, float]]:
+    """Time one epoch of the UCI protocol's grid network and of its Concrete network, interleaved.
+
+    The step ``python -m benchmarks.uci`` trains (fused Adam, batch 128): its per-step ratio is what the
+    one-run recipe's wall-clock saving against the 13-run grid is divided by.
+    """
+    x, y = protocol_data(device)
+    grid_loss = uci._grid_loss(PROTOCOL_P, PROTOCOL_TAU, PROTOCOL_ROWS)
+    fns = {"grid": protocol_epoch_fn(protocol_network("grid", device), x, y, grid_loss)}
+    for variant in ("concrete", "concrete_held"):
+        fns[variant] = protocol_epoch_fn(protocol_network(variant, device), x, y, protocol_loss())
+    if device.type == "cpu":
+        model = protocol_network("concrete", device)
+        fns["concrete_tensor"] = on_tensor_path(protocol_epoch_fn(model, x, y, protocol_loss()))
+    times = interleaved_times(fns, repeats, inner=3, warmup=3, device=device)
+    return summarize(times, "grid")
+
+
 def step_op_counts(device: torch.device) -> Dict[str, Dict[str, int]]:
     """Aten ops one eager training step dispatches, for the ``nn.Dropout`` network and the converted one.
 
@@ -426,27 +520,49 @@ def count_ops(model: nn.Module) -> Dict[str, Any]:
     }
 
 
+#: Site counts of section 3: the UCI network's 2, then targeted stacks around the host path's limit and 50.
+REGULARIZER_SITES = (2, 8, 12, 16, 50)
+
+
 def regularizer_section(device: torch.device, repeats: int) -> Dict[str, Any]:
-    """Time and count ``regularization()`` for 2 and 50 sites."""
-    models = {2: uci_network(device, "concrete"), 50: many_sites(50, device)}
+    """Time and count ``regularization()`` for each of :data:`REGULARIZER_SITES` sites.
+
+    On the CPU each count is also timed on the tensor path (host-scalar paths off), interleaved with the
+    default, so the paired ratio shows where the host path's per-site Python loop stops paying
+    (:data:`cd_convert.host_regularizer.MAX_SITES`).
+    """
+    models = {n: uci_network(device, "concrete") if n == 2 else many_sites(n, device) for n in REGULARIZER_SITES}
     fns = {f"{n} sites": regularizer_fn(m) for n, m in models.items()}
+    if device.type == "cpu":
+        for n in REGULARIZER_SITES:
+            model = uci_network(device, "concrete") if n == 2 else many_sites(n, device)
+            fns[f"{n} sites, tensor path"] = on_tensor_path(regularizer_fn(model))
     times = interleaved_times(fns, repeats, inner=20, warmup=5, device=device)
     out: Dict[str, Any] = {}
     for n, m in models.items():
         name = f"{n} sites"
         median = statistics.median(times[name]) * 1e3
         out[name] = {"sites": n, "median_ms": median, "per_site_ms": median / n, **count_ops(m)}
+        tensor = times.get(f"{name}, tensor path")
+        if tensor is not None:
+            out[name]["tensor_path_ms"] = statistics.median(tensor) * 1e3
+            out[name]["paired_vs_tensor_path"] = statistics.median(a / b for a, b in zip(times[name], tensor))
     return out
 
 
 def print_regularizer(res: Dict[str, Any]) -> None:
     print("\n### 3. `regularization()` forward + backward alone\n")
-    print("| model | median ms | ms per site | aten ops forward | backward | forward per site |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| model | median ms | ms per site | aten ops forward | backward | forward per site "
+        "| tensor path ms | paired / tensor path |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for name, row in res.items():
+        tensor = row.get("tensor_path_ms")
+        versus = f"{tensor:.3f} | {row['paired_vs_tensor_path']:.3f}" if tensor is not None else "- | -"
         print(
             f"| {name} | {row['median_ms']:.3f} | {row['per_site_ms']:.4f} | {row['forward']} | "
-            f"{row['backward']} | {row['forward'] / row['sites']:.1f} |"
+            f"{row['backward']} | {row['forward'] / row['sites']:.1f} | {versus} |"
         )
     for name, row in res.items():
         ops = ", ".join(f"{k} {v}" for k, v in sorted(row["forward_ops"].items(), key=lambda kv: -kv[1]))
@@ -506,6 +622,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
         if row is not None:
             ratios = f"{row['own_ratio']:.2f}x (paired {row['own_paired_ratio']:.2f}x)"
             print(f"{EPOCH_TEXT[name]} / {EPOCH_TEXT[base]}: {ratios}")
+    results["protocol"] = protocol_section(device, args.repeats)
+    print_table(
+        f"### 1b. The UCI protocol's training epoch ({PROTOCOL_ROWS} x {PROTOCOL_FEATURES}, batch {uci.BATCH_SIZE}, "
+        "fused Adam, as `benchmarks/uci.py` trains)",
+        results["protocol"],
+        PROTOCOL_TEXT,
+        "grid",
+    )
     results["step_ops"] = step_op_counts(device)
     totals = {v: sum(c.values()) for v, c in results["step_ops"].items()}
     print(

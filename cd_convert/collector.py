@@ -10,6 +10,7 @@ then found again under its name.
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -19,7 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import host_regularizer, host_scalars
 from ._modules import parent_of, submodule
+from ._tracing import being_traced, functorch_active
 from .errors import ConversionError
 from .layers import ConcreteDropoutBase, logit_bound
 from .prior import RegularizerScale
@@ -151,7 +154,8 @@ class _Plan:
     does only :meth:`describes` (identity checks on the applications, the scale and every module on the paths
     to the sites and weights), :meth:`read_tensors`, :meth:`fits` (devices, dtypes and ranks of the tensors
     read) and :meth:`compute` (the arithmetic: one autograd node, about sixteen aten ops forward and twelve
-    backward whatever the number of sites).
+    backward whatever the number of sites; on the CPU, up to a dozen sites, two and four beside the reads of
+    numbers, :mod:`cd_convert.host_regularizer`).
 
     The plan refers to submodules of the root but not to the root itself (which holds the collector that
     holds the plan): no reference cycle keeps a deleted model alive.
@@ -189,6 +193,8 @@ class _Plan:
         self.dropout_units: Optional[Tensor] = None
         self.weight_regularizer_value = 0.0
         self.two_weight_regularizer: Optional[Tensor] = None
+        #: Constants of the CPU's host-float path (:mod:`cd_convert.host_regularizer`); None where it does not apply.
+        self.host: Optional[host_regularizer.HostTerms] = None
 
     @classmethod
     def build(cls, collector: Collector, root: nn.Module) -> "_Plan":
@@ -260,6 +266,16 @@ class _Plan:
         plan.dropout_units = plan.dropout_regularizer * plan.units
         plan.weight_regularizer_value = float(collector.scale.weight_regularizer)
         plan.two_weight_regularizer = 2.0 * plan.weight_regularizer
+        # Per application, (weight index, how often it reads that weight): the count table of the host path.
+        reads = [[(names[name], float(n)) for name, n in Counter(app.consumer_weights).items()] for app in apps]
+        plan.host = host_regularizer.host_terms(
+            logits,
+            weights,
+            [logit_bound(eps) for eps in plan.eps],
+            [float(collector.scale.dropout_regularizer) * k for k in plan.units.tolist()],
+            plan.weight_regularizer_value,
+            reads,
+        )
         return plan
 
     def describes(self, collector: Collector, root: nn.Module) -> bool:
@@ -298,7 +314,9 @@ class _Plan:
         return _meta(logits, weights) == self.meta and [site.eps for site in self.sites] == self.eps
 
     def compute(self, logits: List[Tensor], weights: List[Tensor]) -> Tensor:
-        """The regulariser from the current tensors: :class:`_Regularizer` where it applies, else autograd.
+        """The regulariser from the current tensors: on the CPU for a few sites the host-float Function
+        (:class:`cd_convert.host_regularizer.HostRegularizer`), else :class:`_Regularizer` where it applies,
+        else autograd.
 
         Args:
             logits: from :meth:`read_tensors`.
@@ -307,9 +325,11 @@ class _Plan:
         Returns:
             A 0-dim fp32 tensor.
         """
-        # The analytic Function takes plain tensors on one device (a DTensor's norm is a collective: the
+        # The analytic Functions take plain tensors on one device (a DTensor's norm is a collective: the
         # autograd path reduces it explicitly), in eager mode: compiled code fuses the autograd formula anyway,
-        # so the Function would save nothing there.
+        # so they would save nothing there. On the CPU, a few sites: the per-site arithmetic on Python floats.
+        if self.host is not None and host_scalars.ENABLED and not being_traced() and not functorch_active():
+            return host_regularizer.HostRegularizer.apply(self.host, len(logits), *logits, *weights)
         if self.foreach_norms and not torch.compiler.is_compiling():
             if self.stack_logits:
                 return _Regularizer.apply(self, True, *logits, *weights)

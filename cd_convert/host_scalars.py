@@ -22,11 +22,9 @@ general set-up and the packed noise draw.
 Taken only on the CPU, in eager mode, for plain float32/float64 inputs with an element-wise mask and a 0-dim
 logit (:func:`call_route`, :func:`site_applies`). Every other case (channel-wise masks, 16-bit inputs,
 tracers, functorch), and every other device (where a scalar read would synchronise with the device), uses
-the tensor formula; both compute the same values and gradients to rounding. The same treatment of the
-regulariser was measured and left out: it cut its ops from 28 to 9 (gradient accumulation aside) but saved
-no time in a training step (an autograd node's fixed cost dominates there), and cost 15% more at 50 sites.
-``CD_CONVERT_HOST_SCALARS=0`` in the environment, or ``cd_convert.host_scalars.ENABLED = False``, turns the
-path off.
+the tensor formula; both compute the same values and gradients to rounding. The regulariser has the same
+treatment for up to a dozen sites (:mod:`cd_convert.host_regularizer`). ``CD_CONVERT_HOST_SCALARS=0`` in the
+environment, or ``cd_convert.host_scalars.ENABLED = False``, turns both paths off.
 """
 
 from __future__ import annotations
@@ -46,6 +44,7 @@ __all__ = [
     "HostConcreteDropout",
     "call_route",
     "masked_without_grad",
+    "plain_cpu_float",
     "site_applies",
 ]
 
@@ -59,7 +58,8 @@ _CPU = torch.device("cpu")
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
-def _plain_cpu_float(t: Tensor) -> bool:
+def plain_cpu_float(t: Tensor) -> bool:
+    """Whether ``t`` is a plain (not subclassed) CPU float32/float64 tensor: what the host-float paths serve."""
     # is_cpu, not device.type: reading .device builds a torch.device object on every call.
     return type(t) in _PLAIN_TYPES and t.is_cpu and t.dtype in _FLOAT_TYPES
 
@@ -77,7 +77,7 @@ def site_applies(x: Tensor, p_logit: Tensor, uniform: Tensor) -> bool:
     Returns:
         True for a CPU float32/float64 input with an element-wise mask and a 0-dim CPU logit.
     """
-    return _plain_cpu_float(x) and _plain_cpu_float(p_logit) and p_logit.dim() == 0 and uniform.shape == x.shape
+    return plain_cpu_float(x) and plain_cpu_float(p_logit) and p_logit.dim() == 0 and uniform.shape == x.shape
 
 
 def call_route(x: Tensor, p_logit: Tensor) -> Optional[bool]:
@@ -99,8 +99,8 @@ def call_route(x: Tensor, p_logit: Tensor) -> Optional[bool]:
     """
     if not (
         ENABLED
-        and _plain_cpu_float(x)
-        and _plain_cpu_float(p_logit)
+        and plain_cpu_float(x)
+        and plain_cpu_float(p_logit)
         and p_logit.dim() == 0
         and not being_traced()
         and not functorch_active()

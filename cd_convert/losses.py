@@ -69,14 +69,26 @@ def _check_log_variance(name: str, log_variance: Tensor, mean_name: str, mean: T
         )
 
 
+def _scaled_squares(mean: Tensor, log_variance: Tensor, target: Tensor) -> Tensor:
+    """``exp(-s) * (y - mu)^2 + s`` element-wise (broadcast): twice the NLL, less ``log(2 pi)``.
+
+    One ``addcmul`` rather than a product and a sum: a dispatched op and an autograd node fewer, which is a
+    measurable share of a small network's step on the CPU. (Dividing by ``exp(s)`` would save the negation too,
+    but its backward squares ``exp(s)``, which overflows to an infinite gradient for ``s < -44`` in fp32.)
+    """
+    return torch.addcmul(log_variance, torch.exp(-log_variance), (target - mean).pow(2))
+
+
 def _nll_elements(mean: Tensor, log_variance: Tensor, target: Tensor) -> Tensor:
     """``-log N(y; mu, exp(s))`` element-wise (broadcast)."""
-    return 0.5 * (torch.exp(-log_variance) * (target - mean).pow(2) + log_variance + LOG_2PI)
+    return 0.5 * (_scaled_squares(mean, log_variance, target) + LOG_2PI)
 
 
 def _reduce(per_element: Tensor, reduction: str) -> Tensor:
     """Sum over the output dims (all but dim 0), then reduce over the N examples."""
-    per_example = per_element.reshape(per_element.shape[0], -1).sum(dim=1)
+    # One output dim: the elements are the examples' losses (the reshape and sum would copy them, and cost
+    # four of the small-network loss's ~twenty dispatched ops forward and backward).
+    per_example = per_element if per_element.dim() == 1 else per_element.reshape(per_element.shape[0], -1).sum(dim=1)
     if reduction == "mean":
         return per_example.mean()
     if reduction == "sum":
@@ -110,8 +122,7 @@ def heteroscedastic_gaussian(
         Scalar loss, or an ``(N,)`` tensor for ``reduction="none"``.
     """
     _check(mean, log_variance, target, reduction)
-    per_element = torch.exp(-log_variance) * (target - mean).pow(2) + log_variance
-    return _reduce(per_element, reduction)
+    return _reduce(_scaled_squares(mean, log_variance, target), reduction)
 
 
 def gaussian_nll(

@@ -34,7 +34,7 @@ def test_the_base_revision_is_a_separate_package():
 
 def test_short_comparison_reports_paired_ratios(capsys):
     out = ab_speed.main(["--rev", "HEAD", "--site-repeats", "3", "--epoch-repeats", "1", "--shape", "8x16"])
-    assert set(out) == {"site", "epoch"}
+    assert set(out) == {"site", "epoch", "protocol", "protocol_held"}
     for ratios in out.values():
         assert set(ratios) == {"tree_vs_base", "tree_vs_dropout", "base_vs_dropout"}
         assert all(r > 0 for r in ratios.values())

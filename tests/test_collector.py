@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import cd_convert as cd
+from cd_convert import host_regularizer, host_scalars
 from cd_convert.collector import COLLECTOR_ATTR, get_collector
 
 
@@ -246,10 +247,13 @@ def test_several_consumer_weights_are_summed_per_site_and_fallback_agrees(monkey
     expected = 1e-4 / 100 * squared / (1 - p) + 1 / 50 * 5 * (p * math.log(p) + (1 - p) * math.log(1 - p))
     assert cd.regularization(model).item() == pytest.approx(expected, rel=1e-5)
 
-    # The one-by-one path (weights on another device, or a torch whose _foreach_norm lacks dtype=) agrees.
+    # The tensor form's one-by-one path (weights on another device, or a torch whose _foreach_norm lacks
+    # dtype=) agrees.
     def unavailable(*args, **kwargs):
         raise TypeError("_foreach_norm() got an unexpected keyword argument 'dtype'")
 
+    monkeypatch.setattr(host_regularizer, "MAX_SITES", 0)
+    get_collector(model).invalidate()
     monkeypatch.setattr(torch, "_foreach_norm", unavailable)
     assert cd.regularization(model).item() == pytest.approx(expected, rel=1e-5)
 
@@ -287,7 +291,21 @@ def _shared_model(dtype, logit_shape=()):
     return model
 
 
-@pytest.mark.parametrize("path", ["analytic", "autograd"])
+def _take_path(path, monkeypatch):
+    """Make the next plan take ``path``: ``"host"`` (Python floats, the CPU default for a few fp32/fp64 sites),
+    ``"analytic"`` (the tensor Function) or ``"autograd"`` (the graph DTensors and torch.compile take, forced
+    by reporting a compile in progress)."""
+    if path != "host":
+        monkeypatch.setattr(host_regularizer, "MAX_SITES", 0)
+    if path == "autograd":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+
+
+def _node(reg):
+    return type(reg.grad_fn).__name__
+
+
+@pytest.mark.parametrize("path", ["host", "analytic", "autograd"])
 @pytest.mark.parametrize(
     "dtype, logit_shape, rel",
     [(torch.float32, (), 1e-5), (torch.float64, (), 1e-5), (torch.bfloat16, (), 2e-2), (torch.float32, (1,), 1e-5)],
@@ -301,14 +319,20 @@ def test_value_and_gradients_of_every_logit_and_weight_are_the_written_out_formu
     Every weight-sharing case at once (no consumer, two weights for one site, one weight for two sites), in
     each parameter dtype (the gradient keeps it) and with 1-element logits (the stacked, non-0-dim path). Both
     ways of computing it: the analytic autograd Function (eager, plain tensors) and the autograd graph that
-    DTensors and torch.compile take (forced here by reporting a compile in progress).
+    DTensors and torch.compile take (forced here by reporting a compile in progress); and on the CPU, the
+    per-site arithmetic on Python floats, which 16-bit parameters and logits of shape (1,) leave to the
+    analytic Function.
     """
     wr, dr = 0.05, 0.02
     model = _shared_model(dtype, logit_shape)
-    if path == "autograd":
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    _take_path(path, monkeypatch)
     reg = cd.regularization(model)
-    assert (type(reg.grad_fn).__name__ == "_RegularizerBackward") == (path == "analytic")
+    host_applies = dtype in (torch.float32, torch.float64) and logit_shape == ()
+    expected_node = {
+        "host": "HostRegularizerBackward" if host_applies else "_RegularizerBackward",
+        "analytic": "_RegularizerBackward",
+    }
+    assert _node(reg) == expected_node.get(path, _node(reg)) and (path != "autograd" or "Regularizer" not in _node(reg))
     (reg * 3.0).backward()  # an upstream gradient of 3 scales every gradient
     value, pulls = 0.0, {}  # pulls: weight name -> sum over the sites reading it of 1/(1 - p)
     for site, weights, k, _ in SHARED_SPEC:
@@ -333,7 +357,7 @@ def test_value_and_gradients_of_every_logit_and_weight_are_the_written_out_formu
     assert model.fc0.weight.grad is None and model.head.bias.grad is None
 
 
-@pytest.mark.parametrize("path", ["analytic", "autograd"])
+@pytest.mark.parametrize("path", ["host", "analytic", "autograd"])
 @pytest.mark.parametrize("logit", [20.0, -20.0], ids=["above", "below"])
 def test_logit_past_the_bound_gradient_passes_straight_through(logit, path, monkeypatch):
     """p is taken at the bound theta = +-logit(1 - eps), and the gradient is the formula's there (not 0)."""
@@ -341,8 +365,7 @@ def test_logit_past_the_bound_gradient_passes_straight_through(logit, path, monk
     model = _shared_model(torch.float32)
     with torch.no_grad():
         model.d2.p_logit.fill_(logit)
-    if path == "autograd":
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    _take_path(path, monkeypatch)
     cd.regularization(model).backward()
     theta = math.copysign(math.log((1 - 1e-6) / 1e-6), logit)  # the sites' default eps = 1e-6, written out
     p = 1 / (1 + math.exp(-theta))
@@ -350,8 +373,49 @@ def test_logit_past_the_bound_gradient_passes_straight_through(logit, path, monk
     expected = wr * squared * p / (1 - p) + dr * 4 * theta * p * (1 - p)
     # A blocked clamp gives exactly 0. The autograd graph differentiates 1/(1 - p) through sigmoid(-theta),
     # whose backward forms 1 - (1 - p) in fp32 (a few % off in that term at p = 1e-6): a looser tolerance.
-    rel = 1e-4 if path == "analytic" else 1e-2
+    rel = 1e-2 if path == "autograd" else 1e-4
     assert model.d2.p_logit.grad.item() == pytest.approx(expected, rel=rel)
+
+
+def test_host_path_is_taken_for_a_few_plain_cpu_sites_and_switched_off_per_call(monkeypatch):
+    """Up to MAX_SITES applications on plain fp32/fp64 CPU tensors; the switch is honoured by a built plan."""
+    model = _shared_model(torch.float32)
+    assert _node(cd.regularization(model)) == "HostRegularizerBackward"
+    expected = cd.regularization(model).item()
+    monkeypatch.setattr(host_scalars, "ENABLED", False)
+    reg = cd.regularization(model)
+    assert _node(reg) == "_RegularizerBackward" and reg.item() == pytest.approx(expected, rel=1e-6)
+    monkeypatch.setattr(host_scalars, "ENABLED", True)
+    monkeypatch.setattr(host_regularizer, "MAX_SITES", len(SHARED_SPEC) - 1)  # one site too many
+    get_collector(model).invalidate()
+    assert _node(cd.regularization(model)) == "_RegularizerBackward"
+
+
+@pytest.mark.parametrize("path", ["host", "analytic"])
+def test_held_rates_get_no_gradient_and_the_weights_the_formula(path, monkeypatch):
+    """p-logits that do not require grad (rates held, as concrete_freeze leaves them) get none; weights do."""
+    wr = 0.05
+    model = _shared_model(torch.float64)
+    for site, *_ in SHARED_SPEC:
+        model.get_submodule(site).p_logit.requires_grad_(False)
+    _take_path(path, monkeypatch)
+    cd.regularization(model).backward()
+    for site, *_ in SHARED_SPEC:
+        assert model.get_submodule(site).p_logit.grad is None, site
+    p = {site: rate for site, _, _, rate in SHARED_SPEC}
+    pull = 1 / (1 - p["d2"]) + 1 / (1 - p["d3"])  # head.weight is read by d2 and d3
+    expected = 2 * wr * pull * model.head.weight.detach()
+    # The host path works in float64 throughout; the analytic Function in fp32, cast to the weight's dtype.
+    rtol = 1e-12 if path == "host" else 1e-6
+    torch.testing.assert_close(model.head.weight.grad, expected, rtol=rtol, atol=0)
+
+
+def test_log_sigmoid_is_finite_and_accurate_at_both_ends():
+    """The host path's log-sigmoid against math written out: no overflow at +-800, no cancellation near 0."""
+    for v in (-800.0, -30.0, -1.0, 0.0, 1e-9, 2.5, 40.0, 800.0):
+        expected = -math.log1p(math.exp(-v)) if v > -700 else v  # log(1 / (1 + e^-v)); -> v as v -> -inf
+        assert host_regularizer.log_sigmoid(v) == pytest.approx(expected, rel=1e-15, abs=1e-300), v
+    assert host_regularizer.log_sigmoid(40.0) == pytest.approx(-math.exp(-40.0), rel=1e-12)  # not rounded to 0
 
 
 def test_value_and_gradients_under_autocast_stay_fp32():

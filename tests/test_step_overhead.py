@@ -14,6 +14,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cd_convert as cd
+from cd_convert import host_regularizer
 from cd_convert.collector import _PLAN_ATTR, get_collector
 from cd_convert.layers import ConcreteDropout
 
@@ -80,6 +81,13 @@ def _plan(model: nn.Module):
 # ------------------------------------------------------------------------------------------ steady-state cost
 
 
+@pytest.fixture
+def tensor_form(monkeypatch):
+    """The regulariser's tensor form: what runs off the CPU (where reading a number would wait for the device),
+    and on the CPU beyond ``host_regularizer.MAX_SITES`` applications or with the host paths off."""
+    monkeypatch.setattr(host_regularizer, "MAX_SITES", 0)
+
+
 def _steady_counts(model: nn.Module):
     cd.regularization(model).backward()  # builds the plan
     with _Ops() as forward:
@@ -90,7 +98,7 @@ def _steady_counts(model: nn.Module):
 
 
 @pytest.mark.parametrize("sites", [2, 50])
-def test_steady_state_call_dispatches_a_bounded_number_of_aten_ops(sites):
+def test_steady_state_call_dispatches_a_bounded_number_of_aten_ops(sites, tensor_form):
     model = _uci() if sites == 2 else _deep(sites)
     assert len(cd.dropout_rates(model)) == sites
     forward, backward = _steady_counts(model)
@@ -98,7 +106,7 @@ def test_steady_state_call_dispatches_a_bounded_number_of_aten_ops(sites):
     assert backward.total <= BACKWARD_BASE + BACKWARD_PER_SITE * sites, backward.counts
 
 
-def test_op_count_grows_only_by_the_gradient_accumulation_per_site():
+def test_op_count_grows_only_by_the_gradient_accumulation_per_site(tensor_form):
     small, small_backward = _steady_counts(_deep(2))
     large, large_backward = _steady_counts(_deep(40))
     assert large.total - small.total <= FORWARD_PER_SITE * 38, (small.counts, large.counts)
@@ -111,7 +119,7 @@ def test_op_count_grows_only_by_the_gradient_accumulation_per_site():
         assert large.counts[name] == small.counts[name], name
 
 
-def test_steady_state_call_makes_no_tensor_from_python_data_no_item_no_name_lookup(monkeypatch):
+def test_steady_state_call_makes_no_tensor_from_python_data_no_item_no_name_lookup(monkeypatch, tensor_form):
     model = _uci()
     expected = cd.regularization(model).detach().clone()
 
@@ -132,6 +140,40 @@ def test_steady_state_call_makes_no_tensor_from_python_data_no_item_no_name_look
     # No CPU scalar list lifted into a tensor, no copy to another dtype/device, no host sync.
     for op in ("lift_fresh", "lift_fresh_copy", "_to_copy", "_local_scalar_dense", "index"):
         assert ops.counts[op] == 0, (op, ops.counts)
+
+
+@pytest.mark.parametrize("sites", [2, 12])
+def test_host_path_dispatches_two_ops_forward_and_four_backward_beside_reads_and_accumulation(sites):
+    """On the CPU, up to MAX_SITES sites: one fused norm call and the result forward; the upstream gradient's
+    read, one tensor of the logits' gradients (unbound) and one fused product for the weights' backward."""
+    assert sites <= host_regularizer.MAX_SITES
+    model = _uci() if sites == 2 else _deep(sites)
+    forward, backward = _steady_counts(model)
+    # One read per logit and per consumer weight's norm (memory reads on the CPU).
+    assert dict(forward.counts) == {"_foreach_norm": 1, "_local_scalar_dense": 2 * sites, "full": 1}
+    assert backward.counts["add_"] == 2 * sites  # accumulation into each p_logit.grad and weight.grad
+    rest = {op: n for op, n in backward.counts.items() if op != "add_"}
+    assert rest == {"ones_like": 1, "_local_scalar_dense": 1, "lift_fresh": 1, "unbind": 1, "_foreach_mul": 1}
+    n = 500 if sites == 2 else 100  # the dataset sizes _uci and _deep convert with
+    assert cd.regularization(model).item() == pytest.approx(_hand(model, 1e-4 / (2 * n), 1 / n), rel=1e-6)
+
+
+def test_host_path_never_serves_tensors_off_the_cpu_or_16_bit_or_beyond_its_limit():
+    """Where a read would wait for a device, or the tensors are not plain fp32/fp64 0-dim logits: the tensor form."""
+    logits = [torch.zeros((), requires_grad=True) for _ in range(2)]
+    weights = [torch.ones(3, 3, requires_grad=True)]
+    args = ([1.0, 1.0], [0.1, 0.1], 0.01, [[(0, 1.0)], []])
+    assert host_regularizer.host_terms(logits, weights, *args) is not None
+    meta = [torch.zeros((), device="meta") for _ in range(2)]
+    assert host_regularizer.host_terms(meta, weights, *args) is None
+    assert host_regularizer.host_terms(logits, [torch.ones(3, 3, device="meta")], *args) is None
+    assert host_regularizer.host_terms(logits, [torch.ones(3, 3, dtype=torch.bfloat16)], *args) is None
+    assert host_regularizer.host_terms([t.reshape(1) for t in logits], weights, *args) is None
+    mixed = [logits[0], torch.zeros((), dtype=torch.float64)]
+    assert host_regularizer.host_terms(mixed, weights, *args) is None
+    many = [torch.zeros(()) for _ in range(host_regularizer.MAX_SITES + 1)]
+    count = len(many)
+    assert host_regularizer.host_terms(many, weights, [1.0] * count, [0.1] * count, 0.01, [[]] * count) is None
 
 
 def test_plan_is_reused_while_nothing_changes_and_value_tracks_parameters():

@@ -19,9 +19,9 @@ def test_step_op_counts_see_sites_regulariser_and_optimizer():
     assert tensor.get("logit") == 2 and "logit_" not in tensor
     # The regulariser's squared norms of the two consumer weights: one fused call on either path.
     assert concrete.get("_foreach_norm") == tensor.get("_foreach_norm") == 1 and "_foreach_norm" not in dropout
-    # The host path clamps the logit in Python: the only clamp left is the regulariser's (the tensor path
-    # clamps in each site too).
-    assert concrete.get("clamp") == 1 and tensor.get("clamp") == 3
+    # The host paths clamp the logits in Python (the sites' and the regulariser's); the tensor path clamps in
+    # each site and once in the regulariser.
+    assert "clamp" not in concrete and tensor.get("clamp") == 3
     # Adam's single-tensor loop runs one sqrt per parameter: 4 in both networks, plus the 2 p-logits; the
     # multi-tensor one a single _foreach_sqrt for all of them.
     assert dropout["sqrt"] == 4 and concrete["sqrt"] == tensor["sqrt"] == 6
@@ -40,6 +40,7 @@ def test_short_run_prints_every_section_and_writes_json(tmp_path, capsys):
     text = capsys.readouterr().out
     for heading in (
         "### 1. UCI network epoch",
+        "### 1b. The UCI protocol's training epoch",
         "### 2. One site",
         "### 2b. One site forward without",
         "### 3. `regularization()`",
@@ -47,7 +48,12 @@ def test_short_run_prints_every_section_and_writes_json(tmp_path, capsys):
         assert heading in text
     assert "aten ops per eager training step" in text
     saved = json.loads(path.read_text())
-    assert set(saved) >= {"epoch", "site", "site_no_grad", "regularizer", "step_ops"}
+    assert set(saved) >= {"epoch", "protocol", "site", "site_no_grad", "regularizer", "step_ops"}
+    assert set(saved["protocol"]) == {"grid", "concrete", "concrete_held", "concrete_tensor"}
+    assert saved["protocol"]["grid"]["ratio"] == 1.0
+    # Section 3: each site count on both regulariser paths, paired.
+    assert set(saved["regularizer"]) == {f"{n} sites" for n in train_step.REGULARIZER_SITES}
+    assert all(row["paired_vs_tensor_path"] > 0 for row in saved["regularizer"].values())
     assert set(saved["site_no_grad"]["32x50"]) == {"dropout", "concrete", "concrete_tensor"}
     # The tensor-path row on the CPU and both networks with the multi-tensor Adam; no compiled rows without
     # --compile.

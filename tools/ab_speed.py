@@ -9,7 +9,10 @@ order rotating every repeat):
 1. one site's forward + backward (``ConcreteDropout(0.1)`` of each revision, ``nn.Dropout(0.1)`` for scale)
    at ``--shape``;
 2. one epoch of the paper's UCI network (``benchmarks/train_step.py``, section 1) converted by each
-   revision and trained on its loss plus that revision's ``regularization``, and the ``nn.Dropout`` network.
+   revision and trained on its loss plus that revision's ``regularization``, and the ``nn.Dropout`` network;
+3. one epoch of the UCI protocol's own training loop (``benchmarks/train_step.py``, section 1b: the step
+   ``benchmarks/uci.py`` trains, heteroscedastic loss and fused Adam), the Concrete network of each revision
+   learning its rates and with them held, and the grid's ``nn.Dropout`` network.
 
 It prints each variant's median and, what to read, the median of per-repeat ratios working tree / base
 (paired: both measured within the same round). The package is imported from the revision's tree, so it
@@ -41,7 +44,7 @@ import torch
 import torch.nn as nn
 
 import cd_convert
-from benchmarks import train_step
+from benchmarks import train_step, uci
 from benchmarks.overhead import interleaved_times
 
 #: The repository this file belongs to (tools/ sits at its root).
@@ -110,6 +113,32 @@ def epoch_times(base: ModuleType, repeats: int) -> Dict[str, List[float]]:
     return interleaved_times(fns, repeats, inner=1, warmup=3, device=device)
 
 
+def protocol_times(base: ModuleType, repeats: int) -> Dict[str, List[float]]:
+    """Seconds per epoch of the UCI protocol's loop: each revision's Concrete network (rates learned and held)
+    and the grid network, interleaved."""
+    device = torch.device("cpu")
+    x, y = train_step.protocol_data(device)
+
+    def converted(package: ModuleType, variant: str):
+        model = train_step.protocol_network(variant, device, package=package)
+        return train_step.protocol_epoch_fn(model, x, y, train_step.protocol_loss(package))
+
+    grid_loss = uci._grid_loss(train_step.PROTOCOL_P, train_step.PROTOCOL_TAU, train_step.PROTOCOL_ROWS)
+    fns = {
+        "dropout": train_step.protocol_epoch_fn(train_step.protocol_network("grid", device), x, y, grid_loss),
+        "base": converted(base, "concrete"),
+        "tree": converted(cd_convert, "concrete"),
+        "base_held": converted(base, "concrete_held"),
+        "tree_held": converted(cd_convert, "concrete_held"),
+    }
+    return interleaved_times(fns, repeats, inner=1, warmup=3, device=device)
+
+
+def _subset(times: Dict[str, List[float]], suffix: str) -> Dict[str, List[float]]:
+    """``dropout``, ``base`` and ``tree`` from ``times``, the last two read from the keys ending in ``suffix``."""
+    return {"dropout": times["dropout"], "base": times["base" + suffix], "tree": times["tree" + suffix]}
+
+
 def report(title: str, times: Dict[str, List[float]], unit: str, scale: float) -> Dict[str, float]:
     """Print medians and paired ratios; return ``{"tree_vs_base", "tree_vs_dropout", "base_vs_dropout"}``."""
     against_dropout = train_step.summarize(times, "dropout")
@@ -148,6 +177,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
         out = {"site": report(f"site ({rows}, {cols})", site_times(base, (rows, cols), args.site_repeats), "us", 1e6)}
         if args.epoch_repeats:
             out["epoch"] = report("UCI-network epoch", epoch_times(base, args.epoch_repeats), "ms", 1e3)
+            times = protocol_times(base, args.epoch_repeats)
+            out["protocol"] = report("UCI protocol epoch, rates learned", _subset(times, ""), "ms", 1e3)
+            out["protocol_held"] = report("UCI protocol epoch, rates held", _subset(times, "_held"), "ms", 1e3)
         return out
     finally:
         shutil.rmtree(dest, ignore_errors=True)

@@ -305,13 +305,8 @@ def protocol_network(variant: str, device: torch.device, package: Any = cd_conve
     torch.manual_seed(0)
     if variant == "grid":
         return uci.GridNet(PROTOCOL_FEATURES, HIDDEN, PROTOCOL_P).to(device).train()
-    model = package.convert(
-        uci.NoiseNet(PROTOCOL_FEATURES, HIDDEN),
-        targets=[nn.Linear],
-        dataset_size=PROTOCOL_ROWS,
-        length_scale=uci.LENGTH_SCALE,
-        loss="heteroscedastic",
-    ).to(device)
+    net = uci.NoiseNet(PROTOCOL_FEATURES, HIDDEN)
+    model = uci._concrete_net(net, PROTOCOL_ROWS, package=package, loss="heteroscedastic").to(device)
     if variant == "concrete_held":
         uci._stop_rates_training(model)
     return model.train()
@@ -319,12 +314,7 @@ def protocol_network(variant: str, device: torch.device, package: Any = cd_conve
 
 def protocol_loss(package: Any = cd_convert) -> Callable[[nn.Module, Tensor, Tensor], Tensor]:
     """The Concrete runs' loss (``benchmarks/uci.py``): heteroscedastic Gaussian plus the regulariser."""
-
-    def loss_fn(model: nn.Module, xb: Tensor, yb: Tensor) -> Tensor:
-        mean, log_var = model(xb)
-        return package.losses.heteroscedastic_gaussian(mean, log_var, yb) + package.regularization(model)
-
-    return loss_fn
+    return uci._concrete_loss(PROTOCOL_ROWS, 0.0, package)
 
 
 def protocol_epoch_fn(
@@ -334,6 +324,12 @@ def protocol_epoch_fn(
     optimizer = uci.protocol_optimizer(model)
     generator = torch.Generator().manual_seed(0)
     return lambda: uci.train_epoch(model, optimizer, x, y, generator, loss_fn)
+
+
+def protocol_grid_epoch_fn(x: Tensor, y: Tensor, device: torch.device) -> Callable[[], None]:
+    """One protocol epoch of the grid's network at :data:`PROTOCOL_P`, :data:`PROTOCOL_TAU` on ``(x, y)``."""
+    grid_loss = uci._grid_loss(PROTOCOL_P, PROTOCOL_TAU, PROTOCOL_ROWS)
+    return protocol_epoch_fn(protocol_network("grid", device), x, y, grid_loss)
 
 
 def protocol_data(device: torch.device) -> Tuple[Tensor, Tensor]:
@@ -351,8 +347,7 @@ def protocol_section(device: torch.device, repeats: int) -> Dict[str, Dict[str, 
     one-run recipe's wall-clock saving against the 13-run grid is divided by.
     """
     x, y = protocol_data(device)
-    grid_loss = uci._grid_loss(PROTOCOL_P, PROTOCOL_TAU, PROTOCOL_ROWS)
-    fns = {"grid": protocol_epoch_fn(protocol_network("grid", device), x, y, grid_loss)}
+    fns = {"grid": protocol_grid_epoch_fn(x, y, device)}
     for variant in ("concrete", "concrete_held"):
         fns[variant] = protocol_epoch_fn(protocol_network(variant, device), x, y, protocol_loss())
     if device.type == "cpu":

@@ -144,6 +144,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
@@ -152,7 +153,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cd_convert
-from cd_convert.losses import gaussian_mixture_nll, heteroscedastic_gaussian
+from cd_convert.losses import gaussian_mixture_nll
 
 from . import common
 from .datasets import (
@@ -569,18 +570,19 @@ def run_grid_point(fold: Fold, hidden: int, p: float, tau: float, epochs: int, s
     return rmse, mc_test_ll_tau(mu, fold.y_eval, tau)
 
 
-def _concrete_net(net: nn.Module, n: int, **scale) -> nn.Module:
+def _concrete_net(net: nn.Module, n: int, package: Any = cd_convert, **scale) -> nn.Module:
     """The paper's Concrete network: a learned site on the input of every Linear, the prior set for n examples.
 
     Args:
         net: the network without dropout.
         n: the number of examples it is fitted on.
+        package: the ``cd_convert`` package that converts it (``tools/ab_speed.py`` passes another revision's).
         **scale: ``loss=`` and, for ``"mse"``, ``tau=`` (in the units of the loss).
 
     Returns:
         The converted network.
     """
-    return cd_convert.convert(net, targets=[nn.Linear], dataset_size=n, length_scale=LENGTH_SCALE, **scale)
+    return package.convert(net, targets=[nn.Linear], dataset_size=n, length_scale=LENGTH_SCALE, **scale)
 
 
 def _site_rates(model: nn.Module) -> list[float]:
@@ -678,12 +680,16 @@ def _concrete_noise_net(fold: Fold, hidden: int) -> nn.Module:
     return _concrete_net(NoiseNet(fold.x_fit.shape[1], hidden), fold.x_fit.shape[0], loss="heteroscedastic")
 
 
-def _concrete_loss(n: int, noise_prior: float) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Gaussian NLL with the learned noise, plus the regulariser and the optional prior on the log-variance."""
+def _concrete_loss(
+    n: int, noise_prior: float, package: Any = cd_convert
+) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Gaussian NLL with the learned noise, plus the regulariser and the optional prior on the log-variance
+    (``package``'s loss and regulariser: ``tools/ab_speed.py`` passes another revision's)."""
+    gaussian, regularization = package.losses.heteroscedastic_gaussian, package.regularization
 
     def loss_fn(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         mean, log_var = m(xb)
-        loss = heteroscedastic_gaussian(mean, log_var, yb) + cd_convert.regularization(m)
+        loss = gaussian(mean, log_var, yb) + regularization(m)
         if noise_prior > 0:
             loss = loss + noise_prior * m.log_var.pow(2) / n
         return loss

@@ -22,7 +22,6 @@ from torch.autograd.function import once_differentiable
 
 from . import host_regularizer, host_scalars
 from ._modules import parent_of, submodule
-from ._tracing import being_traced, functorch_active
 from .errors import ConversionError
 from .layers import ConcreteDropoutBase, logit_bound
 from .prior import RegularizerScale
@@ -236,9 +235,11 @@ class _Plan:
         plan.stack_logits = all(t.dim() == 0 and t.device == device for t in logits)
         # Sharded weights (FSDP2's DTensors) take the per-weight path, which reduces each norm over its shards.
         plan.foreach_norms = all(w.device == device and not _is_dtensor(w) for w in weights)
-        bounds = torch.tensor([logit_bound(eps) for eps in plan.eps], device=device)
+        bound_values = [logit_bound(eps) for eps in plan.eps]
+        unit_values = [float(_units(app, site)) for app, site in zip(apps, plan.sites)]
+        bounds = torch.tensor(bound_values, device=device)
         plan.bounds, plan.neg_bounds = bounds, -bounds
-        plan.units = torch.tensor([float(_units(app, site)) for app, site in zip(apps, plan.sites)], device=device)
+        plan.units = torch.tensor(unit_values, device=device)
         # 0-dim tensors rather than Python floats: a Python number is wrapped into a new tensor on every
         # operation. In the dtype of the products they multiply (fp32, or the default dtype if wider: bounds
         # and K follow it), where the Python number would have been rounded the same way.
@@ -271,8 +272,8 @@ class _Plan:
         plan.host = host_regularizer.host_terms(
             logits,
             weights,
-            [logit_bound(eps) for eps in plan.eps],
-            [float(collector.scale.dropout_regularizer) * k for k in plan.units.tolist()],
+            bound_values,
+            [float(collector.scale.dropout_regularizer) * k for k in unit_values],
             plan.weight_regularizer_value,
             reads,
         )
@@ -328,7 +329,7 @@ class _Plan:
         # The analytic Functions take plain tensors on one device (a DTensor's norm is a collective: the
         # autograd path reduces it explicitly), in eager mode: compiled code fuses the autograd formula anyway,
         # so they would save nothing there. On the CPU, a few sites: the per-site arithmetic on Python floats.
-        if self.host is not None and host_scalars.ENABLED and not being_traced() and not functorch_active():
+        if self.host is not None and host_scalars.available():
             return host_regularizer.HostRegularizer.apply(self.host, len(logits), *logits, *weights)
         if self.foreach_norms and not torch.compiler.is_compiling():
             if self.stack_logits:

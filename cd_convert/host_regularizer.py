@@ -86,10 +86,10 @@ def host_terms(
     if len({t.dtype for t in logits}) != 1 or not all(host_scalars.plain_cpu_float(w) for w in weights):
         return None
     return HostTerms(
-        bounds=tuple(float(b) for b in bounds),
-        dropout_units=tuple(float(u) for u in dropout_units),
-        weight_regularizer=float(weight_regularizer),
-        reads=tuple(tuple((int(j), float(c)) for j, c in app) for app in reads),
+        bounds=tuple(bounds),
+        dropout_units=tuple(dropout_units),
+        weight_regularizer=weight_regularizer,
+        reads=tuple(tuple(app) for app in reads),
         logit_dtype=logits[0].dtype,
     )
 

@@ -42,6 +42,7 @@ from ._tracing import being_traced, functorch_active
 __all__ = [
     "ENABLED",
     "HostConcreteDropout",
+    "available",
     "call_route",
     "masked_without_grad",
     "plain_cpu_float",
@@ -80,6 +81,12 @@ def site_applies(x: Tensor, p_logit: Tensor, uniform: Tensor) -> bool:
     return plain_cpu_float(x) and plain_cpu_float(p_logit) and p_logit.dim() == 0 and uniform.shape == x.shape
 
 
+def available() -> bool:
+    """Whether the host-float paths may run now: switched on, and no tracer or functorch transform active
+    (they would see numbers read back instead of ops)."""
+    return ENABLED and not being_traced() and not functorch_active()
+
+
 def call_route(x: Tensor, p_logit: Tensor) -> Optional[bool]:
     """Which host-scalar function a relaxed call with the site's own element-wise noise takes, if any.
 
@@ -97,14 +104,7 @@ def call_route(x: Tensor, p_logit: Tensor) -> Optional[bool]:
         Carlo prediction under ``torch.no_grad``, or a site whose rate is held in front of an input that needs
         no gradient).
     """
-    if not (
-        ENABLED
-        and plain_cpu_float(x)
-        and plain_cpu_float(p_logit)
-        and p_logit.dim() == 0
-        and not being_traced()
-        and not functorch_active()
-    ):
+    if not (plain_cpu_float(x) and plain_cpu_float(p_logit) and p_logit.dim() == 0 and available()):
         return None
     return torch.is_grad_enabled() and (x.requires_grad or p_logit.requires_grad)
 

@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 
 import cd_convert
-from benchmarks import train_step, uci
+from benchmarks import train_step
 from benchmarks.overhead import interleaved_times
 
 #: The repository this file belongs to (tools/ sits at its root).
@@ -123,9 +123,8 @@ def protocol_times(base: ModuleType, repeats: int) -> Dict[str, List[float]]:
         model = train_step.protocol_network(variant, device, package=package)
         return train_step.protocol_epoch_fn(model, x, y, train_step.protocol_loss(package))
 
-    grid_loss = uci._grid_loss(train_step.PROTOCOL_P, train_step.PROTOCOL_TAU, train_step.PROTOCOL_ROWS)
     fns = {
-        "dropout": train_step.protocol_epoch_fn(train_step.protocol_network("grid", device), x, y, grid_loss),
+        "dropout": train_step.protocol_grid_epoch_fn(x, y, device),
         "base": converted(base, "concrete"),
         "tree": converted(cd_convert, "concrete"),
         "base_held": converted(base, "concrete_held"),

@@ -15,7 +15,7 @@ ops per site, the regulariser's bookkeeping), not arithmetic. Everything is meas
    both networks with the loss computation under ``torch.compile``. The aten ops one eager step dispatches
    are counted for both networks (each costs about the same fixed dispatch work here, so time follows count).
    Goal: <= 1.3x the ``nn.Dropout`` epoch.
-1b. **An epoch of the UCI protocol's own training loop** (``benchmarks/uci.py``'s ``train_epoch``: 1024 rows x
+1b. **An epoch of the UCI protocol's own training loop** (``benchmarks/uci/training.py``'s ``train_epoch``: 1024 rows x
    13 features, batch 128, fused Adam): the grid's network (``nn.Dropout``, MSE plus weight decay) against
    the Concrete runs' network (converted ``NoiseNet``, heteroscedastic loss plus the regulariser), learning
    its rates and with them held (as ``concrete_freeze`` leaves them for the rest of its run). This per-step
@@ -55,6 +55,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import cd_convert
 from benchmarks import common, uci
+from benchmarks.uci import concrete_net as uci_concrete_net
+from benchmarks.uci import grid as uci_grid
 from benchmarks.overhead import interleaved_times
 from cd_convert import host_scalars
 from cd_convert.layers import ConcreteDropout
@@ -290,7 +292,7 @@ PROTOCOL_TEXT = {
 
 
 def protocol_network(variant: str, device: torch.device, package: Any = cd_convert) -> nn.Module:
-    """A network of ``benchmarks/uci.py`` with the protocol's hidden layer of 50, weights from seed 0.
+    """A network of ``benchmarks.uci`` with the protocol's hidden layer of 50, weights from seed 0.
 
     Args:
         variant: ``"grid"`` (``GridNet``: ``nn.Dropout`` in front of each Linear), ``"concrete"`` (``NoiseNet``
@@ -306,21 +308,21 @@ def protocol_network(variant: str, device: torch.device, package: Any = cd_conve
     if variant == "grid":
         return uci.GridNet(PROTOCOL_FEATURES, HIDDEN, PROTOCOL_P).to(device).train()
     net = uci.NoiseNet(PROTOCOL_FEATURES, HIDDEN)
-    model = uci._concrete_net(net, PROTOCOL_ROWS, package=package, loss="heteroscedastic").to(device)
+    model = uci_concrete_net._concrete_net(net, PROTOCOL_ROWS, package=package, loss="heteroscedastic").to(device)
     if variant == "concrete_held":
-        uci._stop_rates_training(model)
+        uci_concrete_net._stop_rates_training(model)
     return model.train()
 
 
 def protocol_loss(package: Any = cd_convert) -> Callable[[nn.Module, Tensor, Tensor], Tensor]:
-    """The Concrete runs' loss (``benchmarks/uci.py``): heteroscedastic Gaussian plus the regulariser."""
-    return uci._concrete_loss(PROTOCOL_ROWS, 0.0, package)
+    """The Concrete runs' loss (``benchmarks.uci``): heteroscedastic Gaussian plus the regulariser."""
+    return uci_concrete_net._concrete_loss(PROTOCOL_ROWS, 0.0, package)
 
 
 def protocol_epoch_fn(
     model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor]
 ) -> Callable[[], None]:
-    """One epoch of ``benchmarks/uci.py``'s own training loop (its optimizer, batches and step) on ``(x, y)``."""
+    """One epoch of ``benchmarks.uci``'s own training loop (its optimizer, batches and step) on ``(x, y)``."""
     optimizer = uci.protocol_optimizer(model)
     generator = torch.Generator().manual_seed(0)
     return lambda: uci.train_epoch(model, optimizer, x, y, generator, loss_fn)
@@ -328,7 +330,7 @@ def protocol_epoch_fn(
 
 def protocol_grid_epoch_fn(x: Tensor, y: Tensor, device: torch.device) -> Callable[[], None]:
     """One protocol epoch of the grid's network at :data:`PROTOCOL_P`, :data:`PROTOCOL_TAU` on ``(x, y)``."""
-    grid_loss = uci._grid_loss(PROTOCOL_P, PROTOCOL_TAU, PROTOCOL_ROWS)
+    grid_loss = uci_grid._grid_loss(PROTOCOL_P, PROTOCOL_TAU, PROTOCOL_ROWS)
     return protocol_epoch_fn(protocol_network("grid", device), x, y, grid_loss)
 
 
@@ -620,7 +622,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
     results["protocol"] = protocol_section(device, args.repeats)
     print_table(
         f"### 1b. The UCI protocol's training epoch ({PROTOCOL_ROWS} x {PROTOCOL_FEATURES}, batch {uci.BATCH_SIZE}, "
-        "fused Adam, as `benchmarks/uci.py` trains)",
+        "fused Adam, as `benchmarks.uci` trains)",
         results["protocol"],
         PROTOCOL_TEXT,
         "grid",

@@ -24,7 +24,8 @@ import json
 import numpy as np
 
 from benchmarks import common
-from benchmarks.uci import _summarise, format_table
+from benchmarks.uci.driver import _summarise
+from benchmarks.uci.table import format_table
 
 
 def merge(paths: list[str], only: dict[str, set[str]] | None = None) -> dict:

@@ -38,7 +38,9 @@ from cd_convert.losses import heteroscedastic_gaussian
 
 from . import common
 from .datasets import data_root, load_uci, validation_split
-from .uci import Fold, NoiseNet, PlainNet, _concrete_net, _train, mc_test_ll_tau
+from .uci.concrete_net import _concrete_net
+from .uci.protocol import Fold, NoiseNet, PlainNet, mc_test_ll_tau
+from .uci.training import _train
 
 __all__ = ["objective_terms", "terms_at_rates", "main"]
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import cd_convert
 from benchmarks import uci, uci_merge
-from benchmarks.datasets import UCIDataset, load_published
+from benchmarks.datasets import UCIDataset, load_published, validation_split
 from cd_convert.metrics import gaussian_test_log_likelihood
 
 
@@ -106,8 +106,8 @@ def test_run_dataset_refits_the_selected_point(monkeypatch):
         tau_calls.append(tau)
         return 1.0, tau_ll[ds.tau_values.index(tau)], [0.1, 0.2]
 
-    monkeypatch.setattr(uci, "run_grid_point", fake_grid_point)
-    monkeypatch.setattr(uci, "run_concrete_tau", fake_concrete_tau)
+    monkeypatch.setattr(uci.driver, "run_grid_point", fake_grid_point)
+    monkeypatch.setattr(uci.driver, "run_concrete_tau", fake_concrete_tau)
     r = uci.run_dataset(ds, 1, 1, 2, seed=0, eval_every=1, val_samples=2, methods=("grid", "concrete_tau"))
 
     grid_rec, tau_rec = r["records"]["grid"][0], r["records"]["concrete_tau"][0]
@@ -221,7 +221,7 @@ def test_train_keep_best_restores_the_best_epochs_weights(eval_every, scores, be
         return scores[len(snapshots) - 1]
 
     def train(on_epoch):
-        uci._train(model, fold, epochs, 0, lambda m, xb, yb: F.mse_loss(m(xb), yb), on_epoch)
+        uci.training._train(model, fold, epochs, 0, lambda m, xb, yb: F.mse_loss(m(xb), yb), on_epoch)
 
     best = uci.train_keep_best(model, train, validate, epochs, eval_every)
     assert len(snapshots) == len(scores)
@@ -234,17 +234,17 @@ def test_train_keep_best_restores_the_best_epochs_weights(eval_every, scores, be
 
 
 def _spy_on_evaluations(monkeypatch, fake_val: list[float]) -> list[dict[str, torch.Tensor]]:
-    """Make ``uci._hetero_eval`` record the model's state at each call and report ``fake_val[i]`` as the LL of
+    """Make ``uci.concrete._hetero_eval`` record the model's state at each call and report ``fake_val[i]`` as the LL of
     the i-th call (the real LL after those). Returns the list the states are appended to."""
     seen: list[dict[str, torch.Tensor]] = []
-    real_eval = uci._hetero_eval
+    real_eval = uci.concrete._hetero_eval
 
     def spy(model, x, y, y_mean, y_std, samples, seed):
         seen.append({k: v.clone() for k, v in model.state_dict().items()})
         rmse, ll = real_eval(model, x, y, y_mean, y_std, samples, seed)
         return (rmse, fake_val[len(seen) - 1]) if len(seen) <= len(fake_val) else (rmse, ll)
 
-    monkeypatch.setattr(uci, "_hetero_eval", spy)
+    monkeypatch.setattr(uci.concrete, "_hetero_eval", spy)
     return seen
 
 
@@ -291,7 +291,7 @@ def test_train_keep_best_stops_early_and_keeps_the_best_state():
             trained.append(epoch)
             return on_epoch(epoch)
 
-        uci._train(model, fold, 20, 0, lambda m, xb, yb: F.mse_loss(m(xb), yb), counting)
+        uci.training._train(model, fold, 20, 0, lambda m, xb, yb: F.mse_loss(m(xb), yb), counting)
 
     best = uci.train_keep_best(model, train, validate, epochs=20, eval_every=2, patience=4)
     assert trained == list(range(1, 9))
@@ -307,7 +307,7 @@ def test_refit_trains_on_the_whole_split_for_the_chosen_epochs_and_tests_with_th
     ds = _tiny_dataset()
     train_idx, test_idx = ds.split(0)
     calls: dict = {}
-    real_train, real_samples = uci._train, uci._hetero_samples
+    real_train, real_samples = uci.concrete._train, uci.concrete._hetero_samples
 
     def spy_train(model, fold, epochs, seed, loss_fn, on_epoch=None):
         calls["rows"], calls["epochs"] = fold.x_fit.shape[0], epochs
@@ -319,8 +319,8 @@ def test_refit_trains_on_the_whole_split_for_the_chosen_epochs_and_tests_with_th
         calls["mu"], calls["sigma2"] = real_samples(model, x, y_mean, y_std, samples, seed)
         return calls["mu"], calls["sigma2"]
 
-    monkeypatch.setattr(uci, "_train", spy_train)
-    monkeypatch.setattr(uci, "_hetero_samples", spy_samples)
+    monkeypatch.setattr(uci.concrete, "_train", spy_train)
+    monkeypatch.setattr(uci.concrete, "_hetero_samples", spy_samples)
     out = uci.refit_concrete(
         ds, train_idx, test_idx, hidden=8, epochs=3, samples=4, seed=0, first_tau=2.0, noise_offset=-0.75
     )
@@ -356,9 +356,9 @@ def _fake_first_and_refit_runs(monkeypatch, rates: list[float]) -> tuple[dict, l
     """
     first = dict(rmse=1.0, ll=-2.0, rates=rates, tau=3.0, val_ll=-1.5, best_epoch=7, epochs_run=9, noise_offset=0.25)
     runs, refits = [], []
-    monkeypatch.setattr(uci, "run_concrete", lambda *a, **k: runs.append((a, k)) or dict(first))
+    monkeypatch.setattr(uci.driver, "run_concrete", lambda *a, **k: runs.append((a, k)) or dict(first))
     monkeypatch.setattr(
-        uci,
+        uci.driver,
         "refit_concrete",
         lambda *a, **k: refits.append((a, k)) or dict(rmse=0.5, ll=-1.0, rates=[0.1, 0.1], tau=4.0),
     )
@@ -387,7 +387,7 @@ def test_concrete_tau_stop_picks_tau_by_its_best_check_and_refits_for_that_many_
     checks = {1.0: (-3.0, 50), 4.0: (-1.0, 30), 16.0: (-2.0, 90)}
     refits = []
     monkeypatch.setattr(
-        uci,
+        uci.driver,
         "run_concrete_tau_keep_best",
         lambda fold, hidden, tau, *a: dict(val_ll=checks[tau][0], best_epoch=checks[tau][1], rates=[0.1, 0.2]),
     )
@@ -396,7 +396,7 @@ def test_concrete_tau_stop_picks_tau_by_its_best_check_and_refits_for_that_many_
         refits.append((fold.x_fit.shape[0], tau, epochs))
         return 1.0, -1.5, [0.1, 0.1]
 
-    monkeypatch.setattr(uci, "run_concrete_tau", fake_refit)
+    monkeypatch.setattr(uci.driver, "run_concrete_tau", fake_refit)
     r = uci.run_dataset(ds, 1, 100, 2, 0, 10, 2, methods=("concrete_tau_stop",), patience=25)
     assert refits == [(32, 4.0, 30)]  # the whole training split, the chosen tau, its best check's epoch
     rec = r["records"]["concrete_tau_stop"][0]
@@ -465,7 +465,7 @@ def test_compare_with_published_pairs_the_same_splits():
 
 def test_run_dataset_summary_and_table_compare_with_published(monkeypatch):
     ds = _tiny_dataset()
-    monkeypatch.setattr(uci, "run_grid_point", lambda fold, hidden, p, tau, *a: (2.0, -1.0))
+    monkeypatch.setattr(uci.driver, "run_grid_point", lambda fold, hidden, p, tau, *a: (2.0, -1.0))
     published = {"ll": [-1.5], "rmse": [2.5]}
     r = uci.run_dataset(ds, 1, 1, 2, seed=0, eval_every=1, val_samples=2, methods=("grid",), published=published)
     v = r["summary"]["grid"]["vs_published"]
@@ -479,7 +479,7 @@ def test_run_dataset_summary_and_table_compare_with_published(monkeypatch):
 
 def test_forward_pass_count_of_a_tiny_run(monkeypatch):
     """Counts worked out by hand for batch 10: the fit set (25 rows) has 3 batches, the training split (32) 4."""
-    monkeypatch.setattr(uci, "BATCH_SIZE", 10)
+    monkeypatch.setattr(uci.training, "BATCH_SIZE", 10)
     ds = _tiny_dataset()
     epochs, samples, eval_every, val_samples = 3, 3, 2, 2  # checks at epochs 2 and 3
     r = uci.run_dataset(ds, 1, epochs, samples, 0, eval_every, val_samples, methods=uci.ALL_METHODS)
@@ -498,7 +498,7 @@ def test_forward_pass_count_of_a_tiny_run(monkeypatch):
         "concrete_tau_stop": (3 * 3 * 3 + r["records"]["concrete_tau_stop"][0]["best_epoch"] * 4, 3 * 2 * 2 + 3),
         # concrete's batches, plus a rate step per epoch on the held-out set (7 rows: one batch) counted as
         # HELDOUT_SAMPLES passes; MC as concrete.
-        "concrete_heldout": (3 * 3 + 3 * uci.HELDOUT_SAMPLES, 2 * 2 + 2 + 3),
+        "concrete_heldout": (3 * 3 + 3 * uci.heldout.HELDOUT_SAMPLES, 2 * 2 + 2 + 3),
         # concrete's run (the freeze changes which parameters train, not the batches or checks).
         "concrete_freeze": (3 * 3, 2 * 2 + 2 + 3),
         # concrete_freeze's run, then its refit: best epoch x 4 batches; MC: concrete_freeze's + test 3.
@@ -543,8 +543,8 @@ def test_unknown_method_is_refused_before_any_run(monkeypatch):
     def no_data(*args, **kwargs):
         raise AssertionError("data loaded before the methods were checked")
 
-    monkeypatch.setattr(uci, "load_embedded_regression", no_data, raising=False)
-    monkeypatch.setattr(uci, "load_uci", no_data, raising=False)
+    monkeypatch.setattr(uci.cli, "load_embedded_regression", no_data, raising=False)
+    monkeypatch.setattr(uci.cli, "load_uci", no_data, raising=False)
     with pytest.raises(SystemExit, match=r"unknown methods \['grid_search'\]; choose from grid"):
         uci.main(["--methods", "grid,grid_search"])
 
@@ -556,7 +556,7 @@ def test_protocol_epochs_are_100_times_the_data_sets_n_epochs():
     ds = _tiny_dataset()  # n_epochs 1
     assert uci.epochs_for(ds, "protocol") == 100
     assert uci.epochs_for(ds, 37) == 37
-    parser = uci.build_parser()
+    parser = uci.cli.build_parser()
     assert parser.parse_args(["--epochs", "protocol"]).epochs == "protocol"
     assert parser.parse_args(["--epochs", "12"]).epochs == 12
     for bad in ("0", "many"):
@@ -574,20 +574,20 @@ def test_a_data_dir_without_uci_folders_is_refused(tmp_path):
 
 
 def _heldout_run(ds: UCIDataset, loss_fn=None, epochs: int = 1) -> dict[str, torch.Tensor]:
-    """Parameters of a ``concrete_heldout`` network after ``epochs`` epochs of :func:`uci._train_heldout`."""
+    """Parameters of a ``concrete_heldout`` network after ``epochs`` epochs of :func:`uci.heldout._train_heldout`."""
     train_idx, _ = ds.split(0)
-    fit_idx, val_idx = uci.validation_split(train_idx)
+    fit_idx, val_idx = validation_split(train_idx)
     fold = uci.Fold.make(ds, fit_idx, val_idx)
     torch.manual_seed(0)
-    model = uci._concrete_noise_net(fold, ds.n_hidden)
-    uci._train_heldout(model, fold, epochs, 3, loss_fn or uci._concrete_loss(fold.x_fit.shape[0], 0.0), 4)
+    model = uci.concrete_net._concrete_noise_net(fold, ds.n_hidden)
+    uci.heldout._train_heldout(model, fold, epochs, 3, loss_fn or uci.concrete_net._concrete_loss(fold.x_fit.shape[0], 0.0), 4)
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def test_heldout_training_splits_the_parameters_between_the_two_sets():
     ds = _tiny_dataset()
     base = _heldout_run(ds)
-    rates = [n for n in base if uci._is_rate_parameter(n)]
+    rates = [n for n in base if uci.heldout._is_rate_parameter(n)]
     assert len(rates) == 3 and "log_var" in rates, rates  # the two sites' p-logits and the noise level
     weights = [n for n in base if n not in rates]
 
@@ -595,7 +595,7 @@ def test_heldout_training_splits_the_parameters_between_the_two_sets():
     # not after three (Adam's first step is +-lr whatever the gradient's size, so one step may coincide).
     moved = _tiny_dataset()
     train_idx, _ = moved.split(0)
-    _, val_idx = uci.validation_split(train_idx)
+    _, val_idx = validation_split(train_idx)
     moved.y[val_idx] += 5.0
     other = _heldout_run(moved)
     assert all(torch.equal(base[n], other[n]) for n in weights)
@@ -604,8 +604,8 @@ def test_heldout_training_splits_the_parameters_between_the_two_sets():
 
     # A term of the fitting loss that only the rates feel is not applied to them (nor to the weights).
     def with_rate_term(m, xb, yb):
-        extra = sum(p.sum() for n, p in m.named_parameters() if uci._is_rate_parameter(n))
-        return uci._concrete_loss(xb.shape[0], 0.0)(m, xb, yb) + 100.0 * extra
+        extra = sum(p.sum() for n, p in m.named_parameters() if uci.heldout._is_rate_parameter(n))
+        return uci.concrete_net._concrete_loss(xb.shape[0], 0.0)(m, xb, yb) + 100.0 * extra
 
     pushed = _heldout_run(ds, with_rate_term)
     assert all(torch.equal(base[n], pushed[n]) for n in base)
@@ -626,7 +626,7 @@ def test_heldout_loss_is_the_mixture_nll_of_repeated_rows():
     # Squared errors 0, 4, 4 with variance 4: mean of 0.5 * (e2 / 4 + log 4 + log 2 pi).
     expected = 0.5 * ((0 + 1 + 1) / 3 + math.log(4.0) + math.log(2 * math.pi))
     for samples in (1, 5):
-        assert uci._heldout_loss(Constant(), x, y, samples).item() == pytest.approx(expected)
+        assert uci.heldout._heldout_loss(Constant(), x, y, samples).item() == pytest.approx(expected)
 
 
 # ------------------------------------------------------------------------------------------ concrete_freeze
@@ -652,7 +652,7 @@ def test_first_decline_restores_the_best_state_once_and_restarts_the_patience():
         calls.append({k: v.clone() for k, v in model.state_dict().items()})
 
     def train(on_epoch):
-        uci._train(model, fold, 20, 0, lambda m, xb, yb: F.mse_loss(m(xb), yb), on_epoch)
+        uci.training._train(model, fold, 20, 0, lambda m, xb, yb: F.mse_loss(m(xb), yb), on_epoch)
 
     best = uci.train_keep_best(model, train, validate, epochs=20, eval_every=2, patience=4, on_first_decline=declined)
     assert len(calls) == 1 and best.declined_at == 6
@@ -696,41 +696,41 @@ def test_refit_with_fixed_rates_holds_them_while_the_weights_train():
     held = uci.refit_concrete(ds, train_idx, test_idx, fixed_rates=[0.03, 0.25], **kw)
     assert held["rates"] == pytest.approx([0.03, 0.25], rel=1e-5)
     # Five epochs are enough to move rates that train: the held ones stayed put because they were held.
-    model = uci._concrete_noise_net(uci.Fold.make(ds, train_idx, test_idx), 8)
+    model = uci.concrete_net._concrete_noise_net(uci.Fold.make(ds, train_idx, test_idx), 8)
     free = uci.refit_concrete(ds, train_idx, test_idx, **kw)
     assert free["rates"] != pytest.approx(list(cd_convert.dropout_rates(model).values()), rel=1e-4)
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    uci._hold_rates(model, [0.03, 0.25])
+    uci.concrete_net._hold_rates(model, [0.03, 0.25])
     fold = uci.Fold.make(ds, train_idx, test_idx)
-    uci._train(model, fold, 3, 0, uci._concrete_loss(32, 0.0))
+    uci.training._train(model, fold, 3, 0, uci.concrete_net._concrete_loss(32, 0.0))
     assert list(cd_convert.dropout_rates(model).values()) == pytest.approx([0.03, 0.25], rel=1e-5)
     assert not torch.equal(model.state_dict()["fc1.weight"], before["fc1.weight"])
     assert not torch.equal(model.state_dict()["log_var"], before["log_var"])
     with pytest.raises(ValueError, match="1 rates given for the 2 sites"):
-        uci._hold_rates(model, [0.1])
+        uci.concrete_net._hold_rates(model, [0.1])
 
 
 def test_warm_epochs_train_the_weights_on_the_whole_split_with_rates_and_noise_held(monkeypatch):
     """``concrete_freeze_warm``'s last step: every row of the training split (standardised with the fitting
     set's statistics, as the model was trained) in each epoch, 4 batches of 10 per epoch; the p-logits and the
     noise level stay exactly where they were and the weights move; the noise level trains again afterwards."""
-    monkeypatch.setattr(uci, "BATCH_SIZE", 10)
+    monkeypatch.setattr(uci.training, "BATCH_SIZE", 10)
     ds = _tiny_dataset()
     train_idx, _ = ds.split(0)
-    fit_idx, val_idx = uci.validation_split(train_idx)
+    fit_idx, val_idx = validation_split(train_idx)
     fold = uci.Fold.make(ds, fit_idx, val_idx)
-    model = uci._concrete_noise_net(fold, 8)
+    model = uci.concrete_net._concrete_noise_net(fold, 8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rows: list[torch.Tensor] = []
-    loss = uci._concrete_loss(len(fit_idx), 0.0)
+    loss = uci.concrete_net._concrete_loss(len(fit_idx), 0.0)
 
     def spy(m, xb, yb):
         rows.append(torch.cat([xb, yb.reshape(-1, 1)], 1))
         return loss(m, xb, yb)
 
     batches0 = uci.PASSES.train_batches
-    uci._continue_on_whole_split(model, ds, fit_idx, train_idx, fold, 2, 0, spy)
+    uci.concrete._continue_on_whole_split(model, ds, fit_idx, train_idx, fold, 2, 0, spy)
     assert uci.PASSES.train_batches - batches0 == 2 * 4
     mean, std = ds.X[fit_idx].mean(0), ds.X[fit_idx].std(0)
     y = (ds.y[train_idx] - ds.y[fit_idx].mean()) / ds.y[fit_idx].std()
@@ -753,9 +753,9 @@ def test_concrete_freeze_warm_trains_a_quarter_of_its_best_epoch_after_the_calib
     train_idx, test_idx = ds.split(0)
     _spy_on_evaluations(monkeypatch, [-3.0, -1.0, -2.0, -1.5, -1.2, -1.1, -1.05, -0.9])  # best: epoch 8
     warm: list[tuple[int, float]] = []
-    real = uci._continue_on_whole_split
+    real = uci.concrete._continue_on_whole_split
     monkeypatch.setattr(
-        uci,
+        uci.concrete,
         "_continue_on_whole_split",
         lambda model, *a: warm.append((a[4], float(model.log_var.detach()))) or real(model, *a),
     )
@@ -765,11 +765,11 @@ def test_concrete_freeze_warm_trains_a_quarter_of_its_best_epoch_after_the_calib
             model.log_var.fill_(0.37)
         return 0.37
 
-    monkeypatch.setattr(uci, "calibrate_noise", calibrated)
+    monkeypatch.setattr(uci.concrete, "calibrate_noise", calibrated)
     kw = dict(hidden=8, epochs=8, samples=4, seed=0, eval_every=1, val_samples=2)
     out = uci.run_concrete(ds, train_idx, test_idx, freeze_rates=True, warm_fraction=uci.WARM_FRACTION, **kw)
     assert out["best_epoch"] == 8 and out["warm_epochs"] == 2 and warm[0][0] == 2  # 8 / 4
-    y_std = ds.y[uci.validation_split(train_idx)[0]].std()
+    y_std = ds.y[validation_split(train_idx)[0]].std()
     # It warmed with the calibrated level, held it, and was tested with it.
     assert warm[0][1] == pytest.approx(0.37) and out["tau"] == pytest.approx(1.0 / (math.exp(0.37) * y_std**2))
 
@@ -777,7 +777,7 @@ def test_concrete_freeze_warm_trains_a_quarter_of_its_best_epoch_after_the_calib
 def test_the_warm_diagnostic_tests_the_same_run_before_its_warm_epochs(monkeypatch):
     """``warm_diagnostic``: the record also has the test score of the state before the warm epochs, which is
     ``concrete_freeze``'s on the same seed, and its test passes (3) are counted; without it, neither."""
-    monkeypatch.setattr(uci, "BATCH_SIZE", 10)
+    monkeypatch.setattr(uci.training, "BATCH_SIZE", 10)
     ds = _tiny_dataset()
     plain = uci.run_dataset(ds, 1, 3, 3, 0, 2, 2, methods=("concrete_freeze", "concrete_freeze_warm"))
     diag = uci.run_dataset(ds, 1, 3, 3, 0, 2, 2, methods=("concrete_freeze_warm",), warm_diagnostic=True)
@@ -816,7 +816,7 @@ def test_a_refit_asked_for_alone_does_not_test_its_first_run(monkeypatch):
     """Without its one-run method, a refit's first run skips the test evaluation: the cost has the refit's test
     passes only (hand count for batch 10 as in the test above: 3 x 3 + best epoch x 4 batches; MC 2 checks x 2
     + calibration 2 + the refit's test 3)."""
-    monkeypatch.setattr(uci, "BATCH_SIZE", 10)
+    monkeypatch.setattr(uci.training, "BATCH_SIZE", 10)
     ds = _tiny_dataset()
     r = uci.run_dataset(ds, 1, 3, 3, 0, 2, 2, methods=("concrete_freeze_refit",))
     rec = r["records"]["concrete_freeze_refit"][0]

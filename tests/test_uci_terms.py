@@ -14,7 +14,7 @@ from benchmarks import uci, uci_terms
 def _network(p: float) -> torch.nn.Module:
     """The benchmark's network (3 inputs, 4 hidden) for N = 50, tau = 2 (loss units), both rates at ``p``."""
     torch.manual_seed(0)
-    model = uci._concrete_net(uci.PlainNet(3, 4), 50, loss="mse", tau=2.0)
+    model = uci.concrete_net._concrete_net(uci.PlainNet(3, 4), 50, loss="mse", tau=2.0)
     with torch.no_grad():
         model.fc1.weight.fill_(0.5)  # ||W1||^2 = 12 * 0.25 = 3
         model.fc2.weight.fill_(2.0)  # ||W2||^2 = 4 * 4 = 16

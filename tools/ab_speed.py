@@ -11,7 +11,7 @@ order rotating every repeat):
 2. one epoch of the paper's UCI network (``benchmarks/train_step.py``, section 1) converted by each
    revision and trained on its loss plus that revision's ``regularization``, and the ``nn.Dropout`` network;
 3. one epoch of the UCI protocol's own training loop (``benchmarks/train_step.py``, section 1b: the step
-   ``benchmarks/uci.py`` trains, heteroscedastic loss and fused Adam), the Concrete network of each revision
+   ``benchmarks.uci`` trains, heteroscedastic loss and fused Adam), the Concrete network of each revision
    learning its rates and with them held, and the grid's ``nn.Dropout`` network.
 
 It prints each variant's median and, what to read, the median of per-repeat ratios working tree / base

@@ -663,11 +663,11 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "variance=epistemic,",
         _MC,
     ),
-    # --- UCI benchmark (benchmarks/uci.py)
+    # --- UCI benchmark (benchmarks/uci/)
     Mutation(
         "uci-published-wrong-splits",
         "the UCI table compares a run's splits with the first published splits, not the same split indices",
-        "benchmarks/uci.py",
+        "benchmarks/uci/driver.py",
         '        pub = [float(published[key][r["split"]]) for r in recs]\n',
         "        pub = [float(published[key][i]) for i, _ in enumerate(recs)]\n",
         _UCI,
@@ -675,7 +675,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "uci-grid-worst",
         "the UCI grid search (and tau selection) picks the (p, tau) with the worst validation LL",
-        "benchmarks/uci.py",
+        "benchmarks/uci/decisions.py",
         "np.unravel_index(np.argmax(scores), scores.shape)",
         "np.unravel_index(np.argmin(scores), scores.shape)",
         _UCI,
@@ -683,7 +683,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "uci-calibration-worst",
         "UCI noise calibration keeps the candidate noise level with the worst validation LL",
-        "benchmarks/uci.py",
+        "benchmarks/uci/decisions.py",
         "candidates[int(np.argmax(lls))]",
         "candidates[int(np.argmin(lls))]",
         _UCI,
@@ -691,7 +691,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "uci-best-state-not-restored",
         "the UCI concrete run tests the last epoch's weights, not the best-validation state it kept",
-        "benchmarks/uci.py",
+        "benchmarks/uci/decisions.py",
         "model.load_state_dict(self.state)",
         "pass  # mutant: the kept state is never loaded",
         _UCI,
@@ -699,7 +699,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "uci-early-stop-one-check-late",
         "the UCI early stop waits one epoch more than its patience",
-        "benchmarks/uci.py",
+        "benchmarks/uci/decisions.py",
         "return patience > 0 and epoch - best_epoch >= patience",
         "return patience > 0 and epoch - best_epoch > patience",
         _UCI,
@@ -707,7 +707,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "uci-refit-on-the-fitting-set",
         "concrete_refit's second run fits the first 80% of the training split again, not the whole split",
-        "benchmarks/uci.py",
+        "benchmarks/uci/concrete.py",
         "    fold = Fold.make(ds, train_idx, test_idx)\n    common.seed_all(seed)\n",
         "    fold = Fold.make(ds, validation_split(train_idx)[0], test_idx)\n    common.seed_all(seed)\n",
         _UCI,
@@ -715,7 +715,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "uci-refit-first-noise-ignored",
         "concrete_refit tests with its own learned noise level instead of the first run's calibrated one",
-        "benchmarks/uci.py",
+        "benchmarks/uci/concrete.py",
         "model.log_var.fill_(math.log(1.0 / (first_tau * fold.y_std**2)))",
         "model.log_var.fill_(learned)",
         _UCI,
@@ -723,7 +723,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "uci-heldout-rates-on-fitting-set",
         "concrete_heldout's rate step reads the fitting set instead of the held-out set",
-        "benchmarks/uci.py",
+        "benchmarks/uci/heldout.py",
         "loss = _heldout_loss(model, fold.x_eval[idx], y_heldout[idx], samples)",
         "loss = _heldout_loss(model, fold.x_fit[idx], fold.y_fit[idx], samples)",
         _UCI,
@@ -731,7 +731,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "uci-heldout-fit-loss-moves-rates",
         "concrete_heldout's weight step also trains the rates and the noise level on the fitting loss",
-        "benchmarks/uci.py",
+        "benchmarks/uci/heldout.py",
         "weight_params = [p for n, p in named if not _is_rate_parameter(n)]",
         "weight_params = [p for n, p in named]",
         _UCI,
@@ -739,7 +739,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "uci-freeze-without-restore",
         "concrete_freeze fixes the rates where the first declining check found them, not at the best check",
-        "benchmarks/uci.py",
+        "benchmarks/uci/decisions.py",
         "            best.restore(model)\n            on_first_decline()",
         "            on_first_decline()",
         _UCI,
@@ -747,7 +747,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "uci-freeze-patience-from-best",
         "concrete_freeze's patience counts from the best check, so the weights get no time after the freeze",
-        "benchmarks/uci.py",
+        "benchmarks/uci/decisions.py",
         "return should_stop(epoch, max(best.epoch, best.declined_at), patience)",
         "return should_stop(epoch, best.epoch, patience)",
         _UCI,
@@ -755,7 +755,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "uci-freeze-rates-keep-training",
         "concrete_freeze's rates go on training after the freeze",
-        "benchmarks/uci.py",
+        "benchmarks/uci/concrete_net.py",
         "            param.requires_grad_(False)",
         "            param.requires_grad_(True)",
         _UCI,
@@ -763,7 +763,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "uci-freeze-refit-rates-not-set",
         "concrete_freeze_refit's refit holds its sites' initial rates, not the first run's",
-        "benchmarks/uci.py",
+        "benchmarks/uci/concrete_net.py",
         "            model.get_submodule(name).p_logit.fill_(math.log(rate / (1.0 - rate)))",
         "            model.get_submodule(name).p_logit.add_(0.0 * rate)",
         _UCI,
@@ -771,7 +771,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "uci-freeze-refit-rates-not-passed",
         "concrete_freeze_refit refits with learned rates, as concrete_refit does",
-        "benchmarks/uci.py",
+        "benchmarks/uci/driver.py",
         'fixed_rates=first["rates"] if REFITS[method][1] else None,',
         "fixed_rates=None,",
         _UCI,
@@ -779,7 +779,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "uci-freeze-refit-from-concrete",
         "concrete_freeze_refit refits concrete's run instead of concrete_freeze's",
-        "benchmarks/uci.py",
+        "benchmarks/uci/concrete.py",
         '"concrete_freeze_refit": ("concrete_freeze", True),',
         '"concrete_freeze_refit": ("concrete", True),',
         _UCI,
@@ -787,7 +787,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "uci-warm-noise-not-held",
         "concrete_freeze_warm's warm epochs train the noise level too, away from the calibrated one it is tested with",
-        "benchmarks/uci.py",
+        "benchmarks/uci/concrete.py",
         "    model.log_var.requires_grad_(False)\n    try:",
         "    try:",
         _UCI,
@@ -795,7 +795,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "uci-warm-rows-own-statistics",
         "concrete_freeze_warm standardises the whole split with its own statistics, not those the model was trained on",
-        "benchmarks/uci.py",
+        "benchmarks/uci/concrete.py",
         "_, _, (_, x_all) = standardize(ds.X[fit_idx], ds.X[train_idx])",
         "_, _, (x_all,) = standardize(ds.X[train_idx])",
         _UCI,
@@ -803,9 +803,9 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "uci-refit-alone-tests-first-run",
         "a refit asked for alone still tests its first run, and its cost counts those MC passes",
-        "benchmarks/uci.py",
-        "first = concrete_run(**variant, test=base in methods)",
-        "first = concrete_run(**variant, test=True)",
+        "benchmarks/uci/driver.py",
+        "        test=base in methods,\n",
+        "        test=True,\n",
         _UCI,
     ),
     Mutation(

@@ -1,0 +1,5 @@
+"""``python -m benchmarks.uci``."""
+
+from .cli import main
+
+main()

@@ -122,11 +122,15 @@ def _costed(make_record: Callable[[], dict]) -> dict:
     return {**record, **_cost_since(t0, passes0)}
 
 
-def _grid(run: SplitRun) -> tuple[dict, np.ndarray]:
+def _grid(run: SplitRun, val_grids: list[np.ndarray]) -> dict:
     """``grid``: the 12 points on the fitting set, the best (p, tau) by validation LL refitted on the whole split.
 
+    Args:
+        run: the split.
+        val_grids: gets the validation LL of every point, ``(len(p), len(tau))``, appended.
+
     Returns:
-        The record (cost not included) and the validation LL of every point, ``(len(p), len(tau))``.
+        The record (cost not included).
     """
     ds = run.ds
     grid = np.full((len(ds.dropout_rates), len(ds.tau_values)), -np.inf)
@@ -140,7 +144,8 @@ def _grid(run: SplitRun) -> tuple[dict, np.ndarray]:
     p, tau = ds.dropout_rates[i], ds.tau_values[j]
     rmse, ll = run_grid_point(run.full_fold, ds.n_hidden, p, tau, run.epochs, run.samples, run.run_seed(2))
     run.ran()
-    return dict(split=run.k, rmse=rmse, ll=ll, p=p, tau=tau, train_runs=grid.size + 1), grid
+    val_grids.append(grid)
+    return dict(split=run.k, rmse=rmse, ll=ll, p=p, tau=tau, train_runs=grid.size + 1)
 
 
 def _grid_calibrated(run: SplitRun) -> dict:
@@ -349,10 +354,7 @@ def run_dataset(
             bar,
         )
         if "grid" in methods:
-            t0, passes0 = time.perf_counter(), copy.copy(PASSES)
-            record, grid = _grid(run)
-            records["grid"].append({**record, **_cost_since(t0, passes0)})
-            val_grid.append(grid)
+            records["grid"].append(_costed(lambda: _grid(run, val_grid)))
         if "grid_calibrated" in methods:
             records["grid_calibrated"].append(_costed(lambda: _grid_calibrated(run)))
         for method in ("concrete_tau", "concrete_tau_stop"):

@@ -30,7 +30,7 @@ class PassCount:
         return dict(train_batches=train, mc_passes=mc, forward_passes=train + mc)
 
 
-#: The running count; every training batch and MC pass of this module adds to it.
+#: The running count; every training batch and MC pass of the benchmark adds to it.
 PASSES = PassCount()
 
 

@@ -39,6 +39,7 @@ METHOD_STYLE = {
     "concrete_freeze": ("^", "tab:purple"),
     "concrete_freeze_refit": ("p", "tab:brown"),
     "concrete_freeze_warm": ("h", "tab:pink"),
+    "concrete_freeze_warm_decay": ("H", "goldenrod"),
     "concrete_heldout": ("v", "tab:green"),
 }
 #: The marker and colour of a method missing from :data:`METHOD_STYLE` (it is still reported, after the others).

@@ -508,6 +508,11 @@ def test_forward_pass_count_of_a_tiny_run(monkeypatch):
         ),
         # concrete_freeze's run, then its warm epochs on the training split (4 batches each); MC as concrete.
         "concrete_freeze_warm": (3 * 3 + r["records"]["concrete_freeze_warm"][0]["warm_epochs"] * 4, 2 * 2 + 2 + 3),
+        # the same, its warm epochs at a decaying learning rate: the same batches and passes.
+        "concrete_freeze_warm_decay": (
+            3 * 3 + r["records"]["concrete_freeze_warm_decay"][0]["warm_epochs"] * 4,
+            2 * 2 + 2 + 3,
+        ),
     }
     for m, (train, mc) in want.items():
         rec = r["records"][m][0]
@@ -744,6 +749,39 @@ def test_warm_epochs_train_the_weights_on_the_whole_split_with_rates_and_noise_h
             assert torch.equal(after[k], before[k]), k
     assert not torch.equal(after["fc1.weight"], before["fc1.weight"])
     assert model.log_var.requires_grad
+
+
+@pytest.mark.parametrize("decay, rates", [(False, [1.0, 1.0, 1.0, 1.0]), (True, [1.0, 0.75, 0.5, 0.25])])
+def test_decayed_warm_epochs_step_at_a_rate_falling_linearly_to_zero(monkeypatch, decay, rates):
+    """With ``decay_to_zero`` the warm epochs' steps use 1, 3/4, 1/2 and 1/4 of the protocol's learning rate
+    over 4 epochs (every step of an epoch the same); without it, the protocol's rate throughout."""
+    monkeypatch.setattr(uci.training, "BATCH_SIZE", 10)
+    ds = _tiny_dataset()
+    train_idx, _ = ds.split(0)
+    fit_idx, val_idx = validation_split(train_idx)
+    fold = uci.Fold.make(ds, fit_idx, val_idx)
+    model = uci.concrete_net._concrete_noise_net(fold, 8)
+    stepped: list[float] = []
+    real_step = torch.optim.Adam.step
+    monkeypatch.setattr(
+        torch.optim.Adam, "step", lambda self, *a, **k: stepped.append(self.param_groups[0]["lr"]) or real_step(self)
+    )
+    loss = uci.concrete_net._concrete_loss(len(fit_idx), 0.0)
+    uci.concrete._continue_on_whole_split(model, ds, fit_idx, train_idx, fold, 4, 0, loss, decay)
+    assert stepped == pytest.approx([1e-3 * r for r in rates for _ in range(4)])  # 4 batches of 10 per epoch
+
+
+def test_the_decayed_variant_is_the_same_run_with_other_warm_epochs(monkeypatch):
+    """``concrete_freeze_warm_decay`` shares ``concrete_freeze_warm``'s run and warm-epoch count (the state
+    before the warm epochs tests the same) and ends elsewhere."""
+    monkeypatch.setattr(uci.training, "BATCH_SIZE", 10)
+    ds = _tiny_dataset()
+    r = uci.run_dataset(
+        ds, 1, 8, 3, 0, 2, 2, methods=("concrete_freeze_warm", "concrete_freeze_warm_decay"), warm_diagnostic=True
+    )
+    const, decayed = r["records"]["concrete_freeze_warm"][0], r["records"]["concrete_freeze_warm_decay"][0]
+    assert (decayed["ll_before_warm"], decayed["warm_epochs"]) == (const["ll_before_warm"], const["warm_epochs"])
+    assert decayed["warm_epochs"] > 1 and decayed["ll"] != const["ll"]
 
 
 def test_concrete_freeze_warm_trains_a_quarter_of_its_best_epoch_after_the_calibration(monkeypatch):

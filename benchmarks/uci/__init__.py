@@ -86,6 +86,12 @@ Three methods per train/test split (Gal & Ghahramani 2016 protocol, rerun in Gal
     so a fraction of the epochs lets the joined rows in. A quarter: the joined rows are a quarter of the
     fitting set's.
 
+``concrete_freeze_warm_decay`` (opt-in; ``concrete_freeze_warm`` with a decaying learning rate)
+    The same run, calibration and warm-epoch count, the warm epochs' learning rate falling linearly to zero
+    (``decay_to_zero`` of :func:`benchmarks.uci.training._train`). At the protocol's constant rate the test
+    log-likelihood of naval's near-noise-free fit swings by nats from one epoch to the next, so the constant-rate
+    warm epochs end at a random point of that swing; a rate that ends near zero ends near a minimum.
+
 ``concrete_heldout`` (opt-in; variant (b) with the rates and the noise level learned on the held-out 20%)
     ``concrete``'s run (same network, fitting set, checks, checkpoint rule, early stop and calibration), with
     the parameters split between the two sets (:func:`run_concrete`'s ``heldout_samples``;

@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--warm-diagnostic",
         action="store_true",
-        help="concrete_freeze_warm: also test the state before its warm epochs (concrete_freeze's result on the "
-        "same run; its MC passes count in the cost)",
+        help="concrete_freeze_warm(_decay): also test the state before the warm epochs (concrete_freeze's result "
+        "on the same run; its MC passes count in the cost)",
     )
     ap.add_argument("--first-split", type=int, default=0, help="index of the first split to run")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(ALL_METHODS)}")

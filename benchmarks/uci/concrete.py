@@ -37,6 +37,7 @@ ONE_RUN_VARIANTS = {
     "concrete_freeze": dict(freeze_rates=True),
     "concrete_heldout": dict(heldout_samples=HELDOUT_SAMPLES),
     "concrete_freeze_warm": dict(freeze_rates=True, warm_fraction=WARM_FRACTION),
+    "concrete_freeze_warm_decay": dict(freeze_rates=True, warm_fraction=WARM_FRACTION, warm_decay=True),
 }
 #: The two-run methods: method -> (the one-run variant it refits, whether the refit keeps that run's rates fixed).
 REFITS = {
@@ -61,6 +62,7 @@ def run_concrete(
     freeze_rates: bool = False,
     heldout_samples: int = 0,
     warm_fraction: float = 0.0,
+    warm_decay: bool = False,
     test_before_warm: bool = False,
     test: bool = True,
 ) -> dict:
@@ -86,6 +88,8 @@ def run_concrete(
         warm_fraction: ``concrete_freeze_warm`` when > 0: after the calibration, the kept state trains on over
             the whole training split (the held-out 20% joined in) for this fraction of its best epoch, with the
             rates and the calibrated noise level held (:func:`_continue_on_whole_split`).
+        warm_decay: ``concrete_freeze_warm_decay``: the warm epochs' learning rate falls linearly to zero, so
+            that they end near a minimum instead of wherever the last constant-rate steps left the weights.
         test_before_warm: with ``warm_fraction``, also score the state before the warm epochs on the test set
             (``rmse_before_warm``, ``ll_before_warm``: ``concrete_freeze``'s result on the same run, paired).
         test: score the kept state on the test set (off when only a refit of this run is tested: its MC passes
@@ -132,7 +136,7 @@ def run_concrete(
                 model, x_test, y_test, fold.y_mean, fold.y_std, samples, seed + 1
             )
         warm_epochs = max(1, round(best.epoch * warm_fraction))
-        _continue_on_whole_split(model, ds, fit_idx, train_idx, fold, warm_epochs, seed + 11, loss_fn)
+        _continue_on_whole_split(model, ds, fit_idx, train_idx, fold, warm_epochs, seed + 11, loss_fn, warm_decay)
         record["warm_epochs"] = warm_epochs
     if test:
         record["rmse"], record["ll"] = _hetero_eval(model, x_test, y_test, fold.y_mean, fold.y_std, samples, seed + 1)
@@ -158,6 +162,7 @@ def _continue_on_whole_split(
     epochs: int,
     seed: int,
     loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+    decay_to_zero: bool = False,
 ) -> None:
     """Train ``model``'s weights on over the whole training split, its rates and noise level held.
 
@@ -173,6 +178,7 @@ def _continue_on_whole_split(
         epochs: epochs to train on.
         seed: the shuffling seed.
         loss_fn: the run's loss.
+        decay_to_zero: the learning rate falls linearly to zero over the epochs (:func:`_train`).
     """
     _, _, (_, x_all) = standardize(ds.X[fit_idx], ds.X[train_idx])
     y_all = (ds.y[train_idx] - fold.y_mean) / fold.y_std
@@ -180,7 +186,7 @@ def _continue_on_whole_split(
     _stop_rates_training(model)
     model.log_var.requires_grad_(False)
     try:
-        _train(model, whole, epochs, seed, loss_fn)
+        _train(model, whole, epochs, seed, loss_fn, decay_to_zero=decay_to_zero)
     finally:
         model.log_var.requires_grad_(True)
 

@@ -32,6 +32,7 @@ ALL_METHODS = (
     "concrete_freeze",
     "concrete_freeze_refit",
     "concrete_freeze_warm",
+    "concrete_freeze_warm_decay",
 )
 
 

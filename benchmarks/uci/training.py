@@ -82,14 +82,21 @@ def train_epoch(
         PASSES.train_batches += 1
 
 
-def _train(model: nn.Module, fold: Fold, epochs: int, seed: int, loss_fn, on_epoch=None) -> None:
+def _train(
+    model: nn.Module, fold: Fold, epochs: int, seed: int, loss_fn, on_epoch=None, decay_to_zero: bool = False
+) -> None:
     """Adam, batch 128, reshuffled every epoch; ``on_epoch(epoch)`` is called after each epoch and a True
-    return ends the training there."""
+    return ends the training there. With ``decay_to_zero`` the learning rate falls linearly over the epochs:
+    epoch ``e`` (from 0) trains at ``1 - e / epochs`` of the protocol's, the last at ``1 / epochs`` of it."""
     common.seed_all(seed)
     g = torch.Generator().manual_seed(seed)
     opt = protocol_optimizer(model)
+    base_rates = [group["lr"] for group in opt.param_groups]
     model.train()
     for epoch in range(epochs):
+        if decay_to_zero:
+            for group, rate in zip(opt.param_groups, base_rates):
+                group["lr"] = rate * (1 - epoch / epochs)
         train_epoch(model, opt, fold.x_fit, fold.y_fit, g, loss_fn)
         if on_epoch is not None and on_epoch(epoch + 1):
             return

@@ -716,19 +716,25 @@ def test_refit_with_fixed_rates_holds_them_while_the_weights_train():
         uci.concrete_net._hold_rates(model, [0.1])
 
 
-def test_warm_epochs_train_the_weights_on_the_whole_split_with_rates_and_noise_held(monkeypatch):
-    """``concrete_freeze_warm``'s last step: every row of the training split (standardised with the fitting
-    set's statistics, as the model was trained) in each epoch, 4 batches of 10 per epoch; the p-logits and the
-    noise level stay exactly where they were and the weights move; the noise level trains again afterwards."""
+def _warm_start(monkeypatch):
+    """What the warm epochs start from on the tiny set, batches of 10: ``(ds, fit_idx, train_idx, fold, model,
+    loss)``, the model freshly built and the loss ``concrete``'s."""
     monkeypatch.setattr(uci.training, "BATCH_SIZE", 10)
     ds = _tiny_dataset()
     train_idx, _ = ds.split(0)
     fit_idx, val_idx = validation_split(train_idx)
     fold = uci.Fold.make(ds, fit_idx, val_idx)
     model = uci.concrete_net._concrete_noise_net(fold, 8)
+    return ds, fit_idx, train_idx, fold, model, uci.concrete_net._concrete_loss(len(fit_idx), 0.0)
+
+
+def test_warm_epochs_train_the_weights_on_the_whole_split_with_rates_and_noise_held(monkeypatch):
+    """``concrete_freeze_warm``'s last step: every row of the training split (standardised with the fitting
+    set's statistics, as the model was trained) in each epoch, 4 batches of 10 per epoch; the p-logits and the
+    noise level stay exactly where they were and the weights move; the noise level trains again afterwards."""
+    ds, fit_idx, train_idx, fold, model, loss = _warm_start(monkeypatch)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rows: list[torch.Tensor] = []
-    loss = uci.concrete_net._concrete_loss(len(fit_idx), 0.0)
 
     def spy(m, xb, yb):
         rows.append(torch.cat([xb, yb.reshape(-1, 1)], 1))
@@ -755,18 +761,12 @@ def test_warm_epochs_train_the_weights_on_the_whole_split_with_rates_and_noise_h
 def test_decayed_warm_epochs_step_at_a_rate_falling_linearly_to_zero(monkeypatch, decay, rates):
     """With ``decay_to_zero`` the warm epochs' steps use 1, 3/4, 1/2 and 1/4 of the protocol's learning rate
     over 4 epochs (every step of an epoch the same); without it, the protocol's rate throughout."""
-    monkeypatch.setattr(uci.training, "BATCH_SIZE", 10)
-    ds = _tiny_dataset()
-    train_idx, _ = ds.split(0)
-    fit_idx, val_idx = validation_split(train_idx)
-    fold = uci.Fold.make(ds, fit_idx, val_idx)
-    model = uci.concrete_net._concrete_noise_net(fold, 8)
+    ds, fit_idx, train_idx, fold, model, loss = _warm_start(monkeypatch)
     stepped: list[float] = []
     real_step = torch.optim.Adam.step
     monkeypatch.setattr(
         torch.optim.Adam, "step", lambda self, *a, **k: stepped.append(self.param_groups[0]["lr"]) or real_step(self)
     )
-    loss = uci.concrete_net._concrete_loss(len(fit_idx), 0.0)
     uci.concrete._continue_on_whole_split(model, ds, fit_idx, train_idx, fold, 4, 0, loss, decay)
     assert stepped == pytest.approx([1e-3 * r for r in rates for _ in range(4)])  # 4 batches of 10 per epoch
 

@@ -31,9 +31,12 @@ ops per site, the regulariser's bookkeeping), not arithmetic. Everything is meas
 
 On the CPU, sections 1, 1b and 2 also time the converted variants with the host-scalar paths switched off
 (``cd_convert.host_scalars.ENABLED = False``: the sites' tensor formula and the regulariser's tensor form
-that other devices use), side by side, so the gain of those paths is measured in the same run.
+that other devices use), side by side, so the gain of those paths is measured in the same run. With
+``--cpu-extension`` they also time the opt-in C++ build of those paths (:mod:`cd_convert.cpu_extension`,
+built before anything is timed), switched on only around its own variants.
 
-Run: ``python -m benchmarks.train_step [--device cpu] [--threads 1] [--repeats 30] [--compile] [--json PATH]``.
+Run: ``python -m benchmarks.train_step [--device cpu] [--threads 1] [--repeats 30] [--compile] [--cpu-extension]
+[--json PATH]``.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ from benchmarks import common, uci
 from benchmarks.uci import concrete_net as uci_concrete_net
 from benchmarks.uci import grid as uci_grid
 from benchmarks.overhead import interleaved_times
-from cd_convert import host_scalars
+from cd_convert import cpu_extension, host_scalars
 from cd_convert.layers import ConcreteDropout
 
 TARGET_EPOCH = 1.3
@@ -124,6 +127,23 @@ def on_tensor_path(fn: Callable[[], None]) -> Callable[[], None]:
             fn()
 
     return wrapped
+
+
+def on_cpu_extension(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn``, run with the C++ CPU site switched on (:mod:`cd_convert.cpu_extension`; built beforehand)."""
+
+    def wrapped() -> None:
+        cpu_extension.enable()
+        try:
+            fn()
+        finally:
+            cpu_extension.disable()
+
+    return wrapped
+
+
+#: Whether the sections also time the C++ CPU site (``--cpu-extension``; set by :func:`main`).
+WITH_EXTENSION = False
 
 
 # --------------------------------------------------------------------------------------------------- 1. epoch
@@ -230,6 +250,7 @@ EPOCH_TEXT = {
     "concrete": "converted + regulariser",
     "concrete_noreg": "converted, no regulariser",
     "concrete_tensor": "converted + regulariser, tensor path (host-scalar sites off)",
+    "concrete_cpp": "converted + regulariser, C++ CPU site (cpu_extension)",
     "dropout_foreach": "nn.Dropout network, Adam(foreach=True)",
     "concrete_foreach": "converted + regulariser, Adam(foreach=True)",
     "dropout_compiled": "nn.Dropout network, compiled loss",
@@ -258,6 +279,8 @@ def epoch_section(device: torch.device, repeats: int, compiled: bool = False) ->
     }
     if device.type == "cpu":
         fns["concrete_tensor"] = on_tensor_path(epoch_fn(uci_network(device, "concrete"), x, y, regularise=True))
+        if WITH_EXTENSION:
+            fns["concrete_cpp"] = on_cpu_extension(epoch_fn(uci_network(device, "concrete"), x, y, regularise=True))
     # The multi-tensor Adam (the default on CUDA, opt-in on the CPU) for both networks: the per-parameter
     # loop's cost grows with the p-logits' count, the multi-tensor one's hardly does.
     fns["dropout_foreach"] = epoch_fn(uci_network(device, "dropout"), x, y, regularise=False, foreach=True)
@@ -288,6 +311,8 @@ PROTOCOL_TEXT = {
     "concrete": "converted, learning its rates",
     "concrete_held": "converted, rates held (after concrete_freeze)",
     "concrete_tensor": "converted, learning its rates, tensor path",
+    "concrete_cpp": "converted, learning its rates, C++ CPU site",
+    "concrete_held_cpp": "converted, rates held, C++ CPU site",
 }
 
 
@@ -355,6 +380,10 @@ def protocol_section(device: torch.device, repeats: int) -> Dict[str, Dict[str, 
     if device.type == "cpu":
         model = protocol_network("concrete", device)
         fns["concrete_tensor"] = on_tensor_path(protocol_epoch_fn(model, x, y, protocol_loss()))
+        if WITH_EXTENSION:
+            for variant in ("concrete", "concrete_held"):
+                model = protocol_network(variant, device)
+                fns[f"{variant}_cpp"] = on_cpu_extension(protocol_epoch_fn(model, x, y, protocol_loss()))
     times = interleaved_times(fns, repeats, inner=3, warmup=3, device=device)
     return summarize(times, "grid")
 
@@ -426,6 +455,7 @@ SITE_TEXT = {
     "dropout": "nn.Dropout(0.1)",
     "concrete": "ConcreteDropout(0.1)",
     "concrete_tensor": "ConcreteDropout(0.1), tensor path",
+    "concrete_cpp": "ConcreteDropout(0.1), C++ CPU site",
 }
 
 
@@ -456,6 +486,8 @@ def site_section(
     }
     if device.type == "cpu":
         fns["concrete_tensor"] = on_tensor_path(make_fn(ConcreteDropout(0.1).to(device).train(), shape, device))
+        if WITH_EXTENSION:
+            fns["concrete_cpp"] = on_cpu_extension(make_fn(ConcreteDropout(0.1).to(device).train(), shape, device))
     return summarize(interleaved_times(fns, repeats, inner=inner, warmup=5, device=device), "dropout")
 
 
@@ -579,6 +611,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         action="store_true",
         help="also time both networks' epochs with the loss under torch.compile (slow to start)",
     )
+    parser.add_argument(
+        "--cpu-extension",
+        action="store_true",
+        help="also time the C++ CPU site (cd_convert.cpu_extension; builds it first, about 30 s the first time)",
+    )
     parser.add_argument("--json", default=None, help="write every number to this JSON file")
     return parser.parse_args(argv)
 
@@ -589,6 +626,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
     if device is None:
         return None
     torch.set_num_threads(args.threads)
+    global WITH_EXTENSION
+    WITH_EXTENSION = bool(args.cpu_extension) and device.type == "cpu"
+    if WITH_EXTENSION:
+        cpu_extension.enable()  # built (or loaded from PyTorch's cache) before anything is timed
+        cpu_extension.disable()
     load = common.load_average()
     print(
         f"cd_convert train-step benchmark: device {device}, torch {torch.__version__}, {args.threads} threads, "
@@ -600,6 +642,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
         "torch": torch.__version__,
         "repeats": args.repeats,
         "load_average": load,
+        "cpu_extension": WITH_EXTENSION,
     }
 
     results["epoch"] = epoch_section(device, args.repeats, args.compile)

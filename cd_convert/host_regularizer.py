@@ -17,22 +17,23 @@ Taken only on the CPU, in eager mode, for plain float32/float64 parameters (0-di
 plan decides once (:func:`host_terms`), and each call checks that the plan still fits (types, devices,
 dtypes), that the switch is on and that no tracer or functorch transform is active. Like the tensor form's
 Function it has no double backward. ``CD_CONVERT_HOST_SCALARS=0`` (or ``cd_convert.host_scalars.ENABLED =
-False``) turns it off together with the sites' host path.
+False``) turns it off together with the sites' host path. :func:`regularize` takes the C++ build of
+:class:`HostRegularizer` while :func:`cd_convert.cpu_extension.enable` has switched it on.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import host_scalars
+from . import cpu_extension, host_scalars
 
-__all__ = ["MAX_SITES", "HostRegularizer", "HostTerms", "host_terms", "log_sigmoid"]
+__all__ = ["MAX_SITES", "HostRegularizer", "HostTerms", "host_terms", "log_sigmoid", "regularize"]
 
 #: Most applications the host path serves; beyond, the tensor form's fixed op count is cheaper than the loop.
 MAX_SITES = 12
@@ -48,6 +49,8 @@ class HostTerms:
         weight_regularizer: the weight term's constant.
         reads: per application, ``(weight index, count)`` of each distinct consumer weight it reads.
         logit_dtype: the logits' dtype (their gradients are built in it).
+        native: the same constants as the C++ extension's object, built on first use
+            (:mod:`cd_convert.cpu_extension`), keyed by the extension module's id.
     """
 
     bounds: Tuple[float, ...]
@@ -55,6 +58,7 @@ class HostTerms:
     weight_regularizer: float
     reads: Tuple[Tuple[Tuple[int, float], ...], ...]
     logit_dtype: torch.dtype
+    native: Dict[int, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 def host_terms(
@@ -92,6 +96,34 @@ def host_terms(
         reads=tuple(tuple(app) for app in reads),
         logit_dtype=logits[0].dtype,
     )
+
+
+def regularize(terms: HostTerms, logits: Sequence[Tensor], weights: Sequence[Tensor]) -> Tensor:
+    """The regulariser on the host path: :class:`HostRegularizer`, or its C++ build while
+    :func:`cd_convert.cpu_extension.enable` has switched that on (the same value and gradients).
+
+    Args:
+        terms: the plan's constants.
+        logits: one 0-dim p-logit per application.
+        weights: the distinct consumer weights.
+
+    Returns:
+        A 0-dim fp32 CPU tensor.
+    """
+    extension = cpu_extension._MODULE
+    if extension is None:
+        return HostRegularizer.apply(terms, len(logits), *logits, *weights)
+    native = terms.native.get(id(extension))
+    if native is None:
+        native = extension.make_plan(
+            list(terms.bounds),
+            list(terms.dropout_units),
+            terms.weight_regularizer,
+            [list(app) for app in terms.reads],
+            terms.logit_dtype,
+        )
+        terms.native[id(extension)] = native
+    return extension.regularizer(native, list(logits), list(weights))
 
 
 def log_sigmoid(v: float) -> float:

@@ -24,7 +24,8 @@ logit (:func:`call_route`, :func:`site_applies`). Every other case (channel-wise
 tracers, functorch), and every other device (where a scalar read would synchronise with the device), uses
 the tensor formula; both compute the same values and gradients to rounding. The regulariser has the same
 treatment for up to a dozen sites (:mod:`cd_convert.host_regularizer`). ``CD_CONVERT_HOST_SCALARS=0`` in the
-environment, or ``cd_convert.host_scalars.ENABLED = False``, turns both paths off.
+environment, or ``cd_convert.host_scalars.ENABLED = False``, turns both paths off. :mod:`cd_convert.cpu_extension`
+(opt-in) runs both in C++: the same ops without the Python around them.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import cpu_extension, noise
 from ._scalars import scalar_tensor
 from ._tracing import being_traced, functorch_active
 
@@ -45,6 +47,7 @@ __all__ = [
     "available",
     "call_route",
     "masked_without_grad",
+    "own_noise_call",
     "plain_cpu_float",
     "site_applies",
 ]
@@ -107,6 +110,37 @@ def call_route(x: Tensor, p_logit: Tensor) -> Optional[bool]:
     if not (plain_cpu_float(x) and plain_cpu_float(p_logit) and p_logit.dim() == 0 and available()):
         return None
     return torch.is_grad_enabled() and (x.requires_grad or p_logit.requires_grad)
+
+
+def own_noise_call(
+    x: Tensor, p_logit: Tensor, needs_grad: bool, temperature: float, bound: float, save_output: bool
+) -> Tensor:
+    """A routed call (:func:`call_route` returned ``needs_grad``) with the site's own noise: draw it, apply the mask.
+
+    Through the C++ build of this path when :func:`cd_convert.cpu_extension.enable` switched it on (the same
+    noise: large float32 masks take the packed draw here and pass it in, smaller ones ``torch.rand`` there).
+
+    Args:
+        x: the input (CPU, float32 or float64).
+        p_logit: the unclamped 0-dim logit.
+        needs_grad: :func:`call_route`'s answer: the autograd Function, else :func:`masked_without_grad`.
+        temperature: Concrete temperature.
+        bound: the clamp on the logit (:func:`cd_convert.layers.logit_bound`).
+        save_output: keep ``y`` rather than ``x`` for the backward pass.
+
+    Returns:
+        ``x * w / (1 - p)``, a new tensor.
+    """
+    extension = cpu_extension._MODULE
+    if extension is not None:
+        numel = x.numel()
+        uniform = noise.eager_cpu_uniform(x.shape, numel, x.dtype) if numel >= noise.PACKED_MIN_NUMEL else None
+        return extension.site(x, p_logit, uniform, temperature, bound, save_output, needs_grad)
+    uniform = noise.eager_cpu_uniform(x.shape, x.numel(), x.dtype)
+    if needs_grad:
+        return HostConcreteDropout.apply(x, p_logit, uniform, temperature, bound, save_output)
+    # Monte Carlo prediction, or a held rate on an input that needs no gradient.
+    return masked_without_grad(x, p_logit, uniform, temperature, bound)
 
 
 def _scaled_mask(uniform: Tensor, theta: float, temperature: float) -> Tuple[Tensor, float, float]:

@@ -407,13 +407,7 @@ def concrete_dropout(
             # CPU float32/float64 with an element-wise mask: the scalar work on Python floats, fewer ops.
             needs_grad = host_scalars.call_route(x, p_logit)
             if needs_grad is not None:
-                u = noise.eager_cpu_uniform(x.shape, x.numel(), x.dtype)
-                if needs_grad:
-                    return host_scalars.HostConcreteDropout.apply(
-                        x, p_logit, u, temperature, logit_bound(eps), save_output
-                    )
-                # Monte Carlo prediction, or a held rate on an input that needs no gradient.
-                return host_scalars.masked_without_grad(x, p_logit, u, temperature, logit_bound(eps))
+                return host_scalars.own_noise_call(x, p_logit, needs_grad, temperature, logit_bound(eps), save_output)
     cdt = _compute_dtype(x.dtype)
     shape = noise_shape(x, channelwise, channel_dim)
     if uniform is None:

@@ -49,7 +49,9 @@ def check_installed_files() -> None:
     location = Path(cd_convert.__file__).resolve()
     assert SOURCE_TREE not in location.parents, f"cd_convert imported from the source tree: {location}"
     files = {str(f).replace("\\", "/") for f in importlib.metadata.files("cd_convert") or ()}
-    for wanted in ("cd_convert/integrations/__init__.py", "cd_convert/integrations/timm.py", "cd_convert/py.typed"):
+    wanted_files = ("cd_convert/integrations/__init__.py", "cd_convert/integrations/timm.py", "cd_convert/py.typed")
+    # The C++ source that cd_convert.cpu_extension.enable() compiles on the user's machine.
+    for wanted in wanted_files + ("cd_convert/csrc/host_site.cpp",):
         assert wanted in files, f"{wanted} missing from the installed distribution"
     assert (location.parent / "integrations" / "timm.py").is_file()
     print(f"installed at {location.parent}")

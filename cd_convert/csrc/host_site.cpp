@@ -1,0 +1,311 @@
+// The CPU's host-scalar concrete-dropout site and regulariser in C++ (opt-in: cd_convert.cpu_extension.enable()).
+//
+// The site: the same computation as cd_convert/host_scalars.py (HostConcreteDropout and masked_without_grad),
+// with the Python around the ops removed: at the paper's UCI shape (32 x 50) a site's Python glue, its autograd
+// Function's Python forward and backward and the ops they dispatch cost about as much as the arithmetic.
+// The forward pass runs the same ATen ops in the same order on the same noise, so the output and the input's
+// gradient are bitwise those of the Python path. For small contiguous float inputs the backward pass makes
+// one loop over the elements that writes the input's gradient and accumulates the logit gradient's two sums
+// in double precision (the Python path sums in the input's dtype), so the logit's gradient agrees to rounding.
+//
+// Notation, as in host_scalars.py: theta the clamped logit, p = sigmoid(theta), w = 1 - z the relaxed keep
+// mask, m = w / (1 - p) (saved), y = x * m, S = sum(g y), S_w = sum(g y w) = (1 - p) sum(g y m):
+//     dL/dx = g m,   dL/dlogit = p S - (S - S_w) / t.
+//
+// The regulariser: cd_convert/host_regularizer.py's HostRegularizer, the same double arithmetic in the same
+// order and the same ATen ops (value and gradients bitwise equal to the Python path's).
+
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace {
+
+using torch::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Below this many elements the backward pass uses one fused loop (single-threaded; larger tensors use the
+// multi-threaded ATen ops, as the Python path does). The same threshold as the packed noise draw.
+constexpr int64_t kFusedMaxNumel = 16384;
+
+double clamped(const Tensor& p_logit, double bound) {
+  return std::min(std::max(p_logit.item<double>(), -bound), bound);
+}
+
+// sigmoid(-(theta + logit(u)) / t) / (1 - p), in place on the private noise buffer; the ops of
+// host_scalars._scaled_mask (theta added as a number: the same float sum as adding theta * 1).
+Tensor scaled_mask(Tensor& uniform, double theta, double temperature, double inverse_kept) {
+  return uniform.logit_().add_(theta).mul_(-1.0 / temperature).sigmoid_().mul_(inverse_kept);
+}
+
+Tensor draw(const Tensor& x, const c10::optional<Tensor>& uniform) {
+  if (uniform.has_value()) {
+    return *uniform;  // drawn by the caller (the packed draw of large float32 masks): overwritten here
+  }
+  return at::rand(x.sizes(), x.options());  // torch.rand, as cd_convert.noise does for small masks
+}
+
+// One pass over the elements: the input's gradient g m (when wanted) and the sums S = sum(g y) and
+// sum(g y m), in double. ``activation`` is x (then g y = (g m) x, rounded as the Python path's ops) or, with
+// save_output, y.
+template <typename scalar_t>
+void fused_backward(const Tensor& grad_y, const Tensor& mask, const Tensor& activation, bool saved_output,
+                    Tensor* grad_x, double* total, double* kept) {
+  const scalar_t* g = grad_y.data_ptr<scalar_t>();
+  const scalar_t* m = mask.data_ptr<scalar_t>();
+  const scalar_t* a = activation.data_ptr<scalar_t>();
+  scalar_t* gx = grad_x != nullptr ? grad_x->data_ptr<scalar_t>() : nullptr;
+  const int64_t n = mask.numel();
+  double s = 0.0, sw = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t v = g[i] * m[i];
+    if (gx != nullptr) {
+      gx[i] = v;
+    }
+    const double gy = saved_output ? static_cast<double>(g[i] * a[i]) : static_cast<double>(v * a[i]);
+    s += gy;
+    sw += gy * static_cast<double>(m[i]);
+  }
+  *total = s;
+  *kept = sw;
+}
+
+struct HostSite : public torch::autograd::Function<HostSite> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& p_logit, Tensor uniform,
+                        double temperature, double bound, bool save_output) {
+    const double theta = clamped(p_logit, bound);
+    const double odds = std::exp(theta);  // p / (1 - p)
+    const double inverse_kept = 1.0 + odds;
+    Tensor mask = scaled_mask(uniform, theta, temperature, inverse_kept);
+    Tensor y = x * mask;
+    ctx->saved_data["p"] = odds / inverse_kept;
+    ctx->saved_data["inverse_kept"] = inverse_kept;
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["save_output"] = save_output;
+    ctx->saved_data["logit_dtype"] = static_cast<int64_t>(p_logit.scalar_type());
+    ctx->save_for_backward({mask, save_output ? y : x});
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& mask = saved[0];
+    const Tensor& activation = saved[1];
+    const Tensor& grad_y = grads[0];
+    const double p = ctx->saved_data["p"].toDouble();
+    const double inverse_kept = ctx->saved_data["inverse_kept"].toDouble();
+    const double temperature = ctx->saved_data["temperature"].toDouble();
+    const bool saved_output = ctx->saved_data["save_output"].toBool();
+    const auto logit_dtype = static_cast<at::ScalarType>(ctx->saved_data["logit_dtype"].toInt());
+    const bool needs_x = ctx->needs_input_grad(0);
+    const bool needs_logit = ctx->needs_input_grad(1);
+    const auto logit_options = at::TensorOptions().dtype(logit_dtype).device(at::kCPU);
+    Tensor grad_x, grad_logit;
+    const bool fusable = needs_logit && !at::GradMode::is_enabled() && mask.numel() < kFusedMaxNumel &&
+                         grad_y.scalar_type() == mask.scalar_type() &&
+                         activation.scalar_type() == mask.scalar_type() && grad_y.is_contiguous() &&
+                         mask.is_contiguous() && activation.is_contiguous();
+    if (fusable) {
+      if (needs_x) {
+        grad_x = at::empty_like(mask);
+      }
+      double total = 0.0, kept = 0.0;
+      AT_DISPATCH_FLOATING_TYPES(mask.scalar_type(), "cd_convert_site_backward", [&] {
+        fused_backward<scalar_t>(grad_y, mask, activation, saved_output, needs_x ? &grad_x : nullptr, &total, &kept);
+      });
+      kept /= inverse_kept;  // sum(g y w)
+      grad_logit = at::full({}, p * total - (total - kept) / temperature, logit_options);
+      return {needs_x ? grad_x : Tensor(), grad_logit, Tensor(), Tensor(), Tensor(), Tensor()};
+    }
+    if (needs_x || !saved_output) {
+      grad_x = grad_y * mask;
+    }
+    if (needs_logit) {
+      Tensor gy = saved_output ? grad_y * activation : grad_x * activation;  // g y
+      if (at::GradMode::is_enabled()) {  // create_graph: stay a tensor function of grad_y and x
+        Tensor total = gy.sum();
+        Tensor kept = (gy * mask).sum() / inverse_kept;
+        grad_logit = (p * total - (total - kept) / temperature).to(logit_dtype);
+      } else {
+        const double total = gy.sum().item<double>();
+        const double kept = gy.mul_(mask).sum().item<double>() / inverse_kept;
+        grad_logit = at::full({}, p * total - (total - kept) / temperature, logit_options);
+      }
+    }
+    return {needs_x ? grad_x : Tensor(), grad_logit, Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// One site call with the site's own noise. needs_grad: the autograd Function; otherwise x * m with no node
+// (Monte Carlo prediction, or a held rate in front of an input that needs no gradient).
+Tensor site(const Tensor& x, const Tensor& p_logit, const c10::optional<Tensor>& uniform, double temperature,
+            double bound, bool save_output, bool needs_grad) {
+  Tensor noise = draw(x, uniform);
+  if (needs_grad) {
+    return HostSite::apply(x, p_logit, noise, temperature, bound, save_output);
+  }
+  const double theta = clamped(p_logit, bound);
+  return x * scaled_mask(noise, theta, temperature, 1.0 + std::exp(theta));
+}
+
+// ------------------------------------------------------------------------------------------- regulariser
+
+// The constants of one regulariser plan (host_regularizer.HostTerms), built once per plan.
+struct RegularizerPlan {
+  std::vector<double> bounds;
+  std::vector<double> dropout_units;
+  double weight_regularizer;
+  // Per application, the (weight index, count) pairs of the consumer weights it reads.
+  std::vector<std::vector<std::pair<int64_t, double>>> reads;
+  at::ScalarType logit_dtype;
+};
+
+double log_sigmoid(double v) {  // log(sigmoid(v)) without overflow or cancellation, as host_regularizer.py
+  if (v >= 0.0) {
+    return -std::log1p(std::exp(-v));
+  }
+  return v - std::log1p(std::exp(v));
+}
+
+struct HostRegularizer : public torch::autograd::Function<HostRegularizer> {
+  static Tensor forward(AutogradContext* ctx, const std::shared_ptr<RegularizerPlan>& plan, at::TensorList logits,
+                        at::TensorList weights) {
+    std::vector<double> squared;
+    squared.reserve(weights.size());
+    if (!weights.empty()) {
+      for (const Tensor& norm : at::_foreach_norm(weights, 2)) {
+        const double v = norm.item<double>();
+        squared.push_back(v * v);
+      }
+    }
+    const double wr = plan->weight_regularizer;
+    double total = 0.0;
+    std::vector<double> logit_grads;
+    logit_grads.reserve(logits.size());
+    std::vector<double> weight_scales(weights.size(), 0.0);
+    for (size_t a = 0; a < logits.size(); ++a) {
+      const double bound = plan->bounds[a];
+      const double theta = std::min(std::max(logits[a].item<double>(), -bound), bound);
+      const double log_p = log_sigmoid(theta), log_kept = log_sigmoid(-theta);
+      const double p = std::exp(log_p), kept = std::exp(log_kept);
+      const double inverse_kept = 1.0 + std::exp(theta);
+      double weight_sum = 0.0;
+      for (const auto& read : plan->reads[a]) {
+        weight_sum += read.second * squared[read.first];
+        weight_scales[read.first] += read.second * inverse_kept;
+      }
+      const double units = plan->dropout_units[a];
+      total += units * (p * log_p + kept * log_kept) + wr * weight_sum * inverse_kept;
+      logit_grads.push_back(units * theta * p * kept + wr * weight_sum * p * inverse_kept);
+    }
+    for (double& scale : weight_scales) {
+      scale = 2.0 * wr * scale;
+    }
+    ctx->saved_data["logit_grads"] = logit_grads;
+    ctx->saved_data["weight_scales"] = weight_scales;
+    ctx->saved_data["logit_count"] = static_cast<int64_t>(logits.size());
+    ctx->saved_data["logit_dtype"] = static_cast<int64_t>(plan->logit_dtype);
+    ctx->save_for_backward(weights.vec());
+    return at::full({}, total, at::TensorOptions().dtype(at::kFloat).device(at::kCPU));
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const bool graph_wanted = at::GradMode::is_enabled() &&
+                              std::any_of(grads.begin(), grads.end(), [](const Tensor& t) { return t.defined() && t.requires_grad(); });
+    if (!graph_wanted) {
+      at::NoGradGuard no_grad;
+      return gradients(ctx, grads);
+    }
+    // create_graph through a gradient that itself needs one: the first-order gradients, and an error if they
+    // are differentiated again, as Python's @once_differentiable gives the Python path.
+    variable_list outputs;
+    {
+      at::NoGradGuard no_grad;
+      outputs = gradients(ctx, grads);
+    }
+    variable_list inputs;
+    inputs.reserve(outputs.size());
+    for (const Tensor& t : outputs) {
+      if (t.defined()) {
+        Tensor alias = t.detach();
+        alias.set_requires_grad(true);
+        inputs.push_back(alias);
+      } else {
+        inputs.emplace_back();
+      }
+    }
+    auto error = std::make_shared<torch::autograd::DelayedError>(
+        "trying to differentiate twice cd_convert's regulariser, which is once differentiable",
+        static_cast<int64_t>(inputs.size()));
+    return (*error)(std::move(inputs));
+  }
+
+  static variable_list gradients(AutogradContext* ctx, const variable_list& grads) {
+    const double g = grads[0].item<double>();
+    const auto logit_grads = ctx->saved_data["logit_grads"].toDoubleVector();
+    const auto weight_scales = ctx->saved_data["weight_scales"].toDoubleVector();
+    const int64_t count = ctx->saved_data["logit_count"].toInt();
+    const auto options =
+        at::TensorOptions().dtype(static_cast<at::ScalarType>(ctx->saved_data["logit_dtype"].toInt())).device(at::kCPU);
+    variable_list out;
+    out.reserve(1 + logit_grads.size() + weight_scales.size());
+    out.emplace_back();  // the plan
+    bool any_logit = false;
+    for (int64_t a = 0; a < count; ++a) {
+      any_logit = any_logit || ctx->needs_input_grad(a);
+    }
+    for (int64_t a = 0; a < count; ++a) {
+      out.push_back(any_logit ? at::scalar_tensor(logit_grads[a] * g, options) : Tensor());
+    }
+    const auto weights = ctx->get_saved_variables();
+    bool any_weight = false;
+    for (size_t j = 0; j < weights.size(); ++j) {
+      any_weight = any_weight || ctx->needs_input_grad(count + j);
+    }
+    if (any_weight) {
+      std::vector<at::Scalar> scales;
+      scales.reserve(weight_scales.size());
+      for (double s : weight_scales) {
+        scales.emplace_back(s * g);
+      }
+      for (Tensor& grad : at::_foreach_mul(weights, scales)) {
+        out.push_back(grad);
+      }
+    } else {
+      out.resize(out.size() + weights.size());
+    }
+    return out;
+  }
+};
+
+Tensor regularizer(const std::shared_ptr<RegularizerPlan>& plan, const std::vector<Tensor>& logits,
+                   const std::vector<Tensor>& weights) {
+  return HostRegularizer::apply(plan, at::TensorList(logits), at::TensorList(weights));
+}
+
+std::shared_ptr<RegularizerPlan> make_plan(std::vector<double> bounds, std::vector<double> dropout_units,
+                                           double weight_regularizer,
+                                           std::vector<std::vector<std::pair<int64_t, double>>> reads,
+                                           at::ScalarType logit_dtype) {
+  auto plan = std::make_shared<RegularizerPlan>();
+  plan->bounds = std::move(bounds);
+  plan->dropout_units = std::move(dropout_units);
+  plan->weight_regularizer = weight_regularizer;
+  plan->reads = std::move(reads);
+  plan->logit_dtype = logit_dtype;
+  return plan;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("site", &site, "A concrete-dropout site call on the CPU (see cd_convert/host_scalars.py).", py::arg("x"),
+        py::arg("p_logit"), py::arg("uniform"), py::arg("temperature"), py::arg("bound"), py::arg("save_output"),
+        py::arg("needs_grad"));
+  py::class_<RegularizerPlan, std::shared_ptr<RegularizerPlan>>(m, "RegularizerPlan");
+  m.def("make_plan", &make_plan, "The regulariser's constants (host_regularizer.HostTerms) as a C++ object.");
+  m.def("regularizer", &regularizer, "cd_convert.regularization's host path (see host_regularizer.py).");
+}

@@ -1,0 +1,227 @@
+"""The opt-in C++ CPU site and regulariser (:mod:`cd_convert.cpu_extension`) against the Python path and an
+independent float64 reference.
+
+The extension is built once per session (about 30-40 s with a cold cache). Where no C++ compiler or ninja is
+available the tests that need the build are skipped with the build's error as the reason.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import cd_convert
+from cd_convert import cpu_extension
+from cd_convert.layers import ConcreteDropout, reference_concrete_dropout
+
+
+@pytest.fixture(scope="module")
+def built():
+    """The extension module, built once; switched off again after the module's tests."""
+    try:
+        module = cpu_extension.enable()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    cpu_extension.disable()
+    yield module
+    cpu_extension.disable()
+
+
+@pytest.fixture
+def toggle(built):
+    """Runs a function with the extension on or off: ``toggle(on, fn)``; always off afterwards."""
+
+    def run(on, fn):
+        (cpu_extension.enable if on else cpu_extension.disable)()
+        try:
+            return fn()
+        finally:
+            cpu_extension.disable()
+
+    yield run
+    cpu_extension.disable()
+
+
+def _site_call(site, x, g, seed):
+    """Output, input gradient and logit gradient of one training call on the noise of ``seed``."""
+    x = x.detach().clone().requires_grad_(x.requires_grad)
+    site.p_logit.grad = None
+    torch.manual_seed(seed)
+    y = site(x)
+    y.backward(g)
+    return y.detach(), (x.grad.clone() if x.grad is not None else None), site.p_logit.grad.clone(), y.grad_fn
+
+
+# (130, 130) has more elements than PACKED_MIN_NUMEL: the noise is the packed draw, the backward the ATen ops.
+@pytest.mark.parametrize("shape", [(32, 50), (3,), (130, 130)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("save_output", [False, True])
+def test_site_equals_the_python_path(toggle, shape, dtype, save_output):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    g = torch.randn(shape, dtype=dtype)
+    site = ConcreteDropout(0.1).train()
+    site.save_output = save_output
+    python = toggle(False, lambda: _site_call(site, x, g, seed=5))
+    native = toggle(True, lambda: _site_call(site, x, g, seed=5))
+    assert type(native[3]).__name__ == "CppFunction" and type(python[3]).__name__ != "CppFunction"
+    # Same ATen ops on the same noise: the output and the input's gradient bitwise.
+    assert torch.equal(native[0], python[0]) and torch.equal(native[1], python[1])
+    # The logit's gradient: float64 sums in C++ against the input dtype's in Python.
+    tol = 1e-12 if dtype == torch.float64 else 2e-4
+    torch.testing.assert_close(native[2], python[2], rtol=tol, atol=tol * max(1.0, python[2].abs().item()))
+
+
+@pytest.mark.parametrize("save_output", [False, True])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_logit_gradient_matches_a_float64_reference(toggle, save_output, input_grad):
+    """The fused backward loop (small inputs) against the paper's formula in float64 through autograd."""
+    errors = []
+    for seed in range(8):
+        torch.manual_seed(100 + seed)
+        x = torch.randn(32, 50, requires_grad=input_grad)
+        g = torch.randn(32, 50)
+        site = ConcreteDropout(0.1).train()
+        site.save_output = save_output
+        y, grad_x, grad_logit, _ = toggle(True, lambda: _site_call(site, x, g, seed=seed))
+        torch.manual_seed(seed)
+        u = torch.rand(32, 50).double()  # the noise the site drew (torch.rand below the packed-draw size)
+        x64 = x.detach().double().requires_grad_()
+        logit64 = site.p_logit.detach().double().requires_grad_()
+        y64 = reference_concrete_dropout(x64, logit64, u, 0.1)
+        y64.backward(g.double())
+        torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-6)
+        if input_grad:
+            torch.testing.assert_close(grad_x.double(), x64.grad, rtol=1e-5, atol=1e-6)
+        errors.append(abs(grad_logit.item() - logit64.grad.item()) / abs(logit64.grad.item()))
+    # Measured: at most 3e-5 relative (the float32 mask's own rounding); the Python path's float32 sums: 5e-4.
+    assert max(errors) < 1e-4, errors
+
+
+def test_calls_without_gradient_equal_the_python_path(toggle):
+    site = ConcreteDropout(0.1).train()
+    x = torch.randn(32, 50)
+
+    def call():
+        torch.manual_seed(9)
+        with torch.no_grad():
+            return site(x)
+
+    assert torch.equal(toggle(True, call), toggle(False, call))
+
+
+def test_second_derivatives_equal_the_python_path(toggle):
+    """Under create_graph the C++ backward stays a tensor function, as the Python one does (the second pass's
+    first-order call takes the fused loop: float64 sums, so equal to the float32 sums' rounding)."""
+    site = ConcreteDropout(0.1).train()
+    x0 = torch.randn(16, 8)
+
+    def penalty():
+        x = x0.clone().requires_grad_()
+        site.p_logit.grad = None
+        torch.manual_seed(2)
+        y = site(x)
+        (grad_x,) = torch.autograd.grad((y**2).sum(), x, create_graph=True)
+        (grad_x**2).sum().backward()
+        return site.p_logit.grad.clone()
+
+    torch.testing.assert_close(toggle(True, penalty), toggle(False, penalty), rtol=2e-4, atol=1e-5)
+
+
+def _uci_network(count=2):
+    torch.manual_seed(0)
+    layers = []
+    for i in range(count):
+        layers += [nn.Linear(8 if i == 0 else 20, 20 if i + 1 < count else 1)] + ([nn.ReLU()] if i + 1 < count else [])
+    return cd_convert.convert(nn.Sequential(*layers), targets=[nn.Linear], dataset_size=500)
+
+
+@pytest.mark.parametrize("count", [2, 8])
+def test_regularizer_equals_the_python_path(toggle, count):
+    model = _uci_network(count)
+
+    def value_and_grads():
+        model.zero_grad(set_to_none=True)
+        r = cd_convert.regularization(model)
+        (3.0 * r).backward()
+        return r.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None], r.grad_fn
+
+    native, python = toggle(True, value_and_grads), toggle(False, value_and_grads)
+    assert type(native[2]).__name__ == "CppFunction" and type(python[2]).__name__ == "HostRegularizerBackward"
+    assert torch.equal(native[0], python[0])  # the same float64 arithmetic in the same order
+    assert len(native[1]) == len(python[1]) == 2 * count  # each weight and each p-logit
+    assert all(torch.equal(a, b) for a, b in zip(native[1], python[1]))
+
+
+def test_regularizer_is_once_differentiable(toggle):
+    model = _uci_network()
+
+    def first_then_second():
+        r = cd_convert.regularization(model)
+        # r * r: the regulariser's incoming gradient (2 r) itself needs a gradient under create_graph.
+        grads = torch.autograd.grad(r * r, list(model.parameters()), create_graph=True, allow_unused=True)
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            sum(g.sum() for g in grads if g is not None).backward()
+        return [g.detach() for g in grads if g is not None]
+
+    native, python = toggle(True, first_then_second), toggle(False, first_then_second)
+    assert all(torch.equal(a, b) for a, b in zip(native, python))
+
+
+def test_a_converted_network_trains_as_on_the_python_path(toggle):
+    """Twenty Adam steps of the UCI network with the regulariser: the C++ path's losses follow the Python path's
+    (the logit gradients differ in their last bits, so the runs drift apart only by rounding)."""
+    torch.manual_seed(1)
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+
+    def train():
+        model = _uci_network()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        torch.manual_seed(3)
+        losses, kinds = [], set()
+        model[0].concrete_dropout.register_forward_hook(lambda m, i, o: kinds.add(type(o.grad_fn).__name__))
+        for _ in range(20):
+            loss = F.mse_loss(model(x), y) + cd_convert.regularization(model)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        return losses, cd_convert.dropout_rates(model), kinds
+
+    (native_losses, native_rates, native_kinds) = toggle(True, train)
+    (python_losses, python_rates, python_kinds) = toggle(False, train)
+    assert native_kinds == {"CppFunction"} and python_kinds == {"HostConcreteDropoutBackward"}
+    assert native_losses[-1] < native_losses[0]
+    torch.testing.assert_close(torch.tensor(native_losses), torch.tensor(python_losses), rtol=1e-4, atol=1e-5)
+    assert native_rates.keys() == python_rates.keys()
+    for name in native_rates:
+        assert native_rates[name] == pytest.approx(python_rates[name], rel=1e-4)
+
+
+def test_enable_routes_and_disable_restores(built):
+    site = ConcreteDropout(0.1).train()
+    x = torch.randn(4, 5, requires_grad=True)
+    try:
+        assert cpu_extension.enable() is built and cpu_extension.loaded() is built
+        assert type(site(x).grad_fn).__name__ == "CppFunction"
+    finally:
+        cpu_extension.disable()
+    assert cpu_extension.loaded() is None
+    assert type(site(x).grad_fn).__name__ == "HostConcreteDropoutBackward"
+
+
+def test_a_failed_build_says_what_to_install_and_switches_nothing_on(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise OSError("c++: command not found")
+
+    monkeypatch.setattr(cpu_extension, "_BUILT", None)
+    monkeypatch.setattr(cpu_extension, "_MODULE", None)
+    monkeypatch.setattr(cpp_extension, "verify_ninja_availability", lambda: None)
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    with pytest.raises(RuntimeError, match=r"C\+\+ compiler .* ninja \(pip install ninja\)"):
+        cpu_extension.enable()
+    assert cpu_extension.loaded() is None

@@ -54,24 +54,61 @@ def _site_call(site, x, g, seed):
     return y.detach(), (x.grad.clone() if x.grad is not None else None), site.p_logit.grad.clone(), y.grad_fn
 
 
-# (130, 130) has more elements than PACKED_MIN_NUMEL: the noise is the packed draw, the backward the ATen ops.
-@pytest.mark.parametrize("shape", [(32, 50), (3,), (130, 130)])
+# Small inputs at t = 0.1 take the fused loops (the output to rounding: the mask is computed another way);
+# (130, 130) has more elements than PACKED_MIN_NUMEL (the packed noise, the ATen ops: bitwise) and t = 0.15
+# has no whole-number inverse (the forward pass on the ATen ops, the backward pass fused).
+@pytest.mark.parametrize(
+    "shape, temperature, fused_forward, fused_backward",
+    [((32, 50), 0.1, True, True), ((3,), 0.1, True, True), ((130, 130), 0.1, False, False), ((32, 50), 0.15, False, True)],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("save_output", [False, True])
-def test_site_equals_the_python_path(toggle, shape, dtype, save_output):
+def test_site_equals_the_python_path(toggle, shape, temperature, fused_forward, fused_backward, dtype, save_output):
     torch.manual_seed(0)
     x = torch.randn(shape, dtype=dtype, requires_grad=True)
     g = torch.randn(shape, dtype=dtype)
-    site = ConcreteDropout(0.1).train()
+    site = ConcreteDropout(0.1, temperature=temperature).train()
     site.save_output = save_output
     python = toggle(False, lambda: _site_call(site, x, g, seed=5))
     native = toggle(True, lambda: _site_call(site, x, g, seed=5))
     assert type(native[3]).__name__ == "CppFunction" and type(python[3]).__name__ != "CppFunction"
-    # Same ATen ops on the same noise: the output and the input's gradient bitwise.
-    assert torch.equal(native[0], python[0]) and torch.equal(native[1], python[1])
-    # The logit's gradient: float64 sums in C++ against the input dtype's in Python.
-    tol = 1e-12 if dtype == torch.float64 else 2e-4
-    torch.testing.assert_close(native[2], python[2], rtol=tol, atol=tol * max(1.0, python[2].abs().item()))
+    if fused_forward:  # float64 arithmetic rounded once against float ops: a few units in the last place
+        tol = 1e-13 if dtype == torch.float64 else 5e-7
+        torch.testing.assert_close(native[0], python[0], rtol=tol, atol=tol)
+        torch.testing.assert_close(native[1], python[1], rtol=tol, atol=tol)
+    else:  # the same ATen ops on the same noise
+        assert torch.equal(native[0], python[0]) and torch.equal(native[1], python[1])
+    if fused_backward:  # float64 sums in C++ against the input dtype's in Python
+        tol = 1e-12 if dtype == torch.float64 else 2e-4
+        torch.testing.assert_close(native[2], python[2], rtol=tol, atol=tol * max(1.0, python[2].abs().item()))
+    else:
+        assert torch.equal(native[2], python[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_forward_is_within_two_ulp_of_a_float64_reference(toggle, dtype):
+    """The one-pass mask (no logarithm or exponential per element) against the formula in float64."""
+    site = ConcreteDropout(0.1).train()
+    torch.manual_seed(7)
+    x = torch.randn(64, 200, dtype=dtype)
+
+    def call():
+        torch.manual_seed(11)
+        with torch.no_grad():
+            return site(x)
+
+    y = toggle(True, call)
+    torch.manual_seed(11)
+    u = torch.rand(64, 200, dtype=dtype).double()
+    theta = site.p_logit.detach().double()
+    # The keep mask as w = sigmoid(-(theta + logit u) / t) directly: 1 - z would round tiny w to 0 in float64.
+    reference = x.double() * torch.sigmoid(-(theta + torch.logit(u)) / 0.1) / torch.sigmoid(-theta)
+    info = torch.finfo(dtype)
+    # float32: two units in the last place (the mask rounded once, then y = x m). float64: the reference's own
+    # logit and sigmoid round at about 1e-15, amplified by 1 / t.
+    rtol = 2 * info.eps if dtype == torch.float32 else 1e-12
+    error = (y.double() - reference).abs()
+    assert bool((error <= rtol * reference.abs() + info.tiny).all()), (error / reference.abs()).max()
 
 
 @pytest.mark.parametrize("save_output", [False, True])
@@ -92,7 +129,7 @@ def test_logit_gradient_matches_a_float64_reference(toggle, save_output, input_g
         logit64 = site.p_logit.detach().double().requires_grad_()
         y64 = reference_concrete_dropout(x64, logit64, u, 0.1)
         y64.backward(g.double())
-        torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(y.double(), y64, rtol=3e-7, atol=1e-12)
         if input_grad:
             torch.testing.assert_close(grad_x.double(), x64.grad, rtol=1e-5, atol=1e-6)
         errors.append(abs(grad_logit.item() - logit64.grad.item()) / abs(logit64.grad.item()))
@@ -109,7 +146,7 @@ def test_calls_without_gradient_equal_the_python_path(toggle):
         with torch.no_grad():
             return site(x)
 
-    assert torch.equal(toggle(True, call), toggle(False, call))
+    torch.testing.assert_close(toggle(True, call), toggle(False, call), rtol=5e-7, atol=5e-7)
 
 
 def test_second_derivatives_equal_the_python_path(toggle):

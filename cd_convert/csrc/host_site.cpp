@@ -1,12 +1,14 @@
 // The CPU's host-scalar concrete-dropout site and regulariser in C++ (opt-in: cd_convert.cpu_extension.enable()).
 //
-// The site: the same computation as cd_convert/host_scalars.py (HostConcreteDropout and masked_without_grad),
-// with the Python around the ops removed: at the paper's UCI shape (32 x 50) a site's Python glue, its autograd
-// Function's Python forward and backward and the ops they dispatch cost about as much as the arithmetic.
-// The forward pass runs the same ATen ops in the same order on the same noise, so the output and the input's
-// gradient are bitwise those of the Python path. For small contiguous float inputs the backward pass makes
-// one loop over the elements that writes the input's gradient and accumulates the logit gradient's two sums
-// in double precision (the Python path sums in the input's dtype), so the logit's gradient agrees to rounding.
+// The site: the computation of cd_convert/host_scalars.py (HostConcreteDropout and masked_without_grad) on the
+// same noise, with the Python around the ops removed: at the paper's UCI shape (32 x 50) a site's Python glue,
+// its autograd Function's Python forward and backward and the ops they dispatch cost about as much as the
+// arithmetic. Inputs under kFusedMaxNumel elements take one loop per pass: the forward pass computes the
+// mask and the output in double with no logarithm or exponential per element where 1 / t is a whole number
+// (the default t = 0.1), the backward pass writes the input's gradient and sums the logit gradient's two
+// terms in double (the Python path: float ops, float sums), so both agree with the Python path to rounding
+// and are closer to a float64 reference. Larger inputs, other temperatures and strided inputs run the Python
+// path's ATen ops in the same order: bitwise its results.
 //
 // Notation, as in host_scalars.py: theta the clamped logit, p = sigmoid(theta), w = 1 - z the relaxed keep
 // mask, m = w / (1 - p) (saved), y = x * m, S = sum(g y), S_w = sum(g y w) = (1 - p) sum(g y m):
@@ -27,8 +29,8 @@ using torch::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// Below this many elements the backward pass uses one fused loop (single-threaded; larger tensors use the
-// multi-threaded ATen ops, as the Python path does). The same threshold as the packed noise draw.
+// Below this many elements each pass is one single-threaded loop; larger tensors use the multi-threaded ATen
+// ops, as the Python path does. The same threshold as the packed noise draw (so the loops see torch.rand's noise).
 constexpr int64_t kFusedMaxNumel = 16384;
 
 double clamped(const Tensor& p_logit, double bound) {
@@ -39,6 +41,52 @@ double clamped(const Tensor& p_logit, double bound) {
 // host_scalars._scaled_mask (theta added as a number: the same float sum as adding theta * 1).
 Tensor scaled_mask(Tensor& uniform, double theta, double temperature, double inverse_kept) {
   return uniform.logit_().add_(theta).mul_(-1.0 / temperature).sigmoid_().mul_(inverse_kept);
+}
+
+// 1 / temperature when it is a small whole number (the element-wise default 0.1 gives 10), else 0.
+int whole_inverse(double temperature) {
+  const double k = std::round(1.0 / temperature);
+  return (k >= 1.0 && k <= 64.0 && std::abs(k - 1.0 / temperature) < 1e-9) ? static_cast<int>(k) : 0;
+}
+
+// The mask and the output in one pass, without a logarithm or an exponential per element:
+//     m = sigmoid(-(theta + logit u) / t) / (1 - p) = s / (1 + c (u / (1 - u))^k),
+// c = exp(theta / t), k = 1 / t a whole number, s = 1 / (1 - p); in double, then rounded once (u = 0 gives the
+// kept unit, m = s, as logit(0) = -inf does; u near 1 overflows c r^k to inf: m = 0, the dropped unit).
+// The mask overwrites the noise buffer u; y = x m.
+template <typename scalar_t>
+void fused_forward(scalar_t* u, const scalar_t* x, scalar_t* y, int64_t n, double c, int k, double s) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double uu = static_cast<double>(u[i]);
+    double base = uu / (1.0 - uu), power = 1.0;
+    for (int e = k; e > 0; e >>= 1) {
+      if (e & 1) power *= base;
+      base *= base;
+    }
+    const scalar_t m = static_cast<scalar_t>(s / (1.0 + c * power));
+    u[i] = m;
+    y[i] = x[i] * m;
+  }
+}
+
+// The mask (in place on the private noise buffer) and y = x m: one fused pass for small contiguous inputs at a
+// temperature whose inverse is a whole number, else the ATen ops of the Python path.
+std::pair<Tensor, Tensor> mask_and_output(const Tensor& x, Tensor& uniform, double theta, double temperature,
+                                          double inverse_kept) {
+  const int k = whole_inverse(temperature);
+  // |theta / t| <= 700 keeps c finite and nonzero (c = inf with u = 0, or 0 with u near 1, would give 0 * inf).
+  if (k > 0 && std::abs(theta / temperature) <= 700.0 && x.numel() < kFusedMaxNumel && x.is_contiguous() &&
+      uniform.is_contiguous() && x.scalar_type() == uniform.scalar_type()) {
+    Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+    const double c = std::exp(theta / temperature);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cd_convert_site_forward", [&] {
+      fused_forward<scalar_t>(uniform.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                              x.numel(), c, k, inverse_kept);
+    });
+    return {uniform, y};
+  }
+  Tensor mask = scaled_mask(uniform, theta, temperature, inverse_kept);
+  return {mask, x * mask};
 }
 
 Tensor draw(const Tensor& x, const c10::optional<Tensor>& uniform) {
@@ -79,8 +127,7 @@ struct HostSite : public torch::autograd::Function<HostSite> {
     const double theta = clamped(p_logit, bound);
     const double odds = std::exp(theta);  // p / (1 - p)
     const double inverse_kept = 1.0 + odds;
-    Tensor mask = scaled_mask(uniform, theta, temperature, inverse_kept);
-    Tensor y = x * mask;
+    auto [mask, y] = mask_and_output(x, uniform, theta, temperature, inverse_kept);
     ctx->saved_data["p"] = odds / inverse_kept;
     ctx->saved_data["inverse_kept"] = inverse_kept;
     ctx->saved_data["temperature"] = temperature;
@@ -148,7 +195,7 @@ Tensor site(const Tensor& x, const Tensor& p_logit, const c10::optional<Tensor>&
     return HostSite::apply(x, p_logit, noise, temperature, bound, save_output);
   }
   const double theta = clamped(p_logit, bound);
-  return x * scaled_mask(noise, theta, temperature, 1.0 + std::exp(theta));
+  return mask_and_output(x, noise, theta, temperature, 1.0 + std::exp(theta)).second;
 }
 
 // ------------------------------------------------------------------------------------------- regulariser

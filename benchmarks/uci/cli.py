@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cd_convert import cpu_extension
+
 from .. import common
 from ..datasets import UCIDataset, data_root, load_embedded_regression, load_published, load_uci, uci_datasets_in
 from .driver import ALL_METHODS, METHODS, run_dataset, runs_per_split
@@ -94,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument(
+        "--cpu-extension",
+        action="store_true",
+        help="run the Concrete sites and regulariser on cd_convert's opt-in C++ CPU path (cd_convert.cpu_extension)",
+    )
     return ap
 
 
@@ -112,6 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:  # refused before any data is loaded or any run starts
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {', '.join(ALL_METHODS)}")
     common.set_threads(args.threads)
+    if args.cpu_extension:  # built (or loaded from PyTorch's cache) before any run starts
+        cpu_extension.enable()
+        print("cd_convert.cpu_extension: on (the C++ CPU site and regulariser)", file=sys.stderr)
     root = data_root(args.data_dir)
     if root is None:
         datasets = [load_embedded_regression(seed=args.seed)]

@@ -558,7 +558,8 @@ def regularizer_section(device: torch.device, repeats: int) -> Dict[str, Any]:
 
     On the CPU each count is also timed on the tensor path (host-scalar paths off), interleaved with the
     default, so the paired ratio shows where the host path's per-site Python loop stops paying
-    (:data:`cd_convert.host_regularizer.MAX_SITES`).
+    (:data:`cd_convert.host_regularizer.MAX_SITES`); with ``--cpu-extension`` also on the C++ build, which
+    serves every count.
     """
     models = {n: uci_network(device, "concrete") if n == 2 else many_sites(n, device) for n in REGULARIZER_SITES}
     fns = {f"{n} sites": regularizer_fn(m) for n, m in models.items()}
@@ -566,6 +567,9 @@ def regularizer_section(device: torch.device, repeats: int) -> Dict[str, Any]:
         for n in REGULARIZER_SITES:
             model = uci_network(device, "concrete") if n == 2 else many_sites(n, device)
             fns[f"{n} sites, tensor path"] = on_tensor_path(regularizer_fn(model))
+            if WITH_EXTENSION:
+                model = uci_network(device, "concrete") if n == 2 else many_sites(n, device)
+                fns[f"{n} sites, C++"] = on_cpu_extension(regularizer_fn(model))
     times = interleaved_times(fns, repeats, inner=20, warmup=5, device=device)
     out: Dict[str, Any] = {}
     for n, m in models.items():
@@ -576,6 +580,10 @@ def regularizer_section(device: torch.device, repeats: int) -> Dict[str, Any]:
         if tensor is not None:
             out[name]["tensor_path_ms"] = statistics.median(tensor) * 1e3
             out[name]["paired_vs_tensor_path"] = statistics.median(a / b for a, b in zip(times[name], tensor))
+        native = times.get(f"{name}, C++")
+        if native is not None:
+            out[name]["cpp_ms"] = statistics.median(native) * 1e3
+            out[name]["cpp_paired_vs_default"] = statistics.median(a / b for a, b in zip(native, times[name]))
     return out
 
 
@@ -583,15 +591,17 @@ def print_regularizer(res: Dict[str, Any]) -> None:
     print("\n### 3. `regularization()` forward + backward alone\n")
     print(
         "| model | median ms | ms per site | aten ops forward | backward | forward per site "
-        "| tensor path ms | paired / tensor path |"
+        "| tensor path ms | paired / tensor path | C++ (cpu_extension) ms | paired C++ / default |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, row in res.items():
         tensor = row.get("tensor_path_ms")
         versus = f"{tensor:.3f} | {row['paired_vs_tensor_path']:.3f}" if tensor is not None else "- | -"
+        native = row.get("cpp_ms")
+        native_text = f"{native:.3f} | {row['cpp_paired_vs_default']:.3f}" if native is not None else "- | -"
         print(
             f"| {name} | {row['median_ms']:.3f} | {row['per_site_ms']:.4f} | {row['forward']} | "
-            f"{row['backward']} | {row['forward'] / row['sites']:.1f} | {versus} |"
+            f"{row['backward']} | {row['forward'] / row['sites']:.1f} | {versus} | {native_text} |"
         )
     for name, row in res.items():
         ops = ", ".join(f"{k} {v}" for k, v in sorted(row["forward_ops"].items(), key=lambda kv: -kv[1]))

@@ -329,7 +329,7 @@ class _Plan:
         # The analytic Functions take plain tensors on one device (a DTensor's norm is a collective: the
         # autograd path reduces it explicitly), in eager mode: compiled code fuses the autograd formula anyway,
         # so they would save nothing there. On the CPU, a few sites: the per-site arithmetic on Python floats.
-        if self.host is not None and host_scalars.available():
+        if self.host is not None and host_regularizer.serves(len(logits)) and host_scalars.available():
             return host_regularizer.regularize(self.host, logits, weights)
         if self.foreach_norms and not torch.compiler.is_compiling():
             if self.stack_logits:

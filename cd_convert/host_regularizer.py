@@ -9,9 +9,10 @@ operand. For tensors on the CPU, reading a number is a memory read, not a device
 (float64) and dispatches only what touches the weights and what autograd needs back as tensors: forward,
 one ``_foreach_norm`` plus the reads and the 0-dim result; backward, one ``_foreach_mul`` for the weight
 gradients and one tensor of the logits' gradients (then unbound). The Python loop grows with the number of
-sites while the tensor form does not, so the path is taken only up to :data:`MAX_SITES` applications
+sites while the tensor form does not, so the Python path is taken only up to :data:`MAX_SITES` applications
 (section 3 of ``benchmarks/train_step.py``, paired against the tensor form, one thread: 0.79x at 2 sites,
-0.94x at 12, about 1x by 16).
+0.94x at 12, about 1x by 16); its C++ build (:mod:`cd_convert.cpu_extension`, opt-in) serves any number
+(:func:`serves`).
 
 Taken only on the CPU, in eager mode, for plain float32/float64 parameters (0-dim logits of one dtype): the
 plan decides once (:func:`host_terms`), and each call checks that the plan still fits (types, devices,
@@ -33,9 +34,10 @@ from torch.autograd.function import once_differentiable
 
 from . import cpu_extension, host_scalars
 
-__all__ = ["MAX_SITES", "HostRegularizer", "HostTerms", "host_terms", "log_sigmoid", "regularize"]
+__all__ = ["MAX_SITES", "HostRegularizer", "HostTerms", "host_terms", "log_sigmoid", "regularize", "serves"]
 
-#: Most applications the host path serves; beyond, the tensor form's fixed op count is cheaper than the loop.
+#: Most applications the Python host path serves; beyond, the tensor form's fixed op count is cheaper than its
+#: loop (the C++ build's loop is not: it serves any number).
 MAX_SITES = 12
 
 
@@ -80,10 +82,10 @@ def host_terms(
         reads: per application, ``(weight index, count)`` pairs.
 
     Returns:
-        None when the path is off, there are more than :data:`MAX_SITES` applications, or a logit or weight is
-        not a plain CPU float32/float64 tensor (logits 0-dim and of one dtype).
+        None when the path is off or a logit or weight is not a plain CPU float32/float64 tensor (logits 0-dim
+        and of one dtype). Whether the terms are used depends on the count at each call (:func:`serves`).
     """
-    if not host_scalars.ENABLED or not logits or len(logits) > MAX_SITES:
+    if not host_scalars.ENABLED or not logits:
         return None
     if not all(host_scalars.plain_cpu_float(t) and t.dim() == 0 for t in logits):
         return None
@@ -96,6 +98,12 @@ def host_terms(
         reads=tuple(tuple(app) for app in reads),
         logit_dtype=logits[0].dtype,
     )
+
+
+def serves(count: int) -> bool:
+    """Whether the host path is the cheaper form for ``count`` applications: up to :data:`MAX_SITES` in Python,
+    any number while the C++ build is switched on (:func:`cd_convert.cpu_extension.enable`)."""
+    return count <= MAX_SITES or cpu_extension._MODULE is not None
 
 
 def regularize(terms: HostTerms, logits: Sequence[Tensor], weights: Sequence[Tensor]) -> Tensor:

@@ -262,3 +262,59 @@ def test_a_failed_build_says_what_to_install_and_switches_nothing_on(monkeypatch
     with pytest.raises(RuntimeError, match=r"C\+\+ compiler .* ninja \(pip install ninja\)"):
         cpu_extension.enable()
     assert cpu_extension.loaded() is None
+
+
+def test_strided_inputs_take_the_aten_ops_bitwise(toggle):
+    """A transposed (non-contiguous) input: the forward pass on the Python path's ops, bitwise its output."""
+    site = ConcreteDropout(0.1).train()
+    base = torch.randn(50, 32)
+    g = torch.randn(32, 50)
+
+    def call():
+        x = base.t().requires_grad_()
+        site.p_logit.grad = None
+        torch.manual_seed(1)
+        y = site(x)
+        y.backward(g)
+        return y.detach(), x.grad.clone(), site.p_logit.grad.clone(), y.grad_fn
+
+    native, python = toggle(True, call), toggle(False, call)
+    assert type(native[3]).__name__ == "CppFunction"
+    assert torch.equal(native[0], python[0]) and torch.equal(native[1], python[1])
+    torch.testing.assert_close(native[2], python[2], rtol=2e-4, atol=1e-4)
+
+
+def test_inference_mode_calls_equal_the_python_path(toggle):
+    site = ConcreteDropout(0.1).train()
+    x = torch.randn(32, 50)
+
+    def call():
+        torch.manual_seed(4)
+        with torch.inference_mode():
+            return site(x).clone()
+
+    native, python = toggle(True, call), toggle(False, call)
+    assert not native.requires_grad
+    torch.testing.assert_close(native, python, rtol=5e-7, atol=5e-7)
+
+
+def test_the_cpp_regularizer_serves_models_beyond_the_python_paths_limit(toggle):
+    """16 sites: past host_regularizer.MAX_SITES the Python path hands over to the tensor form; the C++ build
+    serves them, with the same value and gradients to rounding."""
+    from cd_convert import host_regularizer
+
+    count = host_regularizer.MAX_SITES + 4
+    model = _uci_network(count)
+
+    def value_and_grads():
+        model.zero_grad(set_to_none=True)
+        r = cd_convert.regularization(model)
+        r.backward()
+        return r.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None], r.grad_fn
+
+    native, tensor_form = toggle(True, value_and_grads), toggle(False, value_and_grads)
+    assert type(native[2]).__name__ == "CppFunction" and type(tensor_form[2]).__name__ == "_RegularizerBackward"
+    torch.testing.assert_close(native[0], tensor_form[0], rtol=1e-6, atol=1e-7)
+    assert len(native[1]) == len(tensor_form[1]) == 2 * count
+    for a, b in zip(native[1], tensor_form[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

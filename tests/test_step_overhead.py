@@ -173,7 +173,9 @@ def test_host_path_never_serves_tensors_off_the_cpu_or_16_bit_or_beyond_its_limi
     assert host_regularizer.host_terms(mixed, weights, *args) is None
     many = [torch.zeros(()) for _ in range(host_regularizer.MAX_SITES + 1)]
     count = len(many)
-    assert host_regularizer.host_terms(many, weights, [1.0] * count, [0.1] * count, 0.01, [[]] * count) is None
+    # Built for any count; beyond MAX_SITES only the C++ build (off here) serves them.
+    assert host_regularizer.host_terms(many, weights, [1.0] * count, [0.1] * count, 0.01, [[]] * count) is not None
+    assert host_regularizer.serves(count - 1) and not host_regularizer.serves(count)
 
 
 def test_plan_is_reused_while_nothing_changes_and_value_tracks_parameters():

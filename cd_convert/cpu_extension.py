@@ -1,13 +1,20 @@
-"""An optional C++ build of the CPU's concrete-dropout site (opt-in).
+"""An optional C++ build of the CPU's concrete-dropout site and regulariser (opt-in).
 
 On the CPU, at the small shapes of the paper's UCI network (batch 32, 50 units), a site's cost is mostly
 per-call work around its few ops: the module's Python, the autograd Function's Python forward and backward,
 and the engine's call back into Python. :func:`enable` compiles ``csrc/host_site.cpp`` with
 ``torch.utils.cpp_extension`` (a C++ compiler and ninja needed: ``pip install ninja``; about 30 s the first
 time, then cached by PyTorch under ``~/.cache/torch_extensions``) and routes the calls that
-:mod:`cd_convert.host_scalars` serves through it: the same ATen ops on the same noise in the forward pass
-(output and input gradient bitwise equal to the Python path's), and for small inputs a backward pass that is
-one loop over the elements, the logit gradient's sums accumulated in float64 (equal to rounding).
+:mod:`cd_convert.host_scalars` and :mod:`cd_convert.host_regularizer` serve through it, on the same noise:
+
+* a site below :data:`cd_convert.noise.PACKED_MIN_NUMEL` elements makes one loop per pass: the forward pass
+  computes the mask and the output in float64 without a logarithm or an exponential per element where
+  ``1 / temperature`` is a whole number (within 2 units in the last place of a float64 reference), the
+  backward pass sums the logit gradient's terms in float64; both agree with the Python path to rounding;
+* larger sites, other temperatures and strided inputs run the Python path's ATen ops: bitwise its results;
+* the regulariser: the Python path's float64 arithmetic in the same order (bitwise equal), for any number
+  of sites (the Python host path stops at :data:`cd_convert.host_regularizer.MAX_SITES`).
+
 ``benchmarks/train_step.py --cpu-extension`` measures it side by side with the Python path.
 
 It is opt-in because the first call compiles: a library that starts a compiler on import, or on a model's

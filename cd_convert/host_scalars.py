@@ -25,7 +25,7 @@ tracers, functorch), and every other device (where a scalar read would synchroni
 the tensor formula; both compute the same values and gradients to rounding. The regulariser has the same
 treatment for up to a dozen sites (:mod:`cd_convert.host_regularizer`). ``CD_CONVERT_HOST_SCALARS=0`` in the
 environment, or ``cd_convert.host_scalars.ENABLED = False``, turns both paths off. :mod:`cd_convert.cpu_extension`
-(opt-in) runs both in C++: the same ops without the Python around them.
+(opt-in) runs both in C++, without the Python around their ops.
 """
 
 from __future__ import annotations

@@ -881,6 +881,41 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "",
         ("tests/test_convert_basic.py",),
     ),
+    # --- the opt-in C++ CPU path (cd_convert/csrc/host_site.cpp: each mutant rebuilds the extension, ~40 s)
+    Mutation(
+        "cpp-logit-grad-sign",
+        "the C++ site's one-loop backward adds the kept sum where it subtracts it: wrong rate gradients",
+        "cd_convert/csrc/host_site.cpp",
+        "      kept /= inverse_kept;  // sum(g y w)\n"
+        "      grad_logit = at::full({}, p * total - (total - kept) / temperature, logit_options);",
+        "      kept /= inverse_kept;  // sum(g y w)\n"
+        "      grad_logit = at::full({}, p * total - (total + kept) / temperature, logit_options);",
+        ("tests/test_cpu_extension.py",),
+    ),
+    Mutation(
+        "cpp-weight-term-half",
+        "the C++ regulariser's weight gradient misses the factor 2 of d||W||^2/dW",
+        "cd_convert/csrc/host_site.cpp",
+        "scale = 2.0 * wr * scale;",
+        "scale = wr * scale;",
+        ("tests/test_cpu_extension.py",),
+    ),
+    Mutation(
+        "cpp-forward-odds",
+        "the C++ one-pass forward raises u instead of the odds u / (1 - u) to the power 1/t: a wrong mask",
+        "cd_convert/csrc/host_site.cpp",
+        "double base = uu / (1.0 - uu), power = 1.0;",
+        "double base = uu, power = 1.0;",
+        ("tests/test_cpu_extension.py",),
+    ),
+    Mutation(
+        "cpu-extension-not-routed",
+        "enable() reports the C++ path on while every call still takes the Python path",
+        "cd_convert/host_scalars.py",
+        "    extension = cpu_extension._MODULE\n    if extension is not None:\n        numel",
+        "    extension = None\n    if extension is not None:\n        numel",
+        ("tests/test_cpu_extension.py",),
+    ),
 )
 
 
@@ -1058,6 +1093,9 @@ def run_pytest(
     env["PYTHONPATH"] = os.pathsep.join([str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env["CD_MUTATION_ROOT"] = str(root)
     env["CD_MUTATION_MODULE"] = ",".join(modules)
+    # The C++ extension (cd_convert.cpu_extension) builds inside the copy: mutants run in parallel (--jobs) must not
+    # load each other's builds from one shared cache, and none may leave a mutated build in the user's cache.
+    env["TORCH_EXTENSIONS_DIR"] = str(root / ".torch_extensions")
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env["COLUMNS"] = "300"  # short-summary lines are cut to the terminal width
     if not env.get("CD_CONVERT_DATA") and (root.parent / "shared" / "datasets").is_dir():

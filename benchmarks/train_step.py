@@ -561,15 +561,17 @@ def regularizer_section(device: torch.device, repeats: int) -> Dict[str, Any]:
     (:data:`cd_convert.host_regularizer.MAX_SITES`); with ``--cpu-extension`` also on the C++ build, which
     serves every count.
     """
-    models = {n: uci_network(device, "concrete") if n == 2 else many_sites(n, device) for n in REGULARIZER_SITES}
+
+    def network(count: int) -> nn.Module:  # a fresh model per variant: each keeps its own regulariser plan
+        return uci_network(device, "concrete") if count == 2 else many_sites(count, device)
+
+    models = {n: network(n) for n in REGULARIZER_SITES}
     fns = {f"{n} sites": regularizer_fn(m) for n, m in models.items()}
     if device.type == "cpu":
         for n in REGULARIZER_SITES:
-            model = uci_network(device, "concrete") if n == 2 else many_sites(n, device)
-            fns[f"{n} sites, tensor path"] = on_tensor_path(regularizer_fn(model))
+            fns[f"{n} sites, tensor path"] = on_tensor_path(regularizer_fn(network(n)))
             if WITH_EXTENSION:
-                model = uci_network(device, "concrete") if n == 2 else many_sites(n, device)
-                fns[f"{n} sites, C++"] = on_cpu_extension(regularizer_fn(model))
+                fns[f"{n} sites, C++"] = on_cpu_extension(regularizer_fn(network(n)))
     times = interleaved_times(fns, repeats, inner=20, warmup=5, device=device)
     out: Dict[str, Any] = {}
     for n, m in models.items():

@@ -132,11 +132,11 @@ def own_noise_call(
         ``x * w / (1 - p)``, a new tensor.
     """
     extension = cpu_extension._MODULE
+    numel = x.numel()
     if extension is not None:
-        numel = x.numel()
         uniform = noise.eager_cpu_uniform(x.shape, numel, x.dtype) if numel >= noise.PACKED_MIN_NUMEL else None
         return extension.site(x, p_logit, uniform, temperature, bound, save_output, needs_grad)
-    uniform = noise.eager_cpu_uniform(x.shape, x.numel(), x.dtype)
+    uniform = noise.eager_cpu_uniform(x.shape, numel, x.dtype)
     if needs_grad:
         return HostConcreteDropout.apply(x, p_logit, uniform, temperature, bound, save_output)
     # Monte Carlo prediction, or a held rate on an input that needs no gradient.

@@ -137,16 +137,20 @@ def test_logit_gradient_matches_a_float64_reference(toggle, save_output, input_g
     assert max(errors) < 1e-4, errors
 
 
-def test_calls_without_gradient_equal_the_python_path(toggle):
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_calls_without_gradient_equal_the_python_path(toggle, mode):
+    """A Monte Carlo pass (no_grad) or inference mode: no autograd node, the values of the Python path."""
     site = ConcreteDropout(0.1).train()
     x = torch.randn(32, 50)
 
     def call():
         torch.manual_seed(9)
-        with torch.no_grad():
-            return site(x)
+        with mode():
+            return site(x).clone()
 
-    torch.testing.assert_close(toggle(True, call), toggle(False, call), rtol=5e-7, atol=5e-7)
+    native, python = toggle(True, call), toggle(False, call)
+    assert not native.requires_grad
+    torch.testing.assert_close(native, python, rtol=5e-7, atol=5e-7)
 
 
 def test_second_derivatives_equal_the_python_path(toggle):
@@ -175,15 +179,20 @@ def _uci_network(count=2):
     return cd_convert.convert(nn.Sequential(*layers), targets=[nn.Linear], dataset_size=500)
 
 
+def _regularizer_value_and_grads(model, scale=1.0):
+    """The regulariser's value, the gradients ``scale * r`` gives the parameters it reads, and its grad_fn."""
+    model.zero_grad(set_to_none=True)
+    r = cd_convert.regularization(model)
+    (scale * r).backward()
+    return r.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None], r.grad_fn
+
+
 @pytest.mark.parametrize("count", [2, 8])
 def test_regularizer_equals_the_python_path(toggle, count):
     model = _uci_network(count)
 
     def value_and_grads():
-        model.zero_grad(set_to_none=True)
-        r = cd_convert.regularization(model)
-        (3.0 * r).backward()
-        return r.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None], r.grad_fn
+        return _regularizer_value_and_grads(model, scale=3.0)
 
     native, python = toggle(True, value_and_grads), toggle(False, value_and_grads)
     assert type(native[2]).__name__ == "CppFunction" and type(python[2]).__name__ == "HostRegularizerBackward"
@@ -284,20 +293,6 @@ def test_strided_inputs_take_the_aten_ops_bitwise(toggle):
     torch.testing.assert_close(native[2], python[2], rtol=2e-4, atol=1e-4)
 
 
-def test_inference_mode_calls_equal_the_python_path(toggle):
-    site = ConcreteDropout(0.1).train()
-    x = torch.randn(32, 50)
-
-    def call():
-        torch.manual_seed(4)
-        with torch.inference_mode():
-            return site(x).clone()
-
-    native, python = toggle(True, call), toggle(False, call)
-    assert not native.requires_grad
-    torch.testing.assert_close(native, python, rtol=5e-7, atol=5e-7)
-
-
 def test_the_cpp_regularizer_serves_models_beyond_the_python_paths_limit(toggle):
     """16 sites: past host_regularizer.MAX_SITES the Python path hands over to the tensor form; the C++ build
     serves them, with the same value and gradients to rounding."""
@@ -307,10 +302,7 @@ def test_the_cpp_regularizer_serves_models_beyond_the_python_paths_limit(toggle)
     model = _uci_network(count)
 
     def value_and_grads():
-        model.zero_grad(set_to_none=True)
-        r = cd_convert.regularization(model)
-        r.backward()
-        return r.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None], r.grad_fn
+        return _regularizer_value_and_grads(model)
 
     native, tensor_form = toggle(True, value_and_grads), toggle(False, value_and_grads)
     assert type(native[2]).__name__ == "CppFunction" and type(tensor_form[2]).__name__ == "_RegularizerBackward"

@@ -37,6 +37,11 @@ double clamped(const Tensor& p_logit, double bound) {
   return std::min(std::max(p_logit.item<double>(), -bound), bound);
 }
 
+// dL/dlogit = p S - (S - S_w) / t, from S = sum(g y) and S_w = sum(g y w).
+double logit_gradient(double p, double total, double kept, double temperature) {
+  return p * total - (total - kept) / temperature;
+}
+
 // sigmoid(-(theta + logit(u)) / t) / (1 - p), in place on the private noise buffer; the ops of
 // host_scalars._scaled_mask (theta added as a number: the same float sum as adding theta * 1).
 Tensor scaled_mask(Tensor& uniform, double theta, double temperature, double inverse_kept) {
@@ -164,22 +169,22 @@ struct HostSite : public torch::autograd::Function<HostSite> {
         fused_backward<scalar_t>(grad_y, mask, activation, saved_output, needs_x ? &grad_x : nullptr, &total, &kept);
       });
       kept /= inverse_kept;  // sum(g y w)
-      grad_logit = at::full({}, p * total - (total - kept) / temperature, logit_options);
-      return {needs_x ? grad_x : Tensor(), grad_logit, Tensor(), Tensor(), Tensor(), Tensor()};
-    }
-    if (needs_x || !saved_output) {
-      grad_x = grad_y * mask;
-    }
-    if (needs_logit) {
-      Tensor gy = saved_output ? grad_y * activation : grad_x * activation;  // g y
-      if (at::GradMode::is_enabled()) {  // create_graph: stay a tensor function of grad_y and x
-        Tensor total = gy.sum();
-        Tensor kept = (gy * mask).sum() / inverse_kept;
-        grad_logit = (p * total - (total - kept) / temperature).to(logit_dtype);
-      } else {
-        const double total = gy.sum().item<double>();
-        const double kept = gy.mul_(mask).sum().item<double>() / inverse_kept;
-        grad_logit = at::full({}, p * total - (total - kept) / temperature, logit_options);
+      grad_logit = at::full({}, logit_gradient(p, total, kept, temperature), logit_options);
+    } else {
+      if (needs_x || !saved_output) {
+        grad_x = grad_y * mask;
+      }
+      if (needs_logit) {
+        Tensor gy = saved_output ? grad_y * activation : grad_x * activation;  // g y
+        if (at::GradMode::is_enabled()) {  // create_graph: stay a tensor function of grad_y and x
+          Tensor total = gy.sum();
+          Tensor kept = (gy * mask).sum() / inverse_kept;
+          grad_logit = (p * total - (total - kept) / temperature).to(logit_dtype);
+        } else {
+          const double total = gy.sum().item<double>();
+          const double kept = gy.mul_(mask).sum().item<double>() / inverse_kept;
+          grad_logit = at::full({}, logit_gradient(p, total, kept, temperature), logit_options);
+        }
       }
     }
     return {needs_x ? grad_x : Tensor(), grad_logit, Tensor(), Tensor(), Tensor(), Tensor()};
@@ -234,8 +239,7 @@ struct HostRegularizer : public torch::autograd::Function<HostRegularizer> {
     logit_grads.reserve(logits.size());
     std::vector<double> weight_scales(weights.size(), 0.0);
     for (size_t a = 0; a < logits.size(); ++a) {
-      const double bound = plan->bounds[a];
-      const double theta = std::min(std::max(logits[a].item<double>(), -bound), bound);
+      const double theta = clamped(logits[a], plan->bounds[a]);
       const double log_p = log_sigmoid(theta), log_kept = log_sigmoid(-theta);
       const double p = std::exp(log_p), kept = std::exp(log_kept);
       const double inverse_kept = 1.0 + std::exp(theta);
@@ -253,26 +257,25 @@ struct HostRegularizer : public torch::autograd::Function<HostRegularizer> {
     }
     ctx->saved_data["logit_grads"] = logit_grads;
     ctx->saved_data["weight_scales"] = weight_scales;
-    ctx->saved_data["logit_count"] = static_cast<int64_t>(logits.size());
     ctx->saved_data["logit_dtype"] = static_cast<int64_t>(plan->logit_dtype);
     ctx->save_for_backward(weights.vec());
     return at::full({}, total, at::TensorOptions().dtype(at::kFloat).device(at::kCPU));
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const bool graph_wanted = at::GradMode::is_enabled() &&
-                              std::any_of(grads.begin(), grads.end(), [](const Tensor& t) { return t.defined() && t.requires_grad(); });
-    if (!graph_wanted) {
-      at::NoGradGuard no_grad;
-      return gradients(ctx, grads);
-    }
-    // create_graph through a gradient that itself needs one: the first-order gradients, and an error if they
-    // are differentiated again, as Python's @once_differentiable gives the Python path.
     variable_list outputs;
     {
       at::NoGradGuard no_grad;
       outputs = gradients(ctx, grads);
     }
+    const bool graph_wanted = at::GradMode::is_enabled() && std::any_of(grads.begin(), grads.end(), [](const Tensor& t) {
+                                return t.defined() && t.requires_grad();
+                              });
+    if (!graph_wanted) {
+      return outputs;
+    }
+    // create_graph through a gradient that itself needs one: the first-order gradients, and an error if they
+    // are differentiated again, as Python's @once_differentiable gives the Python path.
     variable_list inputs;
     inputs.reserve(outputs.size());
     for (const Tensor& t : outputs) {
@@ -294,7 +297,7 @@ struct HostRegularizer : public torch::autograd::Function<HostRegularizer> {
     const double g = grads[0].item<double>();
     const auto logit_grads = ctx->saved_data["logit_grads"].toDoubleVector();
     const auto weight_scales = ctx->saved_data["weight_scales"].toDoubleVector();
-    const int64_t count = ctx->saved_data["logit_count"].toInt();
+    const int64_t count = static_cast<int64_t>(logit_grads.size());
     const auto options =
         at::TensorOptions().dtype(static_cast<at::ScalarType>(ctx->saved_data["logit_dtype"].toInt())).device(at::kCPU);
     variable_list out;

@@ -13,9 +13,9 @@ Public API, exported here::
 
 Public modules: what ``cd_convert`` exports above, and the modules ``cd_convert.metrics``, ``losses``,
 ``plots``, ``mc``, ``prior``, ``options``, ``report``, ``errors``, ``layers``, ``timm``, ``cpu_extension``
-(the opt-in C++ CPU path) and ``integrations.transformers`` (each lists its public names in ``__all__``). Every other module (``discover``,
-``planning``, ``sites/``, ``consumers``, ``dry_run``, ``callsites``, ``interception``, ``fused``,
-``_triton_kernels``, ...) is internal: it may change in any release.
+(the opt-in C++ CPU path) and ``integrations.transformers`` (each lists its public names in ``__all__``). Every
+other module (``discover``, ``planning``, ``sites/``, ``consumers``, ``dry_run``, ``callsites``, ``interception``,
+``fused``, ``_triton_kernels``, ...) is internal: it may change in any release.
 """
 
 import importlib

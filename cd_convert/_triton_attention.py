@@ -18,23 +18,20 @@ cd_convert.
 
 from __future__ import annotations
 
-import functools
 import math
-import os
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Hashable, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._attention_tiles import Tiles, launch_in_fitting_shape, tile_ladder, tiles_for
 from ._triton_kernels import _clamped_theta, _finish, _uniform
-from .fused_attention import TILES_VARIABLE
 
 # The kernels' long argument lists stay packed, as in _triton_kernels.py.
 # fmt: off
-__all__ = ["launch_attention_forward", "launch_attention_backward", "launch_attention_noise"]
+__all__ = ["launch_attention_forward", "launch_attention_backward", "launch_attention_noise", "tiles_for"]
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LOG2E_HOST = math.log2(math.e)
@@ -294,54 +291,6 @@ def _attention_noise(U, seed, H, L, S, groups_per_row, BLOCK_M: tl.constexpr, BL
 # ---------------------------------------------------------------------------------------------- launchers
 
 
-@dataclass(frozen=True)
-class Tiles:
-    """A kernel's launch shape: query rows x key columns per program, warps and software-pipeline stages
-    (None: Triton's default)."""
-
-    block_m: int
-    block_n: int
-    warps: int
-    stages: Optional[int]
-
-
-_TILES_FORM = (
-    "expected 'M,N,WARPS,STAGES;M,N,WARPS,STAGES' (forward; backward) with M and N powers of two >= 16, WARPS a "
-    "power of two up to 16 and STAGES >= 1, e.g. '64,64,4,2;64,64,4,2'"
-)
-
-
-@functools.lru_cache(maxsize=16)
-def _parse_tiles(text: str) -> Tuple[Tiles, Tiles]:
-    try:
-        parts = [tuple(int(v) for v in part.split(",")) for part in text.split(";")]
-        forward, backward = (Tiles(*part) for part in parts)
-    except (TypeError, ValueError):
-        raise ValueError(f"{TILES_VARIABLE}={text!r}: {_TILES_FORM}") from None
-    for tiles in (forward, backward):
-        blocks_ok = all(b >= 16 and b & (b - 1) == 0 for b in (tiles.block_m, tiles.block_n))
-        if not blocks_ok or tiles.warps not in (1, 2, 4, 8, 16) or (tiles.stages or 0) < 1:
-            raise ValueError(f"{TILES_VARIABLE}={text!r}: {_TILES_FORM}")
-    return forward, backward
-
-
-def tiles_for(head_dim: int, element_size: int) -> Tuple[Tiles, Tiles, int]:
-    """``(forward tiles, backward tiles, BLOCK_D)`` for a head width and element size.
-
-    Default: 64 x 64 tiles while a row of a tile is at most 256 bytes (16-bit heads up to 128 wide, fp32 up to
-    64), else 32 x 32 (shared memory); 8 warps for 128-wide heads; Triton's default pipeline stages (the launch
-    shapes measured on an H200, ``benchmarks.attention_kernel``). ``CD_CONVERT_ATTENTION_TILES``
-    replaces them.
-    """
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    override = os.environ.get(TILES_VARIABLE)
-    if override:
-        return (*_parse_tiles(override), block_d)
-    block = 64 if block_d * element_size <= 256 else 32
-    tiles = Tiles(block, block, 8 if block_d >= 128 and block == 64 else 4, None)
-    return tiles, tiles, block_d
-
-
 def _launch_options(tiles: Tiles) -> dict:
     """``num_warps`` and, where set, ``num_stages`` (else Triton's default)."""
     options = {"num_warps": tiles.warps}
@@ -385,17 +334,35 @@ def launch_attention_forward(
     """
     B, H, L, D = q.shape
     S = k.shape[2]
-    tiles, _, block_d = tiles_for(D, q.element_size())
+    ladder, _, block_d = tile_ladder(D, q.element_size())
     out = torch.empty((B, H, L, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B * H, L), device=q.device, dtype=torch.float32)
-    _attention_forward[(triton.cdiv(L, tiles.block_m), B * H)](
-        q, k, v, mask if mask is not None else q, out, lse, p_logit, seed, *q.stride(), *k.stride(), *v.stride(),
-        *_mask_strides(mask), *out.stride(), H, H // k.shape[1], L, S, D, triton.cdiv(S, 4),
-        sm_scale * _LOG2E_HOST, inv_t, bound, MASK_KIND=_mask_kind(mask), IS_CAUSAL=is_causal,
-        DOT_PRECISION=_dot_precision(q.dtype), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=block_d,
-        **_launch_options(tiles),
-    )
+
+    def launch(tiles: Tiles) -> None:
+        _attention_forward[(triton.cdiv(L, tiles.block_m), B * H)](
+            q, k, v, mask if mask is not None else q, out, lse, p_logit, seed, *q.stride(), *k.stride(),
+            *v.stride(), *_mask_strides(mask), *out.stride(), H, H // k.shape[1], L, S, D, triton.cdiv(S, 4),
+            sm_scale * _LOG2E_HOST, inv_t, bound, MASK_KIND=_mask_kind(mask), IS_CAUSAL=is_causal,
+            DOT_PRECISION=_dot_precision(q.dtype), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=block_d,
+            **_launch_options(tiles),
+        )
+
+    key = _variant("forward", ladder, q, mask, p_logit, is_causal)
+    launch_in_fitting_shape(key, ladder, launch, _described("forward", q))
     return out, lse
+
+
+def _variant(pass_name: str, ladder: Tuple[Tiles, ...], q: Tensor, mask: Optional[Tensor], p_logit: Tensor,
+             is_causal: bool, *extra: Hashable) -> Hashable:
+    """What, besides the launch shape, sets the shared memory a pass's kernels need: the key under which the
+    shape that fitted is remembered."""
+    mask_dtype = mask.dtype if mask is not None else None
+    return (pass_name, ladder, q.device, q.dtype, q.shape[-1], mask_dtype, p_logit.dtype, is_causal,
+            _dot_precision(q.dtype), *extra)
+
+
+def _described(pass_name: str, q: Tensor) -> str:
+    return f"the {pass_name} pass of {q.dtype} heads {q.shape[-1]} wide on {q.device}"
 
 
 def launch_attention_backward(
@@ -405,41 +372,46 @@ def launch_attention_backward(
     """``(dq, dk, dv, d p_logit)`` (contiguous; the last None when ``need_logit`` is False)."""
     B, H, L, D = q.shape
     HKV, S = k.shape[1], k.shape[2]
-    _, tiles, block_d = tiles_for(D, q.element_size())
+    _, ladder, block_d = tile_ladder(D, q.element_size())
     # delta_i = dO_i . O_i (= sum_j g_ij Pd_ij), in fp32.
     delta = torch.empty((B * H, L), device=q.device, dtype=torch.float32)
-    _attention_delta[(triton.cdiv(L, 64), B * H)](
-        out, grad_out, delta, H, L, D, *out.stride(), *grad_out.stride(), BLOCK_M=64, BLOCK_D=block_d
-    )
     dq = torch.empty((B, H, L, D), device=q.device, dtype=q.dtype)
     dk = torch.empty((B, HKV, S, D), device=q.device, dtype=k.dtype)
     dv = torch.empty((B, HKV, S, D), device=q.device, dtype=v.dtype)
+    grad_logit = torch.empty_like(p_logit) if need_logit else None
     mask_arg = mask if mask is not None else q
-    # The key/value kernel holds BLOCK_N keys and loops over BLOCK_M query rows; the query kernel holds the
-    # tiles' N query rows and loops over M keys (the same shape of work, transposed).
-    common = dict(
-        MASK_KIND=_mask_kind(mask), IS_CAUSAL=is_causal, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=block_d,
-        **_launch_options(tiles),
-    )
     strides = (*q.stride(), *k.stride(), *v.stride(), *_mask_strides(mask), *grad_out.stride())
     qk_scale = sm_scale * _LOG2E_HOST
-    _attention_backward_kv[(triton.cdiv(S, tiles.block_n), B * HKV)](
-        q, k, v, mask_arg, grad_out, lse, delta, dk, dv, p_logit, seed, *strides, H, HKV, H // HKV, L, S, D,
-        triton.cdiv(S, 4), qk_scale, sm_scale, inv_t, bound, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-        **common,
-    )
-    grid = (triton.cdiv(L, tiles.block_n), B * H)
-    num_programs = grid[0] * grid[1]
-    partial = torch.empty(2 * num_programs, device=q.device, dtype=torch.float32) if need_logit else lse
-    _attention_backward_q[grid](
-        q, k, v, mask_arg, grad_out, lse, delta, dq, partial, p_logit, seed, *strides, H, H // HKV, L, S, D,
-        triton.cdiv(S, 4), num_programs, qk_scale, sm_scale, inv_t, bound, NEED_LOGIT=need_logit,
-        BLOCK_M=tiles.block_n, BLOCK_N=tiles.block_m, **common,
-    )
-    grad_logit = None
-    if need_logit:
-        grad_logit = torch.empty_like(p_logit)
-        _finish[(1,)](partial, grad_logit, p_logit, num_programs, inv_t, bound, BLOCK=_FINISH_BLOCK)
+
+    def launch(tiles: Tiles) -> None:
+        # Every kernel here only writes its outputs, so a try that fails part-way is redone whole.
+        _attention_delta[(triton.cdiv(L, 64), B * H)](
+            out, grad_out, delta, H, L, D, *out.stride(), *grad_out.stride(), BLOCK_M=64, BLOCK_D=block_d
+        )
+        # The key/value kernel holds BLOCK_N keys and loops over BLOCK_M query rows; the query kernel holds the
+        # tiles' N query rows and loops over M keys (the same shape of work, transposed).
+        common = dict(
+            MASK_KIND=_mask_kind(mask), IS_CAUSAL=is_causal, DOT_PRECISION=_dot_precision(q.dtype),
+            BLOCK_D=block_d, **_launch_options(tiles),
+        )
+        _attention_backward_kv[(triton.cdiv(S, tiles.block_n), B * HKV)](
+            q, k, v, mask_arg, grad_out, lse, delta, dk, dv, p_logit, seed, *strides, H, HKV, H // HKV, L, S, D,
+            triton.cdiv(S, 4), qk_scale, sm_scale, inv_t, bound, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+            **common,
+        )
+        grid = (triton.cdiv(L, tiles.block_n), B * H)
+        num_programs = grid[0] * grid[1]
+        partial = torch.empty(2 * num_programs, device=q.device, dtype=torch.float32) if need_logit else lse
+        _attention_backward_q[grid](
+            q, k, v, mask_arg, grad_out, lse, delta, dq, partial, p_logit, seed, *strides, H, H // HKV, L, S, D,
+            triton.cdiv(S, 4), num_programs, qk_scale, sm_scale, inv_t, bound, NEED_LOGIT=need_logit,
+            BLOCK_M=tiles.block_n, BLOCK_N=tiles.block_m, **common,
+        )
+        if need_logit:
+            _finish[(1,)](partial, grad_logit, p_logit, num_programs, inv_t, bound, BLOCK=_FINISH_BLOCK)
+
+    key = _variant("backward", ladder, q, mask, p_logit, is_causal, need_logit)
+    launch_in_fitting_shape(key, ladder, launch, _described("backward", q))
     return dq, dk, dv, grad_logit
 
 

@@ -19,7 +19,8 @@ The noise uses the same lattice as :mod:`cd_convert.noise`: ``u = (k + 1/2) * 2*
 runs repeatable, and a CUDA graph that captured the call draws a new seed at every replay (a seed passed as a
 host number would be frozen into the graph).
 
-The path is taken only where it is exact and safe (see :func:`supports`): a CUDA tensor in fp32, fp16 or
+The path is taken only where it is exact and safe (see :func:`supports`): a CUDA tensor (on a GPU Triton compiles
+for: NVIDIA compute capability 7.0 or later, PyTorch's own rule for Triton, or AMD) in fp32, fp16 or
 bf16, in contiguous (or, for 4-D/5-D inputs, channels-last) layout, fewer than 2**31 elements, Triton
 importable, no ``torch.compile``/``jit`` tracing (Inductor fuses the PyTorch formula itself), no tensor
 subclass. CUDA-graph capture is supported (``torch.cuda.graph``, ``torch.cuda.make_graphed_callables``): a
@@ -42,8 +43,8 @@ from torch.autograd.function import once_differentiable
 from ._tracing import being_traced, functorch_active
 
 __all__ = [
-    "ENABLED", "INTERPRET_ON_CPU", "supports", "draw_seed", "fused_concrete_dropout", "made_by_fused_site",
-    "recompute_output",
+    "ENABLED", "INTERPRET_ON_CPU", "triton_runs_on", "supports", "draw_seed", "fused_concrete_dropout",
+    "made_by_fused_site", "recompute_output",
 ]
 
 #: Master switch; the environment variable ``CD_CONVERT_FUSED=0`` sets it to False at import.
@@ -88,6 +89,23 @@ def _in_layout_of(t: Tensor, like: Tensor) -> Tensor:
     return t.contiguous()
 
 
+def triton_runs_on(capability: Tuple[int, int], hip: bool = False) -> bool:
+    """Whether Triton compiles for a GPU: NVIDIA compute capability 7.0 or later (a P100 is too old; PyTorch's
+    Inductor refuses Triton below 7.0 for the same reason), or any AMD GPU.
+
+    Args:
+        capability: ``torch.cuda.get_device_capability``'s ``(major, minor)``.
+        hip: an AMD GPU (ROCm), whose capability numbers are not NVIDIA's.
+    """
+    return hip or tuple(capability) >= (7, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_runs_triton(device: torch.device) -> bool:
+    """:func:`triton_runs_on` for a CUDA device, looked up once per device."""
+    return triton_runs_on(torch.cuda.get_device_capability(device), hip=torch.version.hip is not None)
+
+
 def supports(x: Tensor, channelwise: bool = False, channel_dim: int = 1, *, interpret: bool = False) -> bool:
     """Whether the fused kernels can run on ``x``.
 
@@ -107,6 +125,8 @@ def supports(x: Tensor, channelwise: bool = False, channel_dim: int = 1, *, inte
     if not ENABLED or type(x) is not Tensor or functorch_active():
         return False
     if not (x.is_cuda or (interpret and x.device.type == "cpu")):
+        return False
+    if x.is_cuda and not _device_runs_triton(x.device):
         return False
     layout = _layout(x)
     if x.dtype not in _FLOAT_TYPES or x.numel() == 0 or x.numel() > _MAX_ELEMENTS or layout is None:

@@ -14,13 +14,15 @@ in the tests) in fp16 or bf16, or in fp32 where PyTorch's own fp32 matmuls may u
 (``torch.backends.cuda.matmul.allow_tf32``, ``torch.set_float32_matmul_precision("high")``: in full fp32 the
 kernel's dots cannot use the tensor cores, and a ViT-base attention call took 18x the time of
 ``scaled_dot_product_attention`` on an H200, where explicit attention takes about 1.0x); ``(B, H, L, D)`` with
-``D <= 256``, key/value heads dividing the query
+``D <= 256``, on an NVIDIA GPU of compute capability 8.0 or later (7.5 for fp16: a T4 has no bf16 or TF32
+tensor cores, and Triton compiles for nothing older) or an AMD GPU; key/value heads dividing the query
 heads (grouped-query attention), a boolean or additive float mask that needs no gradient, the relaxed
 training mask (Monte Carlo prediction's hard mask takes the explicit path), no ``torch.compile``/``jit``
 tracing, no functorch transform. Everything else runs the explicit path. The seed is drawn on the device
 (:func:`cd_convert.fused.draw_seed`), so CUDA-graph capture is supported.
 ``CD_CONVERT_FUSED=0`` turns these kernels off together with those of :mod:`cd_convert.fused`;
-``CD_CONVERT_ATTENTION_TILES`` sets their launch shapes (:data:`TILES_VARIABLE`).
+``CD_CONVERT_ATTENTION_TILES`` sets their launch shapes (:data:`TILES_VARIABLE`); without it, a GPU with less shared
+memory than the default shapes need gets smaller ones (:mod:`cd_convert._attention_tiles`).
 
 One difference from the explicit path: a query row whose keys are all masked gives zeros (explicit softmax
 gives NaN there).
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -39,7 +41,10 @@ from torch.autograd.function import once_differentiable
 from . import fused
 from ._tracing import being_traced, functorch_active
 
-__all__ = ["INTERPRET_ON_CPU", "TILES_VARIABLE", "kernels_available", "runs_on", "supports", "fused_concrete_attention"]
+__all__ = [
+    "INTERPRET_ON_CPU", "TILES_VARIABLE", "kernels_available", "runs_on", "dtype_runs_on", "supports",
+    "fused_concrete_attention",
+]
 
 #: ``M,N,WARPS,STAGES;M,N,WARPS,STAGES``: the forward's and the backward kernels' launch shapes instead of the
 #: defaults (to tune for a GPU; a shape too large for the GPU's shared memory fails to compile). Forward: M query
@@ -82,6 +87,31 @@ def runs_on(device: torch.device, interpret: Optional[bool] = None) -> bool:
     return device.type == "cuda" or (interpret and device.type == "cpu")
 
 
+#: The oldest NVIDIA compute capability the kernels take for each dtype: bf16 and TF32 tensor cores arrived with
+#: 8.0 (A100); fp16 ones with 7.0, but Triton's oldest target is 7.5 (T4).
+_MIN_CAPABILITY = {torch.float16: (7, 5), torch.bfloat16: (8, 0), torch.float32: (8, 0)}
+
+
+def dtype_runs_on(dtype: torch.dtype, capability: Tuple[int, int], hip: bool = False) -> bool:
+    """Whether the kernels take ``dtype`` on a GPU of compute ``capability``.
+
+    Args:
+        dtype: the inputs' dtype (fp16, bf16 or fp32).
+        capability: ``torch.cuda.get_device_capability``'s ``(major, minor)``.
+        hip: an AMD GPU (ROCm), where every dtype is taken (the capability numbers are not NVIDIA's).
+
+    Returns:
+        True when the GPU has tensor cores for ``dtype`` (fp32: TF32) and Triton compiles for it.
+    """
+    return hip or tuple(capability) >= _MIN_CAPABILITY[dtype]
+
+
+@functools.lru_cache(maxsize=None)
+def _device_takes(device: torch.device, dtype: torch.dtype) -> bool:
+    """:func:`dtype_runs_on` for a CUDA device, looked up once per device and dtype."""
+    return dtype_runs_on(dtype, torch.cuda.get_device_capability(device), hip=torch.version.hip is not None)
+
+
 def supports(
     query: Tensor,
     key: Tensor,
@@ -117,6 +147,8 @@ def supports(
         return False
     if query.dtype == torch.float32 and query.is_cuda and not torch.backends.cuda.matmul.allow_tf32:
         return False  # full-fp32 dots without tensor cores: far slower than explicit attention (module docstring)
+    if query.is_cuda and not _device_takes(query.device, query.dtype):
+        return False
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     if key.shape[0] != batch or value.shape[:3] != key.shape[:3] or key.shape[3] != dim or value.shape[3] != dim:

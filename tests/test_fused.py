@@ -188,6 +188,16 @@ def test_functorch_transforms_use_the_pytorch_formula():
     assert seen == [False] and fused.supports(torch.ones(3), interpret=True) == (fused._kernels() is not None)
 
 
+@pytest.mark.parametrize(
+    "capability,hip,runs",
+    [((6, 0), False, False), ((6, 1), False, False), ((7, 0), False, True), ((7, 5), False, True),
+     ((9, 0), False, True), ((9, 4), True, True)],
+)
+def test_the_kernels_are_taken_only_on_gpus_triton_compiles_for(capability, hip, runs):
+    # P100 (6.0) and GTX 10-series (6.1): older than Triton's targets; V100 and later, and AMD GPUs: taken.
+    assert fused.triton_runs_on(capability, hip=hip) is runs
+
+
 def test_unsupported_inputs_use_the_pytorch_formula():
     assert not fused.supports(torch.randn(4, 4))  # CPU without the interpreter flag
     assert not fused.supports(torch.randn(4, 4, dtype=torch.float64), interpret=True)

@@ -140,6 +140,42 @@ def test_other_launch_shapes_give_the_same_results(monkeypatch):
     _compare((2, 4, 21, 37, 16), kv_heads=2)
 
 
+@runs_kernels
+def test_a_shape_refused_for_shared_memory_gives_way_to_a_smaller_one_with_the_same_results(monkeypatch):
+    """As on a GPU with less shared memory than the default shapes need: Triton refuses the launch before it
+    starts; the next shape of the ladder runs, with the same noise, and is remembered."""
+    from cd_convert import _attention_tiles, _triton_attention
+
+    refused = []
+
+    def refusing_default_shapes(name):
+        kernel = getattr(_triton_attention, name)
+
+        class Refusing:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    if "num_stages" not in kwargs:  # the default shapes leave the stages to Triton
+                        refused.append(name)
+                        raise _attention_tiles.OutOfResources(200 * 1024, 99 * 1024, "shared memory")
+                    return kernel[grid](*args, **kwargs)
+
+                return launch
+
+        return Refusing()
+
+    # The backward's query kernel runs after its key/value kernel launched: the whole pass is redone.
+    for name in ("_attention_forward", "_attention_backward_q"):
+        monkeypatch.setattr(_triton_attention, name, refusing_default_shapes(name))
+    _attention_tiles.forget_fitting_shapes()
+    try:
+        _compare((2, 3, 37, 41, 24))
+        assert refused == ["_attention_forward", "_attention_backward_q"]
+        _compare((1, 3, 20, 41, 24))
+        assert refused == ["_attention_forward", "_attention_backward_q"]  # the fitted shapes are remembered
+    finally:
+        _attention_tiles.forget_fitting_shapes()
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="16-bit dots: on a GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_at_a_vit_shape(dtype):
@@ -162,6 +198,21 @@ def test_the_benchmark_script_runs_and_checks_its_accuracy():
         assert max(accuracy(shape, torch.device(DEVICE)).values()) < tol
         assert fused_attention.TILES_VARIABLE in os.environ
     assert fused_attention.TILES_VARIABLE not in os.environ
+
+
+@pytest.mark.parametrize(
+    "capability,hip,takes",
+    [
+        ((7, 0), False, {"float16": False, "bfloat16": False, "float32": False}),  # V100: older than Triton's targets
+        ((7, 5), False, {"float16": True, "bfloat16": False, "float32": False}),  # T4: fp16 tensor cores only
+        ((8, 0), False, {"float16": True, "bfloat16": True, "float32": True}),  # A100: bf16 and TF32 too
+        ((9, 0), False, {"float16": True, "bfloat16": True, "float32": True}),
+        ((9, 4), True, {"float16": True, "bfloat16": True, "float32": True}),  # AMD: not NVIDIA's numbering
+    ],
+)
+def test_the_kernels_take_a_dtype_only_on_gpus_with_tensor_cores_for_it(capability, hip, takes):
+    for name, expected in takes.items():
+        assert fused_attention.dtype_runs_on(getattr(torch, name), capability, hip=hip) is expected, name
 
 
 def test_bad_tiles_are_refused_with_the_expected_form(monkeypatch):

@@ -336,9 +336,10 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation(
         "host-route-noise-shared-by-rows",
         "the CPU site's own noise is drawn for one row and broadcast: every sample in a batch gets the same mask",
-        "cd_convert/layers.py",
-        "u = noise.eager_cpu_uniform(x.shape, x.numel(), x.dtype)",
-        "u = noise.eager_cpu_uniform(x.shape[-1:], x.shape[-1], x.dtype).expand(x.shape).clone()",
+        "cd_convert/host_scalars.py",
+        "    uniform = noise.eager_cpu_uniform(x.shape, numel, x.dtype)\n    if needs_grad:",
+        "    uniform = noise.eager_cpu_uniform(x.shape[-1:], x.shape[-1], x.dtype).expand(x.shape).clone()\n"
+        "    if needs_grad:",
         _LAYERS,
     ),
     Mutation(
@@ -913,6 +914,24 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "    extension = cpu_extension._MODULE\n    numel = x.numel()\n",
         "    extension = None\n    numel = x.numel()\n",
         ("tests/test_cpu_extension.py",),
+    ),
+    Mutation(
+        "attention-no-smaller-shapes",
+        "the fused attention kernels try only their default launch shapes, which need more shared memory than an "
+        "A10, L4 or T4 has: training stops at the first backward pass there",
+        "cd_convert/_attention_tiles.py",
+        "        rungs = (first, replace(first, stages=1), *_SMALLEST)\n",
+        "        rungs = (first,)\n",
+        ("tests/test_gpu_targets.py",),
+    ),
+    Mutation(
+        "attention-refusal-not-redone",
+        "a backward pass whose query kernel is refused for shared memory returns the gradients of the try that "
+        "failed (uninitialised memory) instead of redoing the pass with a smaller shape",
+        "cd_convert/_attention_tiles.py",
+        "        except OutOfResources as error:\n            failure = error\n            continue\n",
+        "        except OutOfResources as error:\n            failure = error\n            return None\n",
+        ("tests/test_attention_tiles.py", "tests/test_fused_attention.py"),
     ),
 )
 

@@ -1,0 +1,57 @@
+"""The fused attention kernels compile for GPUs this machine does not have, and fit their shared memory.
+
+``tools.gpu_targets`` compiles the launches cd_convert's own launchers make (through Triton's ahead-of-time
+compiler: ``ptxas`` for NVIDIA targets, no GPU needed) and raises Triton's ``OutOfResources`` where a kernel needs
+more shared memory than the GPU gives a block, as the launch on the device would. The ladder of launch shapes
+must then find one that fits. The cases are the tightest ones in the tool's full table: the widest heads the
+kernels take, on the GPUs with the least shared memory per block (64 KB on a T4, 99 KB on the A10/L4 class).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its NVIDIA backend")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("the interpreter replaces the compiler these tests run", allow_module_level=True)
+
+from tools.gpu_targets import GPUS, check  # noqa: E402
+
+CASES = [
+    ("A10", torch.float16, 128),  # the default backward shapes need more than 99 KB here
+    ("A10", torch.float32, 256),  # the widest fp32 heads: down to the smallest shape
+    ("T4", torch.float16, 256),  # 64 KB
+]
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """Shared memory of every compiled launch, kept across the cases."""
+    return {}
+
+
+@pytest.fixture(autouse=True)
+def _tf32():
+    """fp32 takes the kernels only where TF32 matmuls are allowed (``fused_attention.supports``)."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("gpu,dtype,head_dim", CASES, ids=[f"{g}-{d}-{h}".replace("torch.", "") for g, d, h in CASES])
+def test_some_shape_of_the_ladder_fits_the_gpu(gpu, dtype, head_dim, compiled):
+    limit = GPUS[gpu].shared_limit
+    for result in check(GPUS[gpu], dtype, head_dim, cache=compiled):
+        assert result.error is None and result.tiles is not None, result.error
+        assert 0 < result.shared <= limit
+
+
+def test_the_defaults_measured_on_an_h100_class_gpu_stay_there(compiled):
+    forward, backward = check(GPUS["H100"], torch.float16, 128, cache=compiled)
+    assert forward.refused == [] and backward.refused == []
+    assert forward.tiles == backward.tiles == "64,64,8,default"

@@ -29,6 +29,7 @@ except ImportError:  # pragma: no cover - older Triton
 __all__ = [
     "OutOfResources",
     "Tiles",
+    "eight_warps_compile",
     "tiles_for",
     "tile_ladder",
     "launch_in_fitting_shape",
@@ -82,7 +83,26 @@ def _parse_tiles(text: str) -> Tuple[Tiles, Tiles]:
     return forward, backward
 
 
-def tiles_for(head_dim: int, element_size: int) -> Tuple[Tiles, Tiles, int]:
+def eight_warps_compile(capability: Optional[Tuple[int, int]], triton_version: str) -> bool:
+    """Whether the kernels may use 8 warps: not on a Hopper GPU (compute capability 9.x) with Triton older than
+    3.3, whose compiler aborts the process on the 8-warp kernels of 16-bit heads 128 wide (an LLVM ``UNREACHABLE``
+    in 3.0 and 3.1, a failed assertion in ``LinearLayout::reshape`` in 3.2; found by ``tools.gpu_targets
+    --isolate`` with each release). An abort cannot be caught, so it is avoided before the first launch.
+
+    Args:
+        capability: the CUDA device's compute capability, or None for other devices.
+        triton_version: ``triton.__version__``.
+    """
+    if capability is None or capability[0] != 9:
+        return True
+    try:
+        major, minor = (int(part) for part in triton_version.split("+")[0].split(".")[:2])
+    except ValueError:
+        return True
+    return (major, minor) >= (3, 3)
+
+
+def tiles_for(head_dim: int, element_size: int, eight_warps: bool = True) -> Tuple[Tiles, Tiles, int]:
     """``(forward tiles, backward tiles, BLOCK_D)`` first tried for a head width and element size.
 
     Default: 64 x 64 tiles while a row of a tile is at most 256 bytes (16-bit heads up to 128 wide, fp32 up to
@@ -92,17 +112,20 @@ def tiles_for(head_dim: int, element_size: int) -> Tuple[Tiles, Tiles, int]:
     Args:
         head_dim: the heads' width D.
         element_size: bytes per element of the inputs.
+        eight_warps: False where 8 warps must be avoided (:func:`eight_warps_compile`): 4 instead.
     """
     block_d = max(16, _next_power_of_2(head_dim))
     override = os.environ.get(TILES_VARIABLE)
     if override:
         return (*_parse_tiles(override), block_d)
     block = 64 if block_d * element_size <= 256 else 32
-    tiles = Tiles(block, block, 8 if block_d >= 128 and block == 64 else 4, None)
+    tiles = Tiles(block, block, 8 if block_d >= 128 and block == 64 and eight_warps else 4, None)
     return tiles, tiles, block_d
 
 
-def tile_ladder(head_dim: int, element_size: int) -> Tuple[Tuple[Tiles, ...], Tuple[Tiles, ...], int]:
+def tile_ladder(
+    head_dim: int, element_size: int, eight_warps: bool = True
+) -> Tuple[Tuple[Tiles, ...], Tuple[Tiles, ...], int]:
     """The launch shapes to try, in order, for the forward kernel and for the backward kernels, and ``BLOCK_D``.
 
     Each ladder starts at :func:`tiles_for`'s shape, then the same tiles with one pipeline stage (less than half
@@ -113,8 +136,9 @@ def tile_ladder(head_dim: int, element_size: int) -> Tuple[Tuple[Tiles, ...], Tu
     Args:
         head_dim: the heads' width D.
         element_size: bytes per element of the inputs.
+        eight_warps: False where 8 warps must be avoided (:func:`eight_warps_compile`).
     """
-    forward, backward, block_d = tiles_for(head_dim, element_size)
+    forward, backward, block_d = tiles_for(head_dim, element_size, eight_warps)
     if os.environ.get(TILES_VARIABLE):
         return (forward,), (backward,), block_d
 

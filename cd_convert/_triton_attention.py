@@ -18,6 +18,7 @@ cd_convert.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Hashable, Optional, Tuple
 
@@ -26,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._attention_tiles import Tiles, launch_in_fitting_shape, tile_ladder, tiles_for
+from ._attention_tiles import Tiles, eight_warps_compile, launch_in_fitting_shape, tile_ladder, tiles_for
 from ._triton_kernels import _clamped_theta, _finish, _uniform
 
 # The kernels' long argument lists stay packed, as in _triton_kernels.py.
@@ -315,6 +316,20 @@ def _mask_strides(mask: Optional[Tensor]) -> Tuple[int, int, int, int]:
     return tuple(mask.stride()) if mask is not None else (0, 0, 0, 0)
 
 
+@functools.lru_cache(maxsize=None)
+def _device_capability(device: torch.device) -> Optional[Tuple[int, int]]:
+    """An NVIDIA GPU's compute capability; None for the CPU (the interpreter) and AMD GPUs."""
+    if device.type != "cuda" or torch.version.hip is not None:
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def _ladders(q: Tensor) -> Tuple[Tuple[Tiles, ...], Tuple[Tiles, ...], int]:
+    """:func:`tile_ladder` for ``q``'s head width, element size and device."""
+    eight_warps = eight_warps_compile(_device_capability(q.device), triton.__version__)
+    return tile_ladder(q.shape[-1], q.element_size(), eight_warps)
+
+
 def launch_attention_forward(
     q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], p_logit: Tensor, seed: Tensor, is_causal: bool,
     sm_scale: float, inv_t: float, bound: float,
@@ -334,7 +349,7 @@ def launch_attention_forward(
     """
     B, H, L, D = q.shape
     S = k.shape[2]
-    ladder, _, block_d = tile_ladder(D, q.element_size())
+    ladder, _, block_d = _ladders(q)
     out = torch.empty((B, H, L, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B * H, L), device=q.device, dtype=torch.float32)
 
@@ -372,7 +387,7 @@ def launch_attention_backward(
     """``(dq, dk, dv, d p_logit)`` (contiguous; the last None when ``need_logit`` is False)."""
     B, H, L, D = q.shape
     HKV, S = k.shape[1], k.shape[2]
-    _, ladder, block_d = tile_ladder(D, q.element_size())
+    _, ladder, block_d = _ladders(q)
     # delta_i = dO_i . O_i (= sum_j g_ij Pd_ij), in fp32.
     delta = torch.empty((B * H, L), device=q.device, dtype=torch.float32)
     dq = torch.empty((B, H, L, D), device=q.device, dtype=q.dtype)

@@ -15,8 +15,8 @@ in the tests) in fp16 or bf16, or in fp32 where PyTorch's own fp32 matmuls may u
 kernel's dots cannot use the tensor cores, and a ViT-base attention call took 18x the time of
 ``scaled_dot_product_attention`` on an H200, where explicit attention takes about 1.0x); ``(B, H, L, D)`` with
 ``D <= 256``, on an NVIDIA GPU of compute capability 8.0 or later (7.5 for fp16: a T4 has no bf16 or TF32
-tensor cores, and Triton compiles for nothing older) or an AMD GPU; key/value heads dividing the query
-heads (grouped-query attention), a boolean or additive float mask that needs no gradient, the relaxed
+tensor cores, and Triton compiles for nothing older) or an AMD GPU, with Triton 3.0 or later; key/value heads
+dividing the query heads (grouped-query attention), a boolean or additive float mask that needs no gradient, the relaxed
 training mask (Monte Carlo prediction's hard mask takes the explicit path), no ``torch.compile``/``jit``
 tracing, no functorch transform. Everything else runs the explicit path. The seed is drawn on the device
 (:func:`cd_convert.fused.draw_seed`), so CUDA-graph capture is supported.
@@ -42,8 +42,8 @@ from . import fused
 from ._tracing import being_traced, functorch_active
 
 __all__ = [
-    "INTERPRET_ON_CPU", "TILES_VARIABLE", "kernels_available", "runs_on", "dtype_runs_on", "supports",
-    "fused_concrete_attention",
+    "INTERPRET_ON_CPU", "TILES_VARIABLE", "kernels_available", "runs_on", "dtype_runs_on",
+    "triton_version_takes_kernels", "supports", "fused_concrete_attention",
 ]
 
 #: ``M,N,WARPS,STAGES;M,N,WARPS,STAGES``: the forward's and the backward kernels' launch shapes instead of the
@@ -61,13 +61,29 @@ _MAX_HEAD_DIM = 256
 _MAX_ELEMENTS = 2**31 - 1  # the kernels index with int32
 
 
+def triton_version_takes_kernels(version: str) -> bool:
+    """Whether a Triton release compiles these kernels: 3.0 or later (``tl.exp2`` and ``tl.dot``'s
+    ``input_precision`` arrived in 3.0; Triton 2.3.1 stops at the first, checked by compiling for an H100 target).
+    PyTorch 2.4 and later ship Triton 3.
+
+    Args:
+        version: ``triton.__version__``, e.g. ``"3.0.0"`` or ``"3.2.0+git35c6c7c6"``.
+    """
+    major = version.split(".")[0]
+    return major.isdigit() and int(major) >= 3
+
+
 @functools.lru_cache(maxsize=1)
 def _kernels() -> Optional[Any]:
-    """The kernels, or None if Triton cannot be imported."""
+    """The kernels, or None if Triton cannot be imported or is older than 3.0 (explicit attention then)."""
     try:
-        from . import _triton_attention
+        import triton
     except ImportError:
         return None
+    if not triton_version_takes_kernels(triton.__version__):
+        return None
+    from . import _triton_attention
+
     return _triton_attention
 
 

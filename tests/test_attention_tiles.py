@@ -96,3 +96,36 @@ def test_other_failures_are_not_taken_for_a_shape_too_large():
     with pytest.raises(ValueError, match="a bug in a launcher"):
         launch_in_fitting_shape("variant", ladder, broken, "test")
     assert _attention_tiles.fitting_index("variant") is None
+
+
+@pytest.mark.parametrize(
+    "capability,version,allowed",
+    [
+        ((9, 0), "3.0.0", False),  # Hopper with Triton 3.0-3.2: the compiler aborts on the 8-warp kernels
+        ((9, 0), "3.1.0", False),
+        ((9, 0), "3.2.0+git35c6c7c6", False),
+        ((9, 0), "3.3.1", True),
+        ((9, 0), "3.8.0", True),
+        ((8, 0), "3.0.0", True),  # an A100 compiles them with every release
+        (None, "3.0.0", True),  # CPU (interpreter) or AMD
+    ],
+)
+def test_eight_warps_are_avoided_where_the_compiler_aborts_on_them(capability, version, allowed):
+    assert _attention_tiles.eight_warps_compile(capability, version) is allowed
+    forward, backward, _ = tile_ladder(128, 2, eight_warps=allowed)
+    assert max(tiles.warps for tiles in forward + backward) == (8 if allowed else 4)
+
+
+def test_the_launchers_apply_the_rule_for_their_device(monkeypatch):
+    import torch
+
+    from cd_convert import _triton_attention
+
+    q = torch.zeros(1, 2, 16, 128, dtype=torch.float16)
+    monkeypatch.setattr(_triton_attention, "_device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(_triton_attention.triton, "__version__", "3.2.0")
+    forward, backward, _ = _triton_attention._ladders(q)
+    assert max(tiles.warps for tiles in forward + backward) == 4
+    monkeypatch.setattr(_triton_attention.triton, "__version__", "3.3.1")
+    forward, backward, _ = _triton_attention._ladders(q)
+    assert forward[0].warps == backward[0].warps == 8

@@ -215,6 +215,16 @@ def test_the_kernels_take_a_dtype_only_on_gpus_with_tensor_cores_for_it(capabili
         assert fused_attention.dtype_runs_on(getattr(torch, name), capability, hip=hip) is expected, name
 
 
+@pytest.mark.parametrize(
+    "version,takes",
+    [("2.3.1", False), ("2.1.0", False), ("3.0.0", True), ("3.2.0+git35c6c7c6", True), ("3.8.0", True),
+     ("10.0.0", True), ("unknown", False)],
+)
+def test_triton_releases_older_than_3_leave_attention_explicit(version, takes):
+    # Triton 2.x has no tl.exp2 and no input_precision for tl.dot: the kernels would not compile.
+    assert fused_attention.triton_version_takes_kernels(version) is takes
+
+
 def test_bad_tiles_are_refused_with_the_expected_form(monkeypatch):
     pytest.importorskip("cd_convert._triton_attention")
     from cd_convert._triton_attention import tiles_for

@@ -7,8 +7,9 @@ raises ``OutOfResources`` before the launch when a kernel needs more than the de
 
 This tool runs cd_convert's own launchers (``launch_attention_forward`` and ``launch_attention_backward``, with
 their shape ladder from :mod:`cd_convert._attention_tiles`) on small CPU tensors, with each Triton kernel
-replaced by a stand-in that compiles the launch for the target GPU (same arguments, so the same
-specialisation and constants as on the device), and raises ``OutOfResources`` exactly as Triton's launcher
+replaced by a stand-in that compiles the launch for the target GPU (``JITFunction.warmup`` with the same
+arguments, so the same specialisation and constants as on the device, while a stand-in for Triton's driver
+names the target; any Triton 3.x), and raises ``OutOfResources`` exactly as Triton's launcher
 would when the kernel needs more shared memory than the target has. The real ladder code then picks its
 shape. For each GPU, dtype and head width it prints the shape each pass took and the shared memory its kernels
 need, or that none fits.
@@ -17,6 +18,7 @@ Usage::
 
     python -m tools.gpu_targets                                 # every GPU below, head widths 64, 128, 256
     python -m tools.gpu_targets --gpus A10,T4 --dtypes fp16 --head-dims 128
+    PYTHONPATH=/tmp/triton-3.2:. python -m tools.gpu_targets --gpus H100 --isolate   # another Triton release
 
 It must not run under ``TRITON_INTERPRET=1`` (the interpreter replaces the compiler).
 """
@@ -25,10 +27,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -76,41 +83,47 @@ class PassResult:
     error: Optional[str] = None
 
 
-class _CompilingStandIn:
-    """Stands in for one ``triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` compiles for the GPU, checks
-    its shared memory as Triton's launcher does, and launches nothing."""
+class _TargetDriver:
+    """Stands in for Triton's GPU driver while compiling: answers the three questions ``JITFunction.run`` asks
+    before it compiles (device, stream, target). Each GPU gets its own device number, so Triton's per-device
+    caches of compiled kernels never mix two targets."""
 
-    def __init__(self, kernel, gpu: Gpu, log: List[Tuple[str, int]], cache: Dict):
-        self.kernel, self.gpu, self.log, self.cache = kernel, gpu, log, cache
+    def __init__(self, gpu: Gpu, device: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget(gpu.backend, gpu.arch, gpu.warp_size)
+        self.device = device
+
+    def get_current_device(self) -> int:
+        return self.device
+
+    def get_current_stream(self, device: Optional[int] = None) -> int:
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+class _CompilingStandIn:
+    """Stands in for one ``triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` compiles it for the GPU
+    (``JITFunction.warmup``: the same binding, specialisation and options as a launch), checks its shared memory
+    as Triton's launcher does, and launches nothing."""
+
+    def __init__(self, kernel, gpu: Gpu, log: List[Tuple[str, int]]):
+        self.kernel, self.gpu, self.log = kernel, gpu, log
 
     def __getitem__(self, grid):
-        return self._launch
+        def launch(*args, **kwargs) -> None:
+            from cd_convert._attention_tiles import OutOfResources
 
-    def _launch(self, *args, **kwargs) -> None:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource, make_backend
-        from triton.runtime.jit import create_function_from_signature
+            compiled = self.kernel.warmup(*args, grid=grid, **kwargs)
+            shared = int(compiled.metadata.shared)
+            if shared > self.gpu.shared_limit:
+                self.log.clear()  # the try ends here: the log keeps the kernels of the try that launches
+                raise OutOfResources(shared, self.gpu.shared_limit, "shared memory")
+            self.log.append((self.kernel.fn.__name__, shared))
 
-        from cd_convert._attention_tiles import OutOfResources
-
-        kernel = self.kernel
-        target = GPUTarget(self.gpu.backend, self.gpu.arch, self.gpu.warp_size)
-        backend = make_backend(target)
-        # As JITFunction.run does on a device: bind, specialise, pack the signature and constants.
-        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-        bound, specialization, options = binder(*args, **kwargs)
-        key = (self.gpu.backend, self.gpu.arch, kernel.fn.__name__, str(specialization), str(sorted(kwargs.items())))
-        shared = self.cache.get(key)
-        if shared is None:
-            options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
-            compiled = _triton().compile(
-                ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__
-            )
-            shared = self.cache[key] = int(compiled.metadata.shared)
-        if shared > self.gpu.shared_limit:
-            self.log.clear()  # the try ends here: the log keeps the kernels of the try that launches
-            raise OutOfResources(shared, self.gpu.shared_limit, "shared memory")
-        self.log.append((kernel.fn.__name__, shared))
+        return launch
 
 
 def _triton():
@@ -123,20 +136,34 @@ _KERNELS = ("_attention_forward", "_attention_delta", "_attention_backward_kv", 
 
 
 @contextlib.contextmanager
-def compiling_for(gpu: Gpu, log: List[Tuple[str, int]], cache: Dict) -> Iterator[None]:
-    """Replace the attention launchers' kernels with stand-ins compiling for ``gpu``; forget the fitted shapes
-    before and after (they belong to the stand-in GPU)."""
+def compiling_for(gpu: Gpu, log: List[Tuple[str, int]]) -> Iterator[None]:
+    """Replace the attention launchers' kernels with stand-ins compiling for ``gpu``, with Triton's driver and
+    the launchers' capability lookup answering for it; forget the fitted shapes before and after (they belong to
+    the stand-in GPU).
+
+    Run it in a process of its own (the command line, or a subprocess as the tests do): the kernels compiled for
+    the stand-in GPU stay in Triton's in-memory cache under a made-up device number.
+    """
+    from triton.runtime.driver import driver
+
     from cd_convert import _attention_tiles, _triton_attention
 
-    saved = {name: getattr(_triton_attention, name) for name in _KERNELS}
+    saved = {name: getattr(_triton_attention, name) for name in (*_KERNELS, "_device_capability")}
     _attention_tiles.forget_fitting_shapes()
+    # Restored as it was: resetting would create the real driver, which fails where no GPU is.
+    saved_driver_state = dict(vars(driver))
+    driver.set_active(_TargetDriver(gpu, device=1000 + list(GPUS).index(gpu.name)))
     try:
-        for name, kernel in saved.items():
-            setattr(_triton_attention, name, _CompilingStandIn(kernel, gpu, log, cache))
+        for name in _KERNELS:
+            setattr(_triton_attention, name, _CompilingStandIn(saved[name], gpu, log))
+        # The launchers ask the device's compute capability (the 8-warp rule of Hopper with old Triton releases).
+        capability = gpu.capability if gpu.backend == "cuda" else None
+        _triton_attention._device_capability = lambda device: capability
         yield
     finally:
         for name, kernel in saved.items():
             setattr(_triton_attention, name, kernel)
+        vars(driver).update(saved_driver_state)
         _attention_tiles.forget_fitting_shapes()
 
 
@@ -150,14 +177,7 @@ def _run_pass(launch, log: List[Tuple[str, int]]) -> PassResult:
     return PassResult(None, max(shared for _, shared in log), [])
 
 
-def check(
-    gpu: Gpu,
-    dtype: torch.dtype,
-    head_dim: int,
-    *,
-    causal: bool = False,
-    cache: Optional[Dict] = None,
-) -> Tuple[PassResult, PassResult]:
+def check(gpu: Gpu, dtype: torch.dtype, head_dim: int, *, causal: bool = False) -> Tuple[PassResult, PassResult]:
     """Run the forward and backward launchers for ``gpu`` on a ``(1, 2, 128, head_dim)`` attention call.
 
     Args:
@@ -165,7 +185,6 @@ def check(
         dtype: the inputs' dtype.
         head_dim: D.
         causal: a causal call (else no mask).
-        cache: compiled kernels' shared memory by target and launch, kept between calls to save compiling.
 
     Returns:
         ``(forward, backward)``: the shape each took (``M,N,WARPS,STAGES``) and the most shared memory one of its
@@ -173,15 +192,14 @@ def check(
     """
     from cd_convert import _attention_tiles, _triton_attention
 
-    cache = {} if cache is None else cache
     q = torch.randn(1, 2, 128, head_dim, dtype=dtype)
     p_logit = torch.zeros(())
     seed = torch.zeros(1, dtype=torch.int64)
     lse = torch.zeros(2, 128)
     log: List[Tuple[str, int]] = []
-    forward_ladder, backward_ladder, _ = _attention_tiles.tile_ladder(head_dim, q.element_size())
     results = []
-    with compiling_for(gpu, log, cache):
+    with compiling_for(gpu, log):
+        forward_ladder, backward_ladder, _ = _triton_attention._ladders(q)  # as the launchers see this GPU
         passes = (
             (
                 "forward",
@@ -207,8 +225,60 @@ def check(
             if index is not None:
                 result.tiles = str(ladder[index])
                 result.refused = [str(tiles) for tiles in ladder[:index]]
+            elif result.error is None:
+                raise AssertionError(f"{pass_name} launched, but under another key than {key}: update this tool")
             results.append(result)
     return results[0], results[1]
+
+
+def _row(gpu: Gpu, dtype_name: str, head_dim: int) -> Dict:
+    """One case, compiled in this process."""
+    forward, backward = check(gpu, DTYPES[dtype_name], head_dim)
+    return dict(
+        gpu=gpu.name,
+        shared_limit=gpu.shared_limit,
+        dtype=dtype_name,
+        head_dim=head_dim,
+        forward=dataclasses.asdict(forward),
+        backward=dataclasses.asdict(backward),
+    )
+
+
+def _isolated_row(gpu: Gpu, dtype_name: str, head_dim: int) -> Dict:
+    """One case, compiled in a child process: a compiler that aborts (an LLVM ``UNREACHABLE``, a segfault) ends
+    the child only, and the row says so."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "row.json"
+        argv = ["--gpus", gpu.name, "--dtypes", dtype_name, "--head-dims", str(head_dim), "--json", str(out)]
+        done = subprocess.run(
+            [sys.executable, "-m", "tools.gpu_targets", *argv], capture_output=True, text=True, timeout=1800
+        )
+        if out.exists():
+            return json.loads(out.read_text())["rows"][0]
+    last_lines = " / ".join(line for line in done.stderr.strip().splitlines()[-2:])
+    crashed = PassResult(None, 0, [], f"the compiler crashed (exit status {done.returncode}): {last_lines}")
+    return dict(
+        gpu=gpu.name,
+        shared_limit=gpu.shared_limit,
+        dtype=dtype_name,
+        head_dim=head_dim,
+        forward=dataclasses.asdict(crashed),
+        backward=dataclasses.asdict(crashed),
+    )
+
+
+def _cells(row: Dict) -> List[str]:
+    cells = []
+    for name in ("forward", "backward"):
+        result = row[name]
+        if result["tiles"] is not None:
+            refused = f" (after {len(result['refused'])} refused)" if result["refused"] else ""
+            cells += [f"{result['tiles']}{refused}", f"{result['shared'] / 1024:.1f} KB"]
+        elif result["error"] and result["error"].startswith("the compiler crashed"):
+            cells += ["COMPILER CRASHED", result["error"][:160]]
+        else:
+            cells += ["NO SHAPE FITS", "-"]
+    return cells
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -216,6 +286,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--gpus", default=",".join(GPUS), help=f"comma-separated, of {', '.join(GPUS)}")
     parser.add_argument("--dtypes", default="fp16,bf16,fp32")
     parser.add_argument("--head-dims", default="64,128,256")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument(
+        "--isolate", action="store_true", help="compile each case in a child process (survives compiler crashes)"
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter replaces the compiler this tool runs")
@@ -225,8 +299,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"triton {_triton().__version__}, torch {torch.__version__}")
     print("| GPU | shared memory / block | dtype | D | forward shape | its shared | backward shape | its shared |")
     print("|---|---|---|---|---|---|---|---|")
-    cache: Dict = {}
-    all_fit = True
+    rows: List[Dict] = []
     started = time.perf_counter()
     for gpu_name in args.gpus.split(","):
         gpu = GPUS[gpu_name]
@@ -238,23 +311,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 )
                 continue
             for head_dim in (int(d) for d in args.head_dims.split(",")):
-                forward, backward = check(gpu, DTYPES[dtype_name], head_dim, cache=cache)
-                cells = []
-                for result in (forward, backward):
-                    if result.tiles is None:
-                        all_fit = False
-                        cells += ["NO SHAPE FITS", "-"]
-                    else:
-                        refused = f" (after {len(result.refused)} refused)" if result.refused else ""
-                        cells += [f"{result.tiles}{refused}", f"{result.shared / 1024:.1f} KB"]
+                row = (_isolated_row if args.isolate else _row)(gpu, dtype_name, head_dim)
+                rows.append(row)
                 print(
                     f"| {gpu.name} | {gpu.shared_limit // 1024} KB | {dtype_name} | {head_dim} | "
-                    + " | ".join(cells)
+                    + " | ".join(_cells(row))
                     + " |",
                     flush=True,
                 )
     print(f"({time.perf_counter() - started:.0f} s of compiling)", file=sys.stderr)
-    return 0 if all_fit else 1
+    if args.json:
+        Path(args.json).write_text(json.dumps({"triton": _triton().__version__, "rows": rows}, indent=1))
+    every_case_fits = all(row[name]["tiles"] is not None for row in rows for name in ("forward", "backward"))
+    return 0 if every_case_fits else 1
 
 
 if __name__ == "__main__":

@@ -933,6 +933,15 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "        except OutOfResources as error:\n            failure = error\n            return None\n",
         ("tests/test_attention_tiles.py", "tests/test_fused_attention.py"),
     ),
+    Mutation(
+        "attention-eight-warps-on-old-hopper-triton",
+        "on an H100 with Triton 3.0-3.2 (PyTorch 2.4-2.6) the attention kernels of 16-bit heads 128 wide launch "
+        "with 8 warps, on which that compiler aborts the training process",
+        "cd_convert/_triton_attention.py",
+        "    eight_warps = eight_warps_compile(_device_capability(q.device), triton.__version__)\n",
+        "    eight_warps = True\n",
+        ("tests/test_attention_tiles.py",),
+    ),
 )
 
 

@@ -255,8 +255,9 @@ def _isolated_row(gpu: Gpu, dtype_name: str, head_dim: int) -> Dict:
         )
         if out.exists():
             return json.loads(out.read_text())["rows"][0]
-    last_lines = " / ".join(line for line in done.stderr.strip().splitlines()[-2:])
-    crashed = PassResult(None, 0, [], f"the compiler crashed (exit status {done.returncode}): {last_lines}")
+    last_lines = " / ".join(line.strip() for line in done.stderr.strip().splitlines()[-2:])
+    what = "the compiler crashed" if done.returncode < 0 else "the check failed"  # killed by a signal, or raised
+    crashed = PassResult(None, 0, [], f"{what} (exit status {done.returncode}): {last_lines}")
     return dict(
         gpu=gpu.name,
         shared_limit=gpu.shared_limit,
@@ -276,6 +277,8 @@ def _cells(row: Dict) -> List[str]:
             cells += [f"{result['tiles']}{refused}", f"{result['shared'] / 1024:.1f} KB"]
         elif result["error"] and result["error"].startswith("the compiler crashed"):
             cells += ["COMPILER CRASHED", result["error"][:160]]
+        elif result["error"] and result["error"].startswith("the check failed"):
+            cells += ["CHECK FAILED", result["error"][:160]]
         else:
             cells += ["NO SHAPE FITS", "-"]
     return cells

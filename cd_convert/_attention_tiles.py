@@ -131,7 +131,8 @@ def tile_ladder(
     Each ladder starts at :func:`tiles_for`'s shape, then the same tiles with one pipeline stage (less than half
     the shared memory on the GPUs measured), then 32 x 32 and 16 x 16 tiles with one stage. With
     ``CD_CONVERT_ATTENTION_TILES`` set, the ladders hold only the shapes it names: the user's choice is kept, and
-    a shape that does not fit fails with a message that says so.
+    a shape that does not fit fails with a message that says so (more than 4 warps where ``eight_warps`` is False
+    raise ``ValueError`` before any launch).
 
     Args:
         head_dim: the heads' width D.
@@ -140,6 +141,13 @@ def tile_ladder(
     """
     forward, backward, block_d = tiles_for(head_dim, element_size, eight_warps)
     if os.environ.get(TILES_VARIABLE):
+        if not eight_warps and max(forward.warps, backward.warps) > 4:
+            # The compiler would abort the process: refuse with a message instead.
+            raise ValueError(
+                f"{TILES_VARIABLE}={os.environ[TILES_VARIABLE]!r} asks for {max(forward.warps, backward.warps)} "
+                "warps, on which Triton releases older than 3.3 abort the process when compiling for a Hopper GPU; "
+                "use at most 4 warps, or upgrade Triton (PyTorch 2.7 or later ships 3.3)"
+            )
         return (forward,), (backward,), block_d
 
     def ladder(first: Tiles) -> Tuple[Tiles, ...]:

@@ -129,3 +129,13 @@ def test_the_launchers_apply_the_rule_for_their_device(monkeypatch):
     monkeypatch.setattr(_triton_attention.triton, "__version__", "3.3.1")
     forward, backward, _ = _triton_attention._ladders(q)
     assert forward[0].warps == backward[0].warps == 8
+
+
+def test_a_variable_asking_for_eight_warps_where_the_compiler_aborts_is_refused(monkeypatch):
+    monkeypatch.setenv(TILES_VARIABLE, "64,64,8,2;64,64,4,2")
+    with pytest.raises(ValueError, match="at most 4 warps"):
+        tile_ladder(128, 2, eight_warps=False)
+    forward, _, _ = tile_ladder(128, 2, eight_warps=True)
+    assert forward == (Tiles(64, 64, 8, 2),)
+    monkeypatch.setenv(TILES_VARIABLE, "64,64,4,2;32,32,2,1")
+    assert tile_ladder(128, 2, eight_warps=False)[1] == (Tiles(32, 32, 2, 1),)

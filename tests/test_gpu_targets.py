@@ -21,7 +21,7 @@ pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without it
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("the interpreter replaces the compiler these tests run", allow_module_level=True)
 
-from tools.gpu_targets import GPUS, check  # noqa: E402
+from tools.gpu_targets import GPUS, check, check_variants  # noqa: E402
 
 CASES = [
     ("A10", torch.float16, 128),  # the default backward shapes need more than 99 KB here
@@ -51,3 +51,9 @@ def test_the_defaults_measured_on_an_h100_class_gpu_stay_there():
     forward, backward = check(GPUS["H100"], torch.float16, 128)
     assert forward.refused == [] and backward.refused == []
     assert forward.tiles == backward.tiles == "64,64,8,default"
+
+
+def test_every_branch_of_the_kernels_compiles_for_a_hopper_gpu():
+    # Masks, causal, grouped heads, an odd head width, no logit gradient; the site kernels' layouts and modes.
+    # Hopper's code generation (wgmma) is the one the interpreter is furthest from.
+    assert check_variants(GPUS["H100"], torch.bfloat16) == []

@@ -36,7 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -132,39 +132,125 @@ def _triton():
     return triton
 
 
-_KERNELS = ("_attention_forward", "_attention_delta", "_attention_backward_kv", "_attention_backward_q", "_finish")
+_ATTENTION_KERNELS = (
+    "_attention_forward",
+    "_attention_delta",
+    "_attention_backward_kv",
+    "_attention_backward_q",
+    "_finish",
+)
+_SITE_KERNELS = ("_forward", "_backward", "_finish", "_noise")
 
 
 @contextlib.contextmanager
 def compiling_for(gpu: Gpu, log: List[Tuple[str, int]]) -> Iterator[None]:
-    """Replace the attention launchers' kernels with stand-ins compiling for ``gpu``, with Triton's driver and
-    the launchers' capability lookup answering for it; forget the fitted shapes before and after (they belong to
-    the stand-in GPU).
+    """Replace the launchers' kernels (attention and element-wise sites) with stand-ins compiling for ``gpu``,
+    with Triton's driver and the attention launchers' capability lookup answering for it; forget the fitted
+    shapes before and after (they belong to the stand-in GPU).
 
-    Run it in a process of its own (the command line, or a subprocess as the tests do): the kernels compiled for
-    the stand-in GPU stay in Triton's in-memory cache under a made-up device number.
+    The kernels compiled for the stand-in GPU stay in Triton's in-memory caches under a made-up device number
+    (1000 and up), apart from a real GPU's.
     """
     from triton.runtime.driver import driver
 
-    from cd_convert import _attention_tiles, _triton_attention
+    from cd_convert import _attention_tiles, _triton_attention, _triton_kernels
 
-    saved = {name: getattr(_triton_attention, name) for name in (*_KERNELS, "_device_capability")}
+    patched = [(_triton_attention, name) for name in (*_ATTENTION_KERNELS, "_device_capability")]
+    patched += [(_triton_kernels, name) for name in _SITE_KERNELS]
+    saved = {(module, name): getattr(module, name) for module, name in patched}
     _attention_tiles.forget_fitting_shapes()
     # Restored as it was: resetting would create the real driver, which fails where no GPU is.
     saved_driver_state = dict(vars(driver))
     driver.set_active(_TargetDriver(gpu, device=1000 + list(GPUS).index(gpu.name)))
     try:
-        for name in _KERNELS:
-            setattr(_triton_attention, name, _CompilingStandIn(saved[name], gpu, log))
+        for (module, name), kernel in saved.items():
+            if name != "_device_capability":
+                setattr(module, name, _CompilingStandIn(kernel, gpu, log))
         # The launchers ask the device's compute capability (the 8-warp rule of Hopper with old Triton releases).
         capability = gpu.capability if gpu.backend == "cuda" else None
         _triton_attention._device_capability = lambda device: capability
         yield
     finally:
-        for name, kernel in saved.items():
-            setattr(_triton_attention, name, kernel)
+        for (module, name), kernel in saved.items():
+            setattr(module, name, kernel)
         vars(driver).update(saved_driver_state)
         _attention_tiles.forget_fitting_shapes()
+
+
+def _variant_launches(dtype: torch.dtype) -> List[Tuple[str, Callable[[], None]]]:
+    """``(description, launch)`` for the kernels' other compile-time branches, on small CPU tensors: masks
+    (boolean, additive in fp32 under 16-bit inputs), causal, grouped heads, a head width off the power of two, no
+    logit gradient, a logit in the inputs' dtype; and the element-wise site kernels in each layout and mode."""
+    from cd_convert import _triton_attention, _triton_kernels, fused
+
+    B, H, HKV, L, S, D = 2, 4, 2, 48, 40, 80
+    q = torch.randn(B, H, L, D, dtype=dtype)
+    kv = torch.randn(B, HKV, S, D, dtype=dtype)
+    seed = torch.zeros(1, dtype=torch.int64)
+    boolean = torch.ones(1, 1, L, S, dtype=torch.bool).expand(B, H, L, S)
+    additive = torch.zeros(L, S, dtype=torch.float32).expand(B, H, L, S)
+    lse = torch.zeros(B * H, L)
+    launches = []
+    for mask, causal, logit_dtype, need_logit, what in (
+        (boolean, True, torch.float32, True, "attention: boolean mask, causal, grouped heads, D=80"),
+        (additive, False, torch.float32, True, "attention: fp32 additive mask"),
+        (None, True, dtype, False, "attention: logit in the inputs' dtype, no logit gradient"),
+    ):
+        p_logit = torch.zeros((), dtype=logit_dtype)
+
+        def attention(mask=mask, causal=causal, p_logit=p_logit, need_logit=need_logit) -> None:
+            _triton_attention.launch_attention_forward(q, kv, kv, mask, p_logit, seed, causal, 0.1, 10.0, 5.0)
+            _triton_attention.launch_attention_backward(
+                q, kv, kv, mask, q, q, lse, p_logit, seed, causal, 0.1, 10.0, 5.0, need_logit
+            )
+
+        launches.append((what, attention))
+    x = torch.randn(4, 8, 4, 4, dtype=dtype)
+    for channelwise, channels_last in ((False, False), (True, False), (True, True)):
+        layout = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        inner, channels, cl = fused._noise_geometry(layout, channelwise, 1)
+        p_logit = torch.zeros(())
+
+        def site(x=layout, channelwise=channelwise, inner=inner, channels=channels, cl=cl, p_logit=p_logit) -> None:
+            geometry = (p_logit, seed, 10.0, 5.0, channelwise, inner, channels, cl)
+            _triton_kernels.launch_forward(x, torch.empty_like(x), *geometry, fused._BLOCK)
+            for grad_x, grad_logit, saved in (
+                (True, True, False),
+                (True, True, True),
+                (False, True, False),
+                (True, False, False),
+            ):
+                _triton_kernels.launch_backward(
+                    x,
+                    x,
+                    torch.empty_like(x) if grad_x else None,
+                    torch.empty_like(p_logit) if grad_logit else None,
+                    *geometry,
+                    saved,
+                    fused._BLOCK,
+                    fused._FINISH_BLOCK,
+                )
+
+        launches.append((f"site: channelwise={channelwise}, channels_last={channels_last}", site))
+    launches.append(("site noise", lambda: _triton_kernels.launch_noise(torch.empty(1000), 5)))
+    return launches
+
+
+def check_variants(gpu: Gpu, dtype: torch.dtype) -> List[str]:
+    """Compile the kernels' other branches (:func:`_variant_launches`) for ``gpu``.
+
+    Returns:
+        One line per launch that failed to compile (or fitted no shape), with the error; empty when all compiled.
+    """
+    failures = []
+    log: List[Tuple[str, int]] = []
+    with compiling_for(gpu, log):
+        for what, launch in _variant_launches(dtype):
+            try:
+                launch()
+            except Exception as error:  # a compile error of any kind is what this check looks for
+                failures.append(f"{what}: {type(error).__name__}: {str(error)[:400]}")
+    return failures
 
 
 def _run_pass(launch, log: List[Tuple[str, int]]) -> PassResult:
@@ -284,6 +370,24 @@ def _cells(row: Dict) -> List[str]:
     return cells
 
 
+def _print_variants(gpu_names: Sequence[str], dtype_names: Sequence[str]) -> int:
+    """``--variants``: one line per GPU and dtype; exit status 1 if a launch failed to compile."""
+    from cd_convert.fused_attention import dtype_runs_on
+
+    all_compiled = True
+    for gpu_name in gpu_names:
+        gpu = GPUS[gpu_name]
+        for dtype_name in dtype_names:
+            dtype = DTYPES[dtype_name]
+            if not dtype_runs_on(dtype, gpu.capability, hip=gpu.backend == "hip"):
+                continue
+            failures = check_variants(gpu, dtype)
+            all_compiled = all_compiled and not failures
+            verdict = "every branch compiled" if not failures else "FAILED: " + " | ".join(failures)
+            print(f"{gpu.name} {dtype_name}: {verdict}", flush=True)
+    return 0 if all_compiled else 1
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpus", default=",".join(GPUS), help=f"comma-separated, of {', '.join(GPUS)}")
@@ -293,6 +397,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument(
         "--isolate", action="store_true", help="compile each case in a child process (survives compiler crashes)"
     )
+    parser.add_argument(
+        "--variants",
+        action="store_true",
+        help="instead of the shape table: compile the kernels' other branches (masks, causal, grouped heads, "
+        "site layouts and modes) for each GPU and dtype",
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter replaces the compiler this tool runs")
@@ -300,6 +410,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 takes the kernels only where TF32 is allowed
     print(f"triton {_triton().__version__}, torch {torch.__version__}")
+    if args.variants:
+        return _print_variants(args.gpus.split(","), args.dtypes.split(","))
     print("| GPU | shared memory / block | dtype | D | forward shape | its shared | backward shape | its shared |")
     print("|---|---|---|---|---|---|---|---|")
     rows: List[Dict] = []

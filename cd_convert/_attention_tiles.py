@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Callable, Dict, Hashable, Optional, Tuple, TypeVar
 
-from .fused_attention import TILES_VARIABLE
+from .fused_attention import TILES_VARIABLE, triton_release
 
 try:  # Triton >= 3.0
     from triton.runtime.errors import OutOfResources
@@ -95,11 +95,8 @@ def eight_warps_compile(capability: Optional[Tuple[int, int]], triton_version: s
     """
     if capability is None or capability[0] != 9:
         return True
-    try:
-        major, minor = (int(part) for part in triton_version.split("+")[0].split(".")[:2])
-    except ValueError:
-        return True
-    return (major, minor) >= (3, 3)
+    release = triton_release(triton_version)
+    return release is None or release >= (3, 3)
 
 
 def tiles_for(head_dim: int, element_size: int, eight_warps: bool = True) -> Tuple[Tiles, Tiles, int]:

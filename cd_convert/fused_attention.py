@@ -61,6 +61,15 @@ _MAX_HEAD_DIM = 256
 _MAX_ELEMENTS = 2**31 - 1  # the kernels index with int32
 
 
+def triton_release(version: str) -> Optional[Tuple[int, int]]:
+    """``(major, minor)`` of a Triton version string such as ``"3.2.0+git35c6c7c6"``; None if unreadable."""
+    try:
+        major, minor = (int(part) for part in version.split("+")[0].split(".")[:2])
+    except ValueError:
+        return None
+    return major, minor
+
+
 def triton_version_takes_kernels(version: str) -> bool:
     """Whether a Triton release compiles these kernels: 3.0 or later (``tl.exp2`` and ``tl.dot``'s
     ``input_precision`` arrived in 3.0; Triton 2.3.1 stops at the first, checked by compiling for an H100 target).
@@ -69,8 +78,8 @@ def triton_version_takes_kernels(version: str) -> bool:
     Args:
         version: ``triton.__version__``, e.g. ``"3.0.0"`` or ``"3.2.0+git35c6c7c6"``.
     """
-    major = version.split(".")[0]
-    return major.isdigit() and int(major) >= 3
+    release = triton_release(version)
+    return release is not None and release >= (3, 0)
 
 
 @functools.lru_cache(maxsize=1)
@@ -108,24 +117,37 @@ def runs_on(device: torch.device, interpret: Optional[bool] = None) -> bool:
 _MIN_CAPABILITY = {torch.float16: (7, 5), torch.bfloat16: (8, 0), torch.float32: (8, 0)}
 
 
-def dtype_runs_on(dtype: torch.dtype, capability: Tuple[int, int], hip: bool = False) -> bool:
+def dtype_runs_on(
+    dtype: torch.dtype, capability: Tuple[int, int], hip: bool = False, triton_version: Optional[str] = None
+) -> bool:
     """Whether the kernels take ``dtype`` on a GPU of compute ``capability``.
 
     Args:
         dtype: the inputs' dtype (fp16, bf16 or fp32).
         capability: ``torch.cuda.get_device_capability``'s ``(major, minor)``.
         hip: an AMD GPU (ROCm), where every dtype is taken (the capability numbers are not NVIDIA's).
+        triton_version: ``triton.__version__``, for the releases known not to compile the kernels for a GPU:
+            Triton 3.3 fails on them for a T4 (7.5; "PassManager::run failed" in ``ConvertTritonGPUToLLVM``),
+            where 3.0-3.2, 3.4, 3.5 and 3.8 compile them (``python -m tools.gpu_targets --variants``).
 
     Returns:
         True when the GPU has tensor cores for ``dtype`` (fp32: TF32) and Triton compiles for it.
     """
-    return hip or tuple(capability) >= _MIN_CAPABILITY[dtype]
+    if hip:
+        return True
+    if triton_version is not None and tuple(capability) < (8, 0) and triton_release(triton_version) == (3, 3):
+        return False
+    return tuple(capability) >= _MIN_CAPABILITY[dtype]
 
 
 @functools.lru_cache(maxsize=None)
 def _device_takes(device: torch.device, dtype: torch.dtype) -> bool:
-    """:func:`dtype_runs_on` for a CUDA device, looked up once per device and dtype."""
-    return dtype_runs_on(dtype, torch.cuda.get_device_capability(device), hip=torch.version.hip is not None)
+    """:func:`dtype_runs_on` for a CUDA device and the installed Triton, looked up once per device and dtype."""
+    import triton  # importable: supports() asks kernels_available() first
+
+    return dtype_runs_on(
+        dtype, torch.cuda.get_device_capability(device), torch.version.hip is not None, triton.__version__
+    )
 
 
 def supports(

@@ -216,6 +216,16 @@ def test_the_kernels_take_a_dtype_only_on_gpus_with_tensor_cores_for_it(capabili
 
 
 @pytest.mark.parametrize(
+    "version,capability,takes",
+    [("3.3.1", (7, 5), False), ("3.3.0", (7, 5), False), ("3.2.0", (7, 5), True), ("3.4.0", (7, 5), True),
+     ("3.3.1", (8, 0), True), ("3.3.1", (9, 0), True)],
+)
+def test_triton_3_3_leaves_attention_explicit_on_a_t4(version, capability, takes):
+    # Triton 3.3 fails to compile the kernels for compute capability 7.5 (tools.gpu_targets --variants).
+    assert fused_attention.dtype_runs_on(torch.float16, capability, triton_version=version) is takes
+
+
+@pytest.mark.parametrize(
     "version,takes",
     [("2.3.1", False), ("2.1.0", False), ("3.0.0", True), ("3.2.0+git35c6c7c6", True), ("3.8.0", True),
      ("10.0.0", True), ("unknown", False)],

@@ -255,11 +255,15 @@ def check_variants(gpu: Gpu, dtype: torch.dtype) -> List[str]:
 
 def _run_pass(launch, log: List[Tuple[str, int]]) -> PassResult:
     """Run one launcher; the shape taken is the last one whose kernels all logged a launch."""
+    from cd_convert._attention_tiles import OutOfResources
+
     log.clear()
     try:
         launch()
-    except RuntimeError as error:
-        return PassResult(None, 0, [], str(error))
+    except Exception as error:  # a compile failure of any kind is what this tool looks for
+        if isinstance(error, RuntimeError) and isinstance(error.__cause__, OutOfResources):
+            return PassResult(None, 0, [], f"no shape fits: {error}")
+        return PassResult(None, 0, [], f"the compiler failed: {type(error).__name__}: {str(error)[-300:]}")
     return PassResult(None, max(shared for _, shared in log), [])
 
 
@@ -365,6 +369,8 @@ def _cells(row: Dict) -> List[str]:
             cells += ["COMPILER CRASHED", result["error"][:160]]
         elif result["error"] and result["error"].startswith("the check failed"):
             cells += ["CHECK FAILED", result["error"][:160]]
+        elif result["error"] and result["error"].startswith("the compiler failed"):
+            cells += ["COMPILER FAILED", result["error"][:160]]
         else:
             cells += ["NO SHAPE FITS", "-"]
     return cells
@@ -379,7 +385,7 @@ def _print_variants(gpu_names: Sequence[str], dtype_names: Sequence[str]) -> int
         gpu = GPUS[gpu_name]
         for dtype_name in dtype_names:
             dtype = DTYPES[dtype_name]
-            if not dtype_runs_on(dtype, gpu.capability, hip=gpu.backend == "hip"):
+            if not dtype_runs_on(dtype, gpu.capability, gpu.backend == "hip", _triton().__version__):
                 continue
             failures = check_variants(gpu, dtype)
             all_compiled = all_compiled and not failures
@@ -419,10 +425,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for gpu_name in args.gpus.split(","):
         gpu = GPUS[gpu_name]
         for dtype_name in args.dtypes.split(","):
-            if not dtype_runs_on(DTYPES[dtype_name], gpu.capability, hip=gpu.backend == "hip"):
+            if not dtype_runs_on(DTYPES[dtype_name], gpu.capability, gpu.backend == "hip", _triton().__version__):
                 print(
                     f"| {gpu.name} | {gpu.shared_limit // 1024} KB | {dtype_name} | - | explicit attention "
-                    f"(no tensor cores for it) | | | |"
+                    f"(no tensor cores for it, or this Triton cannot compile for it) | | | |"
                 )
                 continue
             for head_dim in (int(d) for d in args.head_dims.split(",")):

@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Hashable, Optional, Tuple
+from typing import Any, Callable, Hashable, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._attention_tiles import Tiles, eight_warps_compile, launch_in_fitting_shape, tile_ladder, tiles_for
+from ._attention_tiles import (
+    Tiles, eight_warps_compile, fitting_index, launch_in_fitting_shape, tile_ladder, tiles_for,
+)
 from ._triton_kernels import _clamped_theta, _finish, _uniform
 
 # The kernels' long argument lists stay packed, as in _triton_kernels.py.
@@ -330,9 +332,26 @@ def _ladders(q: Tensor) -> Tuple[Tuple[Tiles, ...], Tuple[Tiles, ...], int]:
     return tile_ladder(q.shape[-1], q.element_size(), eight_warps)
 
 
+def _kernel_call(kernel: Any, grid: Tuple[int, ...], compile_only: bool) -> Callable[..., Any]:
+    """``kernel[grid]``, or with ``compile_only`` its ``warmup``: compiled for the device with the same arguments,
+    nothing launched."""
+    return functools.partial(kernel.warmup, grid=grid) if compile_only else kernel[grid]
+
+
+def _in_fitting_shape(key: Hashable, ladder: Tuple[Tiles, ...], launch: Callable[[Tiles], None], what: str,
+                      compile_only: bool) -> None:
+    """:func:`launch_in_fitting_shape`, or with ``compile_only`` one compile in the shape a launch would try
+    first (a compile does not tell whether the shape fits: that is known only at a launch)."""
+    if compile_only:
+        index = fitting_index(key)
+        launch(ladder[index if index is not None else 0])
+    else:
+        launch_in_fitting_shape(key, ladder, launch, what)
+
+
 def launch_attention_forward(
     q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], p_logit: Tensor, seed: Tensor, is_causal: bool,
-    sm_scale: float, inv_t: float, bound: float,
+    sm_scale: float, inv_t: float, bound: float, compile_only: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """Output ``(B, H, L, D)`` and the log2-sum-exp of the scores ``(B * H, L)`` (fp32) for the backward pass.
 
@@ -354,7 +373,7 @@ def launch_attention_forward(
     lse = torch.empty((B * H, L), device=q.device, dtype=torch.float32)
 
     def launch(tiles: Tiles) -> None:
-        _attention_forward[(triton.cdiv(L, tiles.block_m), B * H)](
+        _kernel_call(_attention_forward, (triton.cdiv(L, tiles.block_m), B * H), compile_only)(
             q, k, v, mask if mask is not None else q, out, lse, p_logit, seed, *q.stride(), *k.stride(),
             *v.stride(), *_mask_strides(mask), *out.stride(), H, H // k.shape[1], L, S, D, triton.cdiv(S, 4),
             sm_scale * _LOG2E_HOST, inv_t, bound, MASK_KIND=_mask_kind(mask), IS_CAUSAL=is_causal,
@@ -363,7 +382,7 @@ def launch_attention_forward(
         )
 
     key = _variant("forward", ladder, q, mask, p_logit, is_causal)
-    launch_in_fitting_shape(key, ladder, launch, _described("forward", q))
+    _in_fitting_shape(key, ladder, launch, _described("forward", q), compile_only)
     return out, lse
 
 
@@ -383,6 +402,7 @@ def _described(pass_name: str, q: Tensor) -> str:
 def launch_attention_backward(
     q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], out: Tensor, grad_out: Tensor, lse: Tensor,
     p_logit: Tensor, seed: Tensor, is_causal: bool, sm_scale: float, inv_t: float, bound: float, need_logit: bool,
+    compile_only: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """``(dq, dk, dv, d p_logit)`` (contiguous; the last None when ``need_logit`` is False)."""
     B, H, L, D = q.shape
@@ -400,7 +420,7 @@ def launch_attention_backward(
 
     def launch(tiles: Tiles) -> None:
         # Every kernel here only writes its outputs, so a try that fails part-way is redone whole.
-        _attention_delta[(triton.cdiv(L, 64), B * H)](
+        _kernel_call(_attention_delta, (triton.cdiv(L, 64), B * H), compile_only)(
             out, grad_out, delta, H, L, D, *out.stride(), *grad_out.stride(), BLOCK_M=64, BLOCK_D=block_d
         )
         # The key/value kernel holds BLOCK_N keys and loops over BLOCK_M query rows; the query kernel holds the
@@ -409,7 +429,7 @@ def launch_attention_backward(
             MASK_KIND=_mask_kind(mask), IS_CAUSAL=is_causal, DOT_PRECISION=_dot_precision(q.dtype),
             BLOCK_D=block_d, **_launch_options(tiles),
         )
-        _attention_backward_kv[(triton.cdiv(S, tiles.block_n), B * HKV)](
+        _kernel_call(_attention_backward_kv, (triton.cdiv(S, tiles.block_n), B * HKV), compile_only)(
             q, k, v, mask_arg, grad_out, lse, delta, dk, dv, p_logit, seed, *strides, H, HKV, H // HKV, L, S, D,
             triton.cdiv(S, 4), qk_scale, sm_scale, inv_t, bound, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
             **common,
@@ -417,16 +437,18 @@ def launch_attention_backward(
         grid = (triton.cdiv(L, tiles.block_n), B * H)
         num_programs = grid[0] * grid[1]
         partial = torch.empty(2 * num_programs, device=q.device, dtype=torch.float32) if need_logit else lse
-        _attention_backward_q[grid](
+        _kernel_call(_attention_backward_q, grid, compile_only)(
             q, k, v, mask_arg, grad_out, lse, delta, dq, partial, p_logit, seed, *strides, H, H // HKV, L, S, D,
             triton.cdiv(S, 4), num_programs, qk_scale, sm_scale, inv_t, bound, NEED_LOGIT=need_logit,
             BLOCK_M=tiles.block_n, BLOCK_N=tiles.block_m, **common,
         )
         if need_logit:
-            _finish[(1,)](partial, grad_logit, p_logit, num_programs, inv_t, bound, BLOCK=_FINISH_BLOCK)
+            _kernel_call(_finish, (1,), compile_only)(
+                partial, grad_logit, p_logit, num_programs, inv_t, bound, BLOCK=_FINISH_BLOCK
+            )
 
     key = _variant("backward", ladder, q, mask, p_logit, is_causal, need_logit)
-    launch_in_fitting_shape(key, ladder, launch, _described("backward", q))
+    _in_fitting_shape(key, ladder, launch, _described("backward", q), compile_only)
     return dq, dk, dv, grad_logit
 
 

@@ -22,7 +22,8 @@ tracing, no functorch transform. Everything else runs the explicit path. The see
 (:func:`cd_convert.fused.draw_seed`), so CUDA-graph capture is supported.
 ``CD_CONVERT_FUSED=0`` turns these kernels off together with those of :mod:`cd_convert.fused`;
 ``CD_CONVERT_ATTENTION_TILES`` sets their launch shapes (:data:`TILES_VARIABLE`); without it, a GPU with less shared
-memory than the default shapes need gets smaller ones (:mod:`cd_convert._attention_tiles`).
+memory than the default shapes need gets smaller ones (:mod:`cd_convert._attention_tiles`). A call whose kernels do
+not compile with the installed Triton takes the explicit path with a warning (:func:`compiles_for`).
 
 One difference from the explicit path: a query row whose keys are all masked gives zeros (explicit softmax
 gives NaN there).
@@ -32,7 +33,9 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Optional, Tuple
+import os
+import warnings
+from typing import Any, Dict, Hashable, Optional, Set, Tuple
 
 import torch
 from torch import Tensor
@@ -43,7 +46,7 @@ from ._tracing import being_traced, functorch_active
 
 __all__ = [
     "INTERPRET_ON_CPU", "TILES_VARIABLE", "kernels_available", "runs_on", "dtype_runs_on",
-    "triton_version_takes_kernels", "supports", "fused_concrete_attention",
+    "triton_version_takes_kernels", "supports", "compiles_for", "fused_concrete_attention",
 ]
 
 #: ``M,N,WARPS,STAGES;M,N,WARPS,STAGES``: the forward's and the backward kernels' launch shapes instead of the
@@ -202,6 +205,63 @@ def supports(
             torch.broadcast_shapes(attn_mask.shape, (batch, heads, length, key.shape[2]))
         except RuntimeError:
             return False
+    return True
+
+
+# Kernel variants (device, dtypes, head width, mask kind, causal, logit gradient, tiles) compiled, or that failed to
+# compile, with the error.
+_COMPILED: Set[Hashable] = set()
+_UNCOMPILABLE: Dict[Hashable, str] = {}
+
+
+def compiles_for(
+    query: Tensor, key: Tensor, value: Tensor, p_logit: Tensor, attn_mask: Optional[Tensor] = None,
+    is_causal: bool = False,
+) -> bool:
+    """Whether the kernels of this call's variant compile: checked once per variant, by compiling (not launching)
+    the forward and backward kernels, so that a Triton release or GPU on which they do not compile (as Triton 3.3
+    for a T4) makes the call take explicit attention, with a warning, instead of failing at its first launch or,
+    worse, at the first backward pass. Call where :func:`supports` is True.
+
+    Args:
+        query, key, value, p_logit, attn_mask, is_causal: as :func:`fused_concrete_attention`'s.
+
+    Returns:
+        True when both passes compiled for this variant (then and every later time), or under Triton's
+        interpreter (nothing is compiled there).
+    """
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    kernels = _kernels()
+    batch, heads, length, _ = query.shape
+    mask = _expanded_mask(attn_mask, torch.Size((batch, heads, length, key.shape[2])), query.device)
+    need_logit = p_logit.requires_grad and torch.is_grad_enabled()
+    variant = kernels._variant("compile", (os.environ.get(TILES_VARIABLE),), query, mask, p_logit, is_causal,
+                               need_logit)
+    if variant in _COMPILED:
+        return True
+    if variant in _UNCOMPILABLE:
+        return False
+    seed = torch.zeros(1, dtype=torch.int64, device=query.device)
+    settings = (bool(is_causal), 0.125, 10.0, 5.0)  # floats: the kernels take them as fp32 whatever their value
+    try:
+        out, lse = kernels.launch_attention_forward(query, key, value, mask, p_logit, seed, *settings,
+                                                    compile_only=True)
+        kernels.launch_attention_backward(query, key, value, mask, out, out, lse, p_logit, seed, *settings,
+                                          need_logit, compile_only=True)
+    except torch.cuda.OutOfMemoryError:
+        raise  # not the kernels' fault: the caller's memory
+    except Exception as error:  # any compiler failure: Triton's CompilationError, MLIR pass failures, ...
+        _UNCOMPILABLE[variant] = f"{type(error).__name__}: {error}"
+        warnings.warn(
+            f"cd_convert: the fused attention kernels do not compile for {query.dtype} heads {query.shape[-1]} wide on "
+            f"{query.device} with this Triton ({type(error).__name__}: {str(error)[:300]}); calls like this one use "
+            "explicit attention (correct, more memory). Another Triton release may compile them.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    _COMPILED.add(variant)
     return True
 
 

@@ -235,6 +235,62 @@ def test_triton_releases_older_than_3_leave_attention_explicit(version, takes):
     assert fused_attention.triton_version_takes_kernels(version) is takes
 
 
+class _FakeKernels:
+    """Stands in for ``_triton_attention`` where no GPU is: its launchers record compile-only calls and fail as a
+    compiler that cannot build the kernels would, for the dtypes in ``failing``."""
+
+    def __init__(self, failing=(), error=RuntimeError("PassManager::run failed")):
+        from cd_convert import _triton_attention
+
+        self._variant = _triton_attention._variant
+        self.failing, self.error, self.calls = failing, error, []
+
+    def launch_attention_forward(self, q, *args, compile_only=False):
+        self.calls.append(("forward", q.dtype, compile_only))
+        if q.dtype in self.failing:
+            raise self.error
+        return torch.empty_like(q), torch.empty(q.shape[0] * q.shape[1], q.shape[2])
+
+    def launch_attention_backward(self, q, *args, compile_only=False):
+        self.calls.append(("backward", q.dtype, compile_only))
+
+
+@pytest.fixture
+def fake_kernels(monkeypatch):
+    def install(**kwargs):
+        kernels = _FakeKernels(**kwargs)
+        monkeypatch.setattr(fused_attention, "_kernels", lambda: kernels)
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        monkeypatch.setattr(fused_attention, "_COMPILED", set())
+        monkeypatch.setattr(fused_attention, "_UNCOMPILABLE", {})
+        return kernels
+
+    return install
+
+
+def test_a_variant_whose_kernels_do_not_compile_takes_explicit_attention_with_one_warning(fake_kernels):
+    kernels = fake_kernels(failing=(torch.float16,))
+    q = torch.zeros(1, 2, 16, 32, dtype=torch.float16)
+    p_logit = torch.zeros((), requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="do not compile.*PassManager::run failed.*explicit attention"):
+        assert not fused_attention.compiles_for(q, q, q, p_logit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning, no second compile
+        assert not fused_attention.compiles_for(q, q, q, p_logit)
+    assert kernels.calls == [("forward", torch.float16, True)]
+    q32 = q.float()  # another variant compiles: both passes, once
+    assert fused_attention.compiles_for(q32, q32, q32, p_logit) and fused_attention.compiles_for(q32, q32, q32, p_logit)
+    assert kernels.calls[1:] == [("forward", torch.float32, True), ("backward", torch.float32, True)]
+
+
+def test_running_out_of_memory_while_compiling_is_not_taken_for_a_compiler_failure(fake_kernels):
+    fake_kernels(failing=(torch.float16,), error=torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    q = torch.zeros(1, 2, 16, 32, dtype=torch.float16)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        fused_attention.compiles_for(q, q, q, torch.zeros(()))
+    assert fused_attention._UNCOMPILABLE == {}
+
+
 def test_bad_tiles_are_refused_with_the_expected_form(monkeypatch):
     pytest.importorskip("cd_convert._triton_attention")
     from cd_convert._triton_attention import tiles_for
@@ -380,6 +436,17 @@ def test_timm_attention_trains_through_the_kernel_and_equals_the_original_as_p_v
         assert float((got - want).norm()) <= tol * float(want.norm()) + 1e-7, name
     assert params["blocks.0.attn.attn_drop.p_logit"].grad is not None
     assert F.scaled_dot_product_attention is attention_routing._ORIGINAL_SDPA  # the routes were closed
+
+
+@runs_kernels
+def test_a_model_whose_attention_kernels_do_not_compile_trains_through_explicit_attention(kernel_calls, monkeypatch):
+    monkeypatch.setattr(fused_attention, "compiles_for", lambda *args, **kwargs: False)
+    _, converted = _converted_vit()
+    converted.train()
+    out = converted(torch.randn(2, 3, 32, 32, device=DEVICE))
+    (out.sum() + cd_convert.regularization(converted)).backward()
+    assert kernel_calls == []  # explicit attention with the site on the probabilities
+    assert converted.get_parameter("blocks.0.attn.attn_drop.p_logit").grad is not None
 
 
 @runs_kernels

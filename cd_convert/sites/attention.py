@@ -152,7 +152,9 @@ def concrete_attention(
         cast = (query, key, value)
         if dtype is not None and query.is_floating_point():
             cast = tuple(t.to(dtype) for t in cast)
-        if fused_attention.supports(*cast, attn_mask, enable_gqa):
+        if fused_attention.supports(*cast, attn_mask, enable_gqa) and fused_attention.compiles_for(
+            *cast, site.p_logit, attn_mask, is_causal
+        ):
             if site.units_seen is None:
                 site.units_seen = key.size(-2)  # what the explicit path's site would record: the key count
             return fused_attention.fused_concrete_attention(

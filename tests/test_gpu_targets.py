@@ -57,3 +57,25 @@ def test_every_branch_of_the_kernels_compiles_for_a_hopper_gpu():
     # Masks, causal, grouped heads, an odd head width, no logit gradient; the site kernels' layouts and modes.
     # Hopper's code generation (wgmma) is the one the interpreter is furthest from.
     assert check_variants(GPUS["H100"], torch.bfloat16) == []
+
+
+def test_the_compile_check_compiles_both_passes_for_the_device(monkeypatch):
+    """``fused_attention.compiles_for`` with the real kernels, Triton's driver answering for an A100: the
+    forward and backward kernels compile (``warmup``), nothing launches, and the variant is remembered."""
+    from triton.runtime.driver import driver
+
+    from cd_convert import fused_attention
+    from tools.gpu_targets import _TargetDriver
+
+    monkeypatch.setattr(fused_attention, "_COMPILED", set())
+    monkeypatch.setattr(fused_attention, "_UNCOMPILABLE", {})
+    saved = dict(vars(driver))
+    driver.set_active(_TargetDriver(GPUS["A100"], device=999))
+    try:
+        q = torch.randn(1, 2, 40, 64, dtype=torch.bfloat16)
+        mask = torch.ones(40, 40, dtype=torch.bool)
+        p_logit = torch.zeros((), requires_grad=True)
+        assert fused_attention.compiles_for(q, q, q, p_logit, mask, is_causal=True)
+        assert len(fused_attention._COMPILED) == 1 and fused_attention._UNCOMPILABLE == {}
+    finally:
+        vars(driver).update(saved)

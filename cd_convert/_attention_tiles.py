@@ -136,12 +136,21 @@ def tile_ladder(
         element_size: bytes per element of the inputs.
         eight_warps: False where 8 warps must be avoided (:func:`eight_warps_compile`).
     """
+    return _cached_ladders(head_dim, element_size, eight_warps, os.environ.get(TILES_VARIABLE))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_ladders(
+    head_dim: int, element_size: int, eight_warps: bool, override: Optional[str]
+) -> Tuple[Tuple[Tiles, ...], Tuple[Tiles, ...], int]:
+    """:func:`tile_ladder`, built once per head width, element size, warp rule and variable value (every launch
+    asks for it)."""
     forward, backward, block_d = tiles_for(head_dim, element_size, eight_warps)
-    if os.environ.get(TILES_VARIABLE):
+    if override:
         if not eight_warps and max(forward.warps, backward.warps) > 4:
             # The compiler would abort the process: refuse with a message instead.
             raise ValueError(
-                f"{TILES_VARIABLE}={os.environ[TILES_VARIABLE]!r} asks for {max(forward.warps, backward.warps)} "
+                f"{TILES_VARIABLE}={override!r} asks for {max(forward.warps, backward.warps)} "
                 "warps, on which Triton releases older than 3.3 abort the process when compiling for a Hopper GPU; "
                 "use at most 4 warps, or upgrade Triton (PyTorch 2.7 or later ships 3.3)"
             )

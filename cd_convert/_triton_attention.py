@@ -31,6 +31,7 @@ from ._attention_tiles import (
     Tiles, eight_warps_compile, fitting_index, launch_in_fitting_shape, tile_ladder, tiles_for,
 )
 from ._triton_kernels import _clamped_theta, _finish, _uniform
+from .fused import nvidia_capability as _device_capability  # a module name, so the tools can stand in for a GPU
 
 # The kernels' long argument lists stay packed, as in _triton_kernels.py.
 # fmt: off
@@ -316,14 +317,6 @@ def _mask_kind(mask: Optional[Tensor]) -> int:
 
 def _mask_strides(mask: Optional[Tensor]) -> Tuple[int, int, int, int]:
     return tuple(mask.stride()) if mask is not None else (0, 0, 0, 0)
-
-
-@functools.lru_cache(maxsize=None)
-def _device_capability(device: torch.device) -> Optional[Tuple[int, int]]:
-    """An NVIDIA GPU's compute capability; None for the CPU (the interpreter) and AMD GPUs."""
-    if device.type != "cuda" or torch.version.hip is not None:
-        return None
-    return torch.cuda.get_device_capability(device)
 
 
 def _ladders(q: Tensor) -> Tuple[Tuple[Tiles, ...], Tuple[Tiles, ...], int]:

@@ -43,8 +43,8 @@ from torch.autograd.function import once_differentiable
 from ._tracing import being_traced, functorch_active
 
 __all__ = [
-    "ENABLED", "INTERPRET_ON_CPU", "triton_runs_on", "supports", "draw_seed", "fused_concrete_dropout",
-    "made_by_fused_site", "recompute_output",
+    "ENABLED", "INTERPRET_ON_CPU", "triton_runs_on", "nvidia_capability", "supports", "draw_seed",
+    "fused_concrete_dropout", "made_by_fused_site", "recompute_output",
 ]
 
 #: Master switch; the environment variable ``CD_CONVERT_FUSED=0`` sets it to False at import.
@@ -101,9 +101,18 @@ def triton_runs_on(capability: Tuple[int, int], hip: bool = False) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def nvidia_capability(device: torch.device) -> Optional[Tuple[int, int]]:
+    """An NVIDIA GPU's compute capability, looked up once per device; None for an AMD GPU (ROCm, whose numbers
+    are not NVIDIA's) and for other devices."""
+    if device.type != "cuda" or torch.version.hip is not None:
+        return None
+    return tuple(torch.cuda.get_device_capability(device))
+
+
 def _device_runs_triton(device: torch.device) -> bool:
-    """:func:`triton_runs_on` for a CUDA device, looked up once per device."""
-    return triton_runs_on(torch.cuda.get_device_capability(device), hip=torch.version.hip is not None)
+    """:func:`triton_runs_on` for a CUDA device."""
+    capability = nvidia_capability(device)
+    return capability is None or triton_runs_on(capability)
 
 
 def supports(x: Tensor, channelwise: bool = False, channel_dim: int = 1, *, interpret: bool = False) -> bool:

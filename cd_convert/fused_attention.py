@@ -148,9 +148,8 @@ def _device_takes(device: torch.device, dtype: torch.dtype) -> bool:
     """:func:`dtype_runs_on` for a CUDA device and the installed Triton, looked up once per device and dtype."""
     import triton  # importable: supports() asks kernels_available() first
 
-    return dtype_runs_on(
-        dtype, torch.cuda.get_device_capability(device), torch.version.hip is not None, triton.__version__
-    )
+    capability = fused.nvidia_capability(device)
+    return dtype_runs_on(dtype, capability or (0, 0), capability is None, triton.__version__)
 
 
 def supports(
@@ -233,15 +232,16 @@ def compiles_for(
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True
     kernels = _kernels()
-    batch, heads, length, _ = query.shape
-    mask = _expanded_mask(attn_mask, torch.Size((batch, heads, length, key.shape[2])), query.device)
     need_logit = p_logit.requires_grad and torch.is_grad_enabled()
-    variant = kernels._variant("compile", (os.environ.get(TILES_VARIABLE),), query, mask, p_logit, is_causal,
+    # The key reads only the mask's dtype: the expanded mask the kernels take is made below, when compiling.
+    variant = kernels._variant("compile", (os.environ.get(TILES_VARIABLE),), query, attn_mask, p_logit, is_causal,
                                need_logit)
     if variant in _COMPILED:
         return True
     if variant in _UNCOMPILABLE:
         return False
+    batch, heads, length, _ = query.shape
+    mask = _expanded_mask(attn_mask, torch.Size((batch, heads, length, key.shape[2])), query.device)
     seed = torch.zeros(1, dtype=torch.int64, device=query.device)
     settings = (bool(is_causal), 0.125, 10.0, 5.0)  # floats: the kernels take them as fp32 whatever their value
     try:

@@ -321,9 +321,8 @@ def check(gpu: Gpu, dtype: torch.dtype, head_dim: int, *, causal: bool = False) 
     return results[0], results[1]
 
 
-def _row(gpu: Gpu, dtype_name: str, head_dim: int) -> Dict:
-    """One case, compiled in this process."""
-    forward, backward = check(gpu, DTYPES[dtype_name], head_dim)
+def _as_row(gpu: Gpu, dtype_name: str, head_dim: int, forward: PassResult, backward: PassResult) -> Dict:
+    """One case's results, as the table and ``--json`` hold them."""
     return dict(
         gpu=gpu.name,
         shared_limit=gpu.shared_limit,
@@ -332,6 +331,11 @@ def _row(gpu: Gpu, dtype_name: str, head_dim: int) -> Dict:
         forward=dataclasses.asdict(forward),
         backward=dataclasses.asdict(backward),
     )
+
+
+def _row(gpu: Gpu, dtype_name: str, head_dim: int) -> Dict:
+    """One case, compiled in this process."""
+    return _as_row(gpu, dtype_name, head_dim, *check(gpu, DTYPES[dtype_name], head_dim))
 
 
 def _isolated_row(gpu: Gpu, dtype_name: str, head_dim: int) -> Dict:
@@ -348,14 +352,7 @@ def _isolated_row(gpu: Gpu, dtype_name: str, head_dim: int) -> Dict:
     last_lines = " / ".join(line.strip() for line in done.stderr.strip().splitlines()[-2:])
     what = "the compiler crashed" if done.returncode < 0 else "the check failed"  # killed by a signal, or raised
     crashed = PassResult(None, 0, [], f"{what} (exit status {done.returncode}): {last_lines}")
-    return dict(
-        gpu=gpu.name,
-        shared_limit=gpu.shared_limit,
-        dtype=dtype_name,
-        head_dim=head_dim,
-        forward=dataclasses.asdict(crashed),
-        backward=dataclasses.asdict(crashed),
-    )
+    return _as_row(gpu, dtype_name, head_dim, crashed, crashed)
 
 
 def _cells(row: Dict) -> List[str]:

@@ -79,3 +79,12 @@ def test_the_compile_check_compiles_both_passes_for_the_device(monkeypatch):
         assert len(fused_attention._COMPILED) == 1 and fused_attention._UNCOMPILABLE == {}
     finally:
         vars(driver).update(saved)
+
+
+def test_the_tool_refuses_to_run_under_the_interpreter(monkeypatch, capsys):
+    from tools.gpu_targets import main
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(SystemExit) as raised:
+        main(["--gpus", "T4"])
+    assert raised.value.code == 2 and "unset TRITON_INTERPRET" in capsys.readouterr().err

@@ -16,7 +16,17 @@ try:
 except ImportError:  # torch < 2.3
     from torch._dynamo import is_compiling as _is_compiling
 
-__all__ = ["being_traced", "functorch_active", "thread_key"]
+__all__ = ["being_traced", "compiling", "functorch_active", "thread_key"]
+
+
+def compiling() -> bool:
+    """True while ``torch.compile`` (Dynamo) traces the current code (``torch.compiler.is_compiling`` on
+    torch >= 2.3, ``torch._dynamo.is_compiling`` before it).
+
+    Returns:
+        Whether Dynamo is tracing.
+    """
+    return bool(_is_compiling())
 
 
 def being_traced() -> bool:

@@ -16,8 +16,6 @@ call serves four neighbours of a row; ``u = (k + 1/2) * 2**-23`` with ``k`` its 
 cd_convert.
 """
 
-from __future__ import annotations
-
 import functools
 import math
 from typing import Any, Callable, Hashable, Optional, Tuple

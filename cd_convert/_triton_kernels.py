@@ -6,8 +6,6 @@ Gradients (see ``_ConcreteDropoutFunction``): dx = g * keep * scale and
 d theta = p * sum(g * y) - (sum(g * y) - sum(g * y * keep)) / t.
 """
 
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl

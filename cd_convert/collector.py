@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import host_regularizer, host_scalars
+from ._tracing import compiling
 from ._modules import parent_of, submodule
 from .errors import ConversionError
 from .layers import ConcreteDropoutBase, logit_bound
@@ -331,7 +332,7 @@ class _Plan:
         # so they would save nothing there. On the CPU, a few sites: the per-site arithmetic on Python floats.
         if self.host is not None and host_regularizer.serves(len(logits)) and host_scalars.available():
             return host_regularizer.regularize(self.host, logits, weights)
-        if self.foreach_norms and not torch.compiler.is_compiling():
+        if self.foreach_norms and not compiling():
             if self.stack_logits:
                 return _Regularizer.apply(self, True, *logits, *weights)
             return _Regularizer.apply(self, False, self._stacked(logits), *weights)

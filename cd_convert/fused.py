@@ -60,10 +60,30 @@ _FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_ELEMENTS = 2**31 - 2 * _BLOCK  # int32 offsets, with room for the last block
 
 
+#: The oldest Triton release the element-wise kernels were compiled with (2.3.1, for an H100 target). PyTorch 2.1
+#: and 2.2 ship Triton 2.1 and 2.2, which could not be checked without a GPU: there sites use the PyTorch formula.
+OLDEST_TRITON = (2, 3)
+
+
+def triton_release(version: str) -> Optional[Tuple[int, int]]:
+    """``(major, minor)`` of a Triton version string such as ``"3.2.0+git35c6c7c6"``; None if unreadable."""
+    try:
+        major, minor = (int(part) for part in version.split("+")[0].split(".")[:2])
+    except ValueError:
+        return None
+    return major, minor
+
+
 @functools.lru_cache(maxsize=1)
 def _kernels() -> Optional[Any]:
-    """The compiled-on-first-use kernels, or None if Triton cannot be imported."""
+    """The compiled-on-first-use kernels, or None if Triton cannot be imported or is older than
+    :data:`OLDEST_TRITON`."""
     try:
+        import triton
+
+        release = triton_release(triton.__version__)
+        if release is None or release < OLDEST_TRITON:
+            return None
         from . import _triton_kernels
     except ImportError:  # no Triton (CPU-only PyTorch, some platforms)
         return None

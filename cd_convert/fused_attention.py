@@ -42,6 +42,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import fused
+from .fused import triton_release
 from ._tracing import being_traced, functorch_active
 
 __all__ = [
@@ -62,15 +63,6 @@ INTERPRET_ON_CPU = False
 _FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
 _MAX_ELEMENTS = 2**31 - 1  # the kernels index with int32
-
-
-def triton_release(version: str) -> Optional[Tuple[int, int]]:
-    """``(major, minor)`` of a Triton version string such as ``"3.2.0+git35c6c7c6"``; None if unreadable."""
-    try:
-        major, minor = (int(part) for part in version.split("+")[0].split(".")[:2])
-    except ValueError:
-        return None
-    return major, minor
 
 
 def triton_version_takes_kernels(version: str) -> bool:

@@ -128,7 +128,7 @@ def regularize(terms: HostTerms, logits: Sequence[Tensor], weights: Sequence[Ten
             list(terms.dropout_units),
             terms.weight_regularizer,
             [list(app) for app in terms.reads],
-            terms.logit_dtype,
+            torch.empty(0, dtype=terms.logit_dtype),  # the dtype, as an empty tensor of it
         )
         terms.native[id(extension)] = native
     return extension.regularizer(native, list(logits), list(weights))

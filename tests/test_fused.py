@@ -198,6 +198,20 @@ def test_the_kernels_are_taken_only_on_gpus_triton_compiles_for(capability, hip,
     assert fused.triton_runs_on(capability, hip=hip) is runs
 
 
+@pytest.mark.parametrize("version,taken", [("2.1.0", False), ("2.2.0", False), ("2.3.1", True), ("3.6.0", True)])
+def test_the_kernels_need_a_triton_release_they_were_compiled_with(monkeypatch, version, taken):
+    # Triton 2.1 and 2.2 (PyTorch 2.1, 2.2) were never compiled against: the sites keep the PyTorch formula there.
+    triton = pytest.importorskip("triton")
+    monkeypatch.setattr(triton, "__version__", version)
+    fused._kernels.cache_clear()
+    try:
+        assert (fused._kernels() is not None) is taken
+        assert fused.supports(torch.randn(4, 4), interpret=True) is taken
+    finally:
+        monkeypatch.undo()
+        fused._kernels.cache_clear()
+
+
 def test_unsupported_inputs_use_the_pytorch_formula():
     assert not fused.supports(torch.randn(4, 4))  # CPU without the interpreter flag
     assert not fused.supports(torch.randn(4, 4, dtype=torch.float64), interpret=True)

@@ -48,9 +48,14 @@ def test_some_shape_of_the_ladder_fits_the_gpu(gpu, dtype, head_dim):
 
 
 def test_the_defaults_measured_on_an_h100_class_gpu_stay_there():
+    import triton
+
+    # Triton 3.0-3.2 abort compiling 8-warp kernels of 16-bit heads 128 wide for Hopper: 4 warps there.
+    release = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    warps = 8 if release >= (3, 3) else 4
     forward, backward = check(GPUS["H100"], torch.float16, 128)
     assert forward.refused == [] and backward.refused == []
-    assert forward.tiles == backward.tiles == "64,64,8,default"
+    assert forward.tiles == backward.tiles == f"64,64,{warps},default"
 
 
 def test_every_branch_of_the_kernels_compiles_for_a_hopper_gpu():

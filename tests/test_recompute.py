@@ -28,6 +28,10 @@ from triton_interpreter import assert_passes_under_interpreter  # noqa: E402
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else ("cpu" if INTERPRETED else None)
 runs_kernels = pytest.mark.skipif(DEVICE is None, reason="needs a CUDA GPU or TRITON_INTERPRET=1 (see below)")
+#: torch < 2.8 cannot say whether other saved-tensor hooks are active, so recomputation stays off there.
+recomputes = pytest.mark.skipif(
+    recompute._top_hooks is None, reason="torch < 2.8: no query of active saved-tensor hooks, recomputation is off"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -82,6 +86,7 @@ def _step(model, seed=1):
 
 
 @runs_kernels
+@recomputes
 def test_the_same_step_with_and_without_recomputation_is_bit_identical(monkeypatch, recomputed):
     model = _converted_cnn()
     loss_on, grads_on = _step(model)
@@ -98,6 +103,7 @@ def test_the_same_step_with_and_without_recomputation_is_bit_identical(monkeypat
 
 
 @runs_kernels
+@recomputes
 @pytest.mark.parametrize("enabled", [True, False])
 def test_the_masked_input_is_freed_after_the_forward_pass_only_when_recomputed(monkeypatch, enabled):
     monkeypatch.setattr(recompute, "ENABLED", enabled)
@@ -129,6 +135,7 @@ def test_other_saved_tensor_hooks_keep_their_behaviour(recomputed):
 
 
 @runs_kernels
+@recomputes
 def test_a_copied_model_and_one_trained_after_an_error_recompute_as_before(recomputed):
     model = _converted_cnn(targets=(nn.Conv2d,))
     with pytest.raises(RuntimeError):
@@ -141,6 +148,7 @@ def test_a_copied_model_and_one_trained_after_an_error_recompute_as_before(recom
 
 
 @runs_kernels
+@recomputes
 def test_unconvert_after_a_recomputing_call_removes_every_hook():
     model = _converted_cnn(targets=(nn.Conv2d,))
     _step(model)
@@ -149,6 +157,13 @@ def test_unconvert_after_a_recomputing_call_removes_every_hook():
     for i in (0, 2):
         assert not model[i]._forward_hooks and not model[i]._forward_pre_hooks
         assert not model[i]._forward_hooks_always_called
+
+
+def test_without_the_hook_query_other_hooks_are_assumed_active(monkeypatch):
+    """On torch < 2.8 nothing says whether activation checkpointing or ``save_on_cpu`` hooks are active: the
+    layer must then keep its input as before rather than push its own hooks over theirs."""
+    monkeypatch.setattr(recompute, "_top_hooks", None)
+    assert recompute._other_hooks_active() is True
 
 
 def test_a_layer_that_never_recomputes_gets_no_forward_hook(monkeypatch):
@@ -163,6 +178,7 @@ def test_a_layer_that_never_recomputes_gets_no_forward_hook(monkeypatch):
 
 
 @runs_kernels
+@recomputes
 def test_a_resnet_with_conv_targets_trains_the_same_with_its_inputs_recomputed(monkeypatch, recomputed):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ from .. import common
 from . import training
 from .concrete_net import _is_p_logit
 from .protocol import Fold
-from .training import PASSES
+from .training import PASSES, fused_adam
 
 #: MC samples per held-out example in ``concrete_heldout``'s rate step (the mixture of its predictive LL).
 HELDOUT_SAMPLES = 16
@@ -46,8 +46,8 @@ def _train_heldout(model: nn.Module, fold: Fold, epochs: int, seed: int, loss_fn
     named = list(model.named_parameters())
     rate_params = [p for n, p in named if _is_rate_parameter(n)]
     weight_params = [p for n, p in named if not _is_rate_parameter(n)]
-    weights_opt = torch.optim.Adam(weight_params, lr=1e-3, fused=True)
-    rates_opt = torch.optim.Adam(rate_params, lr=HELDOUT_LR, fused=True)
+    weights_opt = fused_adam(weight_params, lr=1e-3)
+    rates_opt = fused_adam(rate_params, lr=HELDOUT_LR)
     y_heldout = ((fold.y_eval - fold.y_mean) / fold.y_std).float()
     model.train()
     n, n_heldout = fold.x_fit.shape[0], fold.x_eval.shape[0]

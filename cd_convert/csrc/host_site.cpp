@@ -339,7 +339,9 @@ Tensor regularizer(const std::shared_ptr<RegularizerPlan>& plan, const std::vect
 std::shared_ptr<RegularizerPlan> make_plan(std::vector<double> bounds, std::vector<double> dropout_units,
                                            double weight_regularizer,
                                            std::vector<std::vector<std::pair<int64_t, double>>> reads,
-                                           at::ScalarType logit_dtype) {
+                                           const Tensor& logit_like) {
+  // The logits' dtype comes as an empty tensor of it: torch < 2.2 has no Python binding for a bare ScalarType.
+  const at::ScalarType logit_dtype = logit_like.scalar_type();
   auto plan = std::make_shared<RegularizerPlan>();
   plan->bounds = std::move(bounds);
   plan->dropout_units = std::move(dropout_units);

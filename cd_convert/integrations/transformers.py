@@ -22,6 +22,7 @@ This module imports transformers lazily: nothing here requires it unless the mod
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -71,13 +72,57 @@ def _with_sub_configs(config: Any) -> List[Any]:
     return [config] + [s for s in subs if s is not None and hasattr(s, "_attn_implementation")]
 
 
+@functools.lru_cache(maxsize=None)
+def _class_implementation(cls: type) -> Optional[str]:
+    """The attention implementation ``cls`` was built for, where its family picks one class per implementation.
+
+    Families not yet moved to attention interfaces (in transformers 4.x, e.g. DistilBERT) choose their attention
+    class when the model is built, from a table in their modeling module (``{"eager": ..., "sdpa": ...,
+    "flash_attention_2": ...}``); the class then runs that implementation whatever the config says later.
+
+    Args:
+        cls: a module class.
+
+    Returns:
+        The table's key for ``cls``, or None where no such table lists it.
+    """
+    namespace = vars(sys.modules[cls.__module__]) if cls.__module__ in sys.modules else {}
+    for table in namespace.values():
+        if type(table) is dict and "eager" in table:
+            for implementation, member in table.items():
+                if member is cls:
+                    return implementation
+    return None
+
+
+def _built_for_another_implementation(model: nn.Module) -> bool:
+    """Whether a module of ``model`` is an attention class chosen at build time for a non-eager implementation."""
+    return any(_class_implementation(type(module)) not in (None, "eager") for module in model.modules())
+
+
 def _attention_configs(model: nn.Module) -> List[Any]:
-    """Every distinct config object held by the model's modules that selects an attention implementation."""
+    """Every distinct config object held by the model's modules that selects an attention implementation.
+
+    The configs of a ``PreTrainedModel`` whose attention classes were chosen when it was built for another
+    implementation than eager are left out: switching them to eager would only switch the format of the masks
+    it builds (to the 2-D form eager attention takes) while the same SDPA or flash classes still run. Their
+    dropout is passed as ``dropout_p`` to ``scaled_dot_product_attention`` and becomes a fused-attention site.
+    """
+    if "transformers" not in sys.modules:  # no transformers config can exist, and nothing here imports it
+        return []
+    from transformers import PreTrainedModel
+
+    fixed = {
+        id(c)
+        for module in model.modules()
+        if isinstance(module, PreTrainedModel) and _built_for_another_implementation(module)
+        for c in _with_sub_configs(module.config)
+    }
     configs: Dict[int, Any] = {}
     for module in model.modules():
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "_attn_implementation"):
-            configs.update((id(c), c) for c in _with_sub_configs(config))
+            configs.update((id(c), c) for c in _with_sub_configs(config) if id(c) not in fixed)
     return list(configs.values())
 
 

@@ -8,7 +8,7 @@ the calls apart, so the whole forward runs with those two globals routed to the 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import torch.fx as fx
 import torch.nn as nn
@@ -16,7 +16,8 @@ import torch.nn as nn
 from ..found import FoundSite
 from ..layers import ConcreteDropout
 from .attention_routing import route_torch_attention
-from .base import ATTENTION_CONSUMER_NOTE, SearchContext, SiteKind, TraceContext
+from .base import ATTENTION_CONSUMER_NOTE, Change, SearchContext, SiteKind, TraceContext
+from .encoder_fast_path import encoder_fast_path_switches
 from .routed import plan_routed_site
 
 if TYPE_CHECKING:
@@ -89,3 +90,9 @@ class MultiheadAttentionKind(SiteKind):
     def plan(self, planner: "Planner", found: FoundSite) -> None:
         # freeze writes the learned rate into the module's own ``dropout`` float.
         plan_routed_site(planner, found, kind=self.name, runner=run_attention_module, rate_attribute="dropout")
+
+    def model_changes(self, planner: "Planner") -> List[Change]:
+        """Switches that keep torch's encoder layers (whose attention is this kind's module) off their eval fast
+        path while a site below them is active: every new site counts, the layers' dropout modules too."""
+        new_sites = [name for name, entry in planner.planned.items() if not entry.existing]
+        return list(encoder_fast_path_switches(planner.model, new_sites))

@@ -9,6 +9,7 @@ computation, Monte Carlo mode samples every site, and freeze() gives plain PyTor
 import copy
 import inspect
 import math
+import types
 
 import pytest
 import torch
@@ -624,8 +625,11 @@ def test_dry_run_inputs_are_built_for_more_input_layouts(case):
     assert fixed_rate_dropout_calls(model, inputs) == []
     model.eval()
     original.eval()
-    with torch.no_grad():
-        assert torch.equal(_first_output(model(**inputs)), _first_output(original(**inputs)))
+    with torch.no_grad():  # the same seed for both: ViLT samples its image patches in eval too
+        torch.manual_seed(1)
+        converted_output = _first_output(model(**inputs))
+        torch.manual_seed(1)
+        assert torch.equal(converted_output, _first_output(original(**inputs)))
 
 
 _BRANCH_INPUTS = {
@@ -694,6 +698,26 @@ def test_vision_language_models_get_one_image_token_per_image_feature(family):
     original.eval()
     with torch.no_grad():
         assert torch.equal(_first_output(model(**inputs)), _first_output(original(**inputs)))
+
+
+@pytest.mark.parametrize("layout", ["per image", "stacked", "flat"])
+def test_image_token_count_from_each_layout_of_image_features(layout):
+    # get_image_features gives a list of (tokens, dim) tensors, an (images, tokens, dim) tensor, or (Idefics2 in
+    # transformers 4.x) every image's features in one (images * tokens, dim) tensor: 3 tokens per image each way.
+    from cd_convert.integrations.transformers_inputs import _with_image_tokens
+
+    class VisionLanguage(nn.Module):
+        config = types.SimpleNamespace(image_token_id=7)
+
+        def get_image_features(self, pixel_values):
+            images = pixel_values.shape[0] * (pixel_values.shape[1] if pixel_values.dim() == 5 else 1)
+            feats = torch.zeros(images, 3, 4)
+            return {"per image": list(feats), "stacked": feats, "flat": feats.reshape(images * 3, 4)}[layout]
+
+    inputs = {"input_ids": torch.ones(2, 5, dtype=torch.long), "pixel_values": torch.zeros(2, 3, 8, 8)}
+    built = _with_image_tokens(VisionLanguage(), inputs)
+    assert built["input_ids"].shape == (2, 8)
+    assert (built["input_ids"] == 7).sum(dim=1).tolist() == [3, 3]
 
 
 @pytest.mark.parametrize("family", ["ast", "siglip2", "clap", "kosmos-2"])

@@ -233,7 +233,8 @@ def _with_image_tokens(model: nn.Module, inputs: Dict[str, Any]) -> Dict[str, An
 
     These models put each image's features where ``input_ids`` holds their image token and refuse a count that
     does not match. The count is read from ``get_image_features`` on the built pixels (its ``pooler_output``:
-    the projected features, one ``(tokens, dim)`` tensor per image or a ``(images, tokens, dim)`` tensor), run
+    the projected features, one ``(tokens, dim)`` tensor per image, a ``(images, tokens, dim)`` tensor or every
+    image's features in one ``(images * tokens, dim)`` tensor), run
     without gradients on a fork of the RNG. Models without an integer ``image_token_id`` or that method, or
     whose features cannot be read this way, keep their inputs (the dry run then says what went wrong).
     """
@@ -259,6 +260,12 @@ def _with_image_tokens(model: nn.Module, inputs: Dict[str, Any]) -> Dict[str, An
     if not isinstance(first, torch.Tensor) or first.dim() < 2:
         return inputs
     count = first.shape[-2]
+    if first is features and first.dim() == 2:
+        # One (images * tokens, dim) tensor, every image's features in a row (Idefics2 in transformers 4.x).
+        images = pixels.shape[0] * (pixels.shape[1] if pixels.dim() == 5 else 1)
+        if count % images:
+            return inputs
+        count //= images
     image_ids = torch.full((ids.shape[0], count), token, dtype=ids.dtype, device=ids.device)
     inputs = dict(inputs, input_ids=torch.cat([image_ids, ids], dim=1), pixel_values=pixels)
     if "attention_mask" in inputs:

@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .._tracing import thread_key
-from ..sites.base import Change, submodule
+from ..sites.base import Change, remove_forward_hooks, submodule
 from .attention_kernel import kernel_can_route, open_route
 
 __all__ = ["notrace_for", "fused_attention_dropout", "FusedAttentionSwitch"]
@@ -158,8 +158,6 @@ class FusedAttentionSwitch(Change):
 
     def undo(self, root: nn.Module) -> None:
         owner = submodule(root, self.owner)
-        owner._forward_pre_hooks.pop(self.hook_id, None)
-        owner._forward_hooks.pop(self.end_hook_id, None)
-        owner._forward_hooks_always_called.pop(self.end_hook_id, None)
+        remove_forward_hooks(owner, self.hook_id, self.end_hook_id)
         if self.original is not None:
             owner.fused_attn = self.original

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from .._tracing import thread_key
-from ..sites.base import Change, submodule
+from ..sites.base import Change, remove_forward_hooks, submodule
 from .attention_kernel import kernel_can_route, open_route
 from .transformers_inputs import example_inputs_for
 
@@ -307,13 +307,7 @@ class EagerAttentionSwitch(Change):
         self.hook_ids = (pre.id, post.id)
 
     def undo(self, root: nn.Module) -> None:
-        owner = submodule(root, self.owner)
-        pre, post = self.hook_ids
-        owner._forward_pre_hooks.pop(pre, None)
-        owner._forward_pre_hooks_with_kwargs.pop(pre, None)
-        owner._forward_hooks.pop(post, None)
-        owner._forward_hooks_with_kwargs.pop(post, None)
-        owner._forward_hooks_always_called.pop(post, None)
+        remove_forward_hooks(submodule(root, self.owner), *self.hook_ids)
 
 
 def eager_switches(model: nn.Module, attention_sites: Dict[str, str]) -> List[EagerAttentionSwitch]:

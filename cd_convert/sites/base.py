@@ -44,6 +44,7 @@ __all__ = [
     "joined",
     "original_rate",
     "parent_of",
+    "remove_forward_hooks",
     "site_type_for",
     "submodule",
 ]
@@ -237,6 +238,22 @@ class Change:
             elif isinstance(value, list):
                 setattr(change, name, [joined(prefix, v) for v in value])
         return change
+
+
+def remove_forward_hooks(module: nn.Module, pre_hook_id: int, post_hook_id: int) -> None:
+    """Remove a forward pre-hook and a forward hook by their handles' ids, whichever registration options they had
+    (``with_kwargs``, ``always_call``): what a :class:`Change` that installed a pair undoes.
+
+    Args:
+        module: the module holding the hooks.
+        pre_hook_id: the pre-hook handle's ``id``.
+        post_hook_id: the forward hook handle's ``id``.
+    """
+    module._forward_pre_hooks.pop(pre_hook_id, None)
+    module._forward_pre_hooks_with_kwargs.pop(pre_hook_id, None)
+    module._forward_hooks.pop(post_hook_id, None)
+    module._forward_hooks_with_kwargs.pop(post_hook_id, None)
+    module._forward_hooks_always_called.pop(post_hook_id, None)
 
 
 def any_of(kinds: Any, module: nn.Module) -> bool:

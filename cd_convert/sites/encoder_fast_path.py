@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch.nn as nn
 
 from .._tracing import thread_key
-from .base import Change, submodule
+from .base import Change, remove_forward_hooks, submodule
 
 __all__ = ["EncoderFastPathSwitch", "encoder_fast_path_switches"]
 
@@ -88,11 +88,7 @@ class EncoderFastPathSwitch(Change):
         self.hook_ids = (pre.id, post.id)
 
     def undo(self, root: nn.Module) -> None:
-        owner = submodule(root, self.owner)
-        pre, post = self.hook_ids
-        owner._forward_pre_hooks.pop(pre, None)
-        owner._forward_hooks.pop(post, None)
-        owner._forward_hooks_always_called.pop(post, None)
+        remove_forward_hooks(submodule(root, self.owner), *self.hook_ids)
 
 
 def encoder_fast_path_switches(model: nn.Module, site_names: List[str]) -> List[EncoderFastPathSwitch]:

@@ -1338,8 +1338,8 @@ FAMILIES: List[Family] = [
             pos_att_type=("p2c", "c2p"),
         ),
         "audio",
-        note="SEW-D applies its dropout through DeBERTa's StableDropout (a custom autograd function): "
-        "reported unsupported, kept at its rate",
+        note="SEW-D applies its dropout through DeBERTa's StableDropout (a custom autograd function): recognised "
+        "by its form and converted like nn.Dropout; freeze puts StableDropout back with the learned rate",
     ),
     Family(
         "wavlm",
@@ -1347,8 +1347,8 @@ FAMILIES: List[Family] = [
         "WavLMConfig",
         dict(_WAV2VEC2, num_buckets=16, max_bucket_distance=32),
         "audio",
-        note="WavLM's attention dropout is applied inside F.multi_head_attention_forward without an "
-        "nn.MultiheadAttention: reported unsupported, kept at its rate",
+        note="WavLM passes its attention dropout into F.multi_head_attention_forward (no nn.MultiheadAttention): "
+        "the call is routed and torch's function runs with its dropout applied by the site",
     ),
     Family(
         "speecht5",

@@ -38,6 +38,7 @@ from .layers import (
 from .mc import ClassificationPrediction, RegressionPrediction, mc_mode, mc_predict
 from .options import ConvertOptions
 from .report import Report
+from .targets import register_dropout_module
 
 __all__ = [
     "convert",
@@ -47,6 +48,7 @@ __all__ = [
     "unconvert",
     "freeze",
     "set_regularizer",
+    "register_dropout_module",
     "regularization",
     "dropout_rates",
     "RateLogger",

@@ -43,6 +43,7 @@ from .integrations import transformers as hf
 from .layers import ConcreteDropout, ConcreteDropoutBase
 from .mask_audit import FixedMask, MaskAudit
 from .sites.attention import SDPA_ARGUMENTS
+from .sites.attention_function import ATTENTION_FUNCTION, FUSED_OP, attention_function_rate
 from .sites.base import ATTENTION_CONSUMER_NOTE, site_type_for
 from .sites.non_sites import NON_SITE_FUNCTIONS, is_non_site_module
 from .targets import is_dropout_module
@@ -60,8 +61,14 @@ _NUDGE = 2.0**-30
 _SOFTMAX_FUNCTIONS = {torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax}
 #: The "producer" of softmax outputs (attention probabilities), followed through data-moving ops like a site's.
 _SOFTMAX = "<softmax>"
+#: Attention functions taking a dropout rate: (report name, fused op of the site it becomes).
+_SDPA = ("F.scaled_dot_product_attention", "scaled_dot_product_attention")
+_MHA_FUNCTION = ("F.multi_head_attention_forward", FUSED_OP)
+_SDPA_NOTE = "computed as explicit attention (softmax, concrete dropout, matmul) in training"
 #: Calls whose masks are dropout in a form discovery recognises (converted, or reported by their own kind).
-_KNOWN_MASK_FUNCTIONS = frozenset({*FUNCTIONAL_DROPOUTS, *NON_SITE_FUNCTIONS, F.scaled_dot_product_attention})
+_KNOWN_MASK_FUNCTIONS = frozenset(
+    {*FUNCTIONAL_DROPOUTS, *NON_SITE_FUNCTIONS, F.scaled_dot_product_attention, ATTENTION_FUNCTION}
+)
 #: Modules whose own code draws masks that their kind of site converts or reports (fused in torch's code).
 _KNOWN_MASK_MODULES = (nn.MultiheadAttention, nn.RNNBase)
 
@@ -81,7 +88,10 @@ class _Recorder(TorchFunctionMode):
         finally:
             self.run.known_calls -= known
         if func is F.scaled_dot_product_attention:
-            self.run.attention_call(args, kwargs, sys._getframe(1))
+            bound = dict(zip(SDPA_ARGUMENTS, args), **kwargs)
+            self.run.attention_call(bound.get("dropout_p", 0.0), True, _SDPA, sys._getframe(1))
+        elif func is ATTENTION_FUNCTION:
+            self.run.attention_call(*attention_function_rate(args, kwargs), _MHA_FUNCTION, sys._getframe(1))
         elif func in FUNCTIONAL_DROPOUTS:
             self.run.functional_call(func, args, kwargs, result, sys._getframe(1))
         elif func in _SOFTMAX_FUNCTIONS and isinstance(result, torch.Tensor):
@@ -158,7 +168,7 @@ class _DryRun:
         self.functional: Dict[Tuple[Any, str], Dict[str, Any]] = {}
         #: module name -> K of its first call (None: attention probabilities).
         self.widths: Dict[str, Optional[int]] = {}
-        #: (call location, owner name) -> the call, for scaled_dot_product_attention calls with dropout_p > 0.
+        #: (call location, owner name) -> the call, for attention calls with dropout_p > 0 (SDPA, torch's MHA function).
         self.attention: Dict[Tuple[Any, str], Dict[str, Any]] = {}
         #: How many recognised dropout calls are running (their masks are accounted for).
         self.known_calls = 0
@@ -181,13 +191,17 @@ class _DryRun:
         owner = self.names.get(self.stack[-1], "") if self.stack else ""
         self.fixed_masks.setdefault((owner, mask.location), mask)
 
-    def attention_call(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], frame: Any) -> None:
-        """Record a training-mode ``scaled_dot_product_attention`` call with a nonzero ``dropout_p``."""
-        bound = dict(zip(SDPA_ARGUMENTS, args))
-        bound.update(kwargs)
-        p = bound.get("dropout_p", 0.0)
+    def attention_call(self, p: Any, training: bool, function: Tuple[str, str], frame: Any) -> None:
+        """Record a training-mode attention call with a nonzero dropout rate.
+
+        Args:
+            p: the call's ``dropout_p``.
+            training: its training flag (``F.multi_head_attention_forward`` drops nothing without it).
+            function: the function's report name and the fused op it becomes (``_SDPA``, ``_MHA_FUNCTION``).
+            frame: the frame that made the call (or a frame of torch's below it).
+        """
         caller = caller_frame(frame)
-        if not isinstance(p, (int, float)) or isinstance(p, bool) or p <= 0.0 or caller is None:
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or p <= 0.0 or not training or caller is None:
             return
         owner = self.stack[-1] if self.stack else self.model
         owner_name = self.names.get(owner, "")
@@ -198,6 +212,7 @@ class _DryRun:
                 "method": owner_method(caller, owner),
                 "p": p,
                 "rate_holder": self.rate_holder(p),
+                "function": function,
             },
         )
 
@@ -436,6 +451,11 @@ def confirm_with_dry_run(model: nn.Module, discovery: Discovery, example_inputs:
                 site.units_hint = call["width"]
                 # torch.fx sees a call's rate as a constant: where it is read from is known from the pass only.
                 site.rate_holder = site.rate_holder or call["rate_holder"]
+        elif site.kind == "fused" and site.key is not None and (site.key, site.owner) in run.attention:
+            # The same for an attention call torch.fx found: by value alone, AST's attention_probs_dropout_prob
+            # could not be told from its unused dropout module's p, and freeze would have nowhere to write.
+            site.called = True
+            site.rate_holder = site.rate_holder or run.attention[(site.key, site.owner)]["rate_holder"]
     known = {(s.key, s.owner) for s in discovery.sites if s.key is not None}
     for (key, owner), call in run.functional.items():
         if (key, owner) in known or call["training"] is False or call["method"] is None:
@@ -481,12 +501,12 @@ def _add_attention_sites(discovery: Discovery, run: _DryRun) -> None:
                 p=run.original_rate(call["p"]),
                 found_by="dry run",
                 consumer_note=ATTENTION_CONSUMER_NOTE,
-                function="F.scaled_dot_product_attention",
+                function=call["function"][0],
                 key=key,
                 method=call["method"],
-                fused_op="scaled_dot_product_attention",
+                fused_op=call["function"][1],
                 rate_holder=call["rate_holder"],
-                notes=["computed as explicit attention (softmax, concrete dropout, matmul) in training"],
+                notes=[] if call["function"] is _MHA_FUNCTION else [_SDPA_NOTE],
             )
         )
 

@@ -47,8 +47,11 @@ Runner = Callable[[nn.Module, nn.Module, Callable, Tuple[Any, ...], Dict[str, An
 
 
 def is_routable(func: Callable) -> bool:
-    """Calls a route can take: functional dropout and ``scaled_dot_product_attention``."""
-    return func in FUNCTIONAL_DROPOUTS or func is F.scaled_dot_product_attention
+    """Calls a route can take: functional dropout, ``scaled_dot_product_attention`` and
+    ``multi_head_attention_forward`` (attention functions that take a dropout rate)."""
+    # Read from the module on each call: while attention is routed, F.scaled_dot_product_attention is the router.
+    attention = func is F.scaled_dot_product_attention or func is F.multi_head_attention_forward
+    return attention or func in FUNCTIONAL_DROPOUTS
 
 
 class _Dispatch(TorchFunctionMode):

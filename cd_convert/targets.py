@@ -28,10 +28,13 @@ __all__ = [
     "MODULE_SITE_TYPES",
     "DROPOUT_TYPES",
     "Matcher",
+    "dropout_rate",
+    "foreign_dropout",
     "parse_targets",
     "first_match",
     "is_dropout_module",
     "is_targetable",
+    "register_dropout_module",
 ]
 
 TargetEntry = Union[type, str, "re.Pattern[str]", Callable[[str, nn.Module], bool]]
@@ -66,11 +69,90 @@ def is_targetable(module: nn.Module) -> bool:
     return isinstance(module, TARGETABLE_TYPES)
 
 
+@dataclass(frozen=True)
+class ForeignDropout:
+    """A dropout module class from outside ``torch.nn`` that converts like ``nn.Dropout*``.
+
+    Attributes:
+        rate_attribute: the float attribute holding its drop rate (``freeze`` writes the learned rate there).
+        site_type: the concrete site that replaces it (its mask's shape: element-wise, channel-wise).
+    """
+
+    rate_attribute: str
+    site_type: Type[ConcreteDropoutBase]
+
+
+#: Registered classes (:func:`register_dropout_module`); subclasses count.
+_FOREIGN_DROPOUTS: Dict[type, ForeignDropout] = {}
+#: DeBERTa's ``StableDropout`` (transformers' DeBERTa and DeBERTa-v2 before 5.0, SEW-D; Microsoft's DeBERTa
+#: package): inverted element-wise dropout at ``drop_prob`` through a custom autograd function. Recognised by
+#: its form, so that no copy of it (each model file has its own) needs to be imported or registered.
+_STABLE_DROPOUT = ForeignDropout("drop_prob", ConcreteDropout)
+
+
+def register_dropout_module(
+    cls: Type[nn.Module], rate_attribute: str = "p", site_type: Type[ConcreteDropoutBase] = ConcreteDropout
+) -> None:
+    """Make ``convert`` treat a dropout module class of your own (or a library's) like ``nn.Dropout``.
+
+    The class must apply inverted dropout in training (each unit zeroed with the rate, survivors scaled by
+    ``1 / (1 - rate)``; whole channels for a channel-wise ``site_type``) and return its input in eval. Its
+    instances are then replaced by concrete sites, and ``freeze`` puts back a copy of the original module with
+    the learned rate in ``rate_attribute``.
+
+    Args:
+        cls: the module class (subclasses count).
+        rate_attribute: the name of its float drop-rate attribute.
+        site_type: the concrete site that replaces it: :class:`~cd_convert.layers.ConcreteDropout`
+            (element-wise) or a channel-wise one such as :class:`~cd_convert.layers.ConcreteDropout2d`.
+
+    Raises:
+        TypeError: if ``cls`` is not an ``nn.Module`` subclass, or ``site_type`` not a concrete site class.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_dropout_module expects an nn.Module subclass, got {cls!r}.")
+    if not (isinstance(site_type, type) and issubclass(site_type, ConcreteDropoutBase)):
+        raise TypeError(
+            f"site_type must be a concrete site class such as cd_convert.layers.ConcreteDropout, got {site_type!r}."
+        )
+    if issubclass(cls, (ConcreteDropoutBase, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)):
+        raise TypeError(f"{cls.__name__} is converted already; register only classes outside torch.nn's dropout.")
+    _FOREIGN_DROPOUTS[cls] = ForeignDropout(rate_attribute, site_type)
+
+
+def foreign_dropout(module: nn.Module) -> Optional[ForeignDropout]:
+    """How a dropout module from outside ``torch.nn`` converts, or None when it is not one.
+
+    Args:
+        module: any module.
+
+    Returns:
+        The registered entry of its class (or nearest registered base), DeBERTa's ``StableDropout`` recognised by
+        its form, else None. An instance whose rate attribute is not a float is not one.
+    """
+    klass = type(module)
+    entry = next((_FOREIGN_DROPOUTS[k] for k in klass.__mro__ if k in _FOREIGN_DROPOUTS), None)
+    if entry is None and klass.__name__ == "StableDropout" and callable(getattr(module, "get_context", None)):
+        entry = _STABLE_DROPOUT
+    if entry is None:
+        return None
+    rate = getattr(module, entry.rate_attribute, None)
+    return entry if isinstance(rate, (int, float)) and not isinstance(rate, bool) else None
+
+
 def is_dropout_module(module: nn.Module) -> bool:
-    """Whether ``module`` is a plain ``nn.Dropout*`` (not alpha dropout)."""
-    return type(module) in DROPOUT_TYPES or (
-        isinstance(module, DROPOUT_TYPES) and not isinstance(module, (nn.AlphaDropout, nn.FeatureAlphaDropout))
+    """Whether ``module`` is a plain ``nn.Dropout*`` (not alpha dropout) or a registered foreign dropout class."""
+    return (
+        type(module) in DROPOUT_TYPES
+        or (isinstance(module, DROPOUT_TYPES) and not isinstance(module, (nn.AlphaDropout, nn.FeatureAlphaDropout)))
+        or foreign_dropout(module) is not None
     )
+
+
+def dropout_rate(module: nn.Module) -> float:
+    """The rate a dropout module (``nn.Dropout*`` or foreign, :func:`foreign_dropout`) applies."""
+    foreign = foreign_dropout(module)
+    return float(getattr(module, foreign.rate_attribute) if foreign is not None else module.p)
 
 
 @dataclass
@@ -97,7 +179,7 @@ def _type_matcher(entry: type, arg: str) -> Matcher:
     for bad, reason in _UNSUPPORTED_REASONS.items():
         if issubclass(entry, bad):
             raise TargetError(f"{arg} entry {entry.__name__} is not supported: {reason}.")
-    if not issubclass(entry, TARGETABLE_TYPES + DROPOUT_TYPES):
+    if not issubclass(entry, TARGETABLE_TYPES + DROPOUT_TYPES + tuple(_FOREIGN_DROPOUTS)):
         raise TargetError(
             f"{arg} entry {entry.__name__} is not a layer a site can be placed in front of. Module types must "
             "be nn.Linear / nn.Conv1d / nn.Conv2d / nn.Conv3d (or subclasses) or nn.Dropout*. To select every "

@@ -498,9 +498,9 @@ def test_dropout_only_the_eager_path_applies_gets_eager_attention_while_active()
         assert torch.equal(model(input_ids=ids).logits, original(input_ids=ids).logits)
 
 
-def test_attention_dropout_inside_a_torch_function_is_reported_not_silently_kept():
+def test_attention_dropout_inside_torchs_attention_function_becomes_a_site():
     # WavLM passes its attention dropout into F.multi_head_attention_forward (no nn.MultiheadAttention module):
-    # no site can be placed inside torch's function, so the conversion says so (row and warning).
+    # the call is routed and torch's function runs with its dropout applied by the site.
     config = transformers.WavLMConfig(
         vocab_size=32,
         hidden_size=16,
@@ -524,11 +524,25 @@ def test_attention_dropout_inside_a_torch_function_is_reported_not_silently_kept
         final_dropout=0.2,
     )
     torch.manual_seed(0)
-    with pytest.warns(UserWarning, match=r"cannot be converted and keep their fixed rate: 'wavlm.encoder.layers.0"):
-        model = cd.convert(transformers.WavLMForCTC(config), dataset_size=100)
-    rows = [r for r in cd.report(model).rows if r.status == "unsupported"]
-    assert [r.name for r in rows] == ["wavlm.encoder.layers.0.attention"]
-    assert "p=0.15" in rows[0].original
+    original = transformers.WavLMForCTC(config)
+    model = cd.convert(copy.deepcopy(original), dataset_size=100)
+    rows = {r.name: r for r in cd.report(model).rows}
+    assert not [r for r in rows.values() if r.status == "unsupported"]
+    row = rows["wavlm.encoder.layers.0.attention.torch_multi_head_self_attention_attn_dropout"]
+    assert (row.kind, row.status, row.original_p) == ("fused", "converted", pytest.approx(0.15))
+    audio = torch.randn(2, 400)
+    model.train()
+    assert fixed_rate_dropout_calls(model, {"input_values": audio}) == []
+    model(audio).logits.square().mean().backward()
+    site = model.get_submodule(row.name)
+    assert site.p_logit.grad is not None and site.p_logit.grad != 0
+    model.eval()
+    original.eval()
+    with torch.no_grad():
+        assert torch.equal(model(audio).logits, original(audio).logits)
+    with torch.no_grad():
+        site.p_logit.fill_(math.log(0.25 / 0.75))
+    assert cd.freeze(model).wavlm.encoder.layers[0].attention.dropout == pytest.approx(0.25)
 
 
 def _vision_encoder_decoder():

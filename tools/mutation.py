@@ -978,6 +978,49 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "                pass\n",
         ("tests/test_encoder_fast_path.py",),
     ),
+    Mutation(
+        "attention-function-call-not-routed",
+        "F.multi_head_attention_forward calls are not handed to their routes: WavLM's attention dropout keeps its "
+        "fixed rate and the site learns nothing",
+        "cd_convert/interception.py",
+        " or func is F.multi_head_attention_forward",
+        "",
+        ("tests/test_attention_function.py",),
+    ),
+    Mutation(
+        "attention-function-mc-not-sampled",
+        "a routed F.multi_head_attention_forward call keeps the call's training=False in MC mode: torch drops "
+        "nothing, so every sample is the same",
+        "cd_convert/sites/attention_function.py",
+        '    bound["training"] = True\n',
+        "",
+        ("tests/test_attention_function.py",),
+    ),
+    Mutation(
+        "fx-attention-rate-holder-not-read",
+        "an SDPA call torch.fx found does not take its rate's attribute from the dry run: where a dropout module "
+        "holds the same rate (transformers 4.x's AST), freeze has nowhere to write",
+        "cd_convert/dry_run.py",
+        '            site.rate_holder = site.rate_holder or run.attention[(site.key, site.owner)]["rate_holder"]\n',
+        "            pass\n",
+        ("tests/test_attention_function.py",),
+    ),
+    Mutation(
+        "stable-dropout-not-recognised",
+        "DeBERTa's StableDropout is not recognised: it is reported unsupported and keeps its fixed rate",
+        "cd_convert/targets.py",
+        'klass.__name__ == "StableDropout"',
+        'klass.__name__ == "StableDropoutX"',
+        ("tests/test_foreign_dropout.py",),
+    ),
+    Mutation(
+        "foreign-dropout-frozen-to-nn-dropout",
+        "freeze turns a foreign dropout class's site into nn.Dropout instead of the model's own class",
+        "cd_convert/sites/module.py",
+        "        foreign = foreign_dropout(self.original)\n",
+        "        foreign = None\n",
+        ("tests/test_foreign_dropout.py",),
+    ),
 )
 
 

@@ -28,7 +28,7 @@ import torch.nn as nn
 from .._modules import parent_of, submodule
 from ..found import Discovery, Finding, FoundSite
 from ..layers import ConcreteDropout, ConcreteDropoutBase
-from ..targets import MODULE_SITE_TYPES
+from ..targets import MODULE_SITE_TYPES, dropout_rate, foreign_dropout
 
 if TYPE_CHECKING:  # the planner imports the kinds; the kinds only need its type
     from ..planning import Planner
@@ -64,6 +64,9 @@ def site_type_for(module: nn.Module) -> Type[ConcreteDropoutBase]:
     """The concrete class that replaces a dropout module (a concrete site keeps its own class)."""
     if isinstance(module, ConcreteDropoutBase):
         return type(module)
+    foreign = foreign_dropout(module)
+    if foreign is not None:
+        return foreign.site_type
     for klass in type(module).__mro__:
         if klass in MODULE_SITE_TYPES:
             return MODULE_SITE_TYPES[klass]
@@ -72,7 +75,7 @@ def site_type_for(module: nn.Module) -> Type[ConcreteDropoutBase]:
 
 def original_rate(module: nn.Module) -> float:
     """The rate a dropout module applies now (a concrete site's current p)."""
-    return float(module.p.detach()) if isinstance(module, ConcreteDropoutBase) else float(module.p)
+    return float(module.p.detach()) if isinstance(module, ConcreteDropoutBase) else dropout_rate(module)
 
 
 #: Input rank of a batched channel-wise input -> the plain module that drops whole channels of it.

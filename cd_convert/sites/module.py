@@ -8,6 +8,7 @@ it, ``unconvert`` leaves it, ``freeze`` turns it into the plain ``nn.Dropout*`` 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
@@ -18,7 +19,7 @@ from ..consumers import ConsumerInfo, find_consumer, module_units
 from ..found import FoundSite
 from ..layers import ConcreteDropoutBase
 from ..report import SiteRow
-from ..targets import is_dropout_module
+from ..targets import foreign_dropout, is_dropout_module
 from .base import (
     Change,
     SearchContext,
@@ -68,7 +69,14 @@ class ModuleSwap(Change):
             setattr(parent, attr, self.original)
 
     def freeze(self, root: nn.Module) -> None:
-        frozen = frozen_dropout(root.get_submodule(self.site_name))
+        site = root.get_submodule(self.site_name)
+        foreign = foreign_dropout(self.original)
+        if foreign is None:
+            frozen = frozen_dropout(site)
+        else:  # the model's own dropout class again (DeBERTa's StableDropout), carrying the learned rate
+            frozen = copy.deepcopy(self.original)
+            setattr(frozen, foreign.rate_attribute, float(site.p.detach()))
+            frozen.train(site.training)
         for path in self.paths:
             parent, attr = parent_of(root, path)
             setattr(parent, attr, frozen)

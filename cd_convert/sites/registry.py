@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Tuple
 
 from .attention import FusedAttentionKind
+from .attention_function import AttentionFunctionKind
 from .base import SiteKind
 from .functional import FunctionalKind
 from .interface_attention import InterfaceAttentionKind
@@ -35,6 +36,7 @@ PLANNERS: Tuple[SiteKind, ...] = (
     RateAttributeKind(),
     InterfaceAttentionKind(),
     MultiheadAttentionKind(),
+    AttentionFunctionKind(),
     FusedAttentionKind(),
     ModuleKind(),
     FunctionalKind(),

@@ -33,7 +33,9 @@ On the CPU, sections 1, 1b and 2 also time the converted variants with the host-
 (``cd_convert.host_scalars.ENABLED = False``: the sites' tensor formula and the regulariser's tensor form
 that other devices use), side by side, so the gain of those paths is measured in the same run. With
 ``--cpu-extension`` they also time the opt-in C++ build of those paths (:mod:`cd_convert.cpu_extension`,
-built before anything is timed), switched on only around its own variants.
+built before anything is timed), switched on only around its own variants; section 1 times it twice: with
+its targeted Linears in the fused site-and-Linear node (:mod:`cd_convert.sites.fused_linear`, what
+``enable()`` gives) and without that node (the C++ site, then ``nn.Linear``).
 
 Run: ``python -m benchmarks.train_step [--device cpu] [--threads 1] [--repeats 30] [--compile] [--cpu-extension]
 [--json PATH]``.
@@ -63,6 +65,7 @@ from benchmarks.uci import grid as uci_grid
 from benchmarks.overhead import interleaved_times
 from cd_convert import cpu_extension, host_scalars
 from cd_convert.layers import ConcreteDropout
+from cd_convert.sites import fused_linear
 
 TARGET_EPOCH = 1.3
 TARGET_SITE = 2.0
@@ -138,6 +141,21 @@ def on_cpu_extension(fn: Callable[[], None]) -> Callable[[], None]:
             fn()
         finally:
             cpu_extension.disable()
+
+    return wrapped
+
+
+def without_fused_linear(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn``, run with targeted Linears kept out of the extension's fused site-and-Linear node
+    (:mod:`cd_convert.sites.fused_linear`): the C++ site, then ``nn.Linear``, as before that node existed."""
+
+    def wrapped() -> None:
+        enter = fused_linear.enter
+        fused_linear.enter = lambda *args: None
+        try:
+            fn()
+        finally:
+            fused_linear.enter = enter
 
     return wrapped
 
@@ -250,7 +268,8 @@ EPOCH_TEXT = {
     "concrete": "converted + regulariser",
     "concrete_noreg": "converted, no regulariser",
     "concrete_tensor": "converted + regulariser, tensor path (host-scalar sites off)",
-    "concrete_cpp": "converted + regulariser, C++ CPU site (cpu_extension)",
+    "concrete_cpp": "converted + regulariser, C++ CPU path (cpu_extension: fused site-and-Linear nodes)",
+    "concrete_cpp_sites": "converted + regulariser, C++ CPU site, then nn.Linear (no fused node)",
     "dropout_foreach": "nn.Dropout network, Adam(foreach=True)",
     "concrete_foreach": "converted + regulariser, Adam(foreach=True)",
     "dropout_compiled": "nn.Dropout network, compiled loss",
@@ -281,6 +300,8 @@ def epoch_section(device: torch.device, repeats: int, compiled: bool = False) ->
         fns["concrete_tensor"] = on_tensor_path(epoch_fn(uci_network(device, "concrete"), x, y, regularise=True))
         if WITH_EXTENSION:
             fns["concrete_cpp"] = on_cpu_extension(epoch_fn(uci_network(device, "concrete"), x, y, regularise=True))
+            unfused = epoch_fn(uci_network(device, "concrete"), x, y, regularise=True)
+            fns["concrete_cpp_sites"] = on_cpu_extension(without_fused_linear(unfused))
     # The multi-tensor Adam (the default on CUDA, opt-in on the CPU) for both networks: the per-parameter
     # loop's cost grows with the p-logits' count, the multi-tensor one's hardly does.
     fns["dropout_foreach"] = epoch_fn(uci_network(device, "dropout"), x, y, regularise=False, foreach=True)

@@ -13,7 +13,10 @@ time, then cached by PyTorch under ``~/.cache/torch_extensions``) and routes the
   backward pass sums the logit gradient's terms in float64; both agree with the Python path to rounding;
 * larger sites, other temperatures and strided inputs run the Python path's ATen ops: bitwise its results;
 * the regulariser: the Python path's float64 arithmetic in the same order (bitwise equal), for any number
-  of sites (the Python host path stops at :data:`cd_convert.host_regularizer.MAX_SITES`).
+  of sites (the Python host path stops at :data:`cd_convert.host_regularizer.MAX_SITES`);
+* a targeted ``nn.Linear`` and its input site: one autograd node for both in training
+  (:mod:`cd_convert.sites.fused_linear`: the layer enters this *fused mode* at a call the node serves when
+  nothing else hooks it, and leaves it when that changes), the values of the site followed by ``F.linear``.
 
 ``benchmarks/train_step.py --cpu-extension`` measures it side by side with the Python path.
 

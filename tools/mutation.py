@@ -1006,6 +1006,31 @@ MUTATIONS: Tuple[Mutation, ...] = (
         ("tests/test_attention_function.py",),
     ),
     Mutation(
+        "fused-linear-logit-gradient-unscaled",
+        "the fused site-and-Linear node's logit gradient uses sum(g y m) where it needs sum(g y w) = (1 - p) sum(g y m)",
+        "cd_convert/csrc/host_site.cpp",
+        "      kept /= inverse_kept;\n      if (needs_logit) {",
+        "      if (needs_logit) {",
+        ("tests/test_fused_linear.py",),
+    ),
+    Mutation(
+        "fused-linear-kept-under-hooks",
+        "a layer in fused mode keeps it after another forward hook is registered on it: that hook sees the unmasked "
+        "input",
+        "cd_convert/sites/fused_linear.py",
+        "            layer._forward_pre_hooks\n            or layer._forward_hooks\n",
+        "            layer._forward_pre_hooks\n",
+        ("tests/test_fused_linear.py",),
+    ),
+    Mutation(
+        "fused-linear-entered-beside-other-hooks",
+        "a layer with a pre-hook of the user's enters fused mode: that hook sees the unmasked input",
+        "cd_convert/sites/fused_linear.py",
+        "        or list(layer._forward_pre_hooks) != [hook_id]\n",
+        "",
+        ("tests/test_fused_linear.py",),
+    ),
+    Mutation(
         "stable-dropout-not-recognised",
         "DeBERTa's StableDropout is not recognised: it is reported unsupported and keeps its fixed rate",
         "cd_convert/targets.py",

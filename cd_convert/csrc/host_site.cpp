@@ -203,6 +203,83 @@ Tensor site(const Tensor& x, const Tensor& p_logit, const c10::optional<Tensor>&
   return mask_and_output(x, noise, theta, temperature, 1.0 + std::exp(theta)).second;
 }
 
+// ------------------------------------------------------------------------------------------ site + Linear
+
+// A targeted Linear's input site and the Linear itself in one autograd node: y = (x m) W^T + b. At the UCI
+// shape the step's cost is per node and per op; one node replaces the site's and the Linear's three (the
+// site, addmm, the weight's transpose), and the backward pass dispatches two matmuls, one sum and one loop.
+// Saved: the mask and x m (the Linear's own saved input), as the site and the Linear would save them.
+struct HostSiteLinear : public torch::autograd::Function<HostSiteLinear> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& p_logit, const Tensor& weight,
+                        const c10::optional<Tensor>& bias, Tensor uniform, double temperature, double bound) {
+    const double theta = clamped(p_logit, bound);
+    const double odds = std::exp(theta);
+    const double inverse_kept = 1.0 + odds;
+    auto [mask, xm] = mask_and_output(x, uniform, theta, temperature, inverse_kept);
+    const Tensor rows = xm.reshape({-1, weight.size(1)});
+    Tensor y = bias.has_value() && bias->defined() ? at::addmm(*bias, rows, weight.t()) : at::mm(rows, weight.t());
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = weight.size(0);
+    ctx->saved_data["p"] = odds / inverse_kept;
+    ctx->saved_data["inverse_kept"] = inverse_kept;
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["logit_dtype"] = static_cast<int64_t>(p_logit.scalar_type());
+    ctx->save_for_backward({mask, xm, weight});
+    return y.view(shape);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& mask = saved[0];
+    const Tensor& xm = saved[1];
+    const Tensor& weight = saved[2];
+    const Tensor g = grads[0].reshape({-1, weight.size(0)});
+    const double p = ctx->saved_data["p"].toDouble();
+    const double inverse_kept = ctx->saved_data["inverse_kept"].toDouble();
+    const double temperature = ctx->saved_data["temperature"].toDouble();
+    const auto logit_dtype = static_cast<at::ScalarType>(ctx->saved_data["logit_dtype"].toInt());
+    const bool needs_x = ctx->needs_input_grad(0), needs_logit = ctx->needs_input_grad(1);
+    Tensor grad_x, grad_logit, grad_weight, grad_bias;
+    if (needs_x || needs_logit) {
+      const Tensor grad_xm = g.mm(weight).view(mask.sizes());  // dL/d(x m)
+      double total = 0.0, kept = 0.0;
+      if (needs_x) {
+        grad_x = at::empty_like(mask);
+      }
+      if (mask.numel() < kFusedMaxNumel && mask.is_contiguous() && xm.is_contiguous() &&
+          grad_xm.scalar_type() == mask.scalar_type()) {
+        AT_DISPATCH_FLOATING_TYPES(mask.scalar_type(), "cd_convert_site_linear_backward", [&] {
+          fused_backward<scalar_t>(grad_xm, mask, xm, true, needs_x ? &grad_x : nullptr, &total, &kept);
+        });
+      } else {
+        if (needs_x) {
+          grad_x = grad_xm * mask;
+        }
+        Tensor gy = grad_xm * xm;
+        total = gy.sum().item<double>();
+        kept = gy.mul_(mask).sum().item<double>();
+      }
+      kept /= inverse_kept;
+      if (needs_logit) {
+        grad_logit = at::full({}, logit_gradient(p, total, kept, temperature),
+                              at::TensorOptions().dtype(logit_dtype).device(at::kCPU));
+      }
+    }
+    if (ctx->needs_input_grad(2)) {
+      grad_weight = g.t().mm(xm.reshape({-1, weight.size(1)}));
+    }
+    if (ctx->needs_input_grad(3)) {
+      grad_bias = g.sum(0);
+    }
+    return {grad_x, grad_logit, grad_weight, grad_bias, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor site_linear(const Tensor& x, const Tensor& p_logit, const Tensor& weight, const c10::optional<Tensor>& bias,
+                   const c10::optional<Tensor>& uniform, double temperature, double bound) {
+  return HostSiteLinear::apply(x, p_logit, weight, bias, draw(x, uniform), temperature, bound);
+}
+
 // ------------------------------------------------------------------------------------------- regulariser
 
 // The constants of one regulariser plan (host_regularizer.HostTerms), built once per plan.
@@ -357,6 +434,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("site", &site, "A concrete-dropout site call on the CPU (see cd_convert/host_scalars.py).", py::arg("x"),
         py::arg("p_logit"), py::arg("uniform"), py::arg("temperature"), py::arg("bound"), py::arg("save_output"),
         py::arg("needs_grad"));
+  m.def("site_linear", &site_linear, "A targeted Linear's input site and the Linear in one autograd node.",
+        py::arg("x"), py::arg("p_logit"), py::arg("weight"), py::arg("bias"), py::arg("uniform"),
+        py::arg("temperature"), py::arg("bound"));
   py::class_<RegularizerPlan, std::shared_ptr<RegularizerPlan>>(m, "RegularizerPlan");
   m.def("make_plan", &make_plan, "The regulariser's constants (host_regularizer.HostTerms) as a C++ object.");
   m.def("regularizer", &regularizer, "cd_convert.regularization's host path (see host_regularizer.py).");

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set, Tupl
 
 import torch.nn as nn
 
+from .. import cpu_extension
 from ..consumers import ConsumerInfo
 from ..found import Discovery, FoundSite
 from ..layers import ConcreteDropoutBase
@@ -27,6 +28,7 @@ from ..recompute import LayerRecompute
 from ..recompute import may_apply as may_recompute
 from ..report import SiteRow
 from ..targets import MODULE_SITE_TYPES, first_match
+from . import fused_linear
 from .base import Change, SiteKind, frozen_dropout, parent_of, submodule
 
 if TYPE_CHECKING:
@@ -49,13 +51,16 @@ class InputSiteHook:
 
     Where the site runs in the fused kernels, the layer's call recomputes the masked input in the backward pass
     instead of saving it (:mod:`cd_convert.recompute`); :class:`InputSiteEnd`, registered by the first such call,
-    ends that after each call.
+    ends that after each call. With the C++ CPU extension switched on, an ``nn.Linear`` whose training calls the
+    extension's fused site-and-Linear node serves is put into fused mode (:mod:`cd_convert.sites.fused_linear`):
+    this hook steps aside while the layer's forward applies the site.
     """
 
     def __init__(self, child: str) -> None:
         self.child = child
         self.recompute = LayerRecompute()
         self.end_hook_id: Optional[int] = None  # InputSiteEnd, registered by the first call that recomputes
+        self.hook_id: Optional[int] = None  # its own id on the layer, set when registered (for the fused mode)
 
     def __call__(self, module: nn.Module, args: Tuple[Any, ...]) -> Optional[Tuple[Any, ...]]:
         site = getattr(module, self.child)
@@ -63,6 +68,8 @@ class InputSiteHook:
             return None
         recompute = self.__dict__.get("recompute")  # None in a hook pickled before it existed
         if recompute is None or not may_recompute(args[0], site):
+            if cpu_extension._MODULE is not None and len(args) == 1:  # from the next call on, maybe one fused node
+                fused_linear.enter(module, site, args[0], self.child, self.__dict__.get("hook_id"), self)
             return (site(args[0]),) + tuple(args[1:])
         if self.end_hook_id not in module._forward_hooks:
             # Registered on first need, so that a layer that never recomputes (the CPU) pays for no forward hook;
@@ -100,11 +107,12 @@ class InputSite(Change):
     def apply(self, root: nn.Module, site: Optional[nn.Module] = None) -> None:
         layer = root.get_submodule(self.layer)
         layer.add_module(self.child, site)
-        self.hook_id = layer.register_forward_pre_hook(InputSiteHook(self.child)).id
+        hook = InputSiteHook(self.child)
+        self.hook_id = hook.hook_id = layer.register_forward_pre_hook(hook).id
 
     def undo(self, root: nn.Module) -> None:
         layer = root.get_submodule(self.layer)
-        start = layer._forward_pre_hooks.pop(self.hook_id, None)
+        start = layer._forward_pre_hooks.pop(self.hook_id, None) or fused_linear.remove(layer)
         end_hook_id = getattr(start, "end_hook_id", None)
         if end_hook_id is not None:
             layer._forward_hooks.pop(end_hook_id, None)

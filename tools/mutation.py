@@ -1007,7 +1007,8 @@ MUTATIONS: Tuple[Mutation, ...] = (
     ),
     Mutation(
         "fused-linear-logit-gradient-unscaled",
-        "the fused site-and-Linear node's logit gradient uses sum(g y m) where it needs sum(g y w) = (1 - p) sum(g y m)",
+        "the fused site-and-Linear node's logit gradient uses sum(g y m) where it needs "
+        "sum(g y w) = (1 - p) sum(g y m)",
         "cd_convert/csrc/host_site.cpp",
         "      kept /= inverse_kept;\n      if (needs_logit) {",
         "      if (needs_logit) {",

@@ -108,6 +108,26 @@ def test_training_in_fused_mode_equals_the_site_then_the_linear(extension, monke
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_a_gradient_penalty_through_the_fused_node_equals_the_one_through_the_pre_hook(extension, monkeypatch):
+    # create_graph: the node's gradients stay functions of the upstream gradient (as the C++ site's do).
+    x = torch.randn(6, 8)
+
+    def penalised_grads(model):
+        xg = x.clone().requires_grad_()
+        torch.manual_seed(5)
+        (gx,) = torch.autograd.grad(model(xg).square().sum(), xg, create_graph=True)
+        gx.square().sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    fused_model = _fused(_net(), x)
+    fused = penalised_grads(fused_model)
+    assert isinstance(vars(fused_model[0]).get("forward"), FusedLinearForward)
+    monkeypatch.setattr(fused_linear, "enter", lambda *args: None)
+    hooked = penalised_grads(_net())
+    for a, b in zip(fused, hooked):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_fused_mode_hands_the_layer_back_when_anything_else_would_see_its_call(extension):
     x = torch.randn(6, 8)
     model = _fused(_net(), x)

@@ -1010,8 +1010,8 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "the fused site-and-Linear node's logit gradient uses sum(g y m) where it needs "
         "sum(g y w) = (1 - p) sum(g y m)",
         "cd_convert/csrc/host_site.cpp",
-        "      kept /= inverse_kept;\n      if (needs_logit) {",
-        "      if (needs_logit) {",
+        "        kept /= inverse_kept;\n        if (needs_logit) {\n          grad_logit = at::full",
+        "        if (needs_logit) {\n          grad_logit = at::full",
         ("tests/test_fused_linear.py",),
     ),
     Mutation(

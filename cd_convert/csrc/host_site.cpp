@@ -239,30 +239,41 @@ struct HostSiteLinear : public torch::autograd::Function<HostSiteLinear> {
     const double temperature = ctx->saved_data["temperature"].toDouble();
     const auto logit_dtype = static_cast<at::ScalarType>(ctx->saved_data["logit_dtype"].toInt());
     const bool needs_x = ctx->needs_input_grad(0), needs_logit = ctx->needs_input_grad(1);
+    const auto logit_options = at::TensorOptions().dtype(logit_dtype).device(at::kCPU);
+    // create_graph (a gradient penalty): every gradient stays a tensor function of g, as HostSite's do.
+    const bool graph = at::GradMode::is_enabled();
     Tensor grad_x, grad_logit, grad_weight, grad_bias;
     if (needs_x || needs_logit) {
       const Tensor grad_xm = g.mm(weight).view(mask.sizes());  // dL/d(x m)
-      double total = 0.0, kept = 0.0;
-      if (needs_x) {
-        grad_x = at::empty_like(mask);
-      }
-      if (mask.numel() < kFusedMaxNumel && mask.is_contiguous() && xm.is_contiguous() &&
+      if (!graph && mask.numel() < kFusedMaxNumel && mask.is_contiguous() && xm.is_contiguous() &&
           grad_xm.scalar_type() == mask.scalar_type()) {
+        double total = 0.0, kept = 0.0;
+        if (needs_x) {
+          grad_x = at::empty_like(mask);
+        }
         AT_DISPATCH_FLOATING_TYPES(mask.scalar_type(), "cd_convert_site_linear_backward", [&] {
           fused_backward<scalar_t>(grad_xm, mask, xm, true, needs_x ? &grad_x : nullptr, &total, &kept);
         });
+        kept /= inverse_kept;
+        if (needs_logit) {
+          grad_logit = at::full({}, logit_gradient(p, total, kept, temperature), logit_options);
+        }
       } else {
         if (needs_x) {
           grad_x = grad_xm * mask;
         }
-        Tensor gy = grad_xm * xm;
-        total = gy.sum().item<double>();
-        kept = gy.mul_(mask).sum().item<double>();
-      }
-      kept /= inverse_kept;
-      if (needs_logit) {
-        grad_logit = at::full({}, logit_gradient(p, total, kept, temperature),
-                              at::TensorOptions().dtype(logit_dtype).device(at::kCPU));
+        if (needs_logit) {
+          Tensor gy = grad_xm * xm;  // g y of the site's output y = x m
+          if (graph) {
+            Tensor total = gy.sum();
+            Tensor kept = (gy * mask).sum() / inverse_kept;
+            grad_logit = (p * total - (total - kept) / temperature).to(logit_dtype);
+          } else {
+            const double total = gy.sum().item<double>();
+            const double kept = gy.mul_(mask).sum().item<double>() / inverse_kept;
+            grad_logit = at::full({}, logit_gradient(p, total, kept, temperature), logit_options);
+          }
+        }
       }
     }
     if (ctx->needs_input_grad(2)) {

@@ -236,9 +236,20 @@ class Planner:
             return "not selected", "left as fixed dropout"
         if found.p == 0.0 and not self.options.include_zero_rate:
             return "skipped (p=0)", "include_zero_rate=False: rate-0 dropout stays as it is"
+        if found.p == 0.0 and self._literal_rate(found):
+            return "skipped (p=0)", (
+                "a call whose rate 0 is written in the code, not read from an attribute of a module (CTRL's "
+                "dropout=0.0): the model never drops here and a plain model could not carry a learned rate, so it "
+                "stays as it is"
+            )
         if (found.kind == "fused" or found.attention_interface) and not self.options.fused_attention:
             return "left fused", "fused_attention=False: the fused kernel keeps its fixed rate"
         return None
+
+    def _literal_rate(self, found: FoundSite) -> bool:
+        """Whether a call's rate is a literal: the dry run saw the call and traced its rate to no attribute (it tags
+        every rate-0 attribute). torch.fx alone sees every rate as a constant, so without a dry run it cannot tell."""
+        return self.discovery.dry_run and found.key is not None and found.module_name is None and not found.rate_holder
 
     def skip_row(self, found: FoundSite, name: str, original: str, reason: Tuple[str, str]) -> SiteRow:
         """The report row of a site that is not converted."""

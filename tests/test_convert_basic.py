@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import cd_convert as cd
 from cd_convert.collector import COLLECTOR_ATTR, get_collector
@@ -123,6 +124,31 @@ def test_zero_rate_starts_at_init_p():
     assert rates["drop2"] == pytest.approx(0.3, rel=1e-5)
     default = cd.dropout_rates(cd.convert(model, dataset_size=100))
     assert default["drop1"] == pytest.approx(0.1, rel=1e-5)
+
+
+class RateZeroCalls(nn.Module):
+    """Two functional calls at rate 0: one reads an attribute (a slot the model exposes, as timm's drop_rate=0.),
+    one passes a literal (CTRL's dropout=0.0: this code never drops)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+        self.head_drop = 0.0
+
+    def forward(self, x):
+        x = F.dropout(torch.relu(self.fc1(x)), self.head_drop, self.training)
+        x = F.dropout(torch.relu(self.fc2(x)), 0.0, self.training)
+        return self.fc3(x)
+
+
+def test_a_rate_0_read_from_an_attribute_is_learned_and_a_literal_0_is_left():
+    model = cd.convert(RateZeroCalls(), example_inputs=(torch.randn(3, 4),), dataset_size=100)
+    rows = [(r.status, r.original_p) for r in cd.report(model).rows]
+    assert sorted(rows) == [("converted", 0.0), ("skipped (p=0)", 0.0)]
+    skipped = next(r for r in cd.report(model).rows if r.status == "skipped (p=0)")
+    assert "written in the code" in skipped.notes[0]
+    frozen = cd.freeze(model)  # strict: the learned site has its attribute to write to
+    assert frozen.head_drop == pytest.approx(0.1, rel=1e-5)
 
 
 def test_targets_linear_elementwise():

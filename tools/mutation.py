@@ -1032,6 +1032,15 @@ MUTATIONS: Tuple[Mutation, ...] = (
         ("tests/test_fused_linear.py",),
     ),
     Mutation(
+        "literal-rate-0-call-converted",
+        "a call with a literal rate 0 (CTRL's dropout=0.0) becomes a learned site: the model drops where its code "
+        "never does, and freeze has no attribute to write the rate to",
+        "cd_convert/planning.py",
+        "        if found.p == 0.0 and self._literal_rate(found):\n",
+        "        if found.p == 0.0 and False:\n",
+        ("tests/test_convert_basic.py",),
+    ),
+    Mutation(
         "stable-dropout-not-recognised",
         "DeBERTa's StableDropout is not recognised: it is reported unsupported and keeps its fixed rate",
         "cd_convert/targets.py",

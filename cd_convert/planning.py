@@ -238,7 +238,7 @@ class Planner:
             return "skipped (p=0)", "include_zero_rate=False: rate-0 dropout stays as it is"
         if found.p == 0.0 and self._literal_rate(found):
             return "skipped (p=0)", (
-                "a call whose rate 0 is written in the code, not read from an attribute of a module (CTRL's "
+                "a call whose rate 0 is written in the code, not read from a float attribute of a module (CTRL's "
                 "dropout=0.0): the model never drops here and a plain model could not carry a learned rate, so it "
                 "stays as it is"
             )

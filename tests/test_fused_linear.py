@@ -137,8 +137,17 @@ def test_fused_mode_hands_the_layer_back_when_anything_else_would_see_its_call(e
     assert "forward" not in vars(model[2]) and len(model[2]._forward_pre_hooks) == 1  # the pre-hook is back
     model(x)
     assert seen == ["Tensor", "Tensor"]
+    handle = nn.modules.module.register_module_forward_hook(lambda m, args, out: None)
+    try:
+        model(x)  # a global module hook: every layer leaves
+    finally:
+        handle.remove()
+    assert "forward" not in vars(model[0]) and len(model[0]._forward_pre_hooks) == 1
+    model(x)
+    model(x)
+    assert isinstance(vars(model[0]).get("forward"), FusedLinearForward)  # back in fused mode once it is gone
     cpu_extension.disable()
-    model(x)  # the extension switched off: the other layer leaves too
+    model(x)  # the extension switched off: the layer leaves again
     assert "forward" not in vars(model[0]) and len(model[0]._forward_pre_hooks) == 1
     with torch.no_grad():
         torch.manual_seed(1)

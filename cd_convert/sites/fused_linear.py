@@ -12,8 +12,9 @@ While the extension is switched on, the input-site pre-hook (:class:`cd_convert.
 puts a layer into *fused mode* at a call the node applies to, when nothing else hooks the layer
 (:func:`enter`): the pre-hook steps aside and :class:`FusedLinearForward`, on the layer's instance, applies the
 site itself, in the node where it applies and as the site followed by ``F.linear`` otherwise. It hands the layer
-back to the pre-hook (:meth:`FusedLinearForward.leave`) when another hook appears on the layer, the extension is
-switched off, or an input arrives on another device (where the pre-hook's recomputation serves a GPU).
+back to the pre-hook (:meth:`FusedLinearForward.leave`) when another hook appears on the layer (or a global module
+hook), the extension is switched off, or an input arrives on another device (where the pre-hook's recomputation
+serves a GPU).
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ class FusedLinearForward:
         if (
             layer._forward_pre_hooks
             or layer._forward_hooks
+            or _module_hooks._global_forward_pre_hooks
+            or _module_hooks._global_forward_hooks
             or cpu_extension._MODULE is None
             or (isinstance(input, Tensor) and not input.is_cpu)
         ):

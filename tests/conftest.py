@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cd_convert import fused_attention, host_scalars
+from cd_convert import cpu_extension, fused_attention, host_scalars
 
 
 @pytest.fixture(params=["host", "tensor"])
@@ -27,3 +27,16 @@ def kernel_calls(monkeypatch):
 
     monkeypatch.setattr(fused_attention._FusedConcreteAttention, "apply", counting)
     return calls
+
+
+@pytest.fixture(scope="module")
+def built():
+    """The C++ CPU extension (:mod:`cd_convert.cpu_extension`), built once per test module and switched off again
+    after it; the test is skipped, with the build's error, where no C++ compiler or ninja is found."""
+    try:
+        module = cpu_extension.enable()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    cpu_extension.disable()
+    yield module
+    cpu_extension.disable()

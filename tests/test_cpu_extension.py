@@ -17,18 +17,6 @@ from cd_convert import cpu_extension
 from cd_convert.layers import ConcreteDropout, reference_concrete_dropout
 
 
-@pytest.fixture(scope="module")
-def built():
-    """The extension module, built once; switched off again after the module's tests."""
-    try:
-        module = cpu_extension.enable()
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
-    cpu_extension.disable()
-    yield module
-    cpu_extension.disable()
-
-
 @pytest.fixture
 def toggle(built):
     """Runs a function with the extension on or off: ``toggle(on, fn)``; always off afterwards."""

@@ -17,17 +17,6 @@ from cd_convert.sites import fused_linear
 from cd_convert.sites.fused_linear import FusedLinearForward
 
 
-@pytest.fixture(scope="module")
-def built():
-    try:
-        module = cpu_extension.enable()
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
-    cpu_extension.disable()
-    yield module
-    cpu_extension.disable()
-
-
 @pytest.fixture
 def extension(built):
     cpu_extension.enable()

@@ -42,6 +42,22 @@ double logit_gradient(double p, double total, double kept, double temperature) {
   return p * total - (total - kept) / temperature;
 }
 
+// The logit's gradient from g y on the ATen ops (inputs too large or strided for the loops): under create_graph
+// a tensor function of g y (so a gradient penalty differentiates through it), else a number read back. gy is
+// overwritten.
+Tensor logit_gradient_from(Tensor& gy, const Tensor& mask, double p, double inverse_kept, double temperature,
+                           at::ScalarType logit_dtype) {
+  if (at::GradMode::is_enabled()) {
+    Tensor total = gy.sum();
+    Tensor kept = (gy * mask).sum() / inverse_kept;
+    return (p * total - (total - kept) / temperature).to(logit_dtype);
+  }
+  const double total = gy.sum().item<double>();
+  const double kept = gy.mul_(mask).sum().item<double>() / inverse_kept;
+  return at::full({}, logit_gradient(p, total, kept, temperature),
+                  at::TensorOptions().dtype(logit_dtype).device(at::kCPU));
+}
+
 // sigmoid(-(theta + logit(u)) / t) / (1 - p), in place on the private noise buffer; the ops of
 // host_scalars._scaled_mask (theta added as a number: the same float sum as adding theta * 1).
 Tensor scaled_mask(Tensor& uniform, double theta, double temperature, double inverse_kept) {
@@ -176,15 +192,7 @@ struct HostSite : public torch::autograd::Function<HostSite> {
       }
       if (needs_logit) {
         Tensor gy = saved_output ? grad_y * activation : grad_x * activation;  // g y
-        if (at::GradMode::is_enabled()) {  // create_graph: stay a tensor function of grad_y and x
-          Tensor total = gy.sum();
-          Tensor kept = (gy * mask).sum() / inverse_kept;
-          grad_logit = (p * total - (total - kept) / temperature).to(logit_dtype);
-        } else {
-          const double total = gy.sum().item<double>();
-          const double kept = gy.mul_(mask).sum().item<double>() / inverse_kept;
-          grad_logit = at::full({}, logit_gradient(p, total, kept, temperature), logit_options);
-        }
+        grad_logit = logit_gradient_from(gy, mask, p, inverse_kept, temperature, logit_dtype);
       }
     }
     return {needs_x ? grad_x : Tensor(), grad_logit, Tensor(), Tensor(), Tensor(), Tensor()};
@@ -240,12 +248,11 @@ struct HostSiteLinear : public torch::autograd::Function<HostSiteLinear> {
     const auto logit_dtype = static_cast<at::ScalarType>(ctx->saved_data["logit_dtype"].toInt());
     const bool needs_x = ctx->needs_input_grad(0), needs_logit = ctx->needs_input_grad(1);
     const auto logit_options = at::TensorOptions().dtype(logit_dtype).device(at::kCPU);
-    // create_graph (a gradient penalty): every gradient stays a tensor function of g, as HostSite's do.
-    const bool graph = at::GradMode::is_enabled();
     Tensor grad_x, grad_logit, grad_weight, grad_bias;
     if (needs_x || needs_logit) {
       const Tensor grad_xm = g.mm(weight).view(mask.sizes());  // dL/d(x m)
-      if (!graph && mask.numel() < kFusedMaxNumel && mask.is_contiguous() && xm.is_contiguous() &&
+      // Under create_graph (a gradient penalty) the ATen ops: every gradient stays a tensor function of g.
+      if (!at::GradMode::is_enabled() && mask.numel() < kFusedMaxNumel && mask.is_contiguous() && xm.is_contiguous() &&
           grad_xm.scalar_type() == mask.scalar_type()) {
         double total = 0.0, kept = 0.0;
         if (needs_x) {
@@ -264,15 +271,7 @@ struct HostSiteLinear : public torch::autograd::Function<HostSiteLinear> {
         }
         if (needs_logit) {
           Tensor gy = grad_xm * xm;  // g y of the site's output y = x m
-          if (graph) {
-            Tensor total = gy.sum();
-            Tensor kept = (gy * mask).sum() / inverse_kept;
-            grad_logit = (p * total - (total - kept) / temperature).to(logit_dtype);
-          } else {
-            const double total = gy.sum().item<double>();
-            const double kept = gy.mul_(mask).sum().item<double>() / inverse_kept;
-            grad_logit = at::full({}, logit_gradient(p, total, kept, temperature), logit_options);
-          }
+          grad_logit = logit_gradient_from(gy, mask, p, inverse_kept, temperature, logit_dtype);
         }
       }
     }

@@ -243,14 +243,14 @@ class Change:
         return change
 
 
-def remove_forward_hooks(module: nn.Module, pre_hook_id: int, post_hook_id: int) -> None:
+def remove_forward_hooks(module: nn.Module, pre_hook_id: Optional[int], post_hook_id: Optional[int]) -> None:
     """Remove a forward pre-hook and a forward hook by their handles' ids, whichever registration options they had
     (``with_kwargs``, ``always_call``): what a :class:`Change` that installed a pair undoes.
 
     Args:
         module: the module holding the hooks.
-        pre_hook_id: the pre-hook handle's ``id``.
-        post_hook_id: the forward hook handle's ``id``.
+        pre_hook_id: the pre-hook handle's ``id`` (None: none registered).
+        post_hook_id: the forward hook handle's ``id`` (None: none registered).
     """
     module._forward_pre_hooks.pop(pre_hook_id, None)
     module._forward_pre_hooks_with_kwargs.pop(pre_hook_id, None)

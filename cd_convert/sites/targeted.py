@@ -29,7 +29,7 @@ from ..recompute import may_apply as may_recompute
 from ..report import SiteRow
 from ..targets import MODULE_SITE_TYPES, first_match
 from . import fused_linear
-from .base import Change, SiteKind, frozen_dropout, parent_of, submodule
+from .base import Change, SiteKind, frozen_dropout, parent_of, remove_forward_hooks, submodule
 
 if TYPE_CHECKING:
     from ..planning import PlannedSite, Planner
@@ -112,11 +112,8 @@ class InputSite(Change):
 
     def undo(self, root: nn.Module) -> None:
         layer = root.get_submodule(self.layer)
-        start = layer._forward_pre_hooks.pop(self.hook_id, None) or fused_linear.remove(layer)
-        end_hook_id = getattr(start, "end_hook_id", None)
-        if end_hook_id is not None:
-            layer._forward_hooks.pop(end_hook_id, None)
-            layer._forward_hooks_always_called.pop(end_hook_id, None)
+        start = layer._forward_pre_hooks.get(self.hook_id) or fused_linear.remove(layer)
+        remove_forward_hooks(layer, self.hook_id, getattr(start, "end_hook_id", None))
         delattr(layer, self.child)
 
     def freeze(self, root: nn.Module) -> None:

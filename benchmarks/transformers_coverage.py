@@ -25,7 +25,9 @@ dropout masks. Then:
   probability below 1 (what ``F.dropout`` and the CPU math path of SDPA decompose into) or with a tensor of
   probabilities, ``native_dropout`` / ``dropout`` / ``feature_dropout`` with p > 0, and any
   scaled-dot-product-attention kernel with ``dropout_p`` > 0. The same count for the unconverted model in
-  training is shown, so that the check is not vacuous;
+  training is shown, so that the check is not vacuous. Fixed-rate dropout left where the report says
+  ``output unused`` passes only when every op the detector counts is a functional dropout call made by such a
+  row's module (or its owner) and autograd finds no gradient of the data loss with respect to its output;
 * (b) **grads**: after backward of the data loss alone (cross-entropy of the logits against random targets;
   for an output without logits, such as a multi-tower model's embeddings, the sum of that loss over every
   output tensor) every ``p_logit`` has a nonzero, finite gradient.
@@ -62,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import os
 import statistics
@@ -75,6 +78,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 import cd_convert
 from benchmarks.common import Timeout, environment, guard
@@ -288,18 +293,92 @@ def _run_family(family: Family, args: argparse.Namespace, res: FamilyResult) -> 
         res.fail("freeze equal", "freeze raised", error_text(err))
     else:
         _check_eval(frozen, inputs, reference, res, "freeze equal")
-    _check_training(converted, inputs, res)
+    unused = [r.name for r in report.rows if r.status == "output unused"]
+    _check_training(converted, inputs, res, unused)
 
 
-def _check_training(converted: nn.Module, inputs: Dict[str, Any], res: FamilyResult) -> None:
-    """Checks (a) and (b): one training forward under the detector, backward of the data loss alone."""
+class DropoutCalls(TorchFunctionMode):
+    """Records every functional dropout call that drops (p > 0, training) with the module whose method made it
+    (the innermost ``self`` on the Python stack that is a module) and its output, to ask autograd later whether
+    the output reaches the loss. ``nn.Dropout`` modules call ``F.dropout``: their calls are recorded with the
+    dropout module itself."""
+
+    def __init__(self, names: Dict[int, str]) -> None:
+        super().__init__()
+        self.names = names
+        self.calls: List[Tuple[str, torch.Tensor]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if func in _DROPOUT_FUNCTIONS and isinstance(result, torch.Tensor):
+            bound = _DROPOUT_FUNCTIONS[func].bind(*args, **kwargs)
+            bound.apply_defaults()
+            if bound.arguments["p"] > 0 and bound.arguments["training"]:
+                self.calls.append((self._caller(), result))
+        return result
+
+    def _caller(self) -> str:
+        frame = sys._getframe(2)
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, nn.Module) and id(owner) in self.names:
+                return self.names[id(owner)]
+            frame = frame.f_back
+        return "<no module>"
+
+
+#: The functional dropouts :class:`DropoutCalls` records, with their signatures.
+_DROPOUT_FUNCTIONS = {
+    f: inspect.signature(f)
+    for f in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
+}
+
+
+def _unused_output_dropout(
+    calls: List[Tuple[str, torch.Tensor]], loss: torch.Tensor, unused: Sequence[str], fixed: int
+) -> Optional[str]:
+    """Whether the fixed-rate dropout left in a training forward is exactly the dropout cd_convert reported as
+    ``output unused``, checked by autograd: a description when it is, else None.
+
+    Args:
+        calls: the functional dropout calls that dropped (:class:`DropoutCalls`).
+        loss: the data loss of the forward (its graph is kept).
+        unused: the names of the report's ``output unused`` rows (a module's name, or a call's site name under
+            its owner).
+        fixed: how many fixed-rate dropout ops the aten-level detector counted.
+
+    Returns:
+        ``"K left, output unused: no gradient"`` when every fixed-rate op is one of ``calls``, made by a module or
+        owner named in ``unused``, and the data loss has no gradient with respect to any of their outputs.
+    """
+    if not unused or len(calls) != fixed:
+        return None
+    owners = set(unused) | {name.rpartition(".")[0] for name in unused}
+    if any(name not in owners for name, _ in calls):
+        return None
+    outputs = [t for _, t in calls if t.requires_grad]
+    grads = torch.autograd.grad(loss, outputs, allow_unused=True, retain_graph=True) if outputs else []
+    if any(g is not None and bool(g.abs().sum() > 0) for g in grads):
+        return None
+    return f"{fixed} left, output unused: no gradient"
+
+
+def _check_training(converted: nn.Module, inputs: Dict[str, Any], res: FamilyResult, unused: Sequence[str]) -> None:
+    """Checks (a) and (b): one training forward under the detector, backward of the data loss alone.
+
+    Fixed-rate dropout left in the forward passes check (a) only where the report says its output is unused and
+    autograd confirms that the loss does not depend on it.
+    """
     converted.train()
     converted.zero_grad(set_to_none=True)
     torch.manual_seed(3)
+    names = {id(m): n for n, m in converted.named_modules()}
     try:
-        with FixedDropoutDetector() as detector:
+        with FixedDropoutDetector() as detector, DropoutCalls(names) as calls:
             output = converted(**inputs)
         loss = data_loss(output)
+        explained = _unused_output_dropout(calls.calls, loss, unused, len(detector.calls)) if detector.calls else None
         loss.backward()
     except Timeout:
         raise
@@ -307,7 +386,9 @@ def _check_training(converted: nn.Module, inputs: Dict[str, Any], res: FamilyRes
         res.fail("no fixed dropout", "forward raised", error_text(err))
         res.fail("grads", "forward raised", error_text(err))
         return
-    if detector.calls:
+    if explained is not None:
+        res.checks["no fixed dropout"] = Check(True, f"yes (was {res.original_fixed_dropout}; {explained})")
+    elif detector.calls:
         res.fail(
             "no fixed dropout",
             f"NO: {len(detector.calls)} left",

@@ -20,6 +20,7 @@ from .collector import COLLECTOR_ATTR, Collector, get_collector, require_collect
 from .discover import discover
 from .errors import ConversionError, FreezeError
 from .integrations.timm import notrace_for
+from .interception import interceptors
 from .layers import ConcreteDropoutBase, InitP
 from .options import ConvertOptions, explicit_options, resolve_options
 from .planning import Plan, PlannedSite, Planner
@@ -74,11 +75,21 @@ def _apply(model: nn.Module, plan: Plan, collector: Collector) -> None:
             change.undo(model)
         raise
     collector.changes.extend(done)
+    _mark_left_calls(model, plan)
     for entry in plan.sites:
         site = _site_module(model, entry)
         if site is not None:
             # Keeping the output for the backward pass is free when only weight layers read it (they keep it).
             site.save_output = entry.exact_consumers and all(c is not None for c, _ in entry.applications)
+
+
+def _mark_left_calls(model: nn.Module, plan: Plan) -> None:
+    """Tell each method interceptor which of its method's calls the plan left at their fixed rate, so that
+    it does not warn about them as calls the conversion never saw."""
+    for (owner, method), keys in plan.left_calls.items():
+        interceptor = interceptors(model.get_submodule(owner)).get(method)
+        if interceptor is not None:
+            interceptor.left.update(keys)
 
 
 def _site_module(model: nn.Module, entry: PlannedSite) -> Optional[ConcreteDropoutBase]:

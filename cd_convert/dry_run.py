@@ -22,14 +22,16 @@ data-moving ops and records functional dropout calls, so that:
 * ``scaled_dot_product_attention`` calls with ``dropout_p > 0`` that torch.fx could not see become fused
   sites, like the ones a trace finds;
 * every fixed-rate mask drawn outside the forms above is reported (:mod:`cd_convert.mask_audit`), so that
-  dropout written another way is listed as unsupported instead of silently keeping its rate.
+  dropout written another way is listed as unsupported instead of silently keeping its rate;
+* dropout whose output never reaches what the model returns (LiLT's last layout stream) is found
+  (:mod:`cd_convert.reach`): a site there would get no gradient from the data, so it is left as it is.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Hashable, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -42,6 +44,7 @@ from .found import Discovery, Finding, FoundSite
 from .integrations import transformers as hf
 from .layers import ConcreteDropout, ConcreteDropoutBase
 from .mask_audit import FixedMask, MaskAudit
+from .reach import OutputReach
 from .sites.attention import SDPA_ARGUMENTS
 from .sites.attention_function import ATTENTION_FUNCTION, FUSED_OP, attention_function_rate
 from .sites.base import ATTENTION_CONSUMER_NOTE, site_type_for
@@ -87,11 +90,13 @@ class _Recorder(TorchFunctionMode):
             result = func(*args, **kwargs)
         finally:
             self.run.known_calls -= known
+        self.run.reach.propagate(func, args, kwargs, result)
         if func is F.scaled_dot_product_attention:
             bound = dict(zip(SDPA_ARGUMENTS, args), **kwargs)
-            self.run.attention_call(bound.get("dropout_p", 0.0), True, _SDPA, sys._getframe(1))
+            self.run.attention_call(bound.get("dropout_p", 0.0), True, _SDPA, sys._getframe(1), result)
         elif func is ATTENTION_FUNCTION:
-            self.run.attention_call(*attention_function_rate(args, kwargs), _MHA_FUNCTION, sys._getframe(1))
+            p, training = attention_function_rate(args, kwargs)
+            self.run.attention_call(p, training, _MHA_FUNCTION, sys._getframe(1), result)
         elif func in FUNCTIONAL_DROPOUTS:
             self.run.functional_call(func, args, kwargs, result, sys._getframe(1))
         elif func in _SOFTMAX_FUNCTIONS and isinstance(result, torch.Tensor):
@@ -120,38 +125,80 @@ class _TaggedZero(float):
         return rate
 
 
-def _nudge_rates(model: nn.Module) -> Dict[float, Tuple[str, float]]:
+#: ``(object, attribute, original value)`` of each rate :func:`_nudge_rates` changed on an object that is not a
+#: module (a config), for :func:`_borrowed` to put back.
+_ConfigRates = List[Tuple[Any, str, Any]]
+
+
+def _nudge_rates(model: nn.Module, config_rates: _ConfigRates) -> Dict[float, Tuple[str, float]]:
     """Give every nonzero dropout-rate attribute of ``model`` a value of its own, and tag every rate of 0.
 
-    Candidates are the ``p`` of dropout modules and float attributes whose name contains "drop". Rates of 0
-    stay 0 (code such as ``if self.drop_rate:`` must take the branch it takes in the real model) but become a
-    :class:`_TaggedZero` that names its attribute.
+    Candidates are the ``p`` of dropout modules and float attributes whose name contains "drop", of the modules
+    and of the configuration objects they hold (an attribute whose name contains "config" or "cfg" holding a plain
+    object: ProphetNet's code reads ``self.config.dropout`` at each call). Rates of 0 stay 0 (code such as ``if
+    self.drop_rate:`` must take the branch it takes in the real model) but become a :class:`_TaggedZero` that
+    names its attribute.
 
     Args:
         model: the model (changed in place; :func:`_borrowed` puts every attribute back).
+        config_rates: filled with what was changed on configuration objects (module attributes are put back
+            with the modules' state).
 
     Returns:
         nudged value -> (``"module.path.attribute"``, original value).
     """
     sources: Dict[float, Tuple[str, float]] = {}
+    seen_configs: set = set()
     count = 0
+
+    def nudge(holder: Any, attr: str, value: Any, path: str) -> bool:
+        nonlocal count
+        if isinstance(value, bool) or not isinstance(value, float):
+            return False
+        if value == 0.0:
+            return _set(holder, attr, _TaggedZero(path))
+        if not 0.0 < value < 1.0:
+            return False
+        count += 1
+        nudged = value + count * _NUDGE
+        if nudged >= 1.0 or nudged in sources or not _set(holder, attr, nudged):
+            return False
+        sources[nudged] = (path, value)
+        return True
+
     for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
         for attr, value in list(vars(module).items()):
+            if _is_config(attr, value) and id(value) not in seen_configs:
+                seen_configs.add(id(value))
+                for rate_attr, rate in list(vars(value).items()):
+                    if "drop" in rate_attr.lower() and rate_attr[0] != "_":
+                        if nudge(value, rate_attr, rate, f"{prefix}{attr}.{rate_attr}"):
+                            config_rates.append((value, rate_attr, rate))
+                continue
             is_rate = (attr == "p" and is_dropout_module(module)) or ("drop" in attr.lower() and attr[0] != "_")
-            if not is_rate or isinstance(value, bool) or not isinstance(value, float):
-                continue
-            if value == 0.0:
-                setattr(module, attr, _TaggedZero(f"{name}.{attr}" if name else attr))
-                continue
-            if not 0.0 < value < 1.0:
-                continue
-            count += 1
-            nudged = value + count * _NUDGE
-            if nudged >= 1.0 or nudged in sources:
-                continue
-            setattr(module, attr, nudged)
-            sources[nudged] = (f"{name}.{attr}" if name else attr, value)
+            if is_rate:
+                nudge(module, attr, value, f"{prefix}{attr}")
     return sources
+
+
+def _is_config(attr: str, value: Any) -> bool:
+    """Whether a module attribute holds a configuration object whose rates the module's code may read."""
+    name = attr.lower()
+    if "config" not in name and "cfg" not in name:
+        return False
+    if isinstance(value, (nn.Module, torch.Tensor, type)) or callable(value):
+        return False
+    return hasattr(value, "__dict__")
+
+
+def _set(holder: Any, attr: str, value: Any) -> bool:
+    """``setattr`` that reports failure instead of raising (a configuration class may validate assignments)."""
+    try:
+        setattr(holder, attr, value)
+    except Exception:  # noqa: BLE001 - a rate that cannot be nudged is one the pass cannot trace, nothing more
+        return False
+    return True
 
 
 class _DryRun:
@@ -174,6 +221,10 @@ class _DryRun:
         self.known_calls = 0
         #: (owner name, location) -> the first fixed-rate mask drawn there outside every recognised form.
         self.fixed_masks: Dict[Tuple[str, str], FixedMask] = {}
+        #: Which dropout outputs reach the model's outputs: labels are module names and ``call_label`` tuples.
+        self.reach = OutputReach()
+        #: owner name -> the labels of the attention calls it made (any rate).
+        self.attention_labels: Dict[str, Set[Hashable]] = {}
 
     def accounted(self) -> bool:
         """Whether a mask drawn now belongs to a recognised form of dropout (or a reported non-site)."""
@@ -191,7 +242,7 @@ class _DryRun:
         owner = self.names.get(self.stack[-1], "") if self.stack else ""
         self.fixed_masks.setdefault((owner, mask.location), mask)
 
-    def attention_call(self, p: Any, training: bool, function: Tuple[str, str], frame: Any) -> None:
+    def attention_call(self, p: Any, training: bool, function: Tuple[str, str], frame: Any, result: Any) -> None:
         """Record a training-mode attention call with a nonzero dropout rate.
 
         Args:
@@ -199,12 +250,19 @@ class _DryRun:
             training: its training flag (``F.multi_head_attention_forward`` drops nothing without it).
             function: the function's report name and the fused op it becomes (``_SDPA``, ``_MHA_FUNCTION``).
             frame: the frame that made the call (or a frame of torch's below it).
+            result: what the call returned (its output is the site's).
         """
         caller = caller_frame(frame)
-        if not isinstance(p, (int, float)) or isinstance(p, bool) or p <= 0.0 or not training or caller is None:
+        if caller is None:
             return
         owner = self.stack[-1] if self.stack else self.model
         owner_name = self.names.get(owner, "")
+        # Every call is labelled, whatever its rate: a rate-0 call can still be a site (include_zero_rate).
+        label = call_label(call_key(caller), owner_name)
+        self.reach.mark(result, label)
+        self.attention_labels.setdefault(owner_name, set()).add(label)
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or p <= 0.0 or not training:
+            return
         self.attention.setdefault(
             (call_key(caller), owner_name),
             {
@@ -243,7 +301,9 @@ class _DryRun:
         if self.stack and self.stack[-1] is module:
             self.stack.pop()
         if (is_dropout_module(module) or isinstance(module, ConcreteDropoutBase)) and isinstance(output, torch.Tensor):
-            self.remember(output, self.names.get(module, ""))
+            name = self.names.get(module, "")
+            self.remember(output, name)
+            self.reach.mark(output, name, in_place=bool(getattr(module, "inplace", False)))
 
     def functional_call(self, func, args, kwargs, result, frame) -> None:
         owner = self.stack[-1] if self.stack else self.model
@@ -273,6 +333,7 @@ class _DryRun:
         }
         if isinstance(result, torch.Tensor):
             self.remember(result, label)
+            self.reach.mark(result, call_label(key, owner_name), in_place=bool(bound.get("inplace", False)))
 
     def width(self, site_type: Any, x: torch.Tensor, attention: bool) -> Optional[int]:
         """K of a dropout call on ``x`` (as the site's first forward records it); None for attention probabilities."""
@@ -292,6 +353,11 @@ class _DryRun:
             return None
         source = self.rate_sources.get(p) if isinstance(p, float) else None
         return float(p) if source is None else source[1]
+
+
+def call_label(key: Any, owner: str) -> Tuple[str, Any, str]:
+    """The :class:`~cd_convert.reach.OutputReach` label of a dropout or attention call (module sites use their name)."""
+    return ("call", key, owner)
 
 
 def _run(model: nn.Module, example_inputs: ExampleInputs) -> Any:
@@ -346,12 +412,15 @@ def _borrowed(model: nn.Module) -> Iterator[Dict[float, Tuple[str, float]]]:
         if buffer is not None and not buffer.is_meta
     ]
     cuda = sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
-    sources = _nudge_rates(model)
+    config_rates: _ConfigRates = []
     try:
+        sources = _nudge_rates(model, config_rates)
         model.train()
         with torch.random.fork_rng(devices=cuda), torch.no_grad():
             yield sources
     finally:
+        for holder, attr, value in reversed(config_rates):
+            _set(holder, attr, value)
         for module, state in states:
             _restore_module_state(module, state)
         with torch.no_grad():  # the buffers' values, which the forward may update in place (BatchNorm)
@@ -427,7 +496,9 @@ def confirm_with_dry_run(model: nn.Module, discovery: Discovery, example_inputs:
         native = None if hf.attention_is_eager(model) else _native_pass(model, sources, example_inputs)
         run = _DryRun(model, sources)
         with hf.eager_attention(model), _hooked(model, run), _Recorder(run), MaskAudit(run.accounted, run.fixed_mask):
-            _run(model, example_inputs)
+            output = _run(model, example_inputs)
+        unused = run.reach.unused(output)
+        del output
     if native is not None:
         _mark_eager_only(run, native)
     discovery.called_modules |= run.called
@@ -444,8 +515,10 @@ def confirm_with_dry_run(model: nn.Module, discovery: Discovery, example_inputs:
                 site.consumer_note = "no weight layer read its output in the dry run (a residual add, attention, ...)"
             if site.module_name in run.widths:
                 site.units_hint = run.widths[site.module_name]
+            site.output_unused = site.kind == "module" and site.called and site.module_name in unused
         elif site.kind == "functional" and site.key is not None:
             site.called = (site.key, site.owner) in run.functional
+            site.output_unused = call_label(site.key, site.owner) in unused
             if site.called:
                 call = run.functional[(site.key, site.owner)]
                 site.units_hint = call["width"]
@@ -456,6 +529,12 @@ def confirm_with_dry_run(model: nn.Module, discovery: Discovery, example_inputs:
             # could not be told from its unused dropout module's p, and freeze would have nowhere to write.
             site.called = True
             site.rate_holder = site.rate_holder or run.attention[(site.key, site.owner)]["rate_holder"]
+            site.output_unused = call_label(site.key, site.owner) in unused
+        elif site.kind == "fused" and site.key is None:
+            # An attention module's own fused dropout (nn.MultiheadAttention, a dropout module's rate passed into
+            # SDPA): unused when every attention call the module made is.
+            labels = run.attention_labels.get(site.owner, set())
+            site.output_unused = bool(labels) and labels <= unused
     known = {(s.key, s.owner) for s in discovery.sites if s.key is not None}
     for (key, owner), call in run.functional.items():
         if (key, owner) in known or call["training"] is False or call["method"] is None:
@@ -471,6 +550,7 @@ def confirm_with_dry_run(model: nn.Module, discovery: Discovery, example_inputs:
             method=call["method"],
             rate_holder=call["rate_holder"],
             attention_interface=call["attention_interface"],
+            output_unused=call_label(key, owner) in unused,
         )
         site.units_hint = call["width"]
         found = run.consumers.get(call["label"])
@@ -481,11 +561,11 @@ def confirm_with_dry_run(model: nn.Module, discovery: Discovery, example_inputs:
         else:
             site.consumer_note = "no weight layer read its output in the dry run"
         discovery.sites.append(site)
-    _add_attention_sites(discovery, run)
+    _add_attention_sites(discovery, run, unused)
     _add_fixed_mask_findings(discovery, run)
 
 
-def _add_attention_sites(discovery: Discovery, run: _DryRun) -> None:
+def _add_attention_sites(discovery: Discovery, run: _DryRun, unused: Set[Hashable]) -> None:
     """Fused sites for the ``scaled_dot_product_attention`` calls with dropout that discovery had not found."""
     known = {(s.key, s.owner) for s in discovery.sites if s.key is not None}
     # An attention module whose dropout module's rate is passed into the kernel is already a site (no key).
@@ -507,6 +587,7 @@ def _add_attention_sites(discovery: Discovery, run: _DryRun) -> None:
                 fused_op=call["function"][1],
                 rate_holder=call["rate_holder"],
                 notes=[] if call["function"] is _MHA_FUNCTION else [_SDPA_NOTE],
+                output_unused=call_label(key, owner) in unused,
             )
         )
 

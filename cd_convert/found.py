@@ -38,6 +38,8 @@ class FoundSite:
             learned rate there.
         attention_interface: the call is made inside a transformers attention interface (attention dropout
             that only the eager implementation applies as a call).
+        output_unused: the dry run saw the call but none of its outputs reached the model's outputs (a site
+            there would get no gradient from the data; :mod:`cd_convert.reach`).
         notes: free-form notes for the report.
     """
 
@@ -57,6 +59,7 @@ class FoundSite:
     units_hint: Optional[int] = None
     rate_holder: Optional[str] = None
     attention_interface: bool = False
+    output_unused: bool = False
     notes: List[str] = field(default_factory=list)
 
 

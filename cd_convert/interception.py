@@ -6,8 +6,9 @@ than retracing that code into a ``GraphModule`` (which would lose the class, its
 ``TorchFunctionMode`` sees every dropout and attention call, identifies it by its code location (file,
 function and bytecode offset, the same at trace time and at run time) and hands it to the route registered
 for that location: a site child of the owner and a *handler* (a module-level function of the site kind,
-so the routes survive ``deepcopy`` and pickling) that computes the call with the site. Calls the trace did
-not see pass through unchanged, with a one-time warning.
+so the routes survive ``deepcopy`` and pickling) that computes the call with the site. Calls the conversion
+saw and left alone (not selected, rate 0, output unused) pass through unchanged; calls it did not see pass
+through with a one-time warning.
 
 A *runner* replaces the whole method call instead (``nn.MultiheadAttention``, whose dropout is inside
 torch's own code, where a code location cannot be told apart).
@@ -19,7 +20,7 @@ import contextlib
 import inspect
 import sys
 import warnings
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Set, Tuple
 
 import torch.nn as nn
 import torch.nn.functional as F
@@ -78,6 +79,7 @@ class MethodInterceptor:
     Attributes:
         routes: call location -> (name of the site child of ``owner``, handler).
         runner: if set, ``(child, runner)`` that runs the whole method with that site.
+        left: locations of the calls the conversion saw in the method and left at their fixed rate (no warning).
     """
 
     def __init__(self, owner: nn.Module, method: str) -> None:
@@ -85,6 +87,7 @@ class MethodInterceptor:
         self.method = method
         self.routes: Dict[CallKey, Tuple[str, Handler]] = {}
         self.runner: Optional[Tuple[str, Runner]] = None
+        self.left: Set[CallKey] = set()
         self._warned = False
 
     @property
@@ -158,10 +161,18 @@ class MethodInterceptor:
 
     def dispatch(self, func: Callable, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[bool, Any]:
         """Handle one intercepted call; returns ``(handled, result)``."""
-        frame = caller_frame(sys._getframe(1))
+        start = sys._getframe(1)
+        frame = caller_frame(start)
         route = self.routes.get(call_key(frame)) if frame is not None else None
         if route is None:
-            if func in FUNCTIONAL_DROPOUTS and not self._warned and self._made_by_owner(frame):
+            known = frame is not None and call_key(frame) in self.left
+            if (
+                func in FUNCTIONAL_DROPOUTS
+                and not known
+                and not self._warned
+                and self._made_by_owner(frame)
+                and not self._inside_module_call(start, frame)
+            ):
                 self._warned = True
                 warnings.warn(
                     f"a dropout call in {type(self.owner).__name__}.{self.method} was not seen when the model "
@@ -172,6 +183,16 @@ class MethodInterceptor:
             return False, None
         child, handler = route
         return True, handler(self.owner, getattr(self.owner, child), func, args, kwargs)
+
+    def _inside_module_call(self, start: Any, frame: Any) -> bool:
+        """Whether torch's code of another module made the call (``nn.Dropout.forward``): a dropout module the
+        owner calls is a module site or was left as a module, not one of the owner's functional calls."""
+        while start is not None and start is not frame:
+            owner = start.f_locals.get("self")
+            if isinstance(owner, nn.Module) and owner is not self.owner:
+                return True
+            start = start.f_back
+        return False
 
     def _made_by_owner(self, frame: Any) -> bool:
         # Calls of nested modules pass through this mode too; only the owner's own calls are its business.

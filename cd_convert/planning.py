@@ -80,6 +80,9 @@ class Plan:
     method: str
     notes: List[str]
     model_changes: List[Any] = field(default_factory=list)
+    #: ``(owner, method)`` -> locations of the calls there that are left at their fixed rate (see
+    #: :attr:`cd_convert.interception.MethodInterceptor.left`).
+    left_calls: Dict[Tuple[str, str], Set[Any]] = field(default_factory=dict)
 
     def applications(self) -> List[Application]:
         """The regulariser's applications: one per (site, consumer weights), duplicates merged."""
@@ -138,6 +141,7 @@ class Planner:
         earlier = get_collector(model)
         self._earlier_rows: Dict[str, SiteRow] = {row.name: row for row in earlier.rows} if earlier else {}
         self.rows: List[SiteRow] = []
+        self.left_calls: Dict[Tuple[str, str], Set[Any]] = {}
         self.planned: Dict[str, PlannedSite] = {}
         self.used: Dict[int, bool] = {id(m): False for m in (targets or [])}
         self.shared_rates: Dict[Tuple[str, str, str, str], PlannedSite] = {}
@@ -179,7 +183,9 @@ class Planner:
                 )
             )
         model_changes = [change for kind in registry.PLANNERS for change in kind.model_changes(self)]
-        return Plan(list(self.planned.values()), self.rows, self.discovery.method, notes, model_changes)
+        plan = Plan(list(self.planned.values()), self.rows, self.discovery.method, notes, model_changes)
+        plan.left_calls = self.left_calls
+        return plan
 
     # -- what the kinds of site share --------------------------------------------------------------
     def add(self, name: str, entry: PlannedSite) -> PlannedSite:
@@ -234,6 +240,11 @@ class Planner:
         """``(status, note)`` when a found site is not converted (not selected, rate 0, kept fused), else None."""
         if not selected:
             return "not selected", "left as fixed dropout"
+        if found.output_unused:
+            return "output unused", (
+                "its output did not reach the model's outputs in the dry run (the model computes it and drops it): "
+                "a site would get no gradient from the data, so it stays as it is"
+            )
         if found.p == 0.0 and not self.options.include_zero_rate:
             return "skipped (p=0)", "include_zero_rate=False: rate-0 dropout stays as it is"
         if found.p == 0.0 and self._literal_rate(found):

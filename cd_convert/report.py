@@ -15,7 +15,8 @@ class SiteRow:
     Attributes:
         name: the site's qualified name (or the module's, for what was left alone).
         kind: "module", "functional", "fused", "targeted", or "-" for what is not converted.
-        status: "converted", "planned", "existing", "unsupported", "not a dropout site", "not called", ...
+        status: "converted", "planned", "existing", "unsupported", "not a dropout site", "not called",
+            "output unused", ...
         original: what it was (``nn.Dropout(p=0.1)``, ``F.dropout in Net.forward``, ``Linear(64->10) input``).
         original_p: the original rate, if any.
         p: the current learned rate (the initial rate in a plan).

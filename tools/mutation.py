@@ -1032,6 +1032,51 @@ MUTATIONS: Tuple[Mutation, ...] = (
         ("tests/test_fused_linear.py",),
     ),
     Mutation(
+        "reach-storage-unlabelled",
+        "an in-place write of dropped values labels only the tensor written, not its storage: a view taken before "
+        "the write reaches the output without the label, and a used dropout is left as 'output unused'",
+        "cd_convert/reach.py",
+        "        if in_place:\n            storage = _storage(tensor)\n",
+        "        if False:\n            storage = _storage(tensor)\n",
+        ("tests/test_output_reach.py",),
+    ),
+    Mutation(
+        "reach-inconclusive-pass-decides",
+        "a pass in which no dropout output reaches the model's outputs (labels lost outside torch) still names "
+        "unused dropout: every site of such a model is left out",
+        "cd_convert/reach.py",
+        "        if not self.conclusive or not reached & self._marked:\n",
+        "        if not self.conclusive:\n",
+        ("tests/test_output_reach.py",),
+    ),
+    Mutation(
+        "left-call-warns",
+        "a call the conversion saw and left at its fixed rate (output unused, not selected) warns at every "
+        "training forward as one it never saw",
+        "cd_convert/convert.py",
+        "    _mark_left_calls(model, plan)\n",
+        "",
+        ("tests/test_output_reach.py",),
+    ),
+    Mutation(
+        "config-rate-not-traced",
+        "rates on configuration objects are not nudged in the dry run: a call reading self.config.dropout "
+        "(ProphetNet) has no rate attribute and freeze raises",
+        "cd_convert/dry_run.py",
+        "            if _is_config(attr, value) and id(value) not in seen_configs:\n",
+        "            if False:\n",
+        ("tests/test_config_rates.py",),
+    ),
+    Mutation(
+        "config-rate-written-shared",
+        "freeze writes a learned rate into the config every module shares instead of a private copy: the last "
+        "site frozen sets the rate of every call reading it",
+        "cd_convert/sites/routed.py",
+        "            child = copy.copy(child)\n            setattr(holder, name, child)\n",
+        "            pass\n",
+        ("tests/test_config_rates.py",),
+    ),
+    Mutation(
         "literal-rate-0-call-converted",
         "a call with a literal rate 0 (CTRL's dropout=0.0) becomes a learned site: the model drops where its code "
         "never does, and freeze has no attribute to write the rate to",

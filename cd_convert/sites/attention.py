@@ -251,7 +251,8 @@ class FusedAttentionKind(SiteKind):
     def plan(self, planner: "Planner", found: FoundSite) -> None:
         if found.module_name is None:
             owner = submodule(planner.model, found.owner)
-            rate_attribute = rate_attribute_of(owner, found)  # where freeze writes the learned rate (self.p)
+            # Where freeze writes the learned rate (self.p).
+            rate_attribute = rate_attribute_of(owner, found, planner.model)
             plan_routed_site(planner, found, kind=self.name, handler=route_attention, rate_attribute=rate_attribute)
             return
         first = found.module_name not in planner.planned

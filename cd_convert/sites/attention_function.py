@@ -104,7 +104,8 @@ class AttentionFunctionKind(SiteKind):
             found,
             kind=self.name,
             handler=route_attention_function,
-            rate_attribute=rate_attribute_of(owner, found),  # freeze writes the rate there (WavLM: self.dropout)
+            # freeze writes the rate there (WavLM: self.dropout)
+            rate_attribute=rate_attribute_of(owner, found, planner.model),
         )
         if entry is not None and not entry.existing and _NOTE not in entry.row.notes:
             entry.row.notes.append(_NOTE)

@@ -80,6 +80,5 @@ class FunctionalKind(SiteKind):
 
     def plan(self, planner: "Planner", found: FoundSite) -> None:
         owner = submodule(planner.model, found.owner)
-        plan_routed_site(
-            planner, found, kind=self.name, handler=route_functional, rate_attribute=rate_attribute_of(owner, found)
-        )
+        rate_attribute = rate_attribute_of(owner, found, planner.model)
+        plan_routed_site(planner, found, kind=self.name, handler=route_functional, rate_attribute=rate_attribute)

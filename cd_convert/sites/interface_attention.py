@@ -45,7 +45,7 @@ class InterfaceAttentionKind(SiteKind):
             entry = plan_module_site(planner, found, kind=self.name)
         else:
             owner = found.owner
-            rate = rate_attribute_of(submodule(planner.model, found.owner), found)
+            rate = rate_attribute_of(submodule(planner.model, found.owner), found, planner.model)
             entry = plan_routed_site(planner, found, kind=self.name, handler=route_functional, rate_attribute=rate)
         if entry is None or entry.existing:
             return

@@ -7,6 +7,8 @@ location) to it through the kind's handler, or runs the whole method with it (a 
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, List, Optional
@@ -18,7 +20,7 @@ from ..found import FoundSite
 from ..interception import Handler, Runner, install, interceptors, uninstall
 from ..report import SiteRow
 from ..targets import DROPOUT_TYPES
-from .base import Change, joined, parent_of, submodule
+from .base import Change, joined, submodule
 
 if TYPE_CHECKING:
     from ..planning import PlannedSite, Planner
@@ -82,8 +84,7 @@ class RoutedSite(Change):
         owner = submodule(root, self.owner)
         p = float(getattr(owner, self.child).p.detach())
         self.undo(root)
-        holder, attribute = parent_of(owner, self.rate_attribute)
-        setattr(holder, attribute, p)
+        write_rate(owner, self.rate_attribute, p)
 
     def follows(self, root: nn.Module) -> nn.Module:
         return submodule(root, self.owner)
@@ -126,13 +127,86 @@ def find_rate_attribute(owner: nn.Module, p: Optional[float]) -> Optional[str]:
     return pool[0] if len(pool) == 1 else None
 
 
-def rate_attribute_of(owner: nn.Module, found: FoundSite) -> Optional[str]:
-    """Where freeze writes a functional call's learned rate: the dry run's traced source, else by value."""
+def rate_attribute_of(owner: nn.Module, found: FoundSite, root: nn.Module) -> Optional[str]:
+    """Where freeze writes a functional call's learned rate: the dry run's traced source, else by value.
+
+    Args:
+        owner: the module whose method makes the call.
+        found: the call.
+        root: the model (where the dry run's ``rate_holder`` path starts).
+
+    Returns:
+        A path relative to ``owner`` (``"drop_rate"``, ``"dropout.p"``, ``"config.dropout"``), or None.
+    """
     if found.rate_holder is not None:
         prefix = f"{found.owner}." if found.owner else ""
         if found.rate_holder.startswith(prefix):
             return found.rate_holder[len(prefix) :]
+        shared = _through_shared_object(root, owner, found.rate_holder)
+        if shared is not None:
+            return shared
     return find_rate_attribute(owner, found.p)
+
+
+def _through_shared_object(root: nn.Module, owner: nn.Module, holder: str) -> Optional[str]:
+    """``holder`` (a path from ``root``, such as ``"config.dropout"``) relative to ``owner``, when the object that
+    holds the rate is not a module and ``owner`` holds it too, as every module of ProphetNet holds the model's
+    config and reads ``self.config.dropout``."""
+    object_path, _, rate = holder.rpartition(".")
+    if not object_path:
+        return None
+    try:
+        holder_object = functools.reduce(getattr, object_path.split("."), root)
+    except AttributeError:
+        return None
+    if isinstance(holder_object, nn.Module):
+        return None
+    for name, value in vars(owner).items():
+        if value is holder_object:
+            return f"{name}.{rate}"
+    return None
+
+
+def _rate_note(owner: nn.Module, holder: str, rate_attribute: Optional[str]) -> str:
+    """The report note of a site whose rate is read from ``holder``: where freeze writes the learned rate."""
+    if rate_attribute is None:
+        return f"rate read from {holder}"
+    parents = rate_attribute.split(".")[:-1]
+    try:
+        through_object = any(
+            not isinstance(functools.reduce(getattr, parents[: i + 1], owner), nn.Module) for i in range(len(parents))
+        )
+    except AttributeError:
+        through_object = False
+    if through_object:
+        return (
+            f"rate read from {holder}; freeze writes the learned rate into a copy of the object holding it (a config "
+            f"other modules share) that only this site's module holds, as self.{rate_attribute}"
+        )
+    return f"rate read from {holder}; freeze writes the learned rate there"
+
+
+def write_rate(owner: nn.Module, path: str, p: float) -> None:
+    """Set the rate at ``path`` (relative to ``owner``) to ``p``, as the owner's code will read it.
+
+    A rate held by a plain object on the way (a transformers config, which every module of the model shares) is
+    written into a shallow copy of that object that only ``owner`` holds, so that the other modules keep reading
+    their own rates (and the model's ``config`` its original values).
+
+    Args:
+        owner: the module whose code reads the rate.
+        path: e.g. ``"drop_rate"``, ``"dropout.p"``, ``"config.dropout"``.
+        p: the rate.
+    """
+    *parents, attribute = path.split(".")
+    holder: object = owner
+    for name in parents:
+        child = getattr(holder, name)
+        if not isinstance(child, nn.Module):
+            child = copy.copy(child)
+            setattr(holder, name, child)
+        holder = child
+    setattr(holder, attribute, p)
 
 
 def plan_routed_site(
@@ -200,6 +274,8 @@ def plan_routed_site(
     skip = planner.skip_reason(found, selected)
     if skip is not None:
         planner.rows.append(planner.skip_row(found, name, f"{what} in {label}", skip))
+        if found.key is not None and found.method is not None:
+            planner.left_calls.setdefault((found.owner, found.method), set()).add(found.key)
         return None
     row = SiteRow(
         name,
@@ -233,5 +309,5 @@ def plan_routed_site(
     if found.rate_holder:
         planner.shared_rates[share_key] = entry
         if not found.rate_holder.endswith(".p"):  # a dropout module's p has a "rate read" row of its own
-            row.notes.append(f"rate read from {found.rate_holder}; freeze writes the learned rate there")
+            row.notes.append(_rate_note(owner, found.rate_holder, rate_attribute))
     return entry

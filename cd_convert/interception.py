@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from . import replicas
 from .callsites import FUNCTIONAL_DROPOUTS, CallKey, call_key, caller_frame, warn_stacklevel
 
 __all__ = [
@@ -207,6 +208,7 @@ def install(owner: nn.Module, method: str) -> MethodInterceptor:
         interceptor = MethodInterceptor(owner, method)
         registry[method] = interceptor
         owner.__dict__[method] = interceptor
+        replicas.track(owner)
     return registry[method]
 
 
@@ -217,6 +219,26 @@ def uninstall(owner: nn.Module, method: str) -> None:
     owner.__dict__.pop(method, None)
     if not registry:
         owner.__dict__.pop(INTERCEPTOR_ATTR, None)
+    replicas.untrack(owner)
+
+
+def _has_interceptors(module: nn.Module) -> bool:
+    return bool(module.__dict__.get(INTERCEPTOR_ATTR))
+
+
+def _rebind_interceptors(module: nn.Module, replica: nn.Module) -> None:
+    """Give an ``nn.DataParallel`` replica interceptors of its own, bound to it (see :mod:`cd_convert.replicas`);
+    the routes name children and handlers, not modules, so they are shared."""
+    registry: Dict[str, MethodInterceptor] = {}
+    for method, interceptor in module.__dict__[INTERCEPTOR_ATTR].items():
+        clone = MethodInterceptor(replica, method)
+        clone.routes, clone.runner, clone.left = interceptor.routes, interceptor.runner, interceptor.left
+        registry[method] = clone
+        replica.__dict__[method] = clone
+    replica.__dict__[INTERCEPTOR_ATTR] = registry
+
+
+replicas.register_rebinder(_has_interceptors, _rebind_interceptors)
 
 
 def interceptors(owner: nn.Module) -> Dict[str, MethodInterceptor]:

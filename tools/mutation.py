@@ -1077,6 +1077,15 @@ MUTATIONS: Tuple[Mutation, ...] = (
         ("tests/test_config_rates.py",),
     ),
     Mutation(
+        "data-parallel-replica-not-rebound",
+        "an nn.DataParallel replica keeps the original's routed forward: every replica computes with the original "
+        "module's parameters",
+        "cd_convert/replicas.py",
+        "            if needs(module):\n                rebind(module, replica)\n",
+        "            pass\n",
+        ("tests/test_data_parallel.py",),
+    ),
+    Mutation(
         "literal-rate-0-call-converted",
         "a call with a literal rate 0 (CTRL's dropout=0.0) becomes a learned site: the model drops where its code "
         "never does, and freeze has no attribute to write the rate to",

@@ -19,6 +19,7 @@ serves a GPU).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Callable, Optional
 
 import torch
@@ -26,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import cpu_extension, host_scalars
+from .. import cpu_extension, host_scalars, replicas
 from ..layers import ConcreteDropoutBase, logit_bound
 
 __all__ = ["FusedLinearForward", "applies", "enter", "remove"]
@@ -134,6 +135,7 @@ class FusedLinearForward:
         if layer.__dict__.get("forward") is self:
             del layer.__dict__["forward"]
             layer._forward_pre_hooks[self.hook_id] = self.hook
+            replicas.untrack(layer)
 
 
 def enter(layer: nn.Module, site: nn.Module, x: Any, child: str, hook_id: Optional[int], hook: Callable) -> None:
@@ -160,6 +162,7 @@ def enter(layer: nn.Module, site: nn.Module, x: Any, child: str, hook_id: Option
         return
     layer.__dict__["forward"] = FusedLinearForward(layer, child, hook_id, hook)
     del layer._forward_pre_hooks[hook_id]
+    replicas.track(layer)
 
 
 def remove(layer: nn.Module) -> Optional[Callable]:
@@ -172,4 +175,21 @@ def remove(layer: nn.Module) -> Optional[Callable]:
     if not isinstance(current, FusedLinearForward):
         return None
     del layer.__dict__["forward"]
+    replicas.untrack(layer)
     return current.hook
+
+
+def _in_fused_mode(module: nn.Module) -> bool:
+    return isinstance(module.__dict__.get("forward"), FusedLinearForward)
+
+
+def _rebind_fused(module: nn.Module, replica: nn.Module) -> None:
+    """An ``nn.DataParallel`` replica of a layer in fused mode goes through the input-site pre-hook (see
+    :mod:`cd_convert.replicas`), in a pre-hook dict of its own: the copied ``__dict__`` shares the original's."""
+    fused = replica.__dict__.pop("forward")
+    hooks = OrderedDict(replica._forward_pre_hooks)
+    hooks[fused.hook_id] = fused.hook
+    replica._forward_pre_hooks = hooks
+
+
+replicas.register_rebinder(_in_fused_mode, _rebind_fused)

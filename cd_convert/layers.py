@@ -494,6 +494,23 @@ class _ConcreteDropoutNd(nn.Module):
         self.units_seen: Optional[int] = None
         self.reset_parameters()
 
+    def record_units(self, units: int) -> None:
+        """Record the dropped feature dim's size (:attr:`units_seen`), on an ``nn.DataParallel`` replica also on
+        the module it replicates, where the regulariser reads it (a replica is discarded after its forward).
+
+        Args:
+            units: K, as :meth:`feature_width` gives it for the call's input.
+        """
+        self.units_seen = units
+        original = self.__dict__.get("_replica_of")
+        if original is not None and original.units_seen is None:
+            original.units_seen = units
+
+    def _replicate_for_data_parallel(self) -> "ConcreteDropoutBase":
+        replica = super()._replicate_for_data_parallel()
+        replica.__dict__["_replica_of"] = self
+        return replica
+
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         """Draw the initial logit uniformly in ``[logit(low), logit(high)]`` of ``init_p``.
 
@@ -567,7 +584,7 @@ class _ConcreteDropoutNd(nn.Module):
         if self.expected_dims:
             self._check_input(x)
         if self.units_seen is None:
-            self.units_seen = self.feature_width(x.shape)
+            self.record_units(self.feature_width(x.shape))
         # A site asked to sample (Monte Carlo prediction) uses its mode in training too.
         return concrete_dropout(
             x,

@@ -95,3 +95,24 @@ def test_replicas_of_a_layer_in_fused_mode(built):
         torch.testing.assert_close(replica(x), reference, rtol=0, atol=0)
     finally:
         cpu_extension.disable()
+
+
+class Residual(nn.Module):
+    """A site with no consuming weight layer: its K is the width its first training call records."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(self.lin(x))
+
+
+def test_width_recorded_by_a_replica_reaches_the_original():
+    converted = cd_convert.convert(Residual(), dataset_size=100)  # traced: no dry run, K unknown until a forward
+    assert converted.drop.units_seen is None
+    replica = replicate_like_torch(converted.train(), 1)[0]
+    replica(torch.randn(4, 8))
+    assert converted.drop.units_seen == 8
+    cd_convert.regularization(converted).backward()  # K is known to the regulariser of the original

@@ -156,7 +156,7 @@ def concrete_attention(
             *cast, site.p_logit, attn_mask, is_causal
         ):
             if site.units_seen is None:
-                site.units_seen = key.size(-2)  # what the explicit path's site would record: the key count
+                site.record_units(key.size(-2))  # what the explicit path's site would record: the key count
             return fused_attention.fused_concrete_attention(
                 *cast,
                 site.p_logit,

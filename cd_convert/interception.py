@@ -164,13 +164,13 @@ class MethodInterceptor:
         """Handle one intercepted call; returns ``(handled, result)``."""
         start = sys._getframe(1)
         frame = caller_frame(start)
-        route = self.routes.get(call_key(frame)) if frame is not None else None
+        key = call_key(frame) if frame is not None else None
+        route = self.routes.get(key) if key is not None else None
         if route is None:
-            known = frame is not None and call_key(frame) in self.left
             if (
                 func in FUNCTIONAL_DROPOUTS
-                and not known
                 and not self._warned
+                and key not in self.left
                 and self._made_by_owner(frame)
                 and not self._inside_module_call(start, frame)
             ):

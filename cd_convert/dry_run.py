@@ -172,14 +172,17 @@ def _nudge_rates(model: nn.Module, config_rates: _ConfigRates) -> Dict[float, Tu
             if _is_config(attr, value) and id(value) not in seen_configs:
                 seen_configs.add(id(value))
                 for rate_attr, rate in list(vars(value).items()):
-                    if "drop" in rate_attr.lower() and rate_attr[0] != "_":
-                        if nudge(value, rate_attr, rate, f"{prefix}{attr}.{rate_attr}"):
-                            config_rates.append((value, rate_attr, rate))
+                    if _is_rate_name(rate_attr) and nudge(value, rate_attr, rate, f"{prefix}{attr}.{rate_attr}"):
+                        config_rates.append((value, rate_attr, rate))
                 continue
-            is_rate = (attr == "p" and is_dropout_module(module)) or ("drop" in attr.lower() and attr[0] != "_")
-            if is_rate:
+            if (attr == "p" and is_dropout_module(module)) or _is_rate_name(attr):
                 nudge(module, attr, value, f"{prefix}{attr}")
     return sources
+
+
+def _is_rate_name(attr: str) -> bool:
+    """Whether an attribute's name marks it as a candidate dropout rate (``dropout``, ``attention_dropout``, ...)."""
+    return "drop" in attr.lower() and attr[0] != "_"
 
 
 def _is_config(attr: str, value: Any) -> bool:
@@ -257,14 +260,15 @@ class _DryRun:
             return
         owner = self.stack[-1] if self.stack else self.model
         owner_name = self.names.get(owner, "")
+        key = call_key(caller)
         # Every call is labelled, whatever its rate: a rate-0 call can still be a site (include_zero_rate).
-        label = call_label(call_key(caller), owner_name)
+        label = call_label(key, owner_name)
         self.reach.mark(result, label)
         self.attention_labels.setdefault(owner_name, set()).add(label)
         if not isinstance(p, (int, float)) or isinstance(p, bool) or p <= 0.0 or not training:
             return
         self.attention.setdefault(
-            (call_key(caller), owner_name),
+            (key, owner_name),
             {
                 "owner": owner_name,
                 "method": owner_method(caller, owner),

@@ -183,9 +183,9 @@ class Planner:
                 )
             )
         model_changes = [change for kind in registry.PLANNERS for change in kind.model_changes(self)]
-        plan = Plan(list(self.planned.values()), self.rows, self.discovery.method, notes, model_changes)
-        plan.left_calls = self.left_calls
-        return plan
+        return Plan(
+            list(self.planned.values()), self.rows, self.discovery.method, notes, model_changes, self.left_calls
+        )
 
     # -- what the kinds of site share --------------------------------------------------------------
     def add(self, name: str, entry: PlannedSite) -> PlannedSite:

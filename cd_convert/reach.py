@@ -114,7 +114,7 @@ class OutputReach:
             written.append(args[0])
         if kwargs and "out" in kwargs:
             written.extend(tensors_in(kwargs["out"]))
-        results = [t for t in tensors_in(result) if isinstance(t, torch.Tensor)]
+        results = list(tensors_in(result))
         if not results and not written:
             return
         labels: FrozenSet[Hashable] = _NONE

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import pytest
 import torch
@@ -24,8 +24,14 @@ def _rows(model: nn.Module) -> Dict[str, str]:
     return {row.name: row.status for row in cd_convert.report(model).rows}
 
 
-def _dropout_outputs_reaching(model: nn.Module, x: torch.Tensor) -> Dict[str, bool]:
-    """For each ``nn.Dropout`` module of the unconverted model: whether the output's sum depends on it (autograd)."""
+def _dropout_outputs_reaching(model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor]) -> Dict[str, bool]:
+    """For each ``nn.Dropout`` module of the unconverted model: whether the loss depends on any of its outputs
+    (autograd; a module called twice reaches when one of its calls does).
+
+    Args:
+        model: the model (run in training mode).
+        loss_of: the loss of one forward pass of it.
+    """
     outputs: List[Tuple[str, torch.Tensor]] = []
     handles = [
         module.register_forward_hook(lambda m, a, out, name=name: outputs.append((name, out)))
@@ -33,13 +39,20 @@ def _dropout_outputs_reaching(model: nn.Module, x: torch.Tensor) -> Dict[str, bo
         if isinstance(module, nn.Dropout)
     ]
     try:
-        result = model.train()(x.detach().requires_grad_())
+        loss = loss_of(model.train())
     finally:
         for handle in handles:
             handle.remove()
-    total = sum(t.float().sum() for t in _tensors(result))
-    grads = torch.autograd.grad(total, [t for _, t in outputs], allow_unused=True)
-    return {name: grad is not None for (name, _), grad in zip(outputs, grads)}
+    grads = torch.autograd.grad(loss, [t for _, t in outputs], allow_unused=True)
+    reaching: Dict[str, bool] = {}
+    for (name, _), grad in zip(outputs, grads):
+        reaching[name] = reaching.get(name, False) or grad is not None
+    return reaching
+
+
+def _output_sum(x: torch.Tensor) -> Callable[[nn.Module], torch.Tensor]:
+    """The sum of every output tensor of a forward pass on ``x`` (which requires grad: dropout on the input too)."""
+    return lambda model: sum(t.float().sum() for t in _tensors(model(x.detach().requires_grad_())))
 
 
 def _tensors(value) -> List[torch.Tensor]:
@@ -71,7 +84,7 @@ def test_unused_dropout_is_reported_and_left_alone():
     torch.manual_seed(0)
     x = torch.randn(4, 6)
     model = SideBranch()
-    reaching = _dropout_outputs_reaching(model, x)
+    reaching = _dropout_outputs_reaching(model, _output_sum(x))
     assert reaching == {"live": True, "dead": False}  # the independent fact
 
     converted = cd_convert.convert(model, dataset_size=100, example_inputs=(x,))
@@ -141,7 +154,7 @@ class NestedOutputs(nn.Module):
 def test_outputs_are_found_in_nested_containers():
     x = torch.randn(3, 4)
     model = NestedOutputs()
-    assert _dropout_outputs_reaching(model, x) == {"used": True, "unused": False}
+    assert _dropout_outputs_reaching(model, _output_sum(x)) == {"used": True, "unused": False}
     rows = _rows(cd_convert.convert(model, dataset_size=100, example_inputs=(x,)))
     assert rows["used"] == "converted" and rows["unused"] == "output unused"
 
@@ -196,25 +209,13 @@ def test_lilt_last_layout_stream():
     family = next(f for f in families.FAMILIES if f.name == "lilt")
     model, _ = families.build(family)
     inputs, loss_fn = families.make_inputs(family.inputs, model.config), families.data_loss
-    outputs: List[Tuple[str, torch.Tensor]] = []
-    handles = [
-        m.register_forward_hook(lambda mod, a, out, name=n: outputs.append((name, out)))
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Dropout)
-    ]
-    try:
-        loss = loss_fn(model.train()(**inputs))
-    finally:
-        for handle in handles:
-            handle.remove()
-    grads = torch.autograd.grad(loss, [t for _, t in outputs], allow_unused=True)
-    # A module called twice (the attention dropout, on the text and the layout probabilities) is unused only when
-    # none of its outputs reaches the loss.
-    reaching = {name for (name, _), g in zip(outputs, grads) if g is not None}
-    dead = {name for name, _ in outputs} - reaching
+    # The attention dropout is called twice (on the text and the layout probabilities): unused only when neither
+    # of its outputs reaches the loss.
+    reaching = _dropout_outputs_reaching(model, lambda m: loss_fn(m(**inputs)))
+    dead = {name for name, reaches in reaching.items() if not reaches}
     assert dead  # the independent fact: some dropout outputs do not reach the loss
 
     converted = cd_convert.convert(model, dataset_size=100)
     rows = _rows(converted)
     assert {name for name, status in rows.items() if status == "output unused"} == dead
-    assert all(rows[name] == "converted" for name, _ in outputs if name not in dead)
+    assert all(rows[name] == "converted" for name in reaching if name not in dead)

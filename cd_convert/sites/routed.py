@@ -171,11 +171,12 @@ def _rate_note(owner: nn.Module, holder: str, rate_attribute: Optional[str]) -> 
     """The report note of a site whose rate is read from ``holder``: where freeze writes the learned rate."""
     if rate_attribute is None:
         return f"rate read from {holder}"
-    parents = rate_attribute.split(".")[:-1]
+    holder: object = owner
+    through_object = False
     try:
-        through_object = any(
-            not isinstance(functools.reduce(getattr, parents[: i + 1], owner), nn.Module) for i in range(len(parents))
-        )
+        for name in rate_attribute.split(".")[:-1]:
+            holder = getattr(holder, name)
+            through_object = through_object or not isinstance(holder, nn.Module)
     except AttributeError:
         through_object = False
     if through_object:

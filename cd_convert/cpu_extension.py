@@ -12,8 +12,12 @@ time, then cached by PyTorch under ``~/.cache/torch_extensions``) and routes the
   ``1 / temperature`` is a whole number (within 2 units in the last place of a float64 reference), the
   backward pass sums the logit gradient's terms in float64; both agree with the Python path to rounding;
 * larger sites, other temperatures and strided inputs run the Python path's ATen ops: bitwise its results;
-* the regulariser: the Python path's float64 arithmetic in the same order (bitwise equal), for any number
-  of sites (the Python host path stops at :data:`cd_convert.host_regularizer.MAX_SITES`);
+* the regulariser: the Python path's float64 arithmetic in the same order, with the squared norms of small
+  weights summed in float64 by one loop each (no op dispatched; the Python path squares a float32 norm), for
+  any number of sites (the Python host path stops at :data:`cd_convert.host_regularizer.MAX_SITES`); its
+  gradients for a p-logit or a targeted Linear's weight are handed to the site's node when that node runs
+  later in the same backward pass, which adds them to its own (*deliveries*: no gradient tensor built for
+  them, no sum where two gradients meet at one leaf);
 * a targeted ``nn.Linear`` and its input site: one autograd node for both in training
   (:mod:`cd_convert.sites.fused_linear`: the layer enters this *fused mode* at a call the node serves when
   nothing else hooks it, and leaves it when that changes), the values of the site followed by ``F.linear``.

@@ -39,3 +39,23 @@ def test_short_comparison_reports_paired_ratios(capsys):
         assert set(ratios) == {"tree_vs_base", "tree_vs_dropout", "base_vs_dropout"}
         assert all(r > 0 for r in ratios.values())
     assert "working tree / base" in capsys.readouterr().out
+
+
+def test_the_base_revisions_cpp_path_is_built_under_a_name_of_its_own(monkeypatch):
+    # Two builds of one module name cannot be loaded into one process: the base's must get another name.
+    from pathlib import Path
+
+    from torch.utils import cpp_extension
+
+    dest = tempfile.mkdtemp(prefix="cd_ab_test_")
+    try:
+        base = ab_speed.import_revision("HEAD", dest)
+        calls = []
+        monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: calls.append(kwargs) or "the base's build")
+        assert ab_speed.build_extension(base) == "the base's build"
+        (call,) = calls
+        assert call["name"].startswith(base.__name__ + "_host_site_")
+        assert call["sources"] == [str(Path(base.__file__).resolve().parent / "csrc" / "host_site.cpp")]
+        assert base.cpu_extension._BUILT == "the base's build" and cd_convert.cpu_extension._BUILT != "the base's build"
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)

@@ -184,9 +184,12 @@ def test_regularizer_equals_the_python_path(toggle, count):
 
     native, python = toggle(True, value_and_grads), toggle(False, value_and_grads)
     assert type(native[2]).__name__ == "CppFunction" and type(python[2]).__name__ == "HostRegularizerBackward"
-    assert torch.equal(native[0], python[0])  # the same float64 arithmetic in the same order
+    # The same float64 arithmetic in the same order, but the C++ loop sums the squares in float64 where the
+    # Python path squares a float32 norm: equal to float32 rounding.
+    torch.testing.assert_close(native[0], python[0], rtol=1e-6, atol=0.0)
     assert len(native[1]) == len(python[1]) == 2 * count  # each weight and each p-logit
-    assert all(torch.equal(a, b) for a, b in zip(native[1], python[1]))
+    for a, b in zip(native[1], python[1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
 
 
 def test_regularizer_is_once_differentiable(toggle):

@@ -15,21 +15,28 @@ order rotating every repeat):
    learning its rates and with them held, and the grid's ``nn.Dropout`` network.
 
 It prints each variant's median and, what to read, the median of per-repeat ratios working tree / base
-(paired: both measured within the same round). The package is imported from the revision's tree, so it
-must not import itself by absolute name (``cd_convert`` uses relative imports throughout).
+(paired: both measured within the same round). With ``--cpu-extension`` each revision's variants run on its own
+build of the opt-in C++ CPU path (:mod:`cd_convert.cpu_extension`), switched on around them only; the base
+revision's ``csrc/host_site.cpp`` is built under a name of its own (two builds of one name cannot be loaded into
+one process), so a change to the C++ code is measured side by side too. The package is imported from the
+revision's tree, so it must not import itself by absolute name (``cd_convert`` uses relative imports
+throughout).
 
 Usage::
 
     python -m tools.ab_speed --rev HEAD~1                   # the last commit's change
     python -m tools.ab_speed --rev 4de9d4b --shape 64x16384 --site-repeats 40
+    python -m tools.ab_speed --rev HEAD --cpu-extension --site-repeats 100 --epoch-repeats 100
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import io
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -38,7 +45,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 from types import ModuleType
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -84,14 +91,64 @@ def import_revision(rev: str, dest: str) -> ModuleType:
         sys.path.remove(dest)
 
 
+def build_extension(package: ModuleType) -> ModuleType:
+    """Build ``package``'s C++ CPU path under a module name of its own and hand it to its ``cpu_extension``
+    (which then loads that build instead of building its own).
+
+    Args:
+        package: a ``cd_convert`` package imported by :func:`import_revision`.
+
+    Returns:
+        The built extension module.
+
+    Raises:
+        SystemExit: if the revision has no C++ CPU path.
+    """
+    source = Path(package.__file__).resolve().parent / "csrc" / "host_site.cpp"
+    if not source.exists():
+        raise SystemExit(f"{package.__name__} has no C++ CPU path ({source} is missing): drop --cpu-extension")
+    from torch.utils import cpp_extension
+
+    extension = importlib.import_module(package.__name__ + ".cpu_extension")
+    name = f"{package.__name__}_host_site_" + re.sub(r"\W", "_", torch.__version__)
+    extension._BUILT = cpp_extension.load(name=name, sources=[str(source)], extra_cflags=["-O3"])
+    return extension._BUILT
+
+
+@contextlib.contextmanager
+def _extension_of(package: ModuleType) -> Iterator[None]:
+    """``package``'s C++ CPU path switched on inside the block."""
+    package.cpu_extension.enable()
+    try:
+        yield
+    finally:
+        package.cpu_extension.disable()
+
+
+#: Whether the revisions' variants run on their C++ CPU paths (``--cpu-extension``; set by :func:`main`).
+WITH_EXTENSION = False
+
+
+def _own(package: ModuleType, fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn``, run on ``package``'s C++ CPU path while :data:`WITH_EXTENSION` is set (else ``fn`` itself)."""
+    if not WITH_EXTENSION:
+        return fn
+
+    def wrapped() -> None:
+        with _extension_of(package):
+            fn()
+
+    return wrapped
+
+
 def site_times(base: ModuleType, shape: Tuple[int, int], repeats: int) -> Dict[str, List[float]]:
     """Seconds per forward + backward of one site of each revision and of ``nn.Dropout``, interleaved."""
     device = torch.device("cpu")
     numel = shape[0] * shape[1]
     fns = {
         "dropout": train_step.site_fn(nn.Dropout(0.1).train(), shape, device),
-        "base": train_step.site_fn(base.ConcreteDropout(0.1).train(), shape, device),
-        "tree": train_step.site_fn(cd_convert.ConcreteDropout(0.1).train(), shape, device),
+        "base": _own(base, train_step.site_fn(base.ConcreteDropout(0.1).train(), shape, device)),
+        "tree": _own(cd_convert, train_step.site_fn(cd_convert.ConcreteDropout(0.1).train(), shape, device)),
     }
     return interleaved_times(fns, repeats, inner=max(1, min(100, 200_000 // numel)), warmup=20, device=device)
 
@@ -103,7 +160,7 @@ def epoch_times(base: ModuleType, repeats: int) -> Dict[str, List[float]]:
 
     def converted(package: ModuleType):
         model = train_step.uci_network(device, "concrete", package=package)
-        return train_step.epoch_fn(model, x, y, regularise=True, package=package)
+        return _own(package, train_step.epoch_fn(model, x, y, regularise=True, package=package))
 
     fns = {
         "dropout": train_step.epoch_fn(train_step.uci_network(device, "dropout"), x, y, regularise=False),
@@ -121,7 +178,7 @@ def protocol_times(base: ModuleType, repeats: int) -> Dict[str, List[float]]:
 
     def converted(package: ModuleType, variant: str):
         model = train_step.protocol_network(variant, device, package=package)
-        return train_step.protocol_epoch_fn(model, x, y, train_step.protocol_loss(package))
+        return _own(package, train_step.protocol_epoch_fn(model, x, y, train_step.protocol_loss(package)))
 
     fns = {
         "dropout": train_step.protocol_grid_epoch_fn(x, y, device),
@@ -162,17 +219,32 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--site-repeats", type=int, default=150, help="site samples per variant (default 150)")
     parser.add_argument("--epoch-repeats", type=int, default=150, help="epochs per variant (default 150; 0 skips)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument(
+        "--cpu-extension",
+        action="store_true",
+        help="run each revision's variants on its own build of the opt-in C++ CPU path (both built first)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
+    global WITH_EXTENSION
     args = parse_args(argv)
     rows, cols = (int(v) for v in args.shape.lower().split("x"))
     torch.set_num_threads(args.threads)
     dest = tempfile.mkdtemp(prefix="cd_ab_")
     try:
         base = import_revision(args.rev, dest)
-        print(f"working tree against {args.rev} ({base.__name__}); torch {torch.__version__}, {args.threads} thread(s)")
+        WITH_EXTENSION = args.cpu_extension
+        if WITH_EXTENSION:  # both builds before anything is timed
+            build_extension(base)
+            cd_convert.cpu_extension.enable()
+            cd_convert.cpu_extension.disable()
+        path = ", each on its C++ CPU path" if WITH_EXTENSION else ""
+        print(
+            f"working tree against {args.rev} ({base.__name__}){path}; torch {torch.__version__}, "
+            f"{args.threads} thread(s)"
+        )
         out = {"site": report(f"site ({rows}, {cols})", site_times(base, (rows, cols), args.site_repeats), "us", 1e6)}
         if args.epoch_repeats:
             out["epoch"] = report("UCI-network epoch", epoch_times(base, args.epoch_repeats), "ms", 1e3)
@@ -181,6 +253,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
             out["protocol_held"] = report("UCI protocol epoch, rates held", _subset(times, "_held"), "ms", 1e3)
         return out
     finally:
+        WITH_EXTENSION = False
         shutil.rmtree(dest, ignore_errors=True)
 
 

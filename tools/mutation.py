@@ -908,6 +908,57 @@ MUTATIONS: Tuple[Mutation, ...] = (
         ("tests/test_cpu_extension.py",),
     ),
     Mutation(
+        "cpp-squared-norm-unsquared",
+        "the C++ regulariser's loop sums the weights' entries where it sums their squares: a wrong weight term",
+        "cd_convert/csrc/host_site.cpp",
+        "          sum += v * v;",
+        "          sum += v;",
+        ("tests/test_cpu_extension.py",),
+    ),
+    Mutation(
+        "delivery-outside-the-graph-task",
+        "the regulariser delivers its gradients to site nodes the current backward pass never runs: lost gradients",
+        "cd_convert/csrc/host_site.cpp",
+        "box->ran_in == task || !runs_in_current_task(box->node)) {",
+        "box->ran_in == task) {",
+        ("tests/test_deliveries.py",),
+    ),
+    Mutation(
+        "delivery-after-the-node-ran",
+        "the regulariser delivers to a site node that has already run in this backward pass: lost gradients",
+        "cd_convert/csrc/host_site.cpp",
+        "box->node == nullptr || box->ran_in == task || !runs_in_current_task",
+        "box->node == nullptr || !runs_in_current_task",
+        ("tests/test_deliveries.py",),
+    ),
+    Mutation(
+        "registry-holds-site-nodes",
+        "the registry of site nodes keeps the last 256 nodes alive: dropped graphs keep their saved tensors",
+        "cd_convert/csrc/host_site.cpp",
+        "  box->node = node;\n",
+        "  box->node = node;\n  static std::vector<std::decay_t<decltype(y.grad_fn())>> held;\n"
+        "  held.push_back(y.grad_fn());\n  if (held.size() > 256) {\n    held.clear();\n  }\n",
+        ("tests/test_deliveries.py",),
+    ),
+    Mutation(
+        "delivered-weight-term-dropped",
+        "the fused node ignores the regulariser's weight term delivered to it: no weight decay from the prior",
+        "cd_convert/csrc/host_site.cpp",
+        "delivery.has_weight ? at::addmm(weight, g.t(), rows, delivery.weight_scale, 1.0) : g.t().mm(rows);",
+        "g.t().mm(rows);",
+        ("tests/test_deliveries.py",),
+    ),
+    Mutation(
+        "delivered-logit-term-dropped",
+        "the C++ site's node ignores the regulariser's logit gradient delivered to it: the prior never moves the rate",
+        "cd_convert/csrc/host_site.cpp",
+        "      kept /= inverse_kept;  // sum(g y w)\n"
+        "      grad_logit = at::full({}, logit_gradient(p, total, kept, temperature) + delivery.logit, logit_options);",
+        "      kept /= inverse_kept;  // sum(g y w)\n"
+        "      grad_logit = at::full({}, logit_gradient(p, total, kept, temperature), logit_options);",
+        ("tests/test_deliveries.py",),
+    ),
+    Mutation(
         "cpu-extension-not-routed",
         "enable() reports the C++ path on while every call still takes the Python path",
         "cd_convert/host_scalars.py",

@@ -15,13 +15,18 @@
 //     dL/dx = g m,   dL/dlogit = p S - (S - S_w) / t.
 //
 // The regulariser: cd_convert/host_regularizer.py's HostRegularizer, the same double arithmetic in the same
-// order and the same ATen ops (value and gradients bitwise equal to the Python path's).
+// order, with small weights' squared norms summed in double where the Python path squares a float32 norm (value
+// and gradients equal to rounding). Its gradients w.r.t. a p-logit or a Linear's weight go to the node of a site
+// that still runs in the same backward pass when there is one ("deliveries", below).
 
+#include <torch/csrc/autograd/engine.h>  // graph_task.h: the current backward pass's id and nodes
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
+#include <mutex>
+#include <unordered_map>
 
 namespace {
 
@@ -33,8 +38,21 @@ using torch::autograd::variable_list;
 // ops, as the Python path does. The same threshold as the packed noise draw (so the loops see torch.rand's noise).
 constexpr int64_t kFusedMaxNumel = 16384;
 
+// The value of a one-element tensor: read from memory for a CPU float32/float64 one (no dispatched op), else item().
+double number(const Tensor& t) {
+  if (t.device().is_cpu() && t.layout() == at::kStrided && t.numel() == 1) {
+    if (t.scalar_type() == at::kFloat) {
+      return static_cast<double>(*t.const_data_ptr<float>());
+    }
+    if (t.scalar_type() == at::kDouble) {
+      return *t.const_data_ptr<double>();
+    }
+  }
+  return t.item<double>();
+}
+
 double clamped(const Tensor& p_logit, double bound) {
-  return std::min(std::max(p_logit.item<double>(), -bound), bound);
+  return std::min(std::max(number(p_logit), -bound), bound);
 }
 
 // dL/dlogit = p S - (S - S_w) / t, from S = sum(g y) and S_w = sum(g y w).
@@ -42,19 +60,20 @@ double logit_gradient(double p, double total, double kept, double temperature) {
   return p * total - (total - kept) / temperature;
 }
 
-// The logit's gradient from g y on the ATen ops (inputs too large or strided for the loops): under create_graph
-// a tensor function of g y (so a gradient penalty differentiates through it), else a number read back. gy is
-// overwritten.
+// The logit's gradient from g y on the ATen ops (inputs too large or strided for the loops), plus ``delivered``
+// (the regulariser's, see "deliveries"): under create_graph a tensor function of g y (so a gradient penalty
+// differentiates through it), else a number read back. gy is overwritten.
 Tensor logit_gradient_from(Tensor& gy, const Tensor& mask, double p, double inverse_kept, double temperature,
-                           at::ScalarType logit_dtype) {
+                           at::ScalarType logit_dtype, double delivered) {
   if (at::GradMode::is_enabled()) {
     Tensor total = gy.sum();
     Tensor kept = (gy * mask).sum() / inverse_kept;
-    return (p * total - (total - kept) / temperature).to(logit_dtype);
+    Tensor grad = (p * total - (total - kept) / temperature).to(logit_dtype);
+    return delivered == 0.0 ? grad : grad + delivered;
   }
   const double total = gy.sum().item<double>();
   const double kept = gy.mul_(mask).sum().item<double>() / inverse_kept;
-  return at::full({}, logit_gradient(p, total, kept, temperature),
+  return at::full({}, logit_gradient(p, total, kept, temperature) + delivered,
                   at::TensorOptions().dtype(logit_dtype).device(at::kCPU));
 }
 
@@ -142,9 +161,167 @@ void fused_backward(const Tensor& grad_y, const Tensor& mask, const Tensor& acti
   *kept = sw;
 }
 
+// -------------------------------------------------------------------------------------------- deliveries
+//
+// The regulariser reads each site's p-logit and each targeted Linear's weight, which the sites' nodes read too.
+// Where two nodes' gradients meet at one leaf the engine adds them, and each of the regulariser's gradients is a
+// tensor built for the purpose: on the UCI step (two sites, two weights) seven more ops in the backward pass
+// (two 0-dim logit gradients, one multi-tensor multiply, four sums), each a dispatch whose fixed cost is the
+// step's cost at that size. So where a site's node (HostSite: the logit; HostSiteLinear: the logit and the
+// weight) will still run later in the same backward pass, the regulariser hands it the number instead: the node
+// adds it where it computes its own gradient for the same leaf (a double to the logit's sum; the weight's term
+// s W as addmm's beta: addmm(W, g^T, x m, beta = s)), and the regulariser returns no gradient for that leaf.
+// The leaf's total is the same sum, rounded once less.
+//
+// A delivery is made only when it provably arrives: the node is alive (its mailbox can be locked), executes in
+// the current graph task (runs_in_current_task), has not run in this task yet, will compute that output
+// (task_should_compute_output), and sends it along the very edge the regulariser's gradient would take (the same
+// gradient edge). Otherwise (the regulariser computed before the forward pass, so that its node runs last; the
+// regulariser alone; a second forward pass whose nodes are not in this graph; create_graph) the regulariser
+// returns the gradient itself.
+
+// What a site's node receives from the regulariser within one backward pass. Owned by the node alone (in its
+// saved_data): the registry below holds it weakly, so a mailbox that can still be locked belongs to a node that
+// is alive. The node is not referenced weakly itself: a weak reference would defer freeing a dead node, and with
+// it the tensors it saved, until the reference went.
+struct Mailbox : torch::CustomClassHolder {
+  torch::autograd::Node* node = nullptr;  // its node, set once the node exists
+  int64_t ran_in = -1;        // the graph task in which the node's backward last ran
+  int64_t delivered_in = -1;  // the graph task of the values below
+  double logit = 0.0;         // added to dL/dlogit
+  double weight_scale = 0.0;  // dL/dW gets weight_scale * W added
+  bool has_weight = false;
+};
+
+// The regulariser's gradients a node received, taken out of its mailbox when the node runs.
+struct Delivery {
+  double logit = 0.0;
+  double weight_scale = 0.0;
+  bool has_weight = false;
+};
+
+std::mutex& delivery_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+
+// The site nodes alive, by the TensorImpl of each leaf they take a delivery for (the p-logit, the weight).
+using Registry = std::unordered_map<const c10::TensorImpl*, std::vector<c10::weak_intrusive_ptr<Mailbox>>>;
+
+Registry& registry() {
+  static Registry entries;
+  return entries;
+}
+
+// Registers the node that produced y (a new HostSite or HostSiteLinear node) under its leaves. Expired entries
+// (nodes freed with their graph) are dropped every 256 registrations, so the registry holds about the nodes alive.
+void post(const Tensor& y, const c10::intrusive_ptr<Mailbox>& box, std::initializer_list<const Tensor*> leaves) {
+  torch::autograd::Node* node = y.grad_fn().get();
+  if (node == nullptr) {
+    return;
+  }
+  box->node = node;
+  static uint64_t posts = 0;
+  std::lock_guard<std::mutex> lock(delivery_mutex());
+  Registry& entries = registry();
+  for (const Tensor* leaf : leaves) {
+    if (leaf->requires_grad()) {
+      entries[leaf->unsafeGetTensorImpl()].emplace_back(box);
+    }
+  }
+  if (++posts % 256 == 0) {
+    for (auto it = entries.begin(); it != entries.end();) {
+      auto& boxes = it->second;
+      boxes.erase(std::remove_if(boxes.begin(), boxes.end(), [](const auto& w) { return w.expired(); }), boxes.end());
+      it = boxes.empty() ? entries.erase(it) : std::next(it);
+    }
+  }
+}
+
+// Whether node executes in the current graph task: it is in the task's graph and, when the task runs only part
+// of it (torch.autograd.grad, backward with inputs=: a non-empty exec_info), its part. The test of torch's own
+// torch._C._will_engine_execute_node.
+bool runs_in_current_task(torch::autograd::Node* node) {
+  const auto* exec_info = torch::autograd::get_current_graph_task_exec_info();
+  const auto* nodes = torch::autograd::get_current_graph_task_nodes_in_graph();
+  if (exec_info == nullptr || nodes == nullptr || nodes->count(node) == 0) {
+    return false;
+  }
+  if (exec_info->empty()) {
+    return true;
+  }
+  const auto it = exec_info->find(node);
+  return it != exec_info->end() && it->second.should_execute();
+}
+
+// Hands value (a logit gradient, or the factor s of a weight gradient s W) for leaf to a site node that will
+// take it in this backward pass (see above), through that node's output edge ``edge`` (1: the logit, 2: the
+// weight). Returns false, delivering nothing, when there is no such node.
+bool deliver(const Tensor& leaf, size_t edge, double value) {
+  const int task = torch::autograd::get_current_graph_task_id();
+  if (task < 0 || !leaf.requires_grad()) {
+    return false;
+  }
+  const torch::autograd::Edge target = torch::autograd::impl::gradient_edge(leaf);
+  std::lock_guard<std::mutex> lock(delivery_mutex());
+  Registry& entries = registry();
+  const auto found = entries.find(leaf.unsafeGetTensorImpl());
+  if (found == entries.end()) {
+    return false;
+  }
+  for (auto it = found->second.rbegin(); it != found->second.rend(); ++it) {  // the newest node first
+    // A mailbox that locks belongs to a live node; the node is read only once it is known to be in this task.
+    c10::intrusive_ptr<Mailbox> box = it->lock();
+    if (!box || box->node == nullptr || box->ran_in == task || !runs_in_current_task(box->node)) {
+      continue;
+    }
+    torch::autograd::Node* node = box->node;
+    if (edge >= node->num_outputs()) {
+      continue;
+    }
+    const torch::autograd::Edge& next = node->next_edge(edge);
+    if (next.function != target.function || next.input_nr != target.input_nr ||
+        !node->task_should_compute_output(edge)) {
+      continue;
+    }
+    if (box->delivered_in != task) {
+      box->delivered_in = task;
+      box->logit = box->weight_scale = 0.0;
+      box->has_weight = false;
+    }
+    if (edge == 2) {
+      box->weight_scale += value;
+      box->has_weight = true;
+    } else {
+      box->logit += value;
+    }
+    return true;
+  }
+  return false;
+}
+
+void keep(AutogradContext* ctx, const c10::intrusive_ptr<Mailbox>& box) {
+  ctx->saved_data["mailbox"] = c10::IValue::make_capsule(box);
+}
+
+// What the regulariser delivered to this node in the current backward pass (nothing outside one), marking the
+// node as run there: a later delivery in the same pass would arrive too late and is refused.
+Delivery collect(AutogradContext* ctx) {
+  auto box = c10::static_intrusive_pointer_cast<Mailbox>(ctx->saved_data["mailbox"].toCapsule());
+  const int task = torch::autograd::get_current_graph_task_id();
+  std::lock_guard<std::mutex> lock(delivery_mutex());
+  Delivery delivery;
+  if (task >= 0 && box->delivered_in == task) {
+    delivery = {box->logit, box->weight_scale, box->has_weight};
+  }
+  box->ran_in = task;
+  box->delivered_in = -1;
+  return delivery;
+}
+
 struct HostSite : public torch::autograd::Function<HostSite> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& p_logit, Tensor uniform,
-                        double temperature, double bound, bool save_output) {
+                        double temperature, double bound, bool save_output, const c10::intrusive_ptr<Mailbox>& box) {
     const double theta = clamped(p_logit, bound);
     const double odds = std::exp(theta);  // p / (1 - p)
     const double inverse_kept = 1.0 + odds;
@@ -154,11 +331,13 @@ struct HostSite : public torch::autograd::Function<HostSite> {
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["save_output"] = save_output;
     ctx->saved_data["logit_dtype"] = static_cast<int64_t>(p_logit.scalar_type());
+    keep(ctx, box);
     ctx->save_for_backward({mask, save_output ? y : x});
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Delivery delivery = collect(ctx);
     const auto saved = ctx->get_saved_variables();
     const Tensor& mask = saved[0];
     const Tensor& activation = saved[1];
@@ -185,17 +364,17 @@ struct HostSite : public torch::autograd::Function<HostSite> {
         fused_backward<scalar_t>(grad_y, mask, activation, saved_output, needs_x ? &grad_x : nullptr, &total, &kept);
       });
       kept /= inverse_kept;  // sum(g y w)
-      grad_logit = at::full({}, logit_gradient(p, total, kept, temperature), logit_options);
+      grad_logit = at::full({}, logit_gradient(p, total, kept, temperature) + delivery.logit, logit_options);
     } else {
       if (needs_x || !saved_output) {
         grad_x = grad_y * mask;
       }
       if (needs_logit) {
         Tensor gy = saved_output ? grad_y * activation : grad_x * activation;  // g y
-        grad_logit = logit_gradient_from(gy, mask, p, inverse_kept, temperature, logit_dtype);
+        grad_logit = logit_gradient_from(gy, mask, p, inverse_kept, temperature, logit_dtype, delivery.logit);
       }
     }
-    return {needs_x ? grad_x : Tensor(), grad_logit, Tensor(), Tensor(), Tensor(), Tensor()};
+    return {needs_x ? grad_x : Tensor(), grad_logit, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -205,7 +384,10 @@ Tensor site(const Tensor& x, const Tensor& p_logit, const c10::optional<Tensor>&
             double bound, bool save_output, bool needs_grad) {
   Tensor noise = draw(x, uniform);
   if (needs_grad) {
-    return HostSite::apply(x, p_logit, noise, temperature, bound, save_output);
+    auto box = c10::make_intrusive<Mailbox>();
+    Tensor y = HostSite::apply(x, p_logit, noise, temperature, bound, save_output, box);
+    post(y, box, {&p_logit});
+    return y;
   }
   const double theta = clamped(p_logit, bound);
   return mask_and_output(x, noise, theta, temperature, 1.0 + std::exp(theta)).second;
@@ -213,35 +395,47 @@ Tensor site(const Tensor& x, const Tensor& p_logit, const c10::optional<Tensor>&
 
 // ------------------------------------------------------------------------------------------ site + Linear
 
+// t as a matrix of rows of ``width``: t itself when it is one already (a reshape would dispatch a view op, which
+// at the UCI shape costs about as much as the arithmetic).
+Tensor as_rows(const Tensor& t, int64_t width) {
+  return t.dim() == 2 ? t : t.reshape({-1, width});
+}
+
 // A targeted Linear's input site and the Linear itself in one autograd node: y = (x m) W^T + b. At the UCI
 // shape the step's cost is per node and per op; one node replaces the site's and the Linear's three (the
 // site, addmm, the weight's transpose), and the backward pass dispatches two matmuls, one sum and one loop.
 // Saved: the mask and x m (the Linear's own saved input), as the site and the Linear would save them.
 struct HostSiteLinear : public torch::autograd::Function<HostSiteLinear> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& p_logit, const Tensor& weight,
-                        const c10::optional<Tensor>& bias, Tensor uniform, double temperature, double bound) {
+                        const c10::optional<Tensor>& bias, Tensor uniform, double temperature, double bound,
+                        const c10::intrusive_ptr<Mailbox>& box) {
     const double theta = clamped(p_logit, bound);
     const double odds = std::exp(theta);
     const double inverse_kept = 1.0 + odds;
     auto [mask, xm] = mask_and_output(x, uniform, theta, temperature, inverse_kept);
-    const Tensor rows = xm.reshape({-1, weight.size(1)});
+    const Tensor rows = as_rows(xm, weight.size(1));
     Tensor y = bias.has_value() && bias->defined() ? at::addmm(*bias, rows, weight.t()) : at::mm(rows, weight.t());
-    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-    shape.back() = weight.size(0);
     ctx->saved_data["p"] = odds / inverse_kept;
     ctx->saved_data["inverse_kept"] = inverse_kept;
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["logit_dtype"] = static_cast<int64_t>(p_logit.scalar_type());
+    keep(ctx, box);
     ctx->save_for_backward({mask, xm, weight});
+    if (x.dim() == 2) {
+      return y;
+    }
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = weight.size(0);
     return y.view(shape);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Delivery delivery = collect(ctx);
     const auto saved = ctx->get_saved_variables();
     const Tensor& mask = saved[0];
     const Tensor& xm = saved[1];
     const Tensor& weight = saved[2];
-    const Tensor g = grads[0].reshape({-1, weight.size(0)});
+    const Tensor g = as_rows(grads[0], weight.size(0));
     const double p = ctx->saved_data["p"].toDouble();
     const double inverse_kept = ctx->saved_data["inverse_kept"].toDouble();
     const double temperature = ctx->saved_data["temperature"].toDouble();
@@ -250,7 +444,10 @@ struct HostSiteLinear : public torch::autograd::Function<HostSiteLinear> {
     const auto logit_options = at::TensorOptions().dtype(logit_dtype).device(at::kCPU);
     Tensor grad_x, grad_logit, grad_weight, grad_bias;
     if (needs_x || needs_logit) {
-      const Tensor grad_xm = g.mm(weight).view(mask.sizes());  // dL/d(x m)
+      Tensor grad_xm = g.mm(weight);  // dL/d(x m)
+      if (mask.dim() != 2) {
+        grad_xm = grad_xm.view(mask.sizes());
+      }
       // Under create_graph (a gradient penalty) the ATen ops: every gradient stays a tensor function of g.
       if (!at::GradMode::is_enabled() && mask.numel() < kFusedMaxNumel && mask.is_contiguous() && xm.is_contiguous() &&
           grad_xm.scalar_type() == mask.scalar_type()) {
@@ -263,7 +460,7 @@ struct HostSiteLinear : public torch::autograd::Function<HostSiteLinear> {
         });
         kept /= inverse_kept;
         if (needs_logit) {
-          grad_logit = at::full({}, logit_gradient(p, total, kept, temperature), logit_options);
+          grad_logit = at::full({}, logit_gradient(p, total, kept, temperature) + delivery.logit, logit_options);
         }
       } else {
         if (needs_x) {
@@ -271,23 +468,28 @@ struct HostSiteLinear : public torch::autograd::Function<HostSiteLinear> {
         }
         if (needs_logit) {
           Tensor gy = grad_xm * xm;  // g y of the site's output y = x m
-          grad_logit = logit_gradient_from(gy, mask, p, inverse_kept, temperature, logit_dtype);
+          grad_logit = logit_gradient_from(gy, mask, p, inverse_kept, temperature, logit_dtype, delivery.logit);
         }
       }
     }
     if (ctx->needs_input_grad(2)) {
-      grad_weight = g.t().mm(xm.reshape({-1, weight.size(1)}));
+      const Tensor rows = as_rows(xm, weight.size(1));
+      // With the regulariser's s W delivered: s W + g^T (x m) in one op.
+      grad_weight = delivery.has_weight ? at::addmm(weight, g.t(), rows, delivery.weight_scale, 1.0) : g.t().mm(rows);
     }
     if (ctx->needs_input_grad(3)) {
       grad_bias = g.sum(0);
     }
-    return {grad_x, grad_logit, grad_weight, grad_bias, Tensor(), Tensor(), Tensor()};
+    return {grad_x, grad_logit, grad_weight, grad_bias, Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
 Tensor site_linear(const Tensor& x, const Tensor& p_logit, const Tensor& weight, const c10::optional<Tensor>& bias,
                    const c10::optional<Tensor>& uniform, double temperature, double bound) {
-  return HostSiteLinear::apply(x, p_logit, weight, bias, draw(x, uniform), temperature, bound);
+  auto box = c10::make_intrusive<Mailbox>();
+  Tensor y = HostSiteLinear::apply(x, p_logit, weight, bias, draw(x, uniform), temperature, bound, box);
+  post(y, box, {&p_logit, &weight});
+  return y;
 }
 
 // ------------------------------------------------------------------------------------------- regulariser
@@ -309,17 +511,43 @@ double log_sigmoid(double v) {  // log(sigmoid(v)) without overflow or cancellat
   return v - std::log1p(std::exp(v));
 }
 
+// Whether w's squared norm is summed by the loop of squared_norms: a small contiguous CPU float32/float64 tensor.
+bool summed_here(const Tensor& w) {
+  return w.device().is_cpu() && w.layout() == at::kStrided && w.is_contiguous() && w.numel() < kFusedMaxNumel &&
+         (w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble);
+}
+
+// ||w||^2 of each weight in double. Small weights (summed_here, all of them): one loop each, the squares summed in
+// double, no op dispatched (at the UCI shape the norm op and the reads cost more than the arithmetic). Otherwise
+// the Python path's ops (one _foreach_norm, each norm read and squared): bitwise its values.
+std::vector<double> squared_norms(at::TensorList weights) {
+  std::vector<double> squared;
+  squared.reserve(weights.size());
+  if (std::all_of(weights.begin(), weights.end(), summed_here)) {
+    for (const Tensor& w : weights) {
+      double sum = 0.0;
+      AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "cd_convert_squared_norm", [&] {
+        const scalar_t* values = w.const_data_ptr<scalar_t>();
+        for (int64_t i = 0, n = w.numel(); i < n; ++i) {
+          const double v = static_cast<double>(values[i]);
+          sum += v * v;
+        }
+      });
+      squared.push_back(sum);
+    }
+  } else if (!weights.empty()) {
+    for (const Tensor& norm : at::_foreach_norm(weights, 2)) {
+      const double v = norm.item<double>();
+      squared.push_back(v * v);
+    }
+  }
+  return squared;
+}
+
 struct HostRegularizer : public torch::autograd::Function<HostRegularizer> {
   static Tensor forward(AutogradContext* ctx, const std::shared_ptr<RegularizerPlan>& plan, at::TensorList logits,
                         at::TensorList weights) {
-    std::vector<double> squared;
-    squared.reserve(weights.size());
-    if (!weights.empty()) {
-      for (const Tensor& norm : at::_foreach_norm(weights, 2)) {
-        const double v = norm.item<double>();
-        squared.push_back(v * v);
-      }
-    }
+    const std::vector<double> squared = squared_norms(weights);
     const double wr = plan->weight_regularizer;
     double total = 0.0;
     std::vector<double> logit_grads;
@@ -345,15 +573,20 @@ struct HostRegularizer : public torch::autograd::Function<HostRegularizer> {
     ctx->saved_data["logit_grads"] = logit_grads;
     ctx->saved_data["weight_scales"] = weight_scales;
     ctx->saved_data["logit_dtype"] = static_cast<int64_t>(plan->logit_dtype);
+    // The logits themselves only to find the site nodes their gradients can be delivered to (not saved for their
+    // values: nothing is read from them in the backward pass).
+    ctx->saved_data["logits"] = logits.vec();
     ctx->save_for_backward(weights.vec());
     return at::full({}, total, at::TensorOptions().dtype(at::kFloat).device(at::kCPU));
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // Deliveries only outside create_graph: there the site nodes build every gradient as a tensor function.
+    const bool may_deliver = !at::GradMode::is_enabled();
     variable_list outputs;
     {
       at::NoGradGuard no_grad;
-      outputs = gradients(ctx, grads);
+      outputs = gradients(ctx, grads, may_deliver);
     }
     const bool graph_wanted = at::GradMode::is_enabled() && std::any_of(grads.begin(), grads.end(), [](const Tensor& t) {
                                 return t.defined() && t.requires_grad();
@@ -380,39 +613,41 @@ struct HostRegularizer : public torch::autograd::Function<HostRegularizer> {
     return (*error)(std::move(inputs));
   }
 
-  static variable_list gradients(AutogradContext* ctx, const variable_list& grads) {
+  // The gradient of each input: for the plan nothing, for each logit and weight its gradient, or nothing where it
+  // is not needed or (deliver) a site node that runs later in this backward pass takes it (see "deliveries").
+  static variable_list gradients(AutogradContext* ctx, const variable_list& grads, bool may_deliver) {
     const double g = grads[0].item<double>();
     const auto logit_grads = ctx->saved_data["logit_grads"].toDoubleVector();
     const auto weight_scales = ctx->saved_data["weight_scales"].toDoubleVector();
+    const auto logits = ctx->saved_data["logits"].toTensorVector();
     const int64_t count = static_cast<int64_t>(logit_grads.size());
     const auto options =
         at::TensorOptions().dtype(static_cast<at::ScalarType>(ctx->saved_data["logit_dtype"].toInt())).device(at::kCPU);
-    variable_list out;
-    out.reserve(1 + logit_grads.size() + weight_scales.size());
-    out.emplace_back();  // the plan
-    bool any_logit = false;
+    variable_list out(1 + logit_grads.size() + weight_scales.size());  // out[0]: the plan
     for (int64_t a = 0; a < count; ++a) {
-      any_logit = any_logit || ctx->needs_input_grad(a);
-    }
-    for (int64_t a = 0; a < count; ++a) {
-      out.push_back(any_logit ? at::scalar_tensor(logit_grads[a] * g, options) : Tensor());
+      const double value = logit_grads[a] * g;
+      if (ctx->needs_input_grad(a) && !(may_deliver && deliver(logits[a], 1, value))) {
+        out[1 + a] = at::scalar_tensor(value, options);
+      }
     }
     const auto weights = ctx->get_saved_variables();
-    bool any_weight = false;
+    std::vector<Tensor> kept;
+    std::vector<at::Scalar> scales;
+    std::vector<size_t> positions;
     for (size_t j = 0; j < weights.size(); ++j) {
-      any_weight = any_weight || ctx->needs_input_grad(count + j);
+      const double scale = weight_scales[j] * g;
+      if (ctx->needs_input_grad(count + j) && !(may_deliver && deliver(weights[j], 2, scale))) {
+        kept.push_back(weights[j]);
+        scales.emplace_back(scale);
+        positions.push_back(1 + count + j);
+      }
     }
-    if (any_weight) {
-      std::vector<at::Scalar> scales;
-      scales.reserve(weight_scales.size());
-      for (double s : weight_scales) {
-        scales.emplace_back(s * g);
+    if (!kept.empty()) {
+      // Python numbers keep each gradient in its weight's dtype; 2 W * 0 = 0 for a zero weight.
+      const auto products = at::_foreach_mul(kept, scales);
+      for (size_t k = 0; k < positions.size(); ++k) {
+        out[positions[k]] = products[k];
       }
-      for (Tensor& grad : at::_foreach_mul(weights, scales)) {
-        out.push_back(grad);
-      }
-    } else {
-      out.resize(out.size() + weights.size());
     }
     return out;
   }

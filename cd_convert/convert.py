@@ -26,6 +26,7 @@ from .options import ConvertOptions, explicit_options, resolve_options
 from .planning import Plan, PlannedSite, Planner
 from .prior import DEFAULT_LENGTH_SCALE, resolve_scale
 from .report import Report
+from .sites.routed import RoutedSite
 from .targets import parse_targets
 
 __all__ = ["convert", "plan", "report", "set_regularizer", "unconvert", "freeze"]
@@ -362,18 +363,19 @@ def freeze(model: nn.Module, *, strict: bool = True, inplace: bool = False) -> n
         The frozen model.
     """
     collector = require_collector(model, "nothing to freeze.")
-    blocked = [c for c in collector.changes if c.freeze_blocker is not None]
-    if blocked and strict:
+    blockers = {c.site_name: c.freeze_blocker for c in collector.changes if c.freeze_blocker is not None}
+    blockers.update(_shared_rate_blockers(model, collector.changes))
+    if blockers and strict:
         raise FreezeError(
             "these sites cannot be written back as a plain rate: "
-            + "; ".join(c.freeze_blocker for c in blocked)
+            + "; ".join(dict.fromkeys(blockers.values()))
             + ". Pass strict=False to keep their original rates (a warning names them)."
         )
     target = model if inplace else copy.deepcopy(model)
     for change in reversed(get_collector(target).changes):
-        if change.freeze_blocker is not None:
+        if change.site_name in blockers:
             warnings.warn(
-                f"freeze: {change.site_name} keeps its original rate (no attribute to write p into).",
+                f"freeze: {change.site_name} keeps its original rate ({blockers[change.site_name]}).",
                 stacklevel=warn_stacklevel(),
             )
             change.undo(target)
@@ -381,6 +383,41 @@ def freeze(model: nn.Module, *, strict: bool = True, inplace: bool = False) -> n
             change.freeze(target)
     target.__dict__.pop(COLLECTOR_ATTR, None)
     return target
+
+
+def _shared_rate_blockers(model: nn.Module, changes: Sequence[Any]) -> Dict[str, str]:
+    """Sites whose learned rates differ but that would write them into the same attribute, by site name.
+
+    Calls in one method reading one rate attribute share one site; calls in different methods of a module (or
+    modules sharing one dropout module) that read the same attribute get a site each, and learn their own rates.
+    A plain model reads one number there, so freeze cannot carry both: the last write would silently win.
+
+    Args:
+        model: the converted model.
+        changes: its collector's changes.
+
+    Returns:
+        ``{site name: why}`` for every site of such a group (empty when every group's rates agree).
+    """
+    groups: Dict[Tuple[int, str], List[RoutedSite]] = {}
+    for change in changes:
+        if isinstance(change, RoutedSite) and change.freeze_blocker is None:
+            holder, path = change.rate_target(model)
+            groups.setdefault((id(holder), path), []).append(change)
+    blockers: Dict[str, str] = {}
+    for group in groups.values():
+        rates = [change.learned_rate(model) for change in group]
+        if len(group) < 2 or max(rates) - min(rates) <= 1e-6:
+            continue
+        attribute = group[0].rate_target(model)[1]
+        why = (
+            "sites "
+            + ", ".join(f"{c.site_name!r} (p={p:.4g})" for c, p in zip(group, rates))
+            + f" learned different rates, but the model's code reads all of them from {attribute!r} of one module, "
+            "which holds one number (the converted model keeps each site's own rate)"
+        )
+        blockers.update({change.site_name: why for change in group})
+    return blockers
 
 
 def _shown(names: List[str]) -> str:

@@ -113,3 +113,48 @@ def test_prophetnet_freeze_writes_each_learned_rate():
     # Only the encoder's own copy changed: the config the rest of the model holds keeps its rate.
     others = [m.config for n, m in frozen.named_modules() if n != "prophetnet.encoder" and hasattr(m, "config")]
     assert others and all(c.dropout == model.config.dropout for c in others)
+
+
+class _TwoMethods(nn.Module):
+    """One module whose two methods read the same rate: ``self.drop_rate``, or ``self.config.dropout``."""
+
+    def __init__(self, through_config: bool) -> None:
+        super().__init__()
+        self.through_config = through_config
+        self.drop_rate = 0.2
+        self.config = SimpleNamespace(dropout=0.2)
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 1)
+
+    def rate(self) -> float:
+        return self.config.dropout if self.through_config else self.drop_rate
+
+    def first(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(self.a(x), self.rate(), self.training)
+
+    def second(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.rate(), self.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.second(self.first(x)))
+
+
+@pytest.mark.parametrize("through_config", [False, True], ids=["attribute", "config"])
+def test_freeze_refuses_two_learned_rates_that_one_attribute_would_have_to_hold(through_config):
+    """Calls in two methods reading one attribute get a site each; a plain model reads one number there, so
+    freeze must not let the last write win silently."""
+    model = cd_convert.convert(_TwoMethods(through_config), dataset_size=100)
+    sites = [m for m in model.modules() if isinstance(m, cd_convert.ConcreteDropoutBase)]
+    assert len(sites) == 2
+    # Equal rates (here: as converted) are written back.
+    assert cd_convert.freeze(model).rate() == pytest.approx(0.2)
+    with torch.no_grad():
+        sites[0].p_logit.fill_(-1.0)  # p = 0.269
+        sites[1].p_logit.fill_(-3.0)  # p = 0.047
+    before = dict(cd_convert.dropout_rates(model))
+    with pytest.raises(cd_convert.FreezeError, match=r"first_dropout.*p=0\.2689.*second_dropout.*p=0\.04743"):
+        cd_convert.freeze(model, inplace=True)
+    assert cd_convert.dropout_rates(model) == before  # nothing changed
+    with pytest.warns(UserWarning, match="keeps its original rate"):
+        frozen = cd_convert.freeze(model, strict=False)
+    assert frozen.rate() == pytest.approx(0.2)  # both calls keep the rate the code had
+    assert not any(isinstance(m, cd_convert.ConcreteDropoutBase) for m in frozen.modules())

@@ -932,6 +932,14 @@ MUTATIONS: Tuple[Mutation, ...] = (
         ("tests/test_deliveries.py",),
     ),
     Mutation(
+        "freeze-last-shared-rate-wins",
+        "freeze writes two different learned rates into the one attribute both calls read: the last write wins",
+        "cd_convert/convert.py",
+        "    blockers.update(_shared_rate_blockers(model, collector.changes))\n",
+        "",
+        ("tests/test_config_rates.py",),
+    ),
+    Mutation(
         "registry-holds-site-nodes",
         "the registry of site nodes keeps the last 256 nodes alive: dropped graphs keep their saved tensors",
         "cd_convert/csrc/host_site.cpp",

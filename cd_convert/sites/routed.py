@@ -11,7 +11,7 @@ import copy
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 import torch.nn as nn
 
@@ -88,6 +88,27 @@ class RoutedSite(Change):
 
     def follows(self, root: nn.Module) -> nn.Module:
         return submodule(root, self.owner)
+
+    def learned_rate(self, root: nn.Module) -> float:
+        """The site's current drop probability (what :meth:`freeze` writes)."""
+        return float(getattr(submodule(root, self.owner), self.child).p.detach())
+
+    def rate_target(self, root: nn.Module) -> Optional[Tuple[nn.Module, str]]:
+        """The module and the path below it that :meth:`freeze` writes (None without a rate attribute).
+
+        Two sites with the same target write the same place: the last write would win. Plain objects on the way
+        (a config) are copied per module by :func:`write_rate`, so the target stops at the last module.
+        """
+        if self.rate_attribute is None:
+            return None
+        holder: nn.Module = submodule(root, self.owner)
+        *parents, attribute = self.rate_attribute.split(".")
+        for i, name in enumerate(parents):
+            child = getattr(holder, name, None)
+            if not isinstance(child, nn.Module):
+                return holder, ".".join([*parents[i:], attribute])
+            holder = child
+        return holder, attribute
 
     @property
     def freeze_blocker(self) -> Optional[str]:

@@ -301,3 +301,14 @@ def test_the_cpp_regularizer_serves_models_beyond_the_python_paths_limit(toggle)
     assert len(native[1]) == len(tensor_form[1]) == 2 * count
     for a, b in zip(native[1], tensor_form[1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_lazily_negated_logit_is_read_as_its_value(built):
+    """The C++ code reads one-element tensors from memory; a view carrying torch's lazy negation bit
+    (``torch._neg_view``) stores the un-negated number, so it must go through ``item()``."""
+    x = torch.randn(4, 5)
+    outputs = []
+    for logit in (torch._neg_view(torch.tensor(2.0)), torch.tensor(-2.0)):
+        torch.manual_seed(0)
+        outputs.append(built.site(x, logit, None, 0.1, 10.0, False, False))
+    assert torch.equal(*outputs)

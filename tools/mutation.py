@@ -940,6 +940,14 @@ MUTATIONS: Tuple[Mutation, ...] = (
         ("tests/test_config_rates.py",),
     ),
     Mutation(
+        "cpp-number-ignores-negation",
+        "the C++ code reads a lazily negated one-element tensor's memory as its value: the logit's sign flips",
+        "cd_convert/csrc/host_site.cpp",
+        " && t.numel() == 1 && !t.is_neg()) {",
+        " && t.numel() == 1) {",
+        ("tests/test_cpu_extension.py",),
+    ),
+    Mutation(
         "registry-holds-site-nodes",
         "the registry of site nodes keeps the last 256 nodes alive: dropped graphs keep their saved tensors",
         "cd_convert/csrc/host_site.cpp",

@@ -38,9 +38,10 @@ using torch::autograd::variable_list;
 // ops, as the Python path does. The same threshold as the packed noise draw (so the loops see torch.rand's noise).
 constexpr int64_t kFusedMaxNumel = 16384;
 
-// The value of a one-element tensor: read from memory for a CPU float32/float64 one (no dispatched op), else item().
+// The value of a one-element tensor: read from memory for a CPU float32/float64 one (no dispatched op), else item()
+// (which also applies a lazy negation, torch._neg_view's bit).
 double number(const Tensor& t) {
-  if (t.device().is_cpu() && t.layout() == at::kStrided && t.numel() == 1) {
+  if (t.device().is_cpu() && t.layout() == at::kStrided && t.numel() == 1 && !t.is_neg()) {
     if (t.scalar_type() == at::kFloat) {
       return static_cast<double>(*t.const_data_ptr<float>());
     }

@@ -13,7 +13,8 @@ ops per site, the regulariser's bookkeeping), not arithmetic. Everything is meas
    with ``Adam(foreach=True)``, the multi-tensor update (PyTorch's default on CUDA, opt-in on the CPU), whose
    cost hardly grows with the number of parameter tensors (each site adds a p-logit). ``--compile`` adds
    both networks with the loss computation under ``torch.compile``. The aten ops one eager step dispatches
-   are counted for both networks (each costs about the same fixed dispatch work here, so time follows count).
+   are counted for both networks (each costs about the same fixed dispatch work here, so time follows count),
+   and with ``--cpu-extension`` for the converted network on the C++ path.
    Goal: <= 1.3x the ``nn.Dropout`` epoch.
 1b. **An epoch of the UCI protocol's own training loop** (``benchmarks/uci/training.py``'s ``train_epoch``: 1024 rows x
    13 features, batch 128, fused Adam): the grid's network (``nn.Dropout``, MSE plus weight decay) against
@@ -132,15 +133,22 @@ def on_tensor_path(fn: Callable[[], None]) -> Callable[[], None]:
     return wrapped
 
 
+@contextlib.contextmanager
+def cpp_path() -> Iterator[None]:
+    """The C++ CPU path switched on (:mod:`cd_convert.cpu_extension`; built beforehand) inside the block."""
+    cpu_extension.enable()
+    try:
+        yield
+    finally:
+        cpu_extension.disable()
+
+
 def on_cpu_extension(fn: Callable[[], None]) -> Callable[[], None]:
-    """``fn``, run with the C++ CPU site switched on (:mod:`cd_convert.cpu_extension`; built beforehand)."""
+    """``fn``, run with the C++ CPU site switched on (:func:`cpp_path`)."""
 
     def wrapped() -> None:
-        cpu_extension.enable()
-        try:
+        with cpp_path():
             fn()
-        finally:
-            cpu_extension.disable()
 
     return wrapped
 
@@ -420,7 +428,8 @@ def step_op_counts(device: torch.device) -> Dict[str, Dict[str, int]]:
 
     Returns:
         ``{"dropout": {op: count}, "concrete": {op: count}}`` for one steady-state step (after warm-up steps);
-        on the CPU also ``"concrete_tensor"``, the converted step with the host-scalar site path off; and
+        on the CPU also ``"concrete_tensor"``, the converted step with the host-scalar site path off, and with
+        ``--cpu-extension`` ``"concrete_cpp"``, the step on the C++ path (fused site-and-Linear nodes); and
         ``"dropout_foreach"``, ``"concrete_foreach"``: both networks with ``Adam(foreach=True)``.
     """
     x, y = epoch_data(device)
@@ -429,12 +438,15 @@ def step_op_counts(device: torch.device) -> Dict[str, Dict[str, int]]:
     variants = [("dropout", "dropout"), ("concrete", "concrete")]
     if device.type == "cpu":
         variants.append(("concrete_tensor", "concrete"))
+        if WITH_EXTENSION:
+            variants.append(("concrete_cpp", "concrete"))
     variants += [("dropout_foreach", "dropout"), ("concrete_foreach", "concrete")]
     for name, variant in variants:
         foreach = True if name.endswith("_foreach") else None
         step = step_fn(uci_network(device, variant), regularise=variant == "concrete", foreach=foreach)
-        with tensor_path() if name == "concrete_tensor" else contextlib.nullcontext():
-            for _ in range(3):
+        path = {"concrete_tensor": tensor_path, "concrete_cpp": cpp_path}.get(name, contextlib.nullcontext)
+        with path():
+            for _ in range(3):  # warm: on the C++ path the layers enter fused mode in the second call
                 step(xb, yb)
             with AtenCounter() as counter:
                 step(xb, yb)
@@ -709,6 +721,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
         f"\naten ops per eager training step: nn.Dropout network {totals['dropout']}, converted "
         f"{totals['concrete']} ({totals['concrete'] / totals['dropout']:.2f}x)"
         + (f", converted on the tensor path {totals['concrete_tensor']}" if "concrete_tensor" in totals else "")
+        + (f", converted on the C++ path {totals['concrete_cpp']}" if "concrete_cpp" in totals else "")
         + f"; with Adam(foreach=True): {totals['dropout_foreach']} and {totals['concrete_foreach']}"
     )
 

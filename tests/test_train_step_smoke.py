@@ -30,6 +30,24 @@ def test_step_op_counts_see_sites_regulariser_and_optimizer():
     assert sum(tensor.values()) > sum(concrete.values()) > sum(dropout.values())
 
 
+def test_step_op_counts_on_the_cpp_path(built, monkeypatch):
+    """The C++ path's step: fused site-and-Linear nodes and the regulariser's deliveries, counted as the
+    benchmark prints them with --cpu-extension."""
+    monkeypatch.setattr(train_step, "WITH_EXTENSION", True)
+    counts = train_step.step_op_counts(torch.device("cpu"))
+    cpp, python = counts["concrete_cpp"], counts["concrete"]
+    # Forward: one addmm per fused node; backward: each weight's gradient with the regulariser's term delivered,
+    # addmm(W, g^T, x m, beta=s), and one mm per node for dL/d(x m). No reshapes of the 2-D inputs.
+    assert cpp.get("addmm") == 4 and cpp.get("mm") == 2 and "view" not in cpp
+    # The regulariser: no norm op (a loop), no gradient tensors (delivered), and the engine sums nothing;
+    # the one add is the loss plus the regulariser.
+    assert not {"_foreach_norm", "_foreach_mul", "unbind", "mul", "logit_"} & set(cpp)
+    assert cpp.get("add") == 1
+    # Reads of a number: Adam's one per parameter (its step count) and the regulariser's incoming gradient.
+    assert cpp["_local_scalar_dense"] == cpp["sqrt"] + 1 == 7
+    assert sum(cpp.values()) < sum(python.values())
+
+
 def test_short_run_prints_every_section_and_writes_json(tmp_path, capsys):
     path = tmp_path / "train_step.json"
     old = torch.get_num_threads()

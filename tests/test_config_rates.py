@@ -83,7 +83,9 @@ def test_each_reader_of_a_shared_config_rate_gets_its_own_site_and_rate():
     assert model.config.dropout == 0.1 and type(model.config.attention_dropout) is float
     sites = {r.name: r for r in cd_convert.report(converted).sites}
     assert set(sites) == {"first.forward_dropout", "second.forward_dropout"}
-    assert all("config.dropout" in " ".join(r.notes) for r in sites.values())
+    # The note names the path the rate is read from (not the config object) and where freeze writes it.
+    assert all(r.notes[0].startswith("rate read from config.dropout; ") for r in sites.values())
+    assert all(r.notes[0].endswith("as self.config.dropout") for r in sites.values())
 
     _set_rates(converted, {"first.forward_dropout": 0.2, "second.forward_dropout": 0.35})
     frozen = cd_convert.freeze(converted)

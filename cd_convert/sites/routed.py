@@ -101,14 +101,7 @@ class RoutedSite(Change):
         """
         if self.rate_attribute is None:
             return None
-        holder: nn.Module = submodule(root, self.owner)
-        *parents, attribute = self.rate_attribute.split(".")
-        for i, name in enumerate(parents):
-            child = getattr(holder, name, None)
-            if not isinstance(child, nn.Module):
-                return holder, ".".join([*parents[i:], attribute])
-            holder = child
-        return holder, attribute
+        return _last_module(submodule(root, self.owner), self.rate_attribute)
 
     @property
     def freeze_blocker(self) -> Optional[str]:
@@ -192,20 +185,33 @@ def _rate_note(owner: nn.Module, holder: str, rate_attribute: Optional[str]) -> 
     """The report note of a site whose rate is read from ``holder``: where freeze writes the learned rate."""
     if rate_attribute is None:
         return f"rate read from {holder}"
-    holder: object = owner
-    through_object = False
-    try:
-        for name in rate_attribute.split(".")[:-1]:
-            holder = getattr(holder, name)
-            through_object = through_object or not isinstance(holder, nn.Module)
-    except AttributeError:
-        through_object = False
-    if through_object:
+    if "." in _last_module(owner, rate_attribute)[1]:  # a plain object on the way
         return (
             f"rate read from {holder}; freeze writes the learned rate into a copy of the object holding it (a config "
             f"other modules share) that only this site's module holds, as self.{rate_attribute}"
         )
     return f"rate read from {holder}; freeze writes the learned rate there"
+
+
+def _last_module(owner: nn.Module, path: str) -> Tuple[nn.Module, str]:
+    """The last module on ``path`` (relative to ``owner``) and the rest of the path below it, which starts at a
+    plain object (a config) when one is on the way, else is the final attribute.
+
+    Args:
+        owner: where the path starts.
+        path: e.g. ``"drop_rate"``, ``"dropout.p"``, ``"config.dropout"``.
+
+    Returns:
+        ``(module, rest)``: ``(owner, "config.dropout")``, ``(owner.dropout, "p")``.
+    """
+    module = owner
+    *parents, attribute = path.split(".")
+    for i, name in enumerate(parents):
+        child = getattr(module, name, None)
+        if not isinstance(child, nn.Module):
+            return module, ".".join([*parents[i:], attribute])
+        module = child
+    return module, attribute
 
 
 def write_rate(owner: nn.Module, path: str, p: float) -> None:

@@ -51,7 +51,7 @@ import json
 import os
 import statistics
 import sys
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -123,34 +123,38 @@ def tensor_path() -> Iterator[None]:
         host_scalars.ENABLED = previous
 
 
-def on_tensor_path(fn: Callable[[], None]) -> Callable[[], None]:
-    """``fn``, run on the tensor path (:func:`tensor_path`)."""
+@contextlib.contextmanager
+def cpp_path(package: Any = cd_convert) -> Iterator[None]:
+    """``package``'s C++ CPU path switched on (:mod:`cd_convert.cpu_extension`; built beforehand) inside the block.
+
+    Args:
+        package: the ``cd_convert`` package whose path (``tools/ab_speed.py`` passes another revision's).
+    """
+    package.cpu_extension.enable()
+    try:
+        yield
+    finally:
+        package.cpu_extension.disable()
+
+
+def within(context: Callable[[], ContextManager[None]], fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn``, run inside a fresh ``context()`` on every call."""
 
     def wrapped() -> None:
-        with tensor_path():
+        with context():
             fn()
 
     return wrapped
 
 
-@contextlib.contextmanager
-def cpp_path() -> Iterator[None]:
-    """The C++ CPU path switched on (:mod:`cd_convert.cpu_extension`; built beforehand) inside the block."""
-    cpu_extension.enable()
-    try:
-        yield
-    finally:
-        cpu_extension.disable()
+def on_tensor_path(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn``, run on the tensor path (:func:`tensor_path`)."""
+    return within(tensor_path, fn)
 
 
 def on_cpu_extension(fn: Callable[[], None]) -> Callable[[], None]:
     """``fn``, run with the C++ CPU site switched on (:func:`cpp_path`)."""
-
-    def wrapped() -> None:
-        with cpp_path():
-            fn()
-
-    return wrapped
+    return within(cpp_path, fn)
 
 
 def without_fused_linear(fn: Callable[[], None]) -> Callable[[], None]:

@@ -405,11 +405,10 @@ def _shared_rate_blockers(model: nn.Module, changes: Sequence[Any]) -> Dict[str,
             holder, path = change.rate_target(model)
             groups.setdefault((id(holder), path), []).append(change)
     blockers: Dict[str, str] = {}
-    for group in groups.values():
+    for (_, attribute), group in groups.items():
         rates = [change.learned_rate(model) for change in group]
         if len(group) < 2 or max(rates) - min(rates) <= 1e-6:
             continue
-        attribute = group[0].rate_target(model)[1]
         why = (
             "sites "
             + ", ".join(f"{c.site_name!r} (p={p:.4g})" for c, p in zip(group, rates))

@@ -76,16 +76,22 @@ def loaded() -> Optional[ModuleType]:
     return _MODULE
 
 
+def _build_name(stem: str = "cd_convert") -> str:
+    """The extension module's name: ``stem``, then the torch version, so that a build cached for another torch is
+    never loaded into this one."""
+    import torch
+
+    return f"{stem}_host_site_" + re.sub(r"\W", "_", torch.__version__)
+
+
 def _build(verbose: bool) -> ModuleType:
     """Compile and import ``csrc/host_site.cpp`` (PyTorch caches the build and rebuilds when the source changes)."""
     try:
-        import torch
         from torch.utils import cpp_extension
 
         cpp_extension.verify_ninja_availability()
         return cpp_extension.load(
-            # The torch version in the name: a build cached for another torch is never loaded into this one.
-            name="cd_convert_host_site_" + re.sub(r"\W", "_", torch.__version__),
+            name=_build_name(),
             sources=[str(_SOURCE)],
             extra_cflags=["-O3"],
             verbose=verbose,

@@ -43,6 +43,14 @@ def _weights(model: nn.Module) -> List[torch.Tensor]:
     return [model[0].weight, model[2].weight]
 
 
+def _warm(model: nn.Module, x: torch.Tensor = X) -> bool:
+    """Two training calls (the first records the sites' widths, the second puts a layer into fused mode where the
+    extension is on and serves it); returns whether the first layer is in fused mode."""
+    for _ in range(2):
+        model(x).sum().backward()
+    return isinstance(vars(model[0]).get("forward"), FusedLinearForward)
+
+
 def _backward(model: nn.Module) -> None:
     (_loss(model) + cd_convert.regularization(model)).backward()
 
@@ -122,9 +130,7 @@ def _gradients(scenario: Callable[[nn.Module], None], extension: bool, fused: bo
     if extension:
         cpu_extension.enable()
     try:
-        for _ in range(2):  # the first call records the sites' widths, the second enters fused mode
-            model(X).sum().backward()
-        assert isinstance(vars(model[0]).get("forward"), FusedLinearForward) == (extension and fused)
+        assert _warm(model) == (extension and fused)
         model.zero_grad(set_to_none=True)
         torch.manual_seed(11)
         scenario(model)
@@ -162,8 +168,7 @@ def test_on_a_training_step_the_regulariser_adds_one_op_to_the_backward_pass(bui
     model = _model()
     cpu_extension.enable()
     try:
-        for _ in range(2):
-            model(X).sum().backward()
+        assert _warm(model)
         counts = {}
         for regularise in (False, True):
             model.zero_grad(set_to_none=True)
@@ -196,9 +201,7 @@ def test_dropped_graphs_free_their_site_nodes_saved_tensors_at_once(built, monke
     x = torch.randn(64, width)
     cpu_extension.enable()
     try:
-        for _ in range(2):
-            model(x).sum().backward()
-        assert isinstance(vars(model[0]).get("forward"), FusedLinearForward) == fused
+        assert _warm(model, x) == fused
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
         for _ in range(200):
             model(x)  # the graph is dropped at once

@@ -32,11 +32,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import io
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -45,7 +43,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -110,19 +108,9 @@ def build_extension(package: ModuleType) -> ModuleType:
     from torch.utils import cpp_extension
 
     extension = importlib.import_module(package.__name__ + ".cpu_extension")
-    name = f"{package.__name__}_host_site_" + re.sub(r"\W", "_", torch.__version__)
+    name = cd_convert.cpu_extension._build_name(package.__name__)
     extension._BUILT = cpp_extension.load(name=name, sources=[str(source)], extra_cflags=["-O3"])
     return extension._BUILT
-
-
-@contextlib.contextmanager
-def _extension_of(package: ModuleType) -> Iterator[None]:
-    """``package``'s C++ CPU path switched on inside the block."""
-    package.cpu_extension.enable()
-    try:
-        yield
-    finally:
-        package.cpu_extension.disable()
 
 
 #: Whether the revisions' variants run on their C++ CPU paths (``--cpu-extension``; set by :func:`main`).
@@ -131,14 +119,7 @@ WITH_EXTENSION = False
 
 def _own(package: ModuleType, fn: Callable[[], None]) -> Callable[[], None]:
     """``fn``, run on ``package``'s C++ CPU path while :data:`WITH_EXTENSION` is set (else ``fn`` itself)."""
-    if not WITH_EXTENSION:
-        return fn
-
-    def wrapped() -> None:
-        with _extension_of(package):
-            fn()
-
-    return wrapped
+    return train_step.within(lambda: train_step.cpp_path(package), fn) if WITH_EXTENSION else fn
 
 
 def site_times(base: ModuleType, shape: Tuple[int, int], repeats: int) -> Dict[str, List[float]]:

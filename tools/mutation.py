@@ -846,8 +846,8 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "zero-rate-untagged",
         "freeze refuses a model whose rate-0 attributes reach F.dropout through a function (torchvision Swin)",
         "cd_convert/dry_run.py",
-        '                setattr(module, attr, _TaggedZero(f"{name}.{attr}" if name else attr))',
-        "                pass",
+        "            return _set(holder, attr, _TaggedZero(path))",
+        "            return False",
         ("tests/test_convert_basic.py",),
     ),
     Mutation(

@@ -38,10 +38,16 @@ using torch::autograd::variable_list;
 // ops, as the Python path does. The same threshold as the packed noise draw (so the loops see torch.rand's noise).
 constexpr int64_t kFusedMaxNumel = 16384;
 
-// The value of a one-element tensor: read from memory for a CPU float32/float64 one (no dispatched op), else item()
-// (which also applies a lazy negation, torch._neg_view's bit).
+// Whether t's values can be read from its memory here: a dense CPU float32/float64 tensor.
+bool readable_here(const Tensor& t) {
+  return t.device().is_cpu() && t.layout() == at::kStrided &&
+         (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble);
+}
+
+// The value of a one-element tensor: read from memory where readable_here (no dispatched op), else item() (which
+// also applies a lazy negation, torch._neg_view's bit).
 double number(const Tensor& t) {
-  if (t.device().is_cpu() && t.layout() == at::kStrided && t.numel() == 1 && !t.is_neg()) {
+  if (readable_here(t) && t.numel() == 1 && !t.is_neg()) {
     if (t.scalar_type() == at::kFloat) {
       return static_cast<double>(*t.const_data_ptr<float>());
     }
@@ -181,6 +187,10 @@ void fused_backward(const Tensor& grad_y, const Tensor& mask, const Tensor& acti
 // regulariser alone; a second forward pass whose nodes are not in this graph; create_graph) the regulariser
 // returns the gradient itself.
 
+// The output edges of the site nodes that take deliveries (their forward's inputs: x, p_logit, weight, ...).
+constexpr size_t kLogitEdge = 1;
+constexpr size_t kWeightEdge = 2;  // HostSiteLinear only
+
 // What a site's node receives from the regulariser within one backward pass. Owned by the node alone (in its
 // saved_data): the registry below holds it weakly, so a mailbox that can still be locked belongs to a node that
 // is alive. The node is not referenced weakly itself: a weak reference would defer freeing a dead node, and with
@@ -256,8 +266,8 @@ bool runs_in_current_task(torch::autograd::Node* node) {
 }
 
 // Hands value (a logit gradient, or the factor s of a weight gradient s W) for leaf to a site node that will
-// take it in this backward pass (see above), through that node's output edge ``edge`` (1: the logit, 2: the
-// weight). Returns false, delivering nothing, when there is no such node.
+// take it in this backward pass (see above), through that node's output edge ``edge`` (kLogitEdge or
+// kWeightEdge). Returns false, delivering nothing, when there is no such node.
 bool deliver(const Tensor& leaf, size_t edge, double value) {
   const int task = torch::autograd::get_current_graph_task_id();
   if (task < 0 || !leaf.requires_grad()) {
@@ -290,7 +300,7 @@ bool deliver(const Tensor& leaf, size_t edge, double value) {
       box->logit = box->weight_scale = 0.0;
       box->has_weight = false;
     }
-    if (edge == 2) {
+    if (edge == kWeightEdge) {
       box->weight_scale += value;
       box->has_weight = true;
     } else {
@@ -514,8 +524,7 @@ double log_sigmoid(double v) {  // log(sigmoid(v)) without overflow or cancellat
 
 // Whether w's squared norm is summed by the loop of squared_norms: a small contiguous CPU float32/float64 tensor.
 bool summed_here(const Tensor& w) {
-  return w.device().is_cpu() && w.layout() == at::kStrided && w.is_contiguous() && w.numel() < kFusedMaxNumel &&
-         (w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble);
+  return readable_here(w) && w.is_contiguous() && w.numel() < kFusedMaxNumel;
 }
 
 // ||w||^2 of each weight in double. Small weights (summed_here, all of them): one loop each, the squares summed in
@@ -615,7 +624,7 @@ struct HostRegularizer : public torch::autograd::Function<HostRegularizer> {
   }
 
   // The gradient of each input: for the plan nothing, for each logit and weight its gradient, or nothing where it
-  // is not needed or (deliver) a site node that runs later in this backward pass takes it (see "deliveries").
+  // is not needed or (may_deliver) a site node that runs later in this backward pass takes it (see "deliveries").
   static variable_list gradients(AutogradContext* ctx, const variable_list& grads, bool may_deliver) {
     const double g = grads[0].item<double>();
     const auto logit_grads = ctx->saved_data["logit_grads"].toDoubleVector();
@@ -627,7 +636,7 @@ struct HostRegularizer : public torch::autograd::Function<HostRegularizer> {
     variable_list out(1 + logit_grads.size() + weight_scales.size());  // out[0]: the plan
     for (int64_t a = 0; a < count; ++a) {
       const double value = logit_grads[a] * g;
-      if (ctx->needs_input_grad(a) && !(may_deliver && deliver(logits[a], 1, value))) {
+      if (ctx->needs_input_grad(a) && !(may_deliver && deliver(logits[a], kLogitEdge, value))) {
         out[1 + a] = at::scalar_tensor(value, options);
       }
     }
@@ -637,7 +646,7 @@ struct HostRegularizer : public torch::autograd::Function<HostRegularizer> {
     std::vector<size_t> positions;
     for (size_t j = 0; j < weights.size(); ++j) {
       const double scale = weight_scales[j] * g;
-      if (ctx->needs_input_grad(count + j) && !(may_deliver && deliver(weights[j], 2, scale))) {
+      if (ctx->needs_input_grad(count + j) && !(may_deliver && deliver(weights[j], kWeightEdge, scale))) {
         kept.push_back(weights[j]);
         scales.emplace_back(scale);
         positions.push_back(1 + count + j);

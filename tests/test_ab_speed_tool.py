@@ -59,3 +59,13 @@ def test_the_base_revisions_cpp_path_is_built_under_a_name_of_its_own(monkeypatc
         assert base.cpu_extension._BUILT == "the base's build" and cd_convert.cpu_extension._BUILT != "the base's build"
     finally:
         shutil.rmtree(dest, ignore_errors=True)
+
+
+def test_a_revision_without_the_cpp_path_is_refused_with_what_to_drop(tmp_path):
+    import types
+
+    package = types.ModuleType("cd_convert_old")
+    (tmp_path / "cd_convert_old").mkdir()
+    package.__file__ = str(tmp_path / "cd_convert_old" / "__init__.py")
+    with pytest.raises(SystemExit, match="has no C\\+\\+ CPU path .*drop --cpu-extension"):
+        ab_speed.build_extension(package)

@@ -16,7 +16,10 @@ try:
 except ImportError:  # torch < 2.3
     from torch._dynamo import is_compiling as _is_compiling
 
-__all__ = ["being_traced", "compiling", "functorch_active", "thread_key"]
+__all__ = ["being_traced", "compiling", "eager_and_untransformed", "functorch_active", "thread_key"]
+
+#: torch's own check of functorch transforms (absent from some torch builds: then never active).
+_functorch_check = getattr(torch._C, "_are_functorch_transforms_active", None)
 
 
 def compiling() -> bool:
@@ -44,8 +47,22 @@ def functorch_active() -> bool:
     Returns:
         Whether functorch transforms are active (False on a torch without the check).
     """
-    check = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(check()) if check is not None else False
+    return bool(_functorch_check()) if _functorch_check is not None else False
+
+
+def eager_and_untransformed() -> bool:
+    """``not being_traced() and not functorch_active()`` in one call, for the checks made on every site and
+    regulariser call (each Python call level costs about as much as the check itself).
+
+    ``torch.jit.is_scripting()`` is left out: it is False wherever Python runs this function. Dynamo's own check
+    comes first: under ``torch.compile`` it stops there, before the C functions Dynamo does not trace.
+
+    Returns:
+        True when running eagerly with no tracer and no functorch transform active.
+    """
+    if _is_compiling() or torch._C._is_tracing():
+        return False
+    return _functorch_check is None or not _functorch_check()
 
 
 def thread_key() -> int:

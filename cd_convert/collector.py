@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import host_regularizer, host_scalars
+from . import cpu_extension, host_regularizer, host_scalars
 from ._tracing import compiling
 from ._modules import parent_of, submodule
 from .errors import ConversionError
@@ -115,6 +115,10 @@ class Collector:
             device = next((p.device for p in root.parameters()), torch.device("cpu"))
             return torch.zeros((), dtype=torch.float32, device=device)
         plan: Optional[_Plan] = self.__dict__.get(_PLAN_ATTR)
+        if plan is not None:
+            value = plan.native_call(self, root)
+            if value is not None:
+                return value
         if plan is not None and plan.describes(self, root):
             logits, weights = plan.read_tensors()
             if not plan.fits(logits, weights):
@@ -155,7 +159,8 @@ class _Plan:
     to the sites and weights), :meth:`read_tensors`, :meth:`fits` (devices, dtypes and ranks of the tensors
     read) and :meth:`compute` (the arithmetic: one autograd node, about sixteen aten ops forward and twelve
     backward whatever the number of sites; on the CPU, up to a dozen sites, two and four beside the reads of
-    numbers, :mod:`cd_convert.host_regularizer`).
+    numbers, :mod:`cd_convert.host_regularizer`). With the C++ build on, :meth:`native_call` makes the module
+    checks, the reads and the host path's tensor checks in one C++ call instead.
 
     The plan refers to submodules of the root but not to the root itself (which holds the collector that
     holds the plan): no reference cycle keeps a deleted model alive.
@@ -195,6 +200,9 @@ class _Plan:
         self.two_weight_regularizer: Optional[Tensor] = None
         #: Constants of the CPU's host-float path (:mod:`cd_convert.host_regularizer`); None where it does not apply.
         self.host: Optional[host_regularizer.HostTerms] = None
+        #: What the C++ build re-reads and checks on every call (:meth:`native_call`), as tuples: the path
+        #: edges, the sites, their eps and the consumer weights' ``(owner, attribute)``.
+        self.native_tree: Tuple[Any, ...] = ()
 
     @classmethod
     def build(cls, collector: Collector, root: nn.Module) -> "_Plan":
@@ -278,6 +286,12 @@ class _Plan:
             plan.weight_regularizer_value,
             reads,
         )
+        plan.native_tree = (
+            tuple(plan.edges),
+            tuple(plan.sites),
+            tuple(float(eps) for eps in plan.eps),
+            tuple(plan.weight_refs),
+        )
         return plan
 
     def describes(self, collector: Collector, root: nn.Module) -> bool:
@@ -300,6 +314,34 @@ class _Plan:
             if (root if parent is None else parent)._modules.get(name) is not child:
                 return False
         return True
+
+    def native_call(self, collector: Collector, root: nn.Module) -> Optional[Tensor]:
+        """The whole steady-state call on the C++ build of the host path, where it serves, else None.
+
+        The C++ call (:func:`cd_convert.host_regularizer.regularize_tree`) makes :meth:`describes`' module checks,
+        reads the tensors and checks what the host path needs of them (plain CPU tensors, the logits 0-dim in the
+        plan's dtype, the weights float32/float64; the sites' eps unchanged) in one call: at the UCI step those
+        checks in Python cost about as much as the regulariser's own forward pass. Checked here: the extension is
+        on, the root, scale and applications are the plan's, and no tracer or functorch transform is active.
+
+        Args:
+            collector: the collector the plan was built for.
+            root: the module passed to :meth:`Collector.regularization`.
+
+        Returns:
+            The regulariser, or None: the C++ path is off or does not apply, or something changed (the caller
+            then takes the general path, which rebuilds the plan or raises its usual error).
+        """
+        if (
+            self.host is None
+            or cpu_extension._MODULE is None
+            or id(root) != self.root_id
+            or collector.scale is not self.scale
+            or collector.applications != self.applications
+            or not host_scalars.available()
+        ):
+            return None
+        return host_regularizer.regularize_tree(self.host, root, self.native_tree)
 
     def read_tensors(self) -> Tuple[List[Tensor], List[Tensor]]:
         """The current p-logits (one per application) and distinct consumer weights.
@@ -624,6 +666,9 @@ def regularization(model: nn.Module) -> Tensor:
             f"regularization expects the converted model (a torch.nn.Module), got {type(model).__name__}. "
             "Pass the model itself, e.g. loss = loss_fn(model(x), y) + cd_convert.regularization(model)."
         )
+    own = get_collector(model)
+    if own is not None:  # the common case, without the generator of iter_collectors
+        return own.regularization(model)
     total: Optional[Tensor] = None
     for owner, collector in iter_collectors(model):
         term = collector.regularization(owner)

@@ -17,7 +17,9 @@ time, then cached by PyTorch under ``~/.cache/torch_extensions``) and routes the
   any number of sites (the Python host path stops at :data:`cd_convert.host_regularizer.MAX_SITES`); its
   gradients for a p-logit or a targeted Linear's weight are handed to the site's node when that node runs
   later in the same backward pass, which adds them to its own (*deliveries*: no gradient tensor built for
-  them, no sum where two gradients meet at one leaf);
+  them, no sum where two gradients meet at one leaf); its steady-state call reads the p-logits and weights
+  from the module tree and makes the cached plan's checks in C++ (the Python checks cost about as much as the
+  regulariser's own forward pass at the UCI step), and its autograd node is a plain C++ node;
 * a targeted ``nn.Linear`` and its input site: one autograd node for both in training
   (:mod:`cd_convert.sites.fused_linear`: the layer enters this *fused mode* at a call the node serves when
   nothing else hooks it, and leaves it when that changes), the values of the site followed by ``F.linear``.

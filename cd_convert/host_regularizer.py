@@ -34,7 +34,16 @@ from torch.autograd.function import once_differentiable
 
 from . import cpu_extension, host_scalars
 
-__all__ = ["MAX_SITES", "HostRegularizer", "HostTerms", "host_terms", "log_sigmoid", "regularize", "serves"]
+__all__ = [
+    "MAX_SITES",
+    "HostRegularizer",
+    "HostTerms",
+    "host_terms",
+    "log_sigmoid",
+    "regularize",
+    "regularize_tree",
+    "serves",
+]
 
 #: Most applications the Python host path serves; beyond, the tensor form's fixed op count is cheaper than its
 #: loop (the C++ build's loop is not: it serves any number).
@@ -121,6 +130,31 @@ def regularize(terms: HostTerms, logits: Sequence[Tensor], weights: Sequence[Ten
     extension = cpu_extension._MODULE
     if extension is None:
         return HostRegularizer.apply(terms, len(logits), *logits, *weights)
+    return extension.regularizer(_native(terms, extension), list(logits), list(weights))
+
+
+def regularize_tree(terms: HostTerms, root: Any, tree: Tuple[Any, ...]) -> Optional[Tensor]:
+    """The C++ build's whole call: it reads the logits and weights from the module tree under ``root`` itself and
+    checks that the tree and the tensors still fit the plan (see ``regularizer_of`` in ``csrc/host_site.cpp``).
+
+    Args:
+        terms: the plan's constants.
+        root: the module the plan's names are relative to.
+        tree: ``cd_convert.collector._Plan.native_tree``.
+
+    Returns:
+        The regulariser, or None when the C++ build is off or something no longer fits (the caller then takes
+        the general path).
+    """
+    extension = cpu_extension._MODULE
+    if extension is None:
+        return None
+    native = terms.native.get(id(extension))
+    return extension.regularizer_of(native if native is not None else _native(terms, extension), root, tree)
+
+
+def _native(terms: HostTerms, extension: Any) -> Any:
+    """The constants as ``extension``'s C++ object, built on first use and kept in ``terms``."""
     native = terms.native.get(id(extension))
     if native is None:
         native = extension.make_plan(
@@ -131,7 +165,7 @@ def regularize(terms: HostTerms, logits: Sequence[Tensor], weights: Sequence[Ten
             torch.empty(0, dtype=terms.logit_dtype),  # the dtype, as an empty tensor of it
         )
         terms.native[id(extension)] = native
-    return extension.regularizer(native, list(logits), list(weights))
+    return native
 
 
 def log_sigmoid(v: float) -> float:

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from . import cpu_extension, noise
 from ._scalars import scalar_tensor
-from ._tracing import being_traced, functorch_active
+from ._tracing import eager_and_untransformed
 
 __all__ = [
     "ENABLED",
@@ -87,7 +87,7 @@ def site_applies(x: Tensor, p_logit: Tensor, uniform: Tensor) -> bool:
 def available() -> bool:
     """Whether the host-float paths may run now: switched on, and no tracer or functorch transform active
     (they would see numbers read back instead of ops)."""
-    return ENABLED and not being_traced() and not functorch_active()
+    return ENABLED and eager_and_untransformed()
 
 
 def call_route(x: Tensor, p_logit: Tensor) -> Optional[bool]:

@@ -1,7 +1,7 @@
 """The C++ regulariser's gradients delivered to the site nodes that run later in the same backward pass
 (``csrc/host_site.cpp``, "deliveries"): every way of running the backward pass gives the gradients of the Python
-path (where the regulariser returns every gradient itself), and on a training step the regulariser then adds a
-single op to the backward pass."""
+path (where the regulariser returns every gradient itself), and on a training step the regulariser then adds no
+op to the backward pass."""
 
 from __future__ import annotations
 
@@ -161,10 +161,10 @@ class _OpCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_on_a_training_step_the_regulariser_adds_one_op_to_the_backward_pass(built):
-    """Both logits' and both weights' gradients are delivered to the fused nodes: what is left is reading the
-    regulariser's incoming gradient (without deliveries: two logit gradients, one multiply, four sums), one op
-    in all."""
+def test_on_a_training_step_the_regulariser_adds_no_op_to_the_backward_pass(built):
+    """Both logits' and both weights' gradients are delivered to the fused nodes, and the regulariser's incoming
+    gradient is read from memory: the backward pass dispatches no op for the regulariser (without deliveries: two
+    logit gradients, one multiply, four sums; reading the gradient with item(): one more)."""
     model = _model()
     cpu_extension.enable()
     try:
@@ -181,8 +181,8 @@ def test_on_a_training_step_the_regulariser_adds_one_op_to_the_backward_pass(bui
     finally:
         cpu_extension.disable()
     with_regulariser, without = Counter(counts[True]), Counter(counts[False])
-    # The weights' gradients: addmm(W, g^T, x m, beta=s) in place of mm(g^T, x m); plus the incoming gradient's read.
-    assert with_regulariser - without == Counter({"aten.addmm.default": 2, "aten._local_scalar_dense.default": 1})
+    # The weights' gradients: addmm(W, g^T, x m, beta=s) in place of mm(g^T, x m), and nothing else.
+    assert with_regulariser - without == Counter({"aten.addmm.default": 2})
     assert without - with_regulariser == Counter({"aten.mm.default": 2})
 
 

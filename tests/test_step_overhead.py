@@ -1,6 +1,7 @@
 """Per-step overhead of the regulariser, tested by what can fail rather than by time: a steady-state
 ``regularization()`` call dispatches a bounded number of aten ops, builds no tensor from Python data and looks
 up no module by name; its cached plan is rebuilt (and the value right) after every change that matters."""
+
 from __future__ import annotations
 
 import collections
@@ -14,7 +15,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cd_convert as cd
-from cd_convert import host_regularizer
+from cd_convert import cpu_extension, host_regularizer
 from cd_convert.collector import _PLAN_ATTR, get_collector
 from cd_convert.layers import ConcreteDropout
 
@@ -88,6 +89,17 @@ def tensor_form(monkeypatch):
     monkeypatch.setattr(host_regularizer, "MAX_SITES", 0)
 
 
+@pytest.fixture(params=["python", "cpp"])
+def host_path(request):
+    """The host path in Python, and its C++ build, whose steady-state call makes the plan's checks itself
+    (``regularizer_of`` in ``csrc/host_site.cpp``)."""
+    if request.param == "cpp":
+        request.getfixturevalue("built")
+        cpu_extension.enable()
+    yield request.param
+    cpu_extension.disable()
+
+
 def _steady_counts(model: nn.Module):
     cd.regularization(model).backward()  # builds the plan
     with _Ops() as forward:
@@ -126,6 +138,7 @@ def test_steady_state_call_makes_no_tensor_from_python_data_no_item_no_name_look
     def refuse(name):
         def fail(*args, **kwargs):
             raise AssertionError(f"{name} called in a steady-state regularization() call")
+
         return fail
 
     monkeypatch.setattr(torch, "tensor", refuse("torch.tensor"))
@@ -178,7 +191,7 @@ def test_host_path_never_serves_tensors_off_the_cpu_or_16_bit_or_beyond_its_limi
     assert host_regularizer.serves(count - 1) and not host_regularizer.serves(count)
 
 
-def test_plan_is_reused_while_nothing_changes_and_value_tracks_parameters():
+def test_plan_is_reused_while_nothing_changes_and_value_tracks_parameters(host_path):
     model = _uci()
     first = cd.regularization(model)
     plan = _plan(model)
@@ -195,7 +208,7 @@ def test_plan_is_reused_while_nothing_changes_and_value_tracks_parameters():
 # ------------------------------------------------------------------------------------------ invalidation
 
 
-def test_after_convert_adds_sites_the_value_includes_them():
+def test_after_convert_adds_sites_the_value_includes_them(host_path):
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(8, 50), nn.ReLU(), nn.Dropout(0.2), nn.Linear(50, 1))
     model = cd.convert(base, dataset_size=500)  # one site: the Dropout module
@@ -208,7 +221,7 @@ def test_after_convert_adds_sites_the_value_includes_them():
     assert torch.equal(more, _fresh(model))
 
 
-def test_after_moving_to_float64_the_plan_is_rebuilt_and_the_value_right():
+def test_after_moving_to_float64_the_plan_is_rebuilt_and_the_value_right(host_path):
     model = _uci()
     cd.regularization(model)
     plan = _plan(model)
@@ -223,7 +236,7 @@ def test_after_moving_to_float64_the_plan_is_rebuilt_and_the_value_right():
     assert model[0].weight.grad.dtype == torch.float64
 
 
-def test_after_set_regularizer_the_new_constants_are_used():
+def test_after_set_regularizer_the_new_constants_are_used(host_path):
     model = _uci()
     before = cd.regularization(model)
     cd.set_regularizer(model, dataset_size=50, length_scale=0.1)
@@ -232,7 +245,7 @@ def test_after_set_regularizer_the_new_constants_are_used():
     assert not torch.equal(before, after)
 
 
-def test_after_a_site_module_is_replaced_its_new_logit_is_read():
+def test_after_a_site_module_is_replaced_its_new_logit_is_read(host_path):
     model = _uci()
     cd.regularization(model)
     new_site = ConcreteDropout(0.5)
@@ -244,7 +257,7 @@ def test_after_a_site_module_is_replaced_its_new_logit_is_read():
     assert new_site.p_logit.grad is not None
 
 
-def test_after_eps_changes_the_new_bound_is_used():
+def test_after_eps_changes_the_new_bound_is_used(host_path):
     model = _uci()
     site = model[0].concrete_dropout
     with torch.no_grad():
@@ -256,7 +269,7 @@ def test_after_eps_changes_the_new_bound_is_used():
     assert reg.item() == pytest.approx(_hand(model, 1e-4 / 1000, 1 / 500), rel=1e-5)
 
 
-def test_copies_and_pickles_rebuild_the_plan_for_their_own_parameters():
+def test_copies_and_pickles_rebuild_the_plan_for_their_own_parameters(host_path):
     model = _uci()
     cd.regularization(model)
     for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):

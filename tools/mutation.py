@@ -975,6 +975,59 @@ MUTATIONS: Tuple[Mutation, ...] = (
         ("tests/test_deliveries.py",),
     ),
     Mutation(
+        "cpp-tree-edges-unchecked",
+        "the C++ regulariser's steady-state call does not check the module tree: a replaced site or layer keeps "
+        "its old logit or weight in the prior",
+        "cd_convert/csrc/host_site.cpp",
+        "    if (child != PyTuple_GET_ITEM(edge, 2)) {\n      return false;\n    }\n",
+        "",
+        ("tests/test_native_regularizer.py", "tests/test_step_overhead.py"),
+    ),
+    Mutation(
+        "cpp-tree-eps-unchecked",
+        "the C++ regulariser's steady-state call ignores a site's changed eps: the prior clamps at the old bound",
+        "cd_convert/csrc/host_site.cpp",
+        "    if (site_eps != PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(eps, a))) {\n      return false;\n    }\n",
+        "",
+        ("tests/test_native_regularizer.py", "tests/test_step_overhead.py"),
+    ),
+    Mutation(
+        "cpp-tree-logit-dtype-unchecked",
+        "the C++ regulariser's steady-state call serves logits of another dtype: their gradients come back in the "
+        "plan's old dtype",
+        "cd_convert/csrc/host_site.cpp",
+        "        logit->scalar_type() != plan.logit_dtype || logit->dim() != 0) {",
+        "        logit->dim() != 0) {",
+        ("tests/test_native_regularizer.py", "tests/test_step_overhead.py"),
+    ),
+    Mutation(
+        "cpp-tree-reads-subclasses",
+        "the C++ regulariser's steady-state call reads tensor subclasses (a DTensor's local shard, a wrapper's "
+        "empty storage) as plain tensors",
+        "cd_convert/csrc/host_site.cpp",
+        "  if (obj == nullptr || !THPVariable_CheckExact(obj)) {",
+        "  if (obj == nullptr || !THPVariable_Check(obj)) {",
+        ("tests/test_native_regularizer.py",),
+    ),
+    Mutation(
+        "native-call-ignores-scale",
+        "the C++ path's steady-state call keeps the old constants after set_regularizer: the prior keeps the old N",
+        "cd_convert/collector.py",
+        "            or collector.scale is not self.scale\n            or collector.applications != self.applications\n"
+        "            or not host_scalars.available()",
+        "            or collector.applications != self.applications\n            or not host_scalars.available()",
+        ("tests/test_native_regularizer.py", "tests/test_step_overhead.py"),
+    ),
+    Mutation(
+        "regularizer-node-keeps-saved-weights",
+        "the C++ regulariser's node never frees its saved weights: a second backward pass through a freed graph "
+        "doubles the gradients silently instead of raising",
+        "cd_convert/csrc/host_site.cpp",
+        "    for (auto& weight : weights) {\n      weight.reset_data();\n    }\n",
+        "",
+        ("tests/test_native_regularizer.py",),
+    ),
+    Mutation(
         "cpu-extension-not-routed",
         "enable() reports the C++ path on while every call still takes the Python path",
         "cd_convert/host_scalars.py",

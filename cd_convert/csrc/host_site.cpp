@@ -17,10 +17,14 @@
 // The regulariser: cd_convert/host_regularizer.py's HostRegularizer, the same double arithmetic in the same
 // order, with small weights' squared norms summed in double where the Python path squares a float32 norm (value
 // and gradients equal to rounding). Its gradients w.r.t. a p-logit or a Linear's weight go to the node of a site
-// that still runs in the same backward pass when there is one ("deliveries", below).
+// that still runs in the same backward pass when there is one ("deliveries", below). Its steady-state call reads
+// the logits and weights from the module tree and checks the plan still fits here ("the checked steady-state
+// call", below), and its node is a plain autograd Node.
 
 #include <torch/csrc/autograd/engine.h>  // graph_task.h: the current backward pass's id and nodes
 #include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>  // set_history
+#include <torch/csrc/autograd/python_variable.h>  // THPVariable_CheckExact, THPVariable_Unpack
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -265,18 +269,18 @@ bool runs_in_current_task(torch::autograd::Node* node) {
   return it != exec_info->end() && it->second.should_execute();
 }
 
-// Hands value (a logit gradient, or the factor s of a weight gradient s W) for leaf to a site node that will
-// take it in this backward pass (see above), through that node's output edge ``edge`` (kLogitEdge or
-// kWeightEdge). Returns false, delivering nothing, when there is no such node.
-bool deliver(const Tensor& leaf, size_t edge, double value) {
+// Hands value (a logit gradient, or the factor s of a weight gradient s W) for the leaf ``leaf`` (its TensorImpl,
+// the registry's key), whose gradient would otherwise go along ``target``, to a site node that will take it in
+// this backward pass (see above), through that node's output edge ``edge`` (kLogitEdge or kWeightEdge). Returns
+// false, delivering nothing, when there is no such node.
+bool deliver(const c10::TensorImpl* leaf, const torch::autograd::Edge& target, size_t edge, double value) {
   const int task = torch::autograd::get_current_graph_task_id();
-  if (task < 0 || !leaf.requires_grad()) {
+  if (task < 0 || !target.is_valid()) {
     return false;
   }
-  const torch::autograd::Edge target = torch::autograd::impl::gradient_edge(leaf);
   std::lock_guard<std::mutex> lock(delivery_mutex());
   Registry& entries = registry();
-  const auto found = entries.find(leaf.unsafeGetTensorImpl());
+  const auto found = entries.find(leaf);
   if (found == entries.end()) {
     return false;
   }
@@ -554,53 +558,38 @@ std::vector<double> squared_norms(at::TensorList weights) {
   return squared;
 }
 
-struct HostRegularizer : public torch::autograd::Function<HostRegularizer> {
-  static Tensor forward(AutogradContext* ctx, const std::shared_ptr<RegularizerPlan>& plan, at::TensorList logits,
-                        at::TensorList weights) {
-    const std::vector<double> squared = squared_norms(weights);
-    const double wr = plan->weight_regularizer;
-    double total = 0.0;
-    std::vector<double> logit_grads;
-    logit_grads.reserve(logits.size());
-    std::vector<double> weight_scales(weights.size(), 0.0);
-    for (size_t a = 0; a < logits.size(); ++a) {
-      const double theta = clamped(logits[a], plan->bounds[a]);
-      const double log_p = log_sigmoid(theta), log_kept = log_sigmoid(-theta);
-      const double p = std::exp(log_p), kept = std::exp(log_kept);
-      const double inverse_kept = 1.0 + std::exp(theta);
-      double weight_sum = 0.0;
-      for (const auto& read : plan->reads[a]) {
-        weight_sum += read.second * squared[read.first];
-        weight_scales[read.first] += read.second * inverse_kept;
-      }
-      const double units = plan->dropout_units[a];
-      total += units * (p * log_p + kept * log_kept) + wr * weight_sum * inverse_kept;
-      logit_grads.push_back(units * theta * p * kept + wr * weight_sum * p * inverse_kept);
-    }
-    for (double& scale : weight_scales) {
-      scale = 2.0 * wr * scale;
-    }
-    ctx->saved_data["logit_grads"] = logit_grads;
-    ctx->saved_data["weight_scales"] = weight_scales;
-    ctx->saved_data["logit_dtype"] = static_cast<int64_t>(plan->logit_dtype);
-    // The logits themselves only to find the site nodes their gradients can be delivered to (not saved for their
-    // values: nothing is read from them in the backward pass).
-    ctx->saved_data["logits"] = logits.vec();
-    ctx->save_for_backward(weights.vec());
-    return at::full({}, total, at::TensorOptions().dtype(at::kFloat).device(at::kCPU));
+// The regulariser's node: its gradients were computed in the forward pass (as numbers, per logit and per weight
+// factor), so the backward pass scales them by the incoming gradient and delivers or returns them. A plain Node
+// rather than a torch::autograd::Function: the Function machinery (its context's keyed saved data, the inputs'
+// and outputs' metadata, output wrapping) costs more than this node's own work at the UCI step's size.
+struct RegularizerBackward : public torch::autograd::Node {
+  std::vector<double> logit_grads;    // dR/dlogit_a
+  std::vector<double> weight_scales;  // dR/dW_j = weight_scales[j] W_j
+  // The TensorImpl of each logit, then of each weight: the keys of their site nodes' mailboxes (the leaves stay
+  // alive with this node's next edges, whose gradient accumulators hold them).
+  std::vector<const c10::TensorImpl*> leaves;
+  std::vector<torch::autograd::SavedVariable> weights;
+  at::ScalarType logit_dtype = at::kFloat;
+
+  std::string name() const override {
+    return "CdConvertRegularizerBackward";
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  void release_variables() override {
+    for (auto& weight : weights) {
+      weight.reset_data();
+    }
+  }
+
+  variable_list apply(variable_list&& grads) override {
     // Deliveries only outside create_graph: there the site nodes build every gradient as a tensor function.
     const bool may_deliver = !at::GradMode::is_enabled();
     variable_list outputs;
     {
       at::NoGradGuard no_grad;
-      outputs = gradients(ctx, grads, may_deliver);
+      outputs = gradients(grads[0], may_deliver);
     }
-    const bool graph_wanted = at::GradMode::is_enabled() && std::any_of(grads.begin(), grads.end(), [](const Tensor& t) {
-                                return t.defined() && t.requires_grad();
-                              });
+    const bool graph_wanted = at::GradMode::is_enabled() && grads[0].defined() && grads[0].requires_grad();
     if (!graph_wanted) {
       return outputs;
     }
@@ -623,33 +612,39 @@ struct HostRegularizer : public torch::autograd::Function<HostRegularizer> {
     return (*error)(std::move(inputs));
   }
 
-  // The gradient of each input: for the plan nothing, for each logit and weight its gradient, or nothing where it
-  // is not needed or (may_deliver) a site node that runs later in this backward pass takes it (see "deliveries").
-  static variable_list gradients(AutogradContext* ctx, const variable_list& grads, bool may_deliver) {
-    const double g = grads[0].item<double>();
-    const auto logit_grads = ctx->saved_data["logit_grads"].toDoubleVector();
-    const auto weight_scales = ctx->saved_data["weight_scales"].toDoubleVector();
-    const auto logits = ctx->saved_data["logits"].toTensorVector();
-    const int64_t count = static_cast<int64_t>(logit_grads.size());
-    const auto options =
-        at::TensorOptions().dtype(static_cast<at::ScalarType>(ctx->saved_data["logit_dtype"].toInt())).device(at::kCPU);
-    variable_list out(1 + logit_grads.size() + weight_scales.size());  // out[0]: the plan
-    for (int64_t a = 0; a < count; ++a) {
+  // The gradient of each input (logits, then weights): nothing where it is not needed or (may_deliver) a site node
+  // that runs later in this backward pass takes it (see "deliveries").
+  variable_list gradients(const Tensor& grad, bool may_deliver) {
+    const size_t count = logit_grads.size();
+    variable_list out(count + weights.size());
+    // Unpacked first, whether delivered or not: a second backward pass through a freed graph, or a weight changed
+    // in place since the forward pass, raises autograd's usual error.
+    std::vector<Tensor> saved;
+    saved.reserve(weights.size());
+    for (const auto& weight : weights) {
+      saved.push_back(weight.unpack());
+    }
+    if (!grad.defined()) {
+      return out;
+    }
+    const double g = number(grad);
+    const auto options = at::TensorOptions().dtype(logit_dtype).device(at::kCPU);
+    for (size_t a = 0; a < count; ++a) {
       const double value = logit_grads[a] * g;
-      if (ctx->needs_input_grad(a) && !(may_deliver && deliver(logits[a], kLogitEdge, value))) {
-        out[1 + a] = at::scalar_tensor(value, options);
+      if (task_should_compute_output(a) && !(may_deliver && deliver(leaves[a], next_edge(a), kLogitEdge, value))) {
+        out[a] = at::scalar_tensor(value, options);
       }
     }
-    const auto weights = ctx->get_saved_variables();
     std::vector<Tensor> kept;
     std::vector<at::Scalar> scales;
     std::vector<size_t> positions;
-    for (size_t j = 0; j < weights.size(); ++j) {
+    for (size_t j = 0; j < saved.size(); ++j) {
+      const size_t i = count + j;
       const double scale = weight_scales[j] * g;
-      if (ctx->needs_input_grad(count + j) && !(may_deliver && deliver(weights[j], kWeightEdge, scale))) {
-        kept.push_back(weights[j]);
+      if (task_should_compute_output(i) && !(may_deliver && deliver(leaves[i], next_edge(i), kWeightEdge, scale))) {
+        kept.push_back(saved[j]);
         scales.emplace_back(scale);
-        positions.push_back(1 + count + j);
+        positions.push_back(i);
       }
     }
     if (!kept.empty()) {
@@ -663,9 +658,191 @@ struct HostRegularizer : public torch::autograd::Function<HostRegularizer> {
   }
 };
 
+// The regulariser of plan from its logits and weights (host_regularizer.HostRegularizer's arithmetic), with a
+// RegularizerBackward node when gradients are recorded and an input requires one.
+Tensor regularize(const RegularizerPlan& plan, at::TensorList logits, at::TensorList weights) {
+  TORCH_CHECK(logits.size() == plan.bounds.size(), "cd_convert's regulariser plan has ", plan.bounds.size(),
+              " applications but was given ", logits.size(), " logits");
+  const auto requires_grad = [](const Tensor& t) { return t.requires_grad(); };
+  const bool record = at::GradMode::is_enabled() && (std::any_of(logits.begin(), logits.end(), requires_grad) ||
+                                                     std::any_of(weights.begin(), weights.end(), requires_grad));
+  at::NoGradGuard no_grad;  // the norms of large weights are ops: no graph for them
+  const std::vector<double> squared = squared_norms(weights);
+  const double wr = plan.weight_regularizer;
+  double total = 0.0;
+  std::vector<double> logit_grads;
+  logit_grads.reserve(logits.size());
+  std::vector<double> weight_scales(weights.size(), 0.0);
+  for (size_t a = 0; a < logits.size(); ++a) {
+    const double theta = clamped(logits[a], plan.bounds[a]);
+    const double log_p = log_sigmoid(theta), log_kept = log_sigmoid(-theta);
+    const double p = std::exp(log_p), kept = std::exp(log_kept);
+    const double inverse_kept = 1.0 + std::exp(theta);
+    double weight_sum = 0.0;
+    for (const auto& read : plan.reads[a]) {
+      weight_sum += read.second * squared[read.first];
+      weight_scales[read.first] += read.second * inverse_kept;
+    }
+    const double units = plan.dropout_units[a];
+    total += units * (p * log_p + kept * log_kept) + wr * weight_sum * inverse_kept;
+    logit_grads.push_back(units * theta * p * kept + wr * weight_sum * p * inverse_kept);
+  }
+  Tensor out = at::full({}, total, at::TensorOptions().dtype(at::kFloat).device(at::kCPU));
+  if (!record) {
+    return out;
+  }
+  auto node = c10::make_intrusive<RegularizerBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(logits, weights));
+  for (double& scale : weight_scales) {
+    scale = 2.0 * wr * scale;
+  }
+  node->logit_grads = std::move(logit_grads);
+  node->weight_scales = std::move(weight_scales);
+  node->logit_dtype = plan.logit_dtype;
+  node->leaves.reserve(logits.size() + weights.size());
+  for (const Tensor& t : logits) {
+    node->leaves.push_back(t.unsafeGetTensorImpl());
+  }
+  node->weights.reserve(weights.size());
+  for (const Tensor& t : weights) {
+    node->leaves.push_back(t.unsafeGetTensorImpl());
+    node->weights.emplace_back(t, /*is_output=*/false);
+  }
+  torch::autograd::set_history(out, node);
+  return out;
+}
+
 Tensor regularizer(const std::shared_ptr<RegularizerPlan>& plan, const std::vector<Tensor>& logits,
                    const std::vector<Tensor>& weights) {
-  return HostRegularizer::apply(plan, at::TensorList(logits), at::TensorList(weights));
+  return regularize(*plan, logits, weights);
+}
+
+// ------------------------------------------------------------------------------- the checked steady-state call
+//
+// cd_convert.collector._Plan checks on every call, in Python, that the module tree is still the one it was built
+// for, reads the logits and weights afresh and checks their types, devices and dtypes: at the UCI step that costs
+// about as much as the regulariser's own forward pass. regularizer_of does the same reads and checks here, for the
+// host path's needs, and returns None (the caller then takes the Python path, which rebuilds the plan or raises
+// its usual error) when anything differs.
+
+// An interned Python string (attribute and key names looked up on every call).
+PyObject* interned(const char* text) {
+  PyObject* s = PyUnicode_InternFromString(text);
+  TORCH_CHECK(s != nullptr, "cd_convert: could not intern a string");
+  return s;
+}
+
+// A registered parameter of module, module._parameters[name] (borrowed), or nullptr (then the Python path reads it).
+PyObject* registered_parameter(PyObject* module, PyObject* name) {
+  static PyObject* const parameters_name = interned("_parameters");
+  PyObject* parameters = PyObject_GetAttr(module, parameters_name);
+  if (parameters == nullptr) {
+    PyErr_Clear();
+    return nullptr;
+  }
+  PyObject* value = PyDict_Check(parameters) ? PyDict_GetItemWithError(parameters, name) : nullptr;
+  Py_DECREF(parameters);  // the dict stays alive with the module: value remains a valid borrowed reference
+  if (value == nullptr) {
+    PyErr_Clear();
+  }
+  return value;
+}
+
+// The tensor of a plain (not subclassed) torch.Tensor or nn.Parameter object, or nullptr.
+const Tensor* plain_tensor(PyObject* obj) {
+  if (obj == nullptr || !THPVariable_CheckExact(obj)) {
+    return nullptr;
+  }
+  return &THPVariable_Unpack(obj);
+}
+
+// Whether the module tree still matches ``tree`` (see regularizer_of), reading the logits and weights into
+// ``logits`` and ``weights`` as it goes.
+bool read_tree(const RegularizerPlan& plan, py::handle root, py::handle tree, std::vector<Tensor>& logits,
+               std::vector<Tensor>& weights) {
+  static PyObject* const modules_name = interned("_modules");
+  static PyObject* const logit_name = interned("p_logit");
+  static PyObject* const eps_name = interned("eps");
+  if (!PyTuple_Check(tree.ptr()) || PyTuple_GET_SIZE(tree.ptr()) != 4) {
+    return false;
+  }
+  PyObject* edges = PyTuple_GET_ITEM(tree.ptr(), 0);
+  PyObject* sites = PyTuple_GET_ITEM(tree.ptr(), 1);
+  PyObject* eps = PyTuple_GET_ITEM(tree.ptr(), 2);
+  PyObject* weight_refs = PyTuple_GET_ITEM(tree.ptr(), 3);
+  if (!PyTuple_Check(edges) || !PyTuple_Check(sites) || !PyTuple_Check(eps) || !PyTuple_Check(weight_refs) ||
+      PyTuple_GET_SIZE(sites) != static_cast<Py_ssize_t>(plan.bounds.size()) ||
+      PyTuple_GET_SIZE(eps) != PyTuple_GET_SIZE(sites)) {
+    return false;
+  }
+  // Every module on a path to a site or a consumer weight is still where it was.
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(edges); ++i) {
+    PyObject* edge = PyTuple_GET_ITEM(edges, i);  // (parent or None for the root, name, child)
+    PyObject* parent = PyTuple_GET_ITEM(edge, 0);
+    PyObject* modules = PyObject_GetAttr(parent == Py_None ? root.ptr() : parent, modules_name);
+    if (modules == nullptr) {
+      PyErr_Clear();
+      return false;
+    }
+    PyObject* child = PyDict_Check(modules) ? PyDict_GetItemWithError(modules, PyTuple_GET_ITEM(edge, 1)) : nullptr;
+    Py_DECREF(modules);
+    if (child == nullptr) {
+      PyErr_Clear();
+      return false;
+    }
+    if (child != PyTuple_GET_ITEM(edge, 2)) {
+      return false;
+    }
+  }
+  // Each site's logit: a plain 0-dim CPU tensor of the plan's dtype; and its eps unchanged.
+  logits.reserve(PyTuple_GET_SIZE(sites));
+  for (Py_ssize_t a = 0; a < PyTuple_GET_SIZE(sites); ++a) {
+    PyObject* site = PyTuple_GET_ITEM(sites, a);
+    const Tensor* logit = plain_tensor(registered_parameter(site, logit_name));
+    if (logit == nullptr || !logit->device().is_cpu() || logit->layout() != at::kStrided ||
+        logit->scalar_type() != plan.logit_dtype || logit->dim() != 0) {
+      return false;
+    }
+    PyObject* value = PyObject_GetAttr(site, eps_name);
+    if (value == nullptr) {
+      PyErr_Clear();
+      return false;
+    }
+    const double site_eps = PyFloat_AsDouble(value);
+    Py_DECREF(value);
+    if (PyErr_Occurred() != nullptr) {
+      PyErr_Clear();
+      return false;
+    }
+    if (site_eps != PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(eps, a))) {
+      return false;
+    }
+    logits.push_back(*logit);
+  }
+  // Each consumer weight: a plain dense CPU float32/float64 tensor.
+  weights.reserve(PyTuple_GET_SIZE(weight_refs));
+  for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(weight_refs); ++j) {
+    PyObject* ref = PyTuple_GET_ITEM(weight_refs, j);  // (owner module, attribute name)
+    const Tensor* weight = plain_tensor(registered_parameter(PyTuple_GET_ITEM(ref, 0), PyTuple_GET_ITEM(ref, 1)));
+    if (weight == nullptr || !readable_here(*weight)) {
+      return false;
+    }
+    weights.push_back(*weight);
+  }
+  return true;
+}
+
+// The regulariser of plan over the module tree under root, read and checked here, or None when the tree or a
+// tensor no longer fits the plan. ``tree`` is the 4-tuple cd_convert.collector._Plan.native_tree builds (held by
+// Python, so that no C++ object keeps modules alive out of the garbage collector's sight): the path edges
+// ``(parent or None for root, name, child)``, the site modules (one per application), their eps when the plan
+// was built (floats), and the ``(owner module, attribute)`` of each consumer weight, all tuples.
+py::object regularizer_of(const std::shared_ptr<RegularizerPlan>& plan, py::handle root, py::handle tree) {
+  std::vector<Tensor> logits, weights;
+  if (!read_tree(*plan, root, tree, logits, weights)) {
+    return py::none();
+  }
+  return py::cast(regularize(*plan, logits, weights));
 }
 
 std::shared_ptr<RegularizerPlan> make_plan(std::vector<double> bounds, std::vector<double> dropout_units,
@@ -695,4 +872,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<RegularizerPlan, std::shared_ptr<RegularizerPlan>>(m, "RegularizerPlan");
   m.def("make_plan", &make_plan, "The regulariser's constants (host_regularizer.HostTerms) as a C++ object.");
   m.def("regularizer", &regularizer, "cd_convert.regularization's host path (see host_regularizer.py).");
+  m.def("regularizer_of", &regularizer_of,
+        "The host path's regulariser over a module tree, read and checked here; None where it no longer fits.");
 }

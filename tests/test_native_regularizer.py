@@ -14,6 +14,7 @@ from typing import Optional
 import pytest
 import torch
 import torch.nn as nn
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
@@ -196,3 +197,21 @@ def test_no_node_without_recorded_gradients(native):
     loss.backward()
     assert model[0].weight.grad is None and model[0].concrete_dropout.p_logit.grad is None
     assert model[2].weight.grad is not None and model[2].concrete_dropout.p_logit.grad is not None
+
+
+@pytest.mark.parametrize("path", ["python", "cpp"])
+def test_forward_mode_ad_is_refused_on_both_paths(built, path):
+    """Neither path has a forward-mode derivative: a dual tensor is refused, never given a silently lost tangent."""
+    if path == "cpp":
+        cpu_extension.enable()
+    model = _model()
+    site = model[0].concrete_dropout
+    value = site.p_logit.detach().clone()
+    del site.p_logit
+    try:
+        with fwAD.dual_level():
+            site.p_logit = fwAD.make_dual(value, torch.ones(()))
+            with pytest.raises(NotImplementedError):
+                cd.regularization(model)
+    finally:
+        cpu_extension.disable()

@@ -1019,6 +1019,14 @@ MUTATIONS: Tuple[Mutation, ...] = (
         ("tests/test_native_regularizer.py", "tests/test_step_overhead.py"),
     ),
     Mutation(
+        "regularizer-node-drops-tangents",
+        "the C++ regulariser serves dual tensors: forward-mode AD through it silently loses the tangents",
+        "cd_convert/csrc/host_site.cpp",
+        "  const auto dual = [](const Tensor& t) { return torch::autograd::isFwGradDefined(t); };",
+        "  const auto dual = [](const Tensor& t) { return false && torch::autograd::isFwGradDefined(t); };",
+        ("tests/test_native_regularizer.py",),
+    ),
+    Mutation(
         "regularizer-node-keeps-saved-weights",
         "the C++ regulariser's node never frees its saved weights: a second backward pass through a freed graph "
         "doubles the gradients silently instead of raising",

@@ -663,6 +663,12 @@ struct RegularizerBackward : public torch::autograd::Node {
 Tensor regularize(const RegularizerPlan& plan, at::TensorList logits, at::TensorList weights) {
   TORCH_CHECK(logits.size() == plan.bounds.size(), "cd_convert's regulariser plan has ", plan.bounds.size(),
               " applications but was given ", logits.size(), " logits");
+  // The Function this node replaced raised on dual tensors (no jvp); a plain node would drop their tangents.
+  const auto dual = [](const Tensor& t) { return torch::autograd::isFwGradDefined(t); };
+  TORCH_CHECK_NOT_IMPLEMENTED(std::none_of(logits.begin(), logits.end(), dual) &&
+                                  std::none_of(weights.begin(), weights.end(), dual),
+                              "forward-mode AD (a dual tensor among the p-logits or consumer weights) is not "
+                              "implemented for cd_convert's regulariser");
   const auto requires_grad = [](const Tensor& t) { return t.requires_grad(); };
   const bool record = at::GradMode::is_enabled() && (std::any_of(logits.begin(), logits.end(), requires_grad) ||
                                                      std::any_of(weights.begin(), weights.end(), requires_grad));

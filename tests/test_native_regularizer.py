@@ -215,3 +215,46 @@ def test_forward_mode_ad_is_refused_on_both_paths(built, path):
                 cd.regularization(model)
     finally:
         cpu_extension.disable()
+
+
+class _Nested(nn.Module):
+    """Sites two and three levels down, a weight tied between two layers (read by two applications, under two
+    names), a Linear read through a Sequential, and a site whose output no weight layer reads (entropy term
+    only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Dropout(0.2), nn.Linear(12, 12))
+        self.block = nn.ModuleDict({"drop": nn.Dropout(0.3), "proj": nn.Linear(12, 12)})
+        self.head = nn.Linear(12, 12)
+        self.head.weight = self.block["proj"].weight  # tied
+        self.drop_out = nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(x)
+        h = self.block["proj"](self.block["drop"](h)) + self.head(self.block["drop"](h))
+        return self.drop_out(h)  # dropout on the output: no consumer weight
+
+
+def test_a_nested_model_with_a_tied_weight_gets_the_python_paths_value_and_gradients(native):
+    torch.manual_seed(0)
+    model = cd.convert(_Nested(), dataset_size=100, example_inputs=(torch.randn(4, 8),))
+    collector = get_collector(model)
+    assert any(not app.consumer_weights for app in collector.applications)  # the entropy-only site
+    model(torch.randn(4, 8))  # the entropy-only site's K is the feature count it has seen
+    results = {}
+    for path in ("python", "cpp"):
+        (cpu_extension.enable if path == "cpp" else cpu_extension.disable)()
+        model.zero_grad(set_to_none=True)
+        collector.invalidate()
+        cd.regularization(model)  # builds the plan
+        reg = cd.regularization(model)  # the steady-state call
+        reg.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results[path] = (reg.detach(), grads, reg.grad_fn.name())
+    assert results["cpp"][2] == "CdConvertRegularizerBackward"
+    assert _checked_call(model) is not None  # served by the checked call, not the Python path
+    torch.testing.assert_close(results["cpp"][0], results["python"][0], rtol=1e-6, atol=0.0)
+    assert results["cpp"][1].keys() == results["python"][1].keys()
+    for name, grad in results["python"][1].items():
+        torch.testing.assert_close(results["cpp"][1][name], grad, rtol=1e-5, atol=1e-9)

@@ -149,8 +149,7 @@ def regularize_tree(terms: HostTerms, root: Any, tree: Tuple[Any, ...]) -> Optio
     extension = cpu_extension._MODULE
     if extension is None:
         return None
-    native = terms.native.get(id(extension))
-    return extension.regularizer_of(native if native is not None else _native(terms, extension), root, tree)
+    return extension.regularizer_of(_native(terms, extension), root, tree)
 
 
 def _native(terms: HostTerms, extension: Any) -> Any:

@@ -29,6 +29,17 @@ def kernel_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture(params=["python", "cpp"])
+def host_path(request):
+    """The CPU's host path in Python, then its C++ build (:mod:`cd_convert.cpu_extension`, switched on for the test;
+    skipped where it cannot be built). Returns ``"python"`` or ``"cpp"``."""
+    if request.param == "cpp":
+        request.getfixturevalue("built")
+        cpu_extension.enable()
+    yield request.param
+    cpu_extension.disable()
+
+
 @pytest.fixture(scope="module")
 def built():
     """The C++ CPU extension (:mod:`cd_convert.cpu_extension`), built once per test module and switched off again

@@ -21,16 +21,6 @@ from cd_convert.layers import ConcreteDropout
 from cd_convert.sites.fused_linear import FusedLinearForward
 
 
-@pytest.fixture(params=["python", "cpp"])
-def path(request):
-    """Each test on the Python path and on the C++ build, which must behave alike."""
-    if request.param == "cpp":
-        request.getfixturevalue("built")
-        cpu_extension.enable()
-    yield request.param
-    cpu_extension.disable()
-
-
 def _site(save_output: bool) -> Tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
     torch.manual_seed(0)
     site = ConcreteDropout(0.2).train()
@@ -53,7 +43,7 @@ KINDS = {"site": lambda: _site(False), "site-saving-its-output": lambda: _site(T
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_second_backward_pass_through_a_freed_graph_raises(path, kind):
+def test_a_second_backward_pass_through_a_freed_graph_raises(host_path, kind):
     _, call = KINDS[kind]()
     y = call(torch.randn(4, 8, requires_grad=True)).sum()
     y.backward()
@@ -62,7 +52,7 @@ def test_a_second_backward_pass_through_a_freed_graph_raises(path, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_retain_graph_adds_the_same_gradients_twice(path, kind):
+def test_retain_graph_adds_the_same_gradients_twice(host_path, kind):
     site, call = KINDS[kind]()
     x = torch.randn(4, 8, requires_grad=True)
     y = (call(x) * torch.randn(4, 8 if kind != "site-and-linear" else 6)).sum()
@@ -73,7 +63,7 @@ def test_retain_graph_adds_the_same_gradients_twice(path, kind):
     torch.testing.assert_close(site.p_logit.grad, 2 * once_logit)
 
 
-def test_an_input_changed_in_place_before_the_backward_pass_raises(path):
+def test_an_input_changed_in_place_before_the_backward_pass_raises(host_path):
     _, call = KINDS["site"]()
     leaf = torch.randn(4, 8, requires_grad=True)
     x = leaf * 1.0  # a non-leaf input (saved for the backward pass), changed in place after the call
@@ -84,7 +74,7 @@ def test_an_input_changed_in_place_before_the_backward_pass_raises(path):
         y.backward()
 
 
-def test_a_linear_weight_changed_in_place_before_the_backward_pass_raises(path):
+def test_a_linear_weight_changed_in_place_before_the_backward_pass_raises(host_path):
     _, model = KINDS["site-and-linear"]()
     y = model(torch.randn(4, 8, requires_grad=True)).sum()
     with torch.no_grad():
@@ -93,7 +83,7 @@ def test_a_linear_weight_changed_in_place_before_the_backward_pass_raises(path):
         y.backward()
 
 
-def test_a_saved_output_changed_in_place_before_the_backward_pass_raises(path):
+def test_a_saved_output_changed_in_place_before_the_backward_pass_raises(host_path):
     _, call = KINDS["site-saving-its-output"]()
     y = call(torch.randn(4, 8, requires_grad=True))
     z = y.sum()
@@ -104,7 +94,7 @@ def test_a_saved_output_changed_in_place_before_the_backward_pass_raises(path):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_forward_mode_ad_is_refused(path, kind):
+def test_forward_mode_ad_is_refused(host_path, kind):
     _, call = KINDS[kind]()
     with fwAD.dual_level():
         x = fwAD.make_dual(torch.randn(4, 8), torch.randn(4, 8))
@@ -113,7 +103,7 @@ def test_forward_mode_ad_is_refused(path, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_no_node_without_recorded_gradients(path, kind):
+def test_no_node_without_recorded_gradients(host_path, kind):
     site, call = KINDS[kind]()
     with torch.no_grad():
         assert call(torch.randn(4, 8)).grad_fn is None

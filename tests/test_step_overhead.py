@@ -15,7 +15,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cd_convert as cd
-from cd_convert import cpu_extension, host_regularizer
+from cd_convert import host_regularizer
 from cd_convert.collector import _PLAN_ATTR, get_collector
 from cd_convert.layers import ConcreteDropout
 
@@ -87,17 +87,6 @@ def tensor_form(monkeypatch):
     """The regulariser's tensor form: what runs off the CPU (where reading a number would wait for the device),
     and on the CPU beyond ``host_regularizer.MAX_SITES`` applications or with the host paths off."""
     monkeypatch.setattr(host_regularizer, "MAX_SITES", 0)
-
-
-@pytest.fixture(params=["python", "cpp"])
-def host_path(request):
-    """The host path in Python, and its C++ build, whose steady-state call makes the plan's checks itself
-    (``regularizer_of`` in ``csrc/host_site.cpp``)."""
-    if request.param == "cpp":
-        request.getfixturevalue("built")
-        cpu_extension.enable()
-    yield request.param
-    cpu_extension.disable()
 
 
 def _steady_counts(model: nn.Module):

@@ -996,8 +996,8 @@ MUTATIONS: Tuple[Mutation, ...] = (
         "the C++ regulariser's steady-state call serves logits of another dtype: their gradients come back in the "
         "plan's old dtype",
         "cd_convert/csrc/host_site.cpp",
-        "        logit->scalar_type() != plan.logit_dtype || logit->dim() != 0) {",
-        "        logit->dim() != 0) {",
+        "    if (logit == nullptr || !readable_here(*logit) || logit->scalar_type() != plan.logit_dtype ||",
+        "    if (logit == nullptr || !readable_here(*logit) ||",
         ("tests/test_native_regularizer.py", "tests/test_step_overhead.py"),
     ),
     Mutation(

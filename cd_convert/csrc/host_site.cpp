@@ -805,8 +805,8 @@ bool read_tree(const RegularizerPlan& plan, py::handle root, py::handle tree, st
   for (Py_ssize_t a = 0; a < PyTuple_GET_SIZE(sites); ++a) {
     PyObject* site = PyTuple_GET_ITEM(sites, a);
     const Tensor* logit = plain_tensor(registered_parameter(site, logit_name));
-    if (logit == nullptr || !logit->device().is_cpu() || logit->layout() != at::kStrided ||
-        logit->scalar_type() != plan.logit_dtype || logit->dim() != 0) {
+    if (logit == nullptr || !readable_here(*logit) || logit->scalar_type() != plan.logit_dtype ||
+        logit->dim() != 0) {
       return false;
     }
     PyObject* value = PyObject_GetAttr(site, eps_name);
